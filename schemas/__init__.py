@@ -1,0 +1,1 @@
+"""Shared contracts: Kafka envelopes, settings, ids and error types. Imports nothing of ours."""

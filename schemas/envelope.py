@@ -1,0 +1,153 @@
+"""The Kafka message envelope (DESIGN.md, "Messages"): UTF-8 JSON, one envelope per record.
+
+Field names are a public contract with producers outside the project: they never change.
+Unknown fields are ignored so that newer producers work with older consumers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from schemas.errors import PoisonMessageError
+
+SCHEMA_VERSION = 1
+MAX_ID_CHARS = 512
+
+MetadataValue = StrictStr | StrictBool | StrictInt | StrictFloat
+DocumentId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: DocumentId
+    op: Literal["upsert", "delete"] = "upsert"
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_version(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            version = data.get("schema_version", SCHEMA_VERSION)
+            if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"schema_version {version} is newer than this consumer supports "
+                    f"({SCHEMA_VERSION}); upgrade riverbed"
+                )
+        return data
+
+    @property
+    def is_delete(self) -> bool:
+        return self.op == "delete"
+
+
+class DocumentEnvelope(_Envelope):
+    """A text document. ``text`` is required (and non-blank) for upserts; deletes need only ``id``."""
+
+    kind: Literal["document"] = "document"
+    title: str | None = None
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_for_upsert(self) -> DocumentEnvelope:
+        if self.op == "upsert" and (self.text is None or not self.text.strip()):
+            raise ValueError("text is required and must not be blank for op=upsert (use op=delete to remove)")
+        return self
+
+
+class ImageEnvelope(_Envelope):
+    """An image, inline (``image_b64``) or by ``uri``: exactly one of the two for upserts."""
+
+    kind: Literal["image"] = "image"
+    image_b64: str | None = None
+    uri: str | None = None
+    caption: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageEnvelope:
+        if self.op == "upsert" and (self.image_b64 is None) == (self.uri is None):
+            raise ValueError("exactly one of image_b64 and uri is required for op=upsert")
+        return self
+
+
+Envelope = Annotated[DocumentEnvelope | ImageEnvelope, Field(discriminator="kind")]
+_ENVELOPE = TypeAdapter(Envelope)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "envelope"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def validate_envelope(data: object) -> DocumentEnvelope | ImageEnvelope:
+    """Validates a decoded JSON value; raises :class:`PoisonMessageError` (``invalid_envelope``)."""
+    if not isinstance(data, dict):
+        raise PoisonMessageError("invalid_envelope", f"envelope must be a JSON object, got {type(data).__name__}")
+    if "kind" not in data:
+        raise PoisonMessageError("invalid_envelope", "kind: field required ('document' or 'image')")
+    try:
+        return _ENVELOPE.validate_python(data)
+    except ValidationError as exc:
+        raise PoisonMessageError("invalid_envelope", _describe(exc)) from exc
+
+
+def decode_record(
+    key: bytes | None,
+    value: bytes | None,
+    *,
+    default_kind: Literal["document", "image"] = "document",
+    max_bytes: int | None = None,
+) -> DocumentEnvelope | ImageEnvelope:
+    """Turns one Kafka record into an envelope, or raises :class:`PoisonMessageError` naming why.
+
+    A tombstone (a key with a null value) is a delete of that id, of ``default_kind`` (the kind
+    that the topic carries). The key must equal the envelope's ``id``.
+    """
+    try:
+        key_str = key.decode("utf-8") if key is not None else None
+    except UnicodeDecodeError as exc:
+        raise PoisonMessageError("bad_encoding", f"key is not valid UTF-8: {exc}") from exc
+    if value is None:
+        if not key_str:
+            raise PoisonMessageError("invalid_envelope", "tombstone without a key: nothing to delete")
+        return validate_envelope({"kind": default_kind, "id": key_str, "op": "delete"})
+    if max_bytes is not None and len(value) > max_bytes:
+        raise PoisonMessageError("too_large", f"record is {len(value)} bytes, the limit is {max_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonMessageError("bad_encoding", f"value is not valid UTF-8: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PoisonMessageError("invalid_json", f"value is not JSON: {exc}") from exc
+    envelope = validate_envelope(data)
+    if key_str is None:
+        raise PoisonMessageError("key_mismatch", f"record has no key; it must be the id {envelope.id!r}")
+    if key_str != envelope.id:
+        raise PoisonMessageError("key_mismatch", f"key {key_str!r} differs from id {envelope.id!r}")
+    return envelope
+
+
+def encode_envelope(envelope: DocumentEnvelope | ImageEnvelope) -> tuple[bytes, bytes]:
+    """The (key, value) bytes a producer sends for ``envelope``."""
+    value = envelope.model_dump_json(exclude_none=True).encode("utf-8")
+    return envelope.id.encode("utf-8"), value

@@ -1,0 +1,56 @@
+"""Errors grouped by what the caller does with them.
+
+- :class:`ConfigError`: fail at start, the message names the setting.
+- :class:`RetryableError`: back off and try again (broker or shard briefly unavailable).
+- :class:`PoisonMessageError`: this record can never be processed: dead-letter it and move on.
+- :class:`IndexUnavailableError`: the index cannot answer now (HTTP 503).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+DeadLetterReason = Literal[
+    "invalid_json",
+    "invalid_envelope",
+    "too_large",
+    "bad_encoding",
+    "key_mismatch",
+    "processing_error",
+]
+DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = (
+    "invalid_json",
+    "invalid_envelope",
+    "too_large",
+    "bad_encoding",
+    "key_mismatch",
+    "processing_error",
+)
+
+
+class RiverbedError(Exception):
+    """Base of every error Riverbed raises on purpose."""
+
+
+class ConfigError(RiverbedError):
+    """The configuration or environment is wrong; fix it and start again."""
+
+
+class RetryableError(RiverbedError):
+    """A transient failure: the same call may succeed after a back-off."""
+
+
+class PoisonMessageError(RiverbedError):
+    """A record that can never be processed; it goes to the dead-letter topic with ``reason``."""
+
+    def __init__(self, reason: DeadLetterReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: DeadLetterReason = reason
+
+
+class IndexUnavailableError(RiverbedError):
+    """The index (a shard, the store) cannot serve now; HTTP answers 503."""
+
+
+class KafkaSetupError(ConfigError):
+    """The embedded broker cannot be fetched, formatted or started; the message says how to fix it."""

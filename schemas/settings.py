@@ -1,0 +1,232 @@
+"""Riverbed's one typed settings object (DESIGN.md, "Config").
+
+Precedence, lowest first: defaults < YAML file < environment (``RIVERBED_<SECTION>__<FIELD>``)
+< explicit overrides (command-line flags). Loaded once by :func:`load_settings` and passed down in
+slices (``settings.kafka``, ``settings.embed``...); nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from schemas.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+IndexName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+_yaml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("riverbed_yaml", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EmbeddedKafkaConfig(_Section):
+    """The single-node KRaft broker that riverbed runs when no bootstrap servers are given."""
+
+    version: Annotated[str, Field(pattern=r"^4\.\d+\.\d+$")] = "4.4.0"
+    port: Port = Field(0, description="broker port on 127.0.0.1; 0 picks a free one")
+    heap: Annotated[str, Field(pattern=r"^\d+[mMgG]$")] = "512m"
+    start_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class TopicsConfig(_Section):
+    documents: TopicName = "riverbed.documents"
+    images: TopicName = "riverbed.images"
+    dead_letter: TopicName = "riverbed.dead-letter"
+    documents_partitions: PositiveInt = 4
+    images_partitions: PositiveInt = 1
+    dead_letter_partitions: PositiveInt = 1
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str | None = Field(
+        None, description="host:port[,host:port]; unset runs the embedded broker"
+    )
+    topics: TopicsConfig = TopicsConfig()
+    max_record_bytes: PositiveInt = Field(8 * 1024 * 1024, description="larger records are dead-lettered")
+    embedded: EmbeddedKafkaConfig = EmbeddedKafkaConfig()
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        for server in v.split(","):
+            if not re.fullmatch(r"\[?[A-Za-z0-9.:_-]+\]?:\d{1,5}", server.strip()):
+                raise ValueError(f"{server.strip()!r} is not host:port")
+        return v
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; unset starts or reuses a local head")
+    namespace: str = "riverbed"
+    num_cpus: PositiveInt | None = Field(None, description="logical CPUs of a local head (default: cores)")
+    object_store_memory: Annotated[int, Field(ge=78_643_200)] = 256 * 1024 * 1024
+
+
+class ChunkConfig(_Section):
+    max_tokens: Annotated[int, Field(ge=16, le=8192)] = Field(
+        254, description="content tokens per chunk, counted by the embedding model's tokenizer"
+    )
+    overlap_tokens: Annotated[int, Field(ge=0)] = 32
+
+    @model_validator(mode="after")
+    def _overlap_below_max(self) -> ChunkConfig:
+        if self.overlap_tokens >= self.max_tokens:
+            raise ValueError(
+                f"overlap_tokens ({self.overlap_tokens}) must be smaller than max_tokens ({self.max_tokens})"
+            )
+        return self
+
+
+class EmbedConfig(_Section):
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Hugging Face id or local path (the packaged copy is used when installed)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch_tokens: PositiveInt = 16384
+    max_batch_size: PositiveInt = 256
+    max_wait_ms: Annotated[float, Field(ge=0)] = 50.0
+    workers: PositiveInt = 1
+    num_cpus: Annotated[float, Field(gt=0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FaissConfig(_Section):
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    ivf_nlist: PositiveInt = 256
+    ivf_nprobe: PositiveInt = 16
+    hnsw_m: PositiveInt = 32
+    hnsw_ef_search: PositiveInt = 64
+    hnsw_ef_construction: PositiveInt = 80
+
+
+class IndexConfig(_Section):
+    name: IndexName = "default"
+    n_shards: PositiveInt = 2
+    backend: Literal["faiss"] = "faiss"
+    faiss: FaissConfig = FaissConfig()
+    snapshot_every_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class IngestConfig(_Section):
+    sources: PositiveInt = Field(1, description="KafkaSource actors in the consumer group")
+    poll_max_records: PositiveInt = 256
+    max_in_flight_batches: PositiveInt = 4
+    commit_interval_s: Annotated[float, Field(gt=0)] = 1.0
+
+
+class GraphConfig(_Section):
+    enabled: bool = False
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    max_ongoing_requests: PositiveInt = 64
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Sections are frozen; build a new object to change one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RIVERBED_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+
+    home: Path = Field(
+        Path("~/.riverbed"), description="state and data: <home>/data/<index>, <home>/state, <home>/kafka"
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/riverbed"), description="fetched jars and converted models, shared by clones"
+    )
+    kafka: KafkaConfig = KafkaConfig()
+    ray: RayConfig = RayConfig()
+    chunk: ChunkConfig = ChunkConfig()
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    ingest: IngestConfig = IngestConfig()
+    graph: GraphConfig = GraphConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @field_validator("home", "cache_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def data_dir(self) -> Path:
+        """Where this index's shards live: scoped by ``index.name``."""
+        return self.home / "data" / self.index.name
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def consumer_group(self) -> str:
+        return f"riverbed.{self.index.name}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_path.get()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Builds the settings: defaults < ``config_file`` (YAML) < environment < ``overrides``.
+
+    ``overrides`` is nested like the settings (``{"kafka": {"bootstrap_servers": "h:9092"}}``).
+    Raises :class:`ConfigError` naming each bad field.
+    """
+    path = Path(config_file).expanduser() if config_file is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _yaml_path.set(path)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+    except ValueError as exc:  # a malformed env value or YAML file
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    finally:
+        _yaml_path.reset(token)
