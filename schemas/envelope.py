@@ -24,7 +24,7 @@ from pydantic import (
 
 from schemas.errors import PoisonMessageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_ID_CHARS = 512
 
 MetadataValue = StrictStr | StrictBool | StrictInt | StrictFloat
@@ -100,7 +100,9 @@ def _describe(exc: ValidationError) -> str:
 def validate_envelope(data: object) -> DocumentEnvelope | ImageEnvelope:
     """Validates a decoded JSON value; raises :class:`PoisonMessageError` (``invalid_envelope``)."""
     if not isinstance(data, dict):
-        raise PoisonMessageError("invalid_envelope", f"envelope must be a JSON object, got {type(data).__name__}")
+        raise PoisonMessageError(
+            "invalid_envelope", f"envelope must be a JSON object, got {type(data).__name__}"
+        )
     if "kind" not in data:
         raise PoisonMessageError("invalid_envelope", "kind: field required ('document' or 'image')")
     try:

@@ -8,10 +8,12 @@ slices (``settings.kafka``, ``settings.embed``...); nothing else reads the envir
 from __future__ import annotations
 
 import contextvars
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -153,7 +155,8 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(
-        Path("~/.riverbed"), description="state and data: <home>/data/<index>, <home>/state, <home>/kafka"
+        Path("~/.riverbed"),
+        description="state and data: <home>/data/<index>, <home>/state, <home>/kafka",
     )
     cache_dir: Path = Field(
         Path("~/.cache/riverbed"), description="fetched jars and converted models, shared by clones"
@@ -213,11 +216,14 @@ def load_settings(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Settings:
-    """Builds the settings: defaults < ``config_file`` (YAML) < environment < ``overrides``.
+    """Builds the settings: defaults < ``config_file`` (YAML; default: ``$RIVERBED_CONFIG``) <
+    environment < ``overrides``.
 
     ``overrides`` is nested like the settings (``{"kafka": {"bootstrap_servers": "h:9092"}}``).
     Raises :class:`ConfigError` naming each bad field.
     """
+    if config_file is None:
+        config_file = os.environ.get("RIVERBED_CONFIG") or None
     path = Path(config_file).expanduser() if config_file is not None else None
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -226,7 +232,7 @@ def load_settings(
         return Settings(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from exc
-    except ValueError as exc:  # a malformed env value or YAML file
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+    except (ValueError, yaml.YAMLError) as exc:  # a malformed env value or YAML file
+        raise ConfigError(f"invalid configuration ({path or 'environment'}): {exc}") from exc
     finally:
         _yaml_path.reset(token)

@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`. Both set up the environment first
+# (scripts/setup.sh: a cached, lock-keyed package venv plus this clone's thin .venv).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PACKAGES := schemas actors deployments cluster
+
+.PHONY: setup demo test lint typecheck unit integration gpu lock clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/riverbed demo
+
+lint: setup
+	$(VENV)/bin/ruff check $(PACKAGES) tests
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests
+
+typecheck: setup
+	$(PY) -m mypy
+
+unit: setup
+	$(PY) -m pytest tests/unit -q
+
+integration: setup
+	$(PY) -m pytest tests/integration -q -m integration
+
+gpu: setup
+	$(PY) -m pytest tests/gpu -q -m gpu
+
+# Lint, types, then every tier (the gpu tier skips itself without CUDA).
+test: lint typecheck
+	$(PY) -m pytest tests -q
+
+# Re-pin requirements/lock.txt from requirements/base.in (then `make setup` builds a new venv).
+lock:
+	@bash scripts/setup.sh >/dev/null 2>&1 || true
+	$${RIVERBED_CACHE:-$$HOME/.cache/riverbed}/bootstrap/uv-*/bin/uv pip compile requirements/base.in \
+	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes -o requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

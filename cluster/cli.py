@@ -1,0 +1,279 @@
+"""The `riverbed` command line.
+
+Data goes to stdout (``--json`` for machines), logs and progress to stderr. Exit codes: 0 success,
+1 failure, 2 bad usage (including an invalid configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import ConfigError, RiverbedError
+from schemas.settings import Settings, load_settings
+
+log = logging.getLogger("riverbed")
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
+    """Writes a command's result to stdout: JSON with --json, else ``text`` (or pretty JSON)."""
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set a.b=c`` flags -> nested overrides; values are YAML scalars (numbers, booleans...)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        node = overrides
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw else raw
+    return overrides
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _parse_set(args.set or [])
+    if args.bootstrap_servers:
+        overrides.setdefault("kafka", {})["bootstrap_servers"] = args.bootstrap_servers
+    if args.index:
+        overrides.setdefault("index", {})["name"] = args.index
+    if args.home:
+        overrides["home"] = args.home
+    return overrides
+
+
+# COMMANDS
+def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
+    data = settings.model_dump(mode="json")
+    if args.json:
+        emit(args, data)
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.kafka_admin import ensure_topics, local_kafka, topic_specs
+
+    kafka = local_kafka(settings)
+    if args.action == "start":
+        if settings.kafka.bootstrap_servers:
+            raise ConfigError(
+                f"kafka.bootstrap_servers is set ({settings.kafka.bootstrap_servers}): riverbed uses that "
+                "broker and does not run its own"
+            )
+        state = kafka.start()
+        ensure_topics(
+            state.bootstrap_servers,
+            topic_specs(settings.kafka.topics),
+            max_message_bytes=settings.kafka.max_record_bytes,
+        )
+        emit(
+            args,
+            kafka.status(),
+            f"Kafka {settings.kafka.embedded.version} running on {state.bootstrap_servers}",
+        )
+    elif args.action == "stop":
+        stopped = kafka.stop()
+        emit(args, {"stopped": stopped}, "stopped" if stopped else "not running")
+    else:
+        status = kafka.status()
+        text = (
+            f"running on {status['bootstrap_servers']} (pid {status['pid']})"
+            if status["running"]
+            else "not running"
+        )
+        emit(args, status, text)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
+    from cluster.producer import EnvelopeProducer, read_records
+    from schemas.errors import PoisonMessageError
+
+    path = Path(args.path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or directory")
+    servers = bootstrap_servers(settings)
+    ensure_topics(
+        servers,
+        topic_specs(settings.kafka.topics),
+        max_message_bytes=settings.kafka.max_record_bytes,
+    )
+    topic = args.topic or settings.kafka.topics.documents
+    producer = EnvelopeProducer(servers, settings.kafka.max_record_bytes)
+    sent = skipped = 0
+    try:
+        with tqdm(desc=f"produce → {topic}", unit="rec", file=sys.stderr, disable=args.quiet) as bar:
+            for record in read_records(path):
+                if record.envelope is None:
+                    skipped += 1
+                    log.warning("skipped %s: %s", record.location, record.error)
+                else:
+                    try:
+                        producer.send(topic, record.envelope)
+                        sent += 1
+                    except PoisonMessageError as exc:
+                        skipped += 1
+                        log.warning("skipped %s: %s", record.location, exc)
+                bar.update(1)
+                if producer.pending >= 1000:
+                    producer.flush()
+            producer.flush()
+    finally:
+        producer.close()
+    emit(
+        args,
+        {"topic": topic, "sent": sent, "skipped": skipped},
+        f"sent {sent}, skipped {skipped} → {topic}",
+    )
+    return 1 if (skipped and args.strict) else 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
+    from cluster.ray_runtime import connect
+
+    servers = bootstrap_servers(settings)
+    ensure_topics(
+        servers,
+        topic_specs(settings.kafka.topics),
+        max_message_bytes=settings.kafka.max_record_bytes,
+    )
+    address = connect(settings)
+    emit(args, {"kafka": servers, "ray": address}, f"Kafka: {servers}\nRay:   {address}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.kafka_admin import local_kafka
+    from cluster.ray_runtime import stop_local_head
+
+    ray_stopped = stop_local_head(settings)
+    kafka_stopped = local_kafka(settings).stop() if not settings.kafka.bootstrap_servers else False
+    emit(
+        args,
+        {"ray_stopped": ray_stopped, "kafka_stopped": kafka_stopped},
+        f"Ray head: {'stopped' if ray_stopped else 'not running'}; "
+        f"Kafka: {'stopped' if kafka_stopped else 'not running'}",
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(settings, sample=Path(args.data), json_output=args.json)
+
+
+# PARSER
+def build_parser() -> argparse.ArgumentParser:
+    # Global flags are accepted before or after the command. SUPPRESS keeps a subparser from
+    # resetting a flag given before the command to its default; main() fills in defaults.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", metavar="FILE", help="YAML settings file (also RIVERBED_CONFIG)")
+    common.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a setting")
+    common.add_argument("--bootstrap-servers", help="use this Kafka instead of the embedded broker")
+    common.add_argument("--index", help="index name (scopes data and consumer group)")
+    common.add_argument("--home", help="state and data directory (default ~/.riverbed)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    parser = argparse.ArgumentParser(prog="riverbed", description=__doc__, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="show the effective settings", parents=[common])
+    config.add_argument("action", choices=["show"])
+    config.set_defaults(func=cmd_config_show)
+
+    kafka = sub.add_parser("kafka", help="the embedded Kafka broker", parents=[common])
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.set_defaults(func=cmd_kafka)
+
+    produce = sub.add_parser(
+        "produce", help="send documents from files to the documents topic", parents=[common]
+    )
+    produce.add_argument("path", help=".jsonl file, .txt/.md file, or a directory of them")
+    produce.add_argument("--topic", help="topic (default: kafka.topics.documents)")
+    produce.add_argument("--strict", action="store_true", help="exit 1 if any record was skipped")
+    produce.set_defaults(func=cmd_produce)
+
+    up = sub.add_parser("up", help="start (or find) Kafka and the Ray head", parents=[common])
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop the local Ray head and the embedded Kafka", parents=[common])
+    down.set_defaults(func=cmd_down)
+
+    demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
+    demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+_GLOBAL_DEFAULTS: dict[str, Any] = {
+    "config": None,
+    "set": [],
+    "bootstrap_servers": None,
+    "index": None,
+    "home": None,
+    "json": False,
+    "verbose": False,
+    "quiet": False,
+}
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # kafka-python logs every connection attempt at INFO and refusals at ERROR.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in _GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    _configure_logging(args.verbose)
+    try:
+        settings = load_settings(args.config, _overrides(args))
+        func: Command = args.func
+        return func(args, settings)
+    except ConfigError as exc:
+        print(f"riverbed: {exc}", file=sys.stderr)
+        return 2
+    except RiverbedError as exc:
+        print(f"riverbed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from cluster.cli import main
+
+
+def test_config_show_json(capsys, monkeypatch):
+    monkeypatch.setenv("RIVERBED_INDEX__N_SHARDS", "5")
+    assert main(["config", "show", "--json", "--set", "embed.max_batch_tokens=77", "--index", "abc"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["embed"]["max_batch_tokens"] == 77
+    assert data["index"] == data["index"] | {"name": "abc", "n_shards": 5}
+
+
+def test_global_flags_before_command_are_kept(capsys):
+    assert main(["--set", "serve.port=9001", "config", "show", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["serve"]["port"] == 9001
+
+
+def test_invalid_setting_exits_2_naming_field(capsys):
+    assert main(["--set", "embed.max_batch_tokens=abc", "config", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "embed.max_batch_tokens" in err
+
+
+def test_bad_set_syntax_exits_2(capsys):
+    assert main(["config", "show", "--set", "novalue"]) == 2
+    assert "section.field=value" in capsys.readouterr().err
+
+
+def test_unknown_command_exits_2():
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_kafka_start_refuses_when_external_broker_configured(capsys):
+    assert main(["kafka", "start", "--bootstrap-servers", "example:9092"]) == 2
+    assert "bootstrap_servers is set" in capsys.readouterr().err
+
+
+def test_produce_missing_path_exits_2(capsys, tmp_path):
+    assert main(["produce", str(tmp_path / "missing.jsonl"), "--bootstrap-servers", "127.0.0.1:1"]) == 2
+    assert "no such file" in capsys.readouterr().err
