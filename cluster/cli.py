@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,71 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from cluster.pipeline import Pipeline, Progress
+
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    last = {"t": 0.0, "docs": 0, "chunks": 0}
+
+    def show(p: Progress) -> None:
+        if args.quiet:
+            return
+        dt = max(p.elapsed_s - last["t"], 1e-6)
+        docs, chunks = p.total("documents"), p.total("chunks")
+        print(
+            f"\r[{p.elapsed_s:6.1f}s] docs {docs} ({(docs - last['docs']) / dt:.0f}/s)  chunks {chunks} "
+            f"({(chunks - last['chunks']) / dt:.0f}/s)  unchanged {p.total('unchanged')}  "
+            f"deletes {p.total('deletes')}  lag {p.lag}  dead letters {p.dead_letters()}   ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        last.update(t=p.elapsed_s, docs=docs, chunks=chunks)
+
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if args.until_idle:
+            pipeline.wait_idle(on_progress=show)
+        else:
+            while not stopping["flag"]:
+                pipeline.check_alive()
+                show(pipeline.progress())
+                time.sleep(1.0)
+    finally:
+        results = pipeline.stop()
+        if not args.quiet:
+            print(file=sys.stderr)
+    totals: dict[str, Any] = {}
+    for r in results:
+        for key, value in r.items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    emit(args, totals, "ingested: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.stats import index_stats
+
+    data = index_stats(settings, broker=not args.no_broker)
+    text = (
+        f"index {data['index']}: {data['documents']} documents, {data['chunks']} chunks "
+        f"{data['chunks_per_shard']}; dead letters {data['dead_letters']['total']} "
+        f"{data['dead_letters']['by_reason']}; lag {data.get('lag', '?')}"
+    )
+    emit(args, data, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
@@ -224,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the local Ray head and the embedded Kafka", parents=[common])
     down.set_defaults(func=cmd_down)
+
+    ingest = sub.add_parser(
+        "ingest", help="run the ingest pipeline (Kafka → chunk → embed → shards)", parents=[common]
+    )
+    ingest.add_argument("--until-idle", action="store_true", help="exit once lag is 0 and all is committed")
+    ingest.set_defaults(func=cmd_ingest)
+
+    stats = sub.add_parser(
+        "stats", help="documents, chunks per shard, dead letters, offsets", parents=[common]
+    )
+    stats.add_argument("--no-broker", action="store_true", help="read only the shard stores")
+    stats.set_defaults(func=cmd_stats)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

@@ -93,11 +93,30 @@ def end_offsets(servers: str, topics: Iterable[str]) -> dict[str, dict[int, int]
         consumer.close()
 
 
-def committed_offsets(servers: str, group: str) -> dict[str, dict[int, int]]:
-    """The consumer group's committed offsets: {topic: {partition: next offset to read}}."""
+def committed_offsets(servers: str, group: str, timeout_s: float = 15.0) -> dict[str, dict[int, int]]:
+    """The consumer group's committed offsets: {topic: {partition: next offset to read}}.
+
+    Retries while the group coordinator is not yet available (a fresh broker creates its offsets
+    topic on the first group request); raises RetryableError after ``timeout_s``."""
+    import time
+
+    from kafka.errors import (
+        CoordinatorLoadInProgressError,
+        CoordinatorNotAvailableError,
+        NotCoordinatorError,
+    )
+
+    deadline = time.monotonic() + timeout_s
     admin = KafkaAdminClient(bootstrap_servers=servers, client_id="riverbed-admin")
     try:
-        by_group = admin.list_group_offsets(group)
+        while True:
+            try:
+                by_group = admin.list_group_offsets(group)
+                break
+            except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError) as exc:
+                if time.monotonic() > deadline:
+                    raise RetryableError(f"offsets of group {group} on {servers}: {exc}") from exc
+                time.sleep(0.5)
     finally:
         admin.close()
     out: dict[str, dict[int, int]] = {}

@@ -21,8 +21,8 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Without it, a driver connecting to a cluster whose head listens on 127.0.0.1 hangs.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+    log.warning("ray was imported before cluster/: connecting to a head on 127.0.0.1 may hang")
 
 
 def _state_file(settings: Settings) -> Path:
@@ -42,6 +42,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def local_head_cpus(settings: Settings) -> int:
+    """Logical CPUs of a local head: a scheduling budget, not cores. The embedder takes one per
+    core for its torch threads; the extra one is for the light actors' fractional CPUs."""
+    return settings.ray.num_cpus or (os.cpu_count() or 1) + 1
 
 
 def local_head_address(settings: Settings) -> str | None:
@@ -71,8 +77,7 @@ def start_local_head(settings: Settings) -> str:
         "--disable-usage-stats",
         f"--object-store-memory={settings.ray.object_store_memory}",
     ]
-    if settings.ray.num_cpus is not None:
-        cmd.append(f"--num-cpus={settings.ray.num_cpus}")
+    cmd.append(f"--num-cpus={local_head_cpus(settings)}")
     log.info("starting a local Ray head on 127.0.0.1:%d", port)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -76,7 +76,9 @@ class KafkaConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; unset starts or reuses a local head")
     namespace: str = "riverbed"
-    num_cpus: PositiveInt | None = Field(None, description="logical CPUs of a local head (default: cores)")
+    num_cpus: PositiveInt | None = Field(
+        None, description="logical CPUs of a local head (default: cores + 1, a budget for light actors)"
+    )
     object_store_memory: Annotated[int, Field(ge=78_643_200)] = 256 * 1024 * 1024
 
 
@@ -105,7 +107,9 @@ class EmbedConfig(_Section):
     max_batch_size: PositiveInt = 256
     max_wait_ms: Annotated[float, Field(ge=0)] = 50.0
     workers: PositiveInt = 1
-    num_cpus: Annotated[float, Field(gt=0)] = 1.0
+    num_cpus: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="CPUs (= torch threads) per embedder; unset: every core of its node"
+    )
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
 
 
@@ -116,6 +120,16 @@ class FaissConfig(_Section):
     hnsw_m: PositiveInt = 32
     hnsw_ef_search: PositiveInt = 64
     hnsw_ef_construction: PositiveInt = 80
+    filter_exact_max: PositiveInt = Field(
+        4096,
+        description="ivf/hnsw: a filter matching at most this many chunks is searched exhaustively "
+        "over them; a broader one walks the approximate structure restricted to them (flat: always exact)",
+    )
+    omp_threads: PositiveInt | None = Field(
+        None,
+        description="OpenMP threads FAISS uses in the shard's process (process-wide); unset keeps "
+        "FAISS's default (every core), which can make small searches far slower on busy machines",
+    )
 
 
 class IndexConfig(_Section):

@@ -1,0 +1,101 @@
+"""The dead-letter topic (DESIGN.md, "Topics"): a record that can never be processed is kept there
+with its original key and value bytes, and headers naming why and where it came from.
+
+Delivery: :meth:`DeadLetterWriter.flush` returns only when every dead letter sent so far is
+acknowledged by the broker, so the caller may then commit the source offsets past them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.errors import DeadLetterReason, RetryableError
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    reason: DeadLetterReason
+    error: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("reason", self.reason.encode()),
+            ("error", self.error[:4000].encode("utf-8", "replace")),
+            ("source_topic", self.topic.encode()),
+            ("source_partition", str(self.partition).encode()),
+            ("source_offset", str(self.offset).encode()),
+        ]
+
+
+class DeadLetterWriter:
+    """Sends dead letters to one topic. Not thread safe."""
+
+    def __init__(self, servers: str, topic: str, max_record_bytes: int) -> None:
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self.counts: Counter[str] = Counter()
+        self._producer = KafkaProducer(
+            bootstrap_servers=servers,
+            client_id="riverbed-dead-letters",
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=max_record_bytes + 256 * 1024,
+        )
+        self._pending: list[tuple[DeadLetter, Any]] = []
+
+    def send(self, letter: DeadLetter) -> None:
+        future = self._producer.send(self.topic, key=letter.key, value=letter.value, headers=letter.headers())
+        self._pending.append((letter, future))
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Blocks until every pending dead letter is acknowledged; raises RetryableError if not."""
+        if not self._pending:
+            return
+        from kafka.errors import KafkaError
+
+        self._producer.flush(timeout=timeout_s)
+        try:
+            for letter, future in self._pending:
+                future.get(timeout=timeout_s)
+                self.counts[letter.reason] += 1
+        except KafkaError as exc:
+            raise RetryableError(f"writing a dead letter to {self.topic} failed: {exc}") from exc
+        finally:
+            self._pending.clear()
+
+    def close(self) -> None:
+        self._producer.close()
+
+
+def read_dead_letter_counts(servers: str, topic: str, timeout_s: float = 10.0) -> dict[str, int]:
+    """Counts the dead letters on ``topic`` by their ``reason`` header (reads the whole topic)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, client_id="riverbed-stats")
+    counts: Counter[str] = Counter()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return {}
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in partitions) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    reason = dict(record.headers or []).get("reason", b"unknown")
+                    counts[reason.decode("utf-8", "replace")] += 1
+    finally:
+        consumer.close()
+    return dict(counts)

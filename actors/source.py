@@ -1,0 +1,385 @@
+"""KafkaSource: one member of the ingest consumer group, from records to durable shard writes.
+
+Delivery contract (DESIGN.md, "Durability and delivery"): at-least-once from Kafka, made
+effectively-once by idempotent writes. A partition's offset is committed only after every write
+that its records caused is durable on every shard (and every dead letter is acknowledged), and on
+partition revoke the in-flight batches are finished and committed first. After a crash, the
+records past the committed offsets are delivered again; their writes are upserts by chunk id, and
+a document whose content hash is already stored is not re-embedded.
+
+Ordering: batches are written in the order they were polled, so one id's changes (always on one
+partition) apply in order. Within a batch, the last change of an id wins.
+
+Backpressure: at most ``ingest.max_in_flight_batches`` batches are polled and not yet written;
+when that many are pending, the assigned partitions are paused, so memory stays bounded whatever
+the lag.
+
+Threads: :meth:`run` loops in one thread; :meth:`stop` and :meth:`stats` may be called from others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from actors.chunker import ChunkedDocument, Chunker
+from actors.dead_letters import DeadLetter, DeadLetterWriter
+from actors.vector_index import ChunkRecord, DocumentRow, ShardWrite
+from schemas.envelope import DocumentEnvelope, ImageEnvelope, decode_record
+from schemas.errors import PoisonMessageError, RetryableError
+from schemas.ids import shard_of
+from schemas.settings import ChunkConfig, IngestConfig, KafkaConfig
+
+log = logging.getLogger(__name__)
+
+Offsets = dict[str, dict[int, int]]
+
+
+class Downstream(Protocol):
+    """The stages after the source: embedders and shards (Ray actors, or in-process for tests)."""
+
+    n_shards: int
+
+    def embed(self, texts: list[str]) -> Future[np.ndarray]:
+        """Vectors for ``texts`` (same order); the future raises RetryableError when transient."""
+        ...
+
+    def document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
+        """Stored rows of those documents that have one (read from each id's registry shard)."""
+        ...
+
+    def write(self, writes: Mapping[int, ShardWrite]) -> None:
+        """Applies ``writes[shard]`` on each shard; returns when all are durable."""
+        ...
+
+
+@dataclass
+class _Batch:
+    seq: int
+    offsets: Offsets
+    upserts: list[tuple[DocumentEnvelope, ChunkedDocument]]
+    deletes: list[str]
+    vectors: Future[np.ndarray] | None
+    records: int
+    texts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class KafkaSource:
+    """Consumes the documents topic in the ingest consumer group and drives chunk → embed → write."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        ingest: IngestConfig,
+        chunk: ChunkConfig,
+        model: str,
+        servers: str,
+        group: str,
+        downstream: Downstream,
+        name: str = "source",
+    ) -> None:
+        self.kafka = kafka
+        self.ingest = ingest
+        self.servers = servers
+        self.group = group
+        self.name = name
+        self.downstream = downstream
+        self.chunker = Chunker(chunk, model)
+        self._consumer: Any = None
+        self._dead: DeadLetterWriter | None = None
+        self._inflight: deque[_Batch] = deque()
+        self._pending_hash: dict[str, tuple[str | None, int]] = {}
+        self._seq = 0
+        self._stop = threading.Event()
+        self._paused = False
+        self.counters: Counter[str] = Counter()
+
+    # LIFECYCLE
+    def warm_up(self) -> None:
+        """Loads the tokenizer, joins the consumer group, opens the dead-letter producer."""
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
+        self.chunker.warm_up()
+        if self._consumer is not None:
+            return
+        source = self
+
+        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                source._drain("partitions revoked")
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                log.info("%s assigned %s", source.name, sorted((tp.topic, tp.partition) for tp in assigned))
+
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=self.servers,
+            group_id=self.group,
+            client_id=self.name,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=self.kafka.max_record_bytes + 1024 * 1024,
+            fetch_max_bytes=max(52_428_800, self.kafka.max_record_bytes + 1024 * 1024),
+        )
+        self._consumer.subscribe([self.kafka.topics.documents], listener=_Listener())
+        self._dead = DeadLetterWriter(
+            self.servers, self.kafka.topics.dead_letter, self.kafka.max_record_bytes
+        )
+
+    def stop(self) -> None:
+        """Asks :meth:`run` to finish the in-flight batches, commit, and return."""
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+        if self._dead is not None:
+            self._dead.close()
+            self._dead = None
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        if self._dead is not None:
+            out["dead_letters"] = dict(self._dead.counts)
+        out["in_flight_batches"] = len(self._inflight)
+        return out
+
+    # LOOP
+    def run(self) -> dict[str, Any]:
+        """Polls, processes and commits until :meth:`stop`; returns the counters."""
+        self.warm_up()
+        self._stop.clear()
+        try:
+            while not self._stop.is_set():
+                self.step()
+            self._drain("stopping")
+        finally:
+            self.close()
+        return self.stats()
+
+    def step(self) -> None:
+        """One turn: poll a batch if there is room, then write every batch whose vectors are ready."""
+        if len(self._inflight) < self.ingest.max_in_flight_batches:
+            self._set_paused(False)
+            polled = self._consumer.poll(timeout_ms=100, max_records=self.ingest.poll_max_records)
+            records = [
+                _Record(r.topic, r.partition, r.offset, r.key, r.value) for rs in polled.values() for r in rs
+            ]
+            if records:
+                self._inflight.append(self._prepare(records))
+        else:
+            self._set_paused(True)
+            self._consumer.poll(timeout_ms=0)  # keeps group membership; paused: fetches nothing
+            self._finish(self._inflight[0])
+        while self._inflight and (self._inflight[0].vectors is None or self._inflight[0].vectors.done()):
+            self._finish(self._inflight[0])
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused != self._paused:
+            assignment = list(self._consumer.assignment())
+            (self._consumer.pause if paused else self._consumer.resume)(*assignment)
+            self._paused = paused
+
+    def _drain(self, why: str) -> None:
+        if self._inflight:
+            log.info("%s: %s, finishing %d in-flight batches", self.name, why, len(self._inflight))
+        while self._inflight:
+            self._finish(self._inflight[0])
+
+    # PREPARE: decode, dead-letter, collapse, skip unchanged, chunk, start embedding
+    @property
+    def _dead_letters(self) -> DeadLetterWriter:
+        if self._dead is None:
+            raise RetryableError(f"{self.name} is not started: call warm_up() first")
+        return self._dead
+
+    def _prepare(self, records: list[_Record]) -> _Batch:
+        self._seq += 1
+        offsets: Offsets = {}
+        latest: dict[str, tuple[_Record, DocumentEnvelope | ImageEnvelope]] = {}
+        for rec in records:
+            offsets.setdefault(rec.topic, {})[rec.partition] = rec.offset + 1
+            try:
+                envelope = decode_record(rec.key, rec.value, max_bytes=self.kafka.max_record_bytes)
+                if isinstance(envelope, ImageEnvelope):
+                    raise PoisonMessageError("invalid_envelope", "image envelopes belong on the images topic")
+            except PoisonMessageError as exc:
+                self._dead_letter(rec, exc)
+                continue
+            latest[envelope.id] = (rec, envelope)  # the last change of an id in the batch wins
+        self.counters["records"] += len(records)
+
+        deletes = [doc_id for doc_id, (_, env) in latest.items() if env.is_delete]
+        upserts = [
+            (rec, env)
+            for rec, env in latest.values()
+            if isinstance(env, DocumentEnvelope) and not env.is_delete
+        ]
+        chunked = self._chunk(upserts)
+        stored = self.downstream.document_rows([env.id for env, _ in chunked])
+        changed = []
+        for env, doc in chunked:
+            pending = self._pending_hash.get(env.id)
+            current = (
+                pending[0]
+                if pending is not None
+                else (stored[env.id].content_hash if env.id in stored else None)
+            )
+            if current == doc.content_hash:
+                self.counters["unchanged"] += 1
+            else:
+                changed.append((env, doc))
+        for env, doc in changed:
+            self._pending_hash[env.id] = (doc.content_hash, self._seq)
+        for doc_id in deletes:
+            self._pending_hash[doc_id] = (None, self._seq)
+        self._dead_letters.flush()  # dead letters are durable before anything of this batch is committed
+
+        texts = [chunk.text for _, doc in changed for chunk in doc.chunks]
+        batch = _Batch(self._seq, offsets, changed, deletes, None, len(records), texts)
+        if texts:
+            batch.vectors = self.downstream.embed(texts)
+        return batch
+
+    def _chunk(
+        self, upserts: list[tuple[_Record, DocumentEnvelope]]
+    ) -> list[tuple[DocumentEnvelope, ChunkedDocument]]:
+        envelopes = [env for _, env in upserts]
+        try:
+            return list(zip(envelopes, self.chunker.chunk_batch(envelopes), strict=True))
+        except ValueError:
+            pass  # one bad document fails the batch call: find it, dead-letter it, keep the rest
+        out = []
+        for rec, env in upserts:
+            try:
+                out.append((env, self.chunker.chunk(env)))
+            except ValueError as exc:
+                self._dead_letter(rec, PoisonMessageError("processing_error", f"chunking failed: {exc}"))
+        return out
+
+    def _dead_letter(self, rec: _Record, exc: PoisonMessageError) -> None:
+        log.warning(
+            "%s: dead-lettering %s[%d]@%d (%s): %s",
+            self.name,
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            exc.reason,
+            exc,
+        )
+        self._dead.send(
+            DeadLetter(exc.reason, str(exc), rec.topic, rec.partition, rec.offset, rec.key, rec.value)
+        )
+
+    # WRITE: vectors to shards (phase 1), then document rows (phase 2), then commit
+    def _finish(self, batch: _Batch) -> None:
+        vectors = self._await_vectors(batch)
+        n = self.downstream.n_shards
+        records: dict[int, list[ChunkRecord]] = {i: [] for i in range(n)}
+        row = 0
+        for env, doc in batch.upserts:
+            for chunk in doc.chunks:
+                records[shard_of(chunk.chunk_id, n)].append(
+                    ChunkRecord(
+                        chunk.chunk_id,
+                        doc.document_id,
+                        chunk.number,
+                        chunk.text,
+                        env.title,
+                        chunk.start,
+                        chunk.end,
+                        env.metadata,
+                        vectors[row],
+                    )
+                )
+                row += 1
+        truncate = {doc.document_id: len(doc.chunks) for _, doc in batch.upserts}
+        if batch.upserts or batch.deletes:
+            phase1 = {
+                i: ShardWrite(
+                    upserts=records[i],
+                    truncate=truncate,
+                    delete_documents=batch.deletes,
+                    offsets=batch.offsets,
+                )
+                for i in range(n)
+            }
+            self._retry(lambda: self.downstream.write(phase1), "writing chunks")
+            rows: dict[int, dict[str, DocumentRow]] = {}
+            for _, doc in batch.upserts:
+                rows.setdefault(shard_of(doc.document_id, n), {})[doc.document_id] = DocumentRow(
+                    doc.content_hash, len(doc.chunks)
+                )
+            phase2 = {i: ShardWrite(documents=r) for i, r in rows.items()}
+            if phase2:
+                self._retry(lambda: self.downstream.write(phase2), "writing document rows")
+        self._commit(batch.offsets)
+        self._inflight.popleft()
+        for doc_id, (_, seq) in list(self._pending_hash.items()):
+            if seq == batch.seq:
+                del self._pending_hash[doc_id]
+        self.counters["documents"] += len(batch.upserts)
+        self.counters["deletes"] += len(batch.deletes)
+        self.counters["chunks"] += row
+        self.counters["batches"] += 1
+
+    def _await_vectors(self, batch: _Batch) -> np.ndarray:
+        if batch.vectors is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        delay = 0.5
+        while True:
+            try:
+                return batch.vectors.result()
+            except RetryableError as exc:
+                log.warning(
+                    "%s: embedding batch %d failed (%s); retrying in %.1f s", self.name, batch.seq, exc, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                batch.vectors = self.downstream.embed(batch.texts)
+
+    def _retry(self, call: Any, what: str) -> None:
+        delay = 0.5
+        while True:
+            try:
+                call()
+                return
+            except RetryableError as exc:
+                log.warning("%s: %s failed (%s); retrying in %.1f s", self.name, what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _commit(self, offsets: Offsets) -> None:
+        from kafka import TopicPartition
+        from kafka.errors import CommitFailedError
+        from kafka.structs import OffsetAndMetadata
+
+        positions = {
+            TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for topic, parts in offsets.items()
+            for partition, offset in parts.items()
+        }
+        try:
+            self._consumer.commit(offsets=positions)
+        except CommitFailedError as exc:
+            # The group rebalanced under us: the new owner re-reads these records, and the
+            # writes they cause are idempotent, so nothing is lost or doubled.
+            log.warning("%s: commit of %s failed after a rebalance: %s", self.name, offsets, exc)
+            self.counters["commit_failures"] += 1

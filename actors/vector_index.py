@@ -1,0 +1,242 @@
+"""The vector index contract shared by every backend (STYLE.md principle 3).
+
+Backends: :class:`actors.faiss_index.FaissIndex` (a shard: SQLite store + FAISS structure) and
+:class:`actors.testing.InMemoryIndex` (numpy reference for unit tests); Milvus joins later. One
+contract test class (``tests/unit/test_vector_index_contract.py``) runs on all of them.
+
+Scores are inner products: cosine similarity for the L2-normalised vectors the embedder writes.
+Higher is better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from schemas.filters import MetadataFilter
+from schemas.ids import chunk_id as make_chunk_id
+
+MetadataValue = str | int | float | bool
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkRecord:
+    """One chunk with its vector, as written to a shard. ``chunk_id`` must equal
+    ``schemas.ids.chunk_id(document_id, number)``: truncation by ``number`` relies on it.
+
+    ``start``/``end``: code-point span of the chunk in the document's ``text``.
+    ``vector``: float32, shape ``(dim,)``, L2-normalised by the embedder (not re-checked here).
+    """
+
+    chunk_id: str
+    document_id: str
+    number: int
+    text: str
+    title: str | None
+    start: int
+    end: int
+    metadata: Mapping[str, MetadataValue]
+    vector: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.chunk_id != make_chunk_id(self.document_id, self.number):
+            raise ValueError(f"chunk_id {self.chunk_id!r} is not chunk {self.number} of {self.document_id!r}")
+        if not 0 <= self.start <= self.end:
+            raise ValueError(f"chunk {self.chunk_id!r}: bad span [{self.start}, {self.end})")
+        for key, value in self.metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str | int | float):
+                raise ValueError(f"chunk {self.chunk_id!r}: metadata[{key!r}] must be str/num/bool")
+            # Both would make SQL filters disagree with MetadataFilter.matches (or fail).
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"chunk {self.chunk_id!r}: metadata[{key!r}] is {value}")
+            if isinstance(value, int) and not -(2**63) <= value < 2**63:
+                raise ValueError(f"chunk {self.chunk_id!r}: metadata[{key!r}] exceeds 64 bits")
+        # A private copy: the caller's dict may change after the write. A plain dict (not a
+        # MappingProxyType) so records pickle across Ray actors.
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChunkRecord):
+            return NotImplemented
+        return self.without_vector() == other.without_vector() and np.array_equal(self.vector, other.vector)
+
+    __hash__ = None  # type: ignore[assignment]  # holds a dict and an array
+
+    def without_vector(self) -> tuple[object, ...]:
+        return (self.chunk_id, self.document_id, self.number, self.text, self.title,
+                self.start, self.end, self.metadata)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result. ``score``: inner product with the query; higher is better."""
+
+    chunk_id: str
+    document_id: str
+    number: int
+    text: str
+    title: str | None
+    start: int
+    end: int
+    metadata: Mapping[str, MetadataValue]
+    score: float
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return (self.start, self.end)
+
+
+@dataclass(frozen=True)
+class DocumentRow:
+    """Per-document bookkeeping for ingest: the hash of the content last indexed and its total
+    chunk count (over all shards; chunks themselves are routed by chunk id)."""
+
+    content_hash: str
+    n_chunks: int
+
+    def __post_init__(self) -> None:
+        if self.n_chunks < 0:
+            raise ValueError(f"n_chunks must be >= 0, got {self.n_chunks}")
+
+
+@dataclass(frozen=True)
+class ShardWrite:
+    """Everything one batch changes in one shard, applied as ONE atomic, durable transaction, in
+    this order:
+
+    1. ``truncate``: for each ``(document_id, keep)`` delete that document's chunks with
+       ``number >= keep`` (an updated document that now has fewer chunks);
+    2. ``delete_documents``: delete every chunk and the document row of each id;
+    3. ``delete_chunks``: delete these chunk ids;
+    4. ``upserts``: insert or replace by ``chunk_id`` (the last of duplicates wins). A record
+       equal to the stored one is skipped, so re-applying a write changes nothing;
+    5. ``documents``: set each document's row (content hash, total chunk count);
+    6. ``offsets``: ``{topic: {partition: next_offset}}`` this write covers, max-merged with the
+       stored ones (a re-delivered, older batch never moves them back).
+    """
+
+    upserts: Sequence[ChunkRecord] = ()
+    truncate: Mapping[str, int] = field(default_factory=dict)
+    delete_documents: Sequence[str] = ()
+    delete_chunks: Sequence[str] = ()
+    documents: Mapping[str, DocumentRow] = field(default_factory=dict)
+    offsets: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for document_id, keep in self.truncate.items():
+            if not _is_int(keep) or keep < 0:
+                raise ValueError(f"truncate[{document_id!r}] must be an int >= 0, got {keep!r}")
+        for name, ids in (("delete_documents", self.delete_documents),
+                          ("delete_chunks", self.delete_chunks)):  # fmt: skip
+            if isinstance(ids, str):
+                raise ValueError(f"{name} must be a sequence of ids, not the string {ids!r}")
+        for topic, positions in self.offsets.items():
+            for partition, offset in positions.items():
+                if not (_is_int(partition) and _is_int(offset) and partition >= 0 and offset >= 0):
+                    raise ValueError(f"offsets[{topic!r}][{partition!r}] = {offset!r}: need ints >= 0")
+
+    def unique_upserts(self) -> list[ChunkRecord]:
+        """``upserts`` with duplicates removed, the last one of each chunk id kept."""
+        return list({r.chunk_id: r for r in self.upserts}.values())
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What an ``apply`` changed: chunks inserted or replaced, skipped as identical, deleted."""
+
+    upserted: int
+    unchanged: int
+    deleted: int
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """A vector index shard, for one embedding ``model`` and ``dim``.
+
+    - Writes go through :meth:`apply` (``upsert``/``delete`` are shorthands): one atomic write,
+      durable when it returns (persistent backends), idempotent (re-applying a :class:`ShardWrite`
+      leaves the same state). Wrong vectors raise ``ValueError`` and write nothing.
+    - :meth:`search` takes ``(n, dim)`` float32 queries and returns one list per row, best first,
+      at most ``k`` hits (fewer when fewer chunks match). Every hit satisfies the filter;
+      approximate structures (IVF, HNSW) may miss near neighbours, never return a wrong one.
+    - :meth:`get` answers in the order asked, None for unknown ids; ``document_chunk_counts`` has
+      every id asked (0 when absent); ``get_document_rows``/``get_document_hashes`` only known ones.
+    - :meth:`offsets` are the Kafka positions (``{topic: {partition: next_offset}}``) covered by
+      durable writes; :meth:`snapshot` only makes :meth:`restore` (run on open) fast.
+    - One writer at a time; reads may run on other threads.
+    """
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+    def apply(self, write: ShardWrite) -> WriteResult: ...
+    def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult: ...
+    def delete(self, chunk_ids: Sequence[str]) -> int: ...
+    def search(
+        self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None
+    ) -> list[list[Hit]]: ...
+    def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]: ...
+    def count(self) -> int: ...
+    def document_ids(self) -> set[str]: ...
+    def document_chunk_counts(self, document_ids: Sequence[str]) -> dict[str, int]: ...
+    def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]: ...
+    def get_document_hashes(self, document_ids: Sequence[str]) -> dict[str, str]: ...
+    def offsets(self) -> dict[str, dict[int, int]]: ...
+    def snapshot(self) -> None: ...
+    def restore(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def check_records(records: Sequence[ChunkRecord], dim: int, where: str) -> np.ndarray:
+    """Stacks the records' vectors into a ``(n, dim)`` float32 matrix, refusing any vector of the
+    wrong dtype, shape or with NaN/inf. ``where`` (the shard path) goes into the message."""
+    for r in records:
+        if not isinstance(r.vector, np.ndarray) or r.vector.dtype != np.float32:
+            got = getattr(r.vector, "dtype", type(r.vector).__name__)
+            raise ValueError(f"{where}: chunk {r.chunk_id!r}: expected a float32 vector, got {got}")
+        if r.vector.shape != (dim,):
+            raise ValueError(
+                f"{where}: chunk {r.chunk_id!r}: expected a vector of shape ({dim},), got {r.vector.shape}"
+            )
+    matrix = np.stack([r.vector for r in records]) if records else np.zeros((0, dim), np.float32)
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{where}: a vector holds NaN or infinity")
+    return matrix
+
+
+def check_queries(vectors: np.ndarray, dim: int, k: int, where: str) -> np.ndarray:
+    """Checks a ``(n, dim)`` float32 query matrix and ``k >= 1``; returns it C-contiguous."""
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"{where}: k must be an int >= 1, got {k!r}")
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32:
+        got = getattr(vectors, "dtype", type(vectors).__name__)
+        raise ValueError(f"{where}: expected float32 query vectors, got {got}")
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{where}: expected queries of shape (n, {dim}), got {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError(f"{where}: a query vector holds NaN or infinity")
+    return np.ascontiguousarray(vectors)
+
+
+def exact_top_k(queries: np.ndarray, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k: ``(scores, positions into matrix)``, each
+    ``(n, min(k, len(matrix)))``, best first; ties keep the lower position first."""
+    kk = min(k, len(matrix))
+    scores = queries @ matrix.T
+    if kk < len(matrix):
+        candidates = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        candidates.sort(axis=1)  # so that the stable sort below breaks ties by position
+    else:
+        candidates = np.broadcast_to(np.arange(len(matrix)), (len(queries), len(matrix)))
+    picked = np.take_along_axis(scores, candidates, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    return np.take_along_axis(picked, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -1,0 +1,294 @@
+"""The ingest pipeline on Ray: which actors, how many, where, and how the driver watches them.
+
+Actors (DESIGN.md, "Processes"), named ``<index>/<role>/<i>`` in the settings' Ray namespace:
+
+- ``shard``: detached, so `serve` finds the shards that `ingest` writes; restarted on failure
+  (``max_restarts=-1``) and their pending calls retried (``max_task_retries=-1``): every write is
+  an idempotent upsert, so a retried call changes nothing twice.
+- ``embedder``: restarted and retried the same way; gets ``embed.num_cpus`` CPUs (its torch
+  threads) and ``embed.num_gpus`` GPUs.
+- ``source``: one KafkaSource per ``ingest.sources``, members of the index's consumer group;
+  they live as long as the ingest run.
+
+Resources: light actors take fractional CPUs (``LIGHT_CPUS``) so that on a small machine they
+never wait behind the embedder for a whole logical CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayError
+
+from actors.embedder import Embedder
+from actors.index_shard import IndexShard
+from actors.source import KafkaSource
+from actors.vector_index import DocumentRow, ShardWrite
+from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
+from cluster.ray_runtime import connect
+from schemas.errors import ConfigError, RetryableError
+from schemas.ids import shard_of
+from schemas.settings import EmbedConfig, Settings
+
+log = logging.getLogger(__name__)
+
+LIGHT_CPUS = 0.05
+_RESTART = {"max_restarts": -1, "max_task_retries": -1}
+
+
+def embed_cpus(settings: Settings) -> float:
+    """The embedder's CPUs (= its torch threads): ``embed.num_cpus``, or every core of the node."""
+    return settings.embed.num_cpus if settings.embed.num_cpus is not None else float(os.cpu_count() or 1)
+
+
+def actor_name(settings: Settings, role: str, i: int) -> str:
+    return f"{settings.index.name}/{role}/{i}"
+
+
+class EmbedderActor(Embedder):
+    def __init__(self, config: EmbedConfig) -> None:
+        super().__init__(config)
+        self.warm_up()
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "dim": self.dim, "device": self.device}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class ShardActor(IndexShard):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.warm_up()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class RayDownstream:
+    """:class:`actors.source.Downstream` over actor handles; Ray errors become RetryableError."""
+
+    def __init__(self, embedders: Sequence[Any], shards: Sequence[Any]) -> None:
+        self.embedders = list(embedders)
+        self.shards = list(shards)
+        self.n_shards = len(self.shards)
+        self._next = 0
+
+    def embed(self, texts: list[str]) -> Future[np.ndarray]:
+        embedder = self.embedders[self._next % len(self.embedders)]
+        self._next += 1
+        inner = embedder.embed.remote(texts).future()
+        outer: Future[np.ndarray] = Future()
+
+        def done(f: Future[np.ndarray]) -> None:
+            try:
+                outer.set_result(f.result())
+            except RayError as exc:
+                outer.set_exception(RetryableError(f"embedder failed: {exc}"))
+            except Exception as exc:  # surfaced to the source, which logs and retries
+                outer.set_exception(RetryableError(f"embedder failed: {exc!r}"))
+
+        inner.add_done_callback(done)
+        return outer
+
+    def document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
+        by_shard: dict[int, list[str]] = {}
+        for doc_id in document_ids:
+            by_shard.setdefault(shard_of(doc_id, self.n_shards), []).append(doc_id)
+        try:
+            parts = ray.get([self.shards[i].get_document_rows.remote(ids) for i, ids in by_shard.items()])
+        except RayError as exc:
+            raise RetryableError(f"reading document rows failed: {exc}") from exc
+        rows: dict[str, DocumentRow] = {}
+        for part in parts:
+            rows.update(part)
+        return rows
+
+    def write(self, writes: Mapping[int, ShardWrite]) -> None:
+        try:
+            ray.get([self.shards[i].apply.remote(w) for i, w in writes.items()])
+        except RayError as exc:
+            raise RetryableError(f"shard write failed: {exc}") from exc
+
+
+class SourceActor:
+    def __init__(self, settings: Settings, servers: str, downstream: RayDownstream, name: str) -> None:
+        self.source = KafkaSource(
+            settings.kafka,
+            settings.ingest,
+            settings.chunk,
+            settings.embed.model,
+            servers,
+            settings.consumer_group,
+            downstream,
+            name=name,
+        )
+        self.source.warm_up()
+
+    def run(self) -> dict[str, Any]:
+        return self.source.run()
+
+    def stop(self) -> None:
+        self.source.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return self.source.stats()
+
+
+@dataclass(frozen=True)
+class Progress:
+    committed: dict[str, dict[int, int]]
+    ends: dict[str, dict[int, int]]
+    sources: list[dict[str, Any]]
+    elapsed_s: float
+
+    @property
+    def lag(self) -> int:
+        return sum(
+            max(0, end - self.committed.get(topic, {}).get(p, 0))
+            for topic, parts in self.ends.items()
+            for p, end in parts.items()
+        )
+
+    def total(self, key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in self.sources)
+
+    def dead_letters(self) -> int:
+        return sum(sum(s.get("dead_letters", {}).values()) for s in self.sources)
+
+
+def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
+    """Gets or creates the detached shard actors of ``settings.index``."""
+    cls = ray.remote(ShardActor)
+    handles = [
+        cls.options(
+            name=actor_name(settings, "shard", i),
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=LIGHT_CPUS,
+            max_concurrency=8,
+            **_RESTART,
+        ).remote(settings.index, settings.data_dir, i, model, dim)
+        for i in range(settings.index.n_shards)
+    ]
+    ray.get([h.ping.remote() for h in handles])
+    return handles
+
+
+class Pipeline:
+    """One ingest run: start the actors, watch progress, stop cleanly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servers = ""
+        self.embedders: list[Any] = []
+        self.shards: list[Any] = []
+        self.sources: list[Any] = []
+        self._runs: list[Any] = []
+        self._t0 = time.monotonic()
+
+    # START
+    def start(self) -> None:
+        s = self.settings
+        connect(s)
+        self.servers = bootstrap_servers(s)
+        ensure_topics(self.servers, topic_specs(s.kafka.topics), max_message_bytes=s.kafka.max_record_bytes)
+        for i in range(s.ingest.sources):
+            try:
+                ray.get_actor(actor_name(s, "source", i), namespace=s.ray.namespace)
+            except ValueError:
+                continue
+            raise ConfigError(
+                f"an ingest is already running for index {s.index.name!r} (actor "
+                f"{actor_name(s, 'source', i)} exists); stop it first"
+            )
+        cpus = embed_cpus(s)
+        embed_config = s.embed.model_copy(update={"num_cpus": cpus})
+        embedder_cls = ray.remote(EmbedderActor)
+        self.embedders = [
+            embedder_cls.options(
+                name=actor_name(s, "embedder", i),
+                get_if_exists=True,
+                num_cpus=cpus,
+                num_gpus=s.embed.num_gpus,
+                **_RESTART,
+            ).remote(embed_config)
+            for i in range(s.embed.workers)
+        ]
+        info = ray.get(self.embedders[0].describe.remote())
+        log.info("embedder: %s (dim %d) on %s", info["model"], info["dim"], info["device"])
+        self.shards = shard_handles(s, info["model"], info["dim"])
+        downstream = RayDownstream(self.embedders, self.shards)
+        source_cls = ray.remote(SourceActor)
+        self.sources = [
+            source_cls.options(
+                name=actor_name(s, "source", i), num_cpus=LIGHT_CPUS, max_concurrency=4, **_RESTART
+            ).remote(s, self.servers, downstream, actor_name(s, "source", i))
+            for i in range(s.ingest.sources)
+        ]
+        self._runs = [src.run.remote() for src in self.sources]
+        self._t0 = time.monotonic()
+
+    # WATCH
+    def progress(self) -> Progress:
+        topic = self.settings.kafka.topics.documents
+        try:
+            stats = ray.get([src.stats.remote() for src in self.sources], timeout=10)
+        except (RayError, TimeoutError):
+            stats = []
+        return Progress(
+            committed=committed_offsets(self.servers, self.settings.consumer_group),
+            ends=end_offsets(self.servers, [topic]),
+            sources=stats,
+            elapsed_s=time.monotonic() - self._t0,
+        )
+
+    def check_alive(self) -> None:
+        ready, _ = ray.wait(self._runs, timeout=0, num_returns=len(self._runs))
+        for ref in ready:
+            ray.get(ref)  # raises the source's error, if it failed
+
+    def wait_idle(
+        self,
+        on_progress: Callable[[Progress], None] | None = None,
+        timeout_s: float | None = None,
+        interval_s: float = 1.0,
+    ) -> Progress:
+        """Returns once every record on the documents topic is processed and committed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            progress = self.progress()
+            if on_progress is not None:
+                on_progress(progress)
+            if progress.lag == 0 and all(s.get("in_flight_batches", 0) == 0 for s in progress.sources):
+                return progress
+            if deadline is not None and time.monotonic() > deadline:
+                raise RetryableError(f"ingest not idle after {timeout_s} s (lag {progress.lag})")
+            time.sleep(interval_s)
+
+    # STOP
+    def stop(self, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Stops the sources (they finish and commit their in-flight batches), then snapshots the
+        shards and releases the embedders. Shards stay up for `serve`."""
+        for src in self.sources:
+            src.stop.remote()
+        results: list[dict[str, Any]] = []
+        try:
+            results = ray.get(self._runs, timeout=timeout_s)
+        finally:
+            for actor in self.sources + self.embedders:
+                ray.kill(actor, no_restart=True)
+            if self.shards:
+                ray.get([sh.snapshot.remote() for sh in self.shards])
+            self.sources, self.embedders, self._runs = [], [], []
+        return results

@@ -1,0 +1,137 @@
+"""MetadataFilter: parsing, errors, and the same answer from matches() and from SQL."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from schemas.filters import Condition, MetadataFilter
+
+DESIGN_EXAMPLE: dict[str, object] = {
+    "lang": "en",
+    "year": {"gte": 2000, "lt": 2020},
+    "source": {"in": ["a", "b"]},
+}
+
+DOCS: list[dict[str, object]] = [
+    {"lang": "en", "year": 2005, "source": "a", "flag": True, "score": 0.5},
+    {"lang": "en", "year": 2020, "source": "b", "flag": False},
+    {"lang": "de", "year": 2010, "source": "a", "score": 1},
+    {"lang": "en", "year": "2010", "source": "c", "flag": 1},
+    {"year": 1999.5},
+    {},
+    {"lang": "EN", "source": "b", "weird-key_1": "x"},
+]
+
+CASES: list[tuple[dict[str, object], list[int]]] = [
+    (DESIGN_EXAMPLE, [0]),
+    ({}, [0, 1, 2, 3, 4, 5, 6]),
+    ({"lang": "en"}, [0, 1, 3]),
+    ({"lang": {"eq": "en"}}, [0, 1, 3]),
+    ({"lang": {"ne": "en"}}, [2, 4, 5, 6]),  # ne matches a missing field
+    ({"year": {"gt": 2005}}, [1, 2]),  # "2010" is a string: never compared with a number
+    ({"year": {"lte": 2005}}, [0, 4]),
+    ({"year": {"gte": "2000"}}, [3]),  # strings compare with strings only
+    ({"year": 2010}, [2]),
+    ({"score": 1.0}, [2]),  # 1 == 1.0
+    ({"flag": True}, [0]),  # true is not 1
+    ({"flag": False}, [1]),
+    ({"flag": {"ne": True}}, [1, 2, 3, 4, 5, 6]),
+    ({"flag": {"in": [True, False]}}, [0, 1]),
+    ({"source": {"in": ["a", "b"]}}, [0, 1, 2, 6]),
+    ({"source": {"nin": ["a", "b"]}}, [3, 4, 5]),  # nin matches a missing field
+    ({"year": {"in": [2005, 2010]}}, [0, 2]),
+    ({"lang": {"lt": "en"}}, [2, 6]),  # code-point order: "EN" < "de" < "en"
+    ({"weird-key_1": "x"}, [6]),
+    ({"missing": "x"}, []),
+    ({"missing": {"gt": 0}}, []),
+    ({"lang": "en", "source": "b"}, [1]),
+]
+
+
+@pytest.fixture(scope="module")
+def db() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, metadata TEXT NOT NULL)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(i, json.dumps(d)) for i, d in enumerate(DOCS)])
+    return conn
+
+
+@pytest.mark.parametrize(("raw", "expected"), CASES, ids=[json.dumps(c[0]) for c in CASES])
+def test_matches_and_sql_agree(db: sqlite3.Connection, raw: dict[str, object], expected: list[int]) -> None:
+    f = MetadataFilter.parse(raw)
+    assert [i for i, d in enumerate(DOCS) if f.matches(d)] == expected
+    where, params = f.to_sql()
+    rows = db.execute(f"SELECT id FROM t WHERE {where} ORDER BY id", params).fetchall()
+    assert [r[0] for r in rows] == expected
+
+
+def test_parse_design_example() -> None:
+    f = MetadataFilter.parse(DESIGN_EXAMPLE)
+    assert f.conditions == (
+        Condition(field="lang", op="eq", value="en"),
+        Condition(field="year", op="gte", value=2000),
+        Condition(field="year", op="lt", value=2020),
+        Condition(field="source", op="in", value=("a", "b")),
+    )
+    assert f.fields == {"lang", "year", "source"}
+
+
+def test_pydantic_validation_and_round_trips() -> None:
+    f = MetadataFilter.parse(DESIGN_EXAMPLE)
+    assert MetadataFilter.model_validate(DESIGN_EXAMPLE) == f  # usable as a request field
+    assert MetadataFilter.parse(f.to_raw()) == f
+    assert MetadataFilter.model_validate(f.model_dump()) == f
+    assert MetadataFilter.model_validate_json(f.model_dump_json()) == f
+    with pytest.raises(ValueError, match="frozen"):
+        f.conditions = ()  # type: ignore[misc]
+    # a metadata field may be called "conditions"
+    assert MetadataFilter.parse({"conditions": "x"}).matches({"conditions": "x"})
+    assert MetadataFilter.model_validate({"conditions": "x"}).conditions[0].field == "conditions"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"year": {"between": [1, 2]}}, r"'year': unknown operator 'between'"),
+        ({"source": {"in": []}}, r"'source', operator 'in': the list is empty"),
+        ({"source": {"in": "a"}}, r"'source', operator 'in': needs a list"),
+        ({"source": {"in": ["a", 1]}}, r"'source', operator 'in': the list mixes"),
+        ({"tags": ["a", "b"]}, r"'tags', operator 'eq': .*got list \(use \{'in'"),
+        ({"lang": None}, r"'lang', operator 'eq': .*got null"),
+        ({"lang": {"eq": {"x": 1}}}, r"'lang', operator 'eq': .*got dict"),
+        ({"year": {}}, r"'year': no operator"),
+        ({"year": {"gt": True}}, r"'year', operator 'gt': needs a number or a string"),
+        ({"year": {"gt": float("nan")}}, r"not a finite number"),
+        ({"year": 2**64}, r"outside the 64-bit"),
+        ({"a.b": 1}, r"filter field 'a.b': names must match"),
+        ({'x") OR 1=1 --': 1}, r"names must match"),
+        ({"": 1}, r"names must match"),
+    ],
+)
+def test_bad_filters_name_field_and_reason(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MetadataFilter.parse(raw)
+    with pytest.raises(ValueError, match=message):  # pydantic's ValidationError is a ValueError
+        MetadataFilter.model_validate(raw)
+
+
+def test_condition_built_directly_is_validated() -> None:
+    with pytest.raises(ValueError, match="unknown operator"):
+        Condition(field="x", op="like", value="a")
+    with pytest.raises(ValueError, match="needs a list"):
+        Condition(field="x", op="in", value="a")
+
+
+def test_sql_binds_values_never_interpolates() -> None:
+    where, params = MetadataFilter.parse({"lang": "en' OR '1'='1", "year": {"in": [1, 2]}}).to_sql()
+    assert "OR '1'" not in where and "lang" not in where
+    assert "en' OR '1'='1" in params and '$."lang"' in params
+    with pytest.raises(ValueError, match="unsafe column"):
+        MetadataFilter.parse({"a": 1}).to_sql("metadata; DROP TABLE t")
+
+
+def test_empty_filter_is_true_in_sql() -> None:
+    assert MetadataFilter.parse({}).to_sql() == ("1", [])
