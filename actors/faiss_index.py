@@ -211,6 +211,11 @@ class FaissIndex:
             raise IndexUnavailableError(f"shard {self.path} is closed")
         return self._store
 
+    def vector_count(self) -> int:
+        """Live vectors in the FAISS structure; equals :meth:`count` (the store) when consistent."""
+        with self._lock:
+            return self._live()
+
     def _live(self) -> int:
         return int(self._index.ntotal) - len(self._masked)
 

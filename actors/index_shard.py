@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from actors.faiss_index import FaissIndex
-from actors.vector_index import DocumentRow, Hit, ShardWrite, VectorIndex, WriteResult
+from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, VectorIndex, WriteResult
 from schemas.errors import IndexUnavailableError
 from schemas.filters import MetadataFilter
 from schemas.settings import IndexConfig
@@ -65,6 +65,9 @@ class IndexShard:
 
     def search(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None) -> list[list[Hit]]:
         return self.index.search(vectors, k, filter)
+
+    def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]:
+        return self.index.get(chunk_ids)
 
     def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
         return self.index.get_document_rows(document_ids)

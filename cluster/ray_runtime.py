@@ -92,6 +92,8 @@ def connect(settings: Settings, *, start: bool = True) -> str:
     """``ray.init`` against the configured cluster or this home's local head; returns the address."""
     import ray
 
+    if ray.is_initialized():  # a driver that already chose its cluster (tests, notebooks)
+        return str(ray.get_runtime_context().gcs_address)
     address = settings.ray.address or (start_local_head(settings) if start else local_head_address(settings))
     if address is None:
         raise ConfigError("no Ray cluster: set ray.address, or let a riverbed command start a local head")

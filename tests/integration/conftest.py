@@ -5,6 +5,7 @@ Each test gets fresh topics (``topic_name``), so tests never see each other's re
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,44 @@ def settings(tmp_path: Path, broker: BrokerState, topic_name: str) -> Settings:
         {s.kafka.topics.documents: 2, s.kafka.topics.images: 1, s.kafka.topics.dead_letter: 1},
     )
     return s
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the session, sized like `riverbed`'s local head (cores + 1 logical CPUs)."""
+    import ray
+
+    import cluster  # noqa: F401  (sets the env var Ray reads at import)
+    from cluster.ray_runtime import local_head_cpus
+
+    ray.init(
+        address="local",  # a fresh instance, never a cluster another command left running
+        num_cpus=local_head_cpus(load_settings()),
+        include_dashboard=False,
+        object_store_memory=200 * 1024 * 1024,
+        namespace="riverbed",
+        logging_level="WARNING",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def pipeline_settings(settings: Settings, ray_session: None) -> Iterator[Settings]:
+    """``settings`` with an index of its own (so actor names never collide between tests)."""
+    import ray
+
+    s = load_settings(
+        overrides={**_dump(settings), "index": {"name": f"t{uuid.uuid4().hex[:10]}", "n_shards": 2}}
+    )
+    yield s
+    for role, n in (("shard", s.index.n_shards), ("embedder", s.embed.workers), ("source", s.ingest.sources)):
+        for i in range(n):
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(f"{s.index.name}/{role}/{i}", namespace=s.ray.namespace))
+
+
+def _dump(s: Settings) -> dict:
+    return s.model_dump(mode="json", exclude_unset=False)

@@ -1,0 +1,235 @@
+"""Streaming ingestion end to end: real Kafka, real Ray actors, the real MiniLM model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import ray
+from kafka import KafkaConsumer
+
+from cluster.kafka_admin import committed_offsets
+from cluster.pipeline import EmbedderActor, Pipeline, actor_name, shard_handles
+from cluster.stats import index_stats
+from schemas.envelope import DocumentEnvelope
+from schemas.ids import chunk_id
+from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
+
+
+def ingest_until_idle(settings, timeout_s: float = 600) -> list[dict]:
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    try:
+        pipeline.wait_idle(timeout_s=timeout_s, interval_s=0.5)
+    finally:
+        results = pipeline.stop()
+    return results
+
+
+def total(results: list[dict], key: str) -> int:
+    return sum(r.get(key, 0) for r in results)
+
+
+def test_ingest_2000_update_and_delete(pipeline_settings):
+    s = pipeline_settings.model_copy(
+        update={"ingest": pipeline_settings.ingest.model_copy(update={"sources": 2})}
+    )
+    docs = squad_documents(2000)
+    expected = expected_chunks(s, docs)
+    assert produce(s, docs) == 2000
+
+    results = ingest_until_idle(s)
+    assert total(results, "documents") == 2000
+    stored = read_stores(s)
+    assert stored.per_document == expected
+    assert len(stored.chunks) == sum(expected.values())
+
+    # Every chunk id is the deterministic one, and each document's chunks are findable by vector.
+    assert set(stored.chunks) == {chunk_id(d, n) for d, c in expected.items() for n in range(c)}
+    sample = [f"{d.id}#0" for d in docs[::40]]
+    emb = ray.remote(EmbedderActor).options(num_cpus=1).remote(s.embed.model_copy(update={"num_cpus": 2}))
+    info = ray.get(emb.describe.remote())
+    shards = shard_handles(s, info["model"], info["dim"])
+    vectors = ray.get(emb.embed.remote([stored.texts[c] for c in sample]))
+    per_shard = ray.get([sh.search.remote(vectors, 1) for sh in shards])
+    for row, cid in enumerate(sample):
+        best = max((hits[row][0] for hits in per_shard if hits[row]), key=lambda h: h.score)
+        assert best.chunk_id == cid
+    ray.kill(emb)
+
+    # UPDATE 100 (half of them much shorter), DELETE 100 (half by op, half by tombstone).
+    updated = []
+    for i, d in enumerate(docs[:100]):
+        text = d.text.split(". ")[0] + "." if i % 2 == 0 else d.text + " Updated with more words."
+        updated.append(DocumentEnvelope(id=d.id, title=d.title, text=text, metadata={**d.metadata, "v": 2}))
+    # Long documents made short must lose their tail chunks everywhere.
+    long_docs = [d for d in docs[100:1000] if expected[d.id] > 1][:10]
+    assert long_docs, "the corpus has passages longer than one chunk"
+    for d in long_docs:
+        updated.append(
+            DocumentEnvelope(id=d.id, title=d.title, text="Now a single short sentence.", metadata={})
+        )
+    deleted_op = [d.id for d in docs[1000:1050]]
+    deleted_tomb = [d.id for d in docs[1050:1100]]
+    produce(s, updated + [DocumentEnvelope(id=i, op="delete") for i in deleted_op], tombstones=deleted_tomb)
+
+    results = ingest_until_idle(s)
+    assert total(results, "deletes") == 100
+    want = dict(expected)
+    want.update(expected_chunks(s, updated))
+    for doc_id in deleted_op + deleted_tomb:
+        del want[doc_id]
+    stored = read_stores(s)
+    assert stored.per_document == want
+    assert set(stored.chunks) == {chunk_id(d, n) for d, c in want.items() for n in range(c)}  # no stale tail
+    for d in long_docs:
+        assert stored.texts[f"{d.id}#0"] == "Now a single short sentence."
+
+    stats = index_stats(s)
+    assert stats["documents"] == len(want) == 1900
+    assert stats["chunks"] == sum(want.values())
+    assert stats["lag"] == 0 and stats["dead_letters"]["total"] == 0
+    shard_stats = ray.get([sh.stats.remote() for sh in shards])
+    assert all(st["vectors"] == st["chunks"] for st in shard_stats)  # FAISS mirrors the store exactly
+
+
+def test_poison_records_go_to_dead_letters_and_the_rest_is_ingested(pipeline_settings):
+    s = pipeline_settings.model_copy(
+        update={"kafka": pipeline_settings.kafka.model_copy(update={"max_record_bytes": 100_000})}
+    )
+    good = squad_documents(30)
+    produce(s, good[:15])
+    from kafka import KafkaProducer
+
+    raw = KafkaProducer(bootstrap_servers=s.kafka.bootstrap_servers, max_request_size=1 << 20)
+    topic = s.kafka.topics.documents
+    poison = [
+        (b"p1", b"{not json", "invalid_json"),
+        (b"p2", json.dumps({"kind": "document", "id": "p2"}).encode(), "invalid_envelope"),
+        (b"p3", b"\xff\xfe\xfd", "bad_encoding"),
+        (b"other", json.dumps({"kind": "document", "id": "p4", "text": "x"}).encode(), "key_mismatch"),
+        (
+            b"p5",
+            json.dumps(
+                {"kind": "document", "id": "p5", "text": "y" * (s.kafka.max_record_bytes + 10)}
+            ).encode(),
+            "too_large",
+        ),
+    ]
+    for key, value, _ in poison:
+        raw.send(topic, key=key, value=value)
+    raw.flush()
+    raw.close()
+    produce(s, good[15:])
+
+    results = ingest_until_idle(s)
+    assert total(results, "documents") == 30
+    assert set(read_stores(s).per_document) == {d.id for d in good}
+
+    consumer = KafkaConsumer(
+        s.kafka.topics.dead_letter,
+        bootstrap_servers=s.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    letters = list(consumer)
+    consumer.close()
+    assert len(letters) == len(poison)
+    by_key = {rec.key: rec for rec in letters}
+    for key, value, reason in poison:
+        headers = {k: v.decode() for k, v in by_key[key].headers}
+        assert by_key[key].value == value  # the original bytes
+        assert headers["reason"] == reason
+        assert headers["source_topic"] == topic and headers["error"]
+        assert int(headers["source_offset"]) >= 0 and headers["source_partition"] in ("0", "1")
+    stats = index_stats(s)
+    assert stats["dead_letters"]["total"] == 5
+    assert stats["dead_letters"]["by_reason"] == {r: 1 for _, _, r in poison}
+    assert stats["lag"] == 0
+
+
+def test_restart_resumes_from_committed_offsets_without_re_embedding(pipeline_settings):
+    s = pipeline_settings
+    docs = squad_documents(300)
+    produce(s, docs[:200])
+    first = ingest_until_idle(s)
+    assert total(first, "documents") == 200
+    committed = committed_offsets(s.kafka.bootstrap_servers, s.consumer_group)
+    assert sum(sum(p.values()) for p in committed.values()) == 200
+
+    # A restarted pipeline with nothing new reads nothing and embeds nothing.
+    idle = ingest_until_idle(s)
+    assert total(idle, "records") == 0 and total(idle, "chunks") == 0
+
+    # 100 new documents, and 50 old ones re-sent unchanged: only the new ones are embedded.
+    produce(s, docs[200:] + docs[:50])
+    second = ingest_until_idle(s)
+    assert total(second, "records") == 150
+    assert total(second, "documents") == 100
+    assert total(second, "unchanged") == 50
+    assert read_stores(s).per_document == expected_chunks(s, docs)
+
+
+def _worker_pid(handle) -> int:
+    return ray.get(handle.ping.remote())
+
+
+def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing(pipeline_settings):
+    s = pipeline_settings
+    docs = squad_documents(1500)
+    expected = expected_chunks(s, docs)
+    produce(s, docs)
+    pipeline = Pipeline(s)
+    pipeline.start()
+    killed_at = None
+    try:
+        embedder = ray.get_actor(actor_name(s, "embedder", 0), namespace=s.ray.namespace)
+        shard = ray.get_actor(actor_name(s, "shard", 1), namespace=s.ray.namespace)
+        shard_pid = _worker_pid(shard)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            committed = committed_offsets(s.kafka.bootstrap_servers, s.consumer_group)
+            done = sum(sum(p.values()) for p in committed.values()) / len(docs)
+            if done >= 0.2:
+                killed_at = done
+                ray.kill(embedder, no_restart=False)
+                os.kill(shard_pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        assert killed_at is not None and 0.2 <= killed_at <= 0.8, f"killed at {killed_at}"
+        pipeline.wait_idle(timeout_s=600, interval_s=0.5)
+        assert _worker_pid(shard) != shard_pid  # restarted
+    finally:
+        pipeline.stop()
+    stored = read_stores(s)
+    assert stored.per_document == expected
+    assert len(stored.chunks) == sum(expected.values())
+    shards = [ray.get_actor(actor_name(s, "shard", i), namespace=s.ray.namespace) for i in range(2)]
+    stats = ray.get([sh.stats.remote() for sh in shards])
+    assert [st["vectors"] for st in stats] == [st["chunks"] for st in stats]
+
+
+def test_vectors_are_normalised_and_match_the_model(pipeline_settings):
+    s = pipeline_settings
+    docs = squad_documents(5)
+    produce(s, docs)
+    ingest_until_idle(s)
+    from sentence_transformers import SentenceTransformer
+
+    from actors.models import resolve_model
+
+    model = SentenceTransformer(resolve_model(s.embed.model).location, device="cpu")
+    ids = list(read_stores(s).chunks)
+    records = []
+    for i in range(s.index.n_shards):
+        shard = ray.get_actor(actor_name(s, "shard", i), namespace=s.ray.namespace)
+        records += [r for r in ray.get(shard.get.remote(ids)) if r is not None]
+    assert len(records) == len(ids)
+    assert records
+    want = model.encode([r.text for r in records], normalize_embeddings=True)
+    got = np.stack([r.vector for r in records])
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    assert np.allclose(got, want, atol=1e-4)
