@@ -76,11 +76,14 @@ class IndexShard:
         return self.index.count()
 
     def stats(self) -> dict[str, Any]:
+        index = self.index
+        vectors = index.vector_count() if isinstance(index, FaissIndex) else index.count()
         return {
             "shard": self.shard,
-            "chunks": self.index.count(),
-            "documents": len(self.index.document_ids()),
-            "offsets": self.index.offsets(),
+            "chunks": index.count(),
+            "vectors": vectors,
+            "documents": len(index.document_ids()),
+            "offsets": index.offsets(),
             "path": str(self.path),
         }
 
