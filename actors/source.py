@@ -123,7 +123,9 @@ class KafkaSource:
 
         class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: Any) -> None:
-                source._drain("partitions revoked")
+                # Runs on kafka-python's IO thread (the loop thread waits inside poll()), which
+                # must not block on a synchronous commit: writes finish here, commits go async.
+                source._drain("partitions revoked", in_io_thread=True)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 log.info("%s assigned %s", source.name, sorted((tp.topic, tp.partition) for tp in assigned))
@@ -197,11 +199,11 @@ class KafkaSource:
             (self._consumer.pause if paused else self._consumer.resume)(*assignment)
             self._paused = paused
 
-    def _drain(self, why: str) -> None:
+    def _drain(self, why: str, *, in_io_thread: bool = False) -> None:
         if self._inflight:
             log.info("%s: %s, finishing %d in-flight batches", self.name, why, len(self._inflight))
         while self._inflight:
-            self._finish(self._inflight[0])
+            self._finish(self._inflight[0], in_io_thread=in_io_thread)
 
     # PREPARE: decode, dead-letter, collapse, skip unchanged, chunk, start embedding
     @property
@@ -289,7 +291,7 @@ class KafkaSource:
         )
 
     # WRITE: vectors to shards (phase 1), then document rows (phase 2), then commit
-    def _finish(self, batch: _Batch) -> None:
+    def _finish(self, batch: _Batch, *, in_io_thread: bool = False) -> None:
         vectors = self._await_vectors(batch)
         n = self.downstream.n_shards
         records: dict[int, list[ChunkRecord]] = {i: [] for i in range(n)}
@@ -330,7 +332,7 @@ class KafkaSource:
             phase2 = {i: ShardWrite(documents=r) for i, r in rows.items()}
             if phase2:
                 self._retry(lambda: self.downstream.write(phase2), "writing document rows")
-        self._commit(batch.offsets)
+        self._commit(batch.offsets, in_io_thread=in_io_thread)
         self._inflight.popleft()
         for doc_id, (_, seq) in list(self._pending_hash.items()):
             if seq == batch.seq:
@@ -339,6 +341,11 @@ class KafkaSource:
         self.counters["deletes"] += len(batch.deletes)
         self.counters["chunks"] += row
         self.counters["batches"] += 1
+
+    def _on_async_commit(self, offsets: Any, response: Any) -> None:
+        if isinstance(response, Exception):
+            log.warning("%s: commit on revoke failed: %s", self.name, response)
+            self.counters["commit_failures"] += 1
 
     def _await_vectors(self, batch: _Batch) -> np.ndarray:
         if batch.vectors is None:
@@ -366,7 +373,7 @@ class KafkaSource:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _commit(self, offsets: Offsets) -> None:
+    def _commit(self, offsets: Offsets, *, in_io_thread: bool = False) -> None:
         from kafka import TopicPartition
         from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata
@@ -376,6 +383,11 @@ class KafkaSource:
             for topic, parts in offsets.items()
             for partition, offset in parts.items()
         }
+        if in_io_thread:
+            # Sent before the rebalance goes on; a commit lost here only means the new owner
+            # re-reads records whose writes are idempotent.
+            self._consumer.commit_async(offsets=positions, callback=self._on_async_commit)
+            return
         try:
             self._consumer.commit(offsets=positions)
         except CommitFailedError as exc:
