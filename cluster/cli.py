@@ -247,6 +247,19 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.bench.ingest import bench_ingest
+
+    result = bench_ingest(settings, Path(args.corpus), args.repeat, Path(args.out))
+    text = (
+        f"ingest: pipeline {result['pipeline_chunks_per_s']} chunks/s, raw encode "
+        f"{result['raw_chunks_per_s']} chunks/s, ratio {result['ratio']} "
+        f"({result['chunks']} chunks; report in {args.out}/ingest.md)"
+    )
+    emit(args, result, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
@@ -302,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--no-broker", action="store_true", help="read only the shard stores")
     stats.set_defaults(func=cmd_stats)
+
+    bench = sub.add_parser("bench", help="benchmarks, measured side by side", parents=[common])
+    bench.add_argument("which", choices=["ingest"])
+    bench.add_argument("--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="documents to ingest")
+    bench.add_argument("--repeat", type=int, default=1, help="copies of the corpus under different ids")
+    bench.add_argument("--out", default="out/bench", help="where JSON and markdown reports go")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

@@ -3,7 +3,8 @@
 # BROKER: start (or reuse) the embedded Kafka, create the topics
 # RAY: start (or reuse) the local Ray head
 # PRODUCE: the sample corpus onto the documents topic, keyed by id
-# CONSUME: read it back with a consumer group, committing offsets, and count what arrived
+# INGEST: Kafka → chunk → embed → shards until every record is committed
+# STATS: what the index now holds, read from the shard stores and the broker
 """
 
 from __future__ import annotations
@@ -12,54 +13,21 @@ import json
 import logging
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
+from cluster.pipeline import Pipeline, Progress
 from cluster.producer import EnvelopeProducer, read_records
 from cluster.ray_runtime import connect
-from schemas.envelope import decode_record
-from schemas.errors import ConfigError, PoisonMessageError
+from cluster.stats import index_stats
+from schemas.errors import ConfigError
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def consume_all(
-    servers: str, topic: str, group: str, expected: int, timeout_s: float = 120.0
-) -> dict[str, int]:
-    """Reads ``topic`` from the group's committed offsets until ``expected`` records arrived;
-    commits after each poll. Returns counts by outcome."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=servers,
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        client_id="riverbed-demo",
-    )
-    counts = {"records": 0, "documents": 0, "deletes": 0, "invalid": 0}
-    ids: set[str] = set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while counts["records"] < expected and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=1000).values():
-                for record in records:
-                    counts["records"] += 1
-                    try:
-                        envelope = decode_record(record.key, record.value)
-                    except PoisonMessageError:
-                        counts["invalid"] += 1
-                        continue
-                    counts["deletes" if envelope.is_delete else "documents"] += 1
-                    ids.add(envelope.id)
-            consumer.commit()
-    finally:
-        consumer.close()
-    counts["distinct_ids"] = len(ids)
-    return counts
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def run_demo(settings: Settings, sample: Path, json_output: bool = False) -> int:
@@ -72,14 +40,13 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False) -> int
     servers = bootstrap_servers(settings)
     topics = settings.kafka.topics
     ensure_topics(servers, topic_specs(topics), max_message_bytes=settings.kafka.max_record_bytes)
-    t_kafka = time.monotonic() - t0
-    print(f"Kafka   {servers}  (ready in {t_kafka:.1f} s)", file=sys.stderr)
+    _say(f"Kafka    {servers}  (ready in {time.monotonic() - t0:.1f} s)")
 
     # RAY
     address = connect(settings)
     import ray
 
-    print(f"Ray     {address}  CPUs={ray.cluster_resources().get('CPU', 0):g}", file=sys.stderr)
+    _say(f"Ray      {address}  ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)")
 
     # PRODUCE
     producer = EnvelopeProducer(servers, settings.kafka.max_record_bytes)
@@ -92,32 +59,42 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False) -> int
                 continue
             producer.send(topics.documents, record.envelope)
             sent += 1
-        delivered = producer.flush()
+        producer.flush()
     finally:
         producer.close()
-    partitions = sorted({p for _, p, _ in delivered})
-    print(
-        f"Produced {sent} documents to {topics.documents} ({len(partitions)} partitions), skipped {skipped}",
-        file=sys.stderr,
-    )
+    _say(f"Produced {sent} documents to {topics.documents}, skipped {skipped}")
 
-    # CONSUME
-    group = f"riverbed-demo-{uuid.uuid4().hex[:8]}"
-    counts = consume_all(servers, topics.documents, group, expected=sent)
-    summary = {
-        "kafka": servers,
-        "ray": address,
-        "produced": sent,
-        "skipped": skipped,
-        "consumed": counts,
-        "seconds": round(time.monotonic() - t0, 1),
-    }
+    # INGEST
+    pipeline = Pipeline(settings)
+    pipeline.start()
+
+    def show(p: Progress) -> None:
+        print(
+            f"\r  ingest [{p.elapsed_s:5.1f}s] documents {p.total('documents')}  unchanged "
+            f"{p.total('unchanged')}  chunks {p.total('chunks')}  lag {p.lag}   ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        pipeline.wait_idle(on_progress=show, interval_s=0.5)
+    finally:
+        results = pipeline.stop()
+        print(file=sys.stderr)
+    embedded = sum(r.get("chunks", 0) for r in results)
+    unchanged = sum(r.get("unchanged", 0) for r in results)
+    _say(f"Ingested: {embedded} chunks embedded, {unchanged} documents unchanged since the last run")
+
+    # STATS
+    stats = index_stats(settings)
+    stats["seconds"] = round(time.monotonic() - t0, 1)
     if json_output:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(stats, indent=2))
     else:
         print(
-            f"produced {sent}, skipped {skipped}; consumed back {counts['records']} records "
-            f"({counts['documents']} documents) in {summary['seconds']} s"
+            f"index {stats['index']}: {stats['documents']} documents, {stats['chunks']} chunks "
+            f"(per shard {stats['chunks_per_shard']}), dead letters {stats['dead_letters']['total']}, "
+            f"lag {stats['lag']}, in {stats['seconds']} s"
         )
-    ok = counts["records"] >= sent
-    return 0 if ok else 1
+    return 0 if stats["lag"] == 0 and stats["documents"] >= sent else 1

@@ -1,0 +1,1 @@
+"""`riverbed bench ...`: measurements made side by side in one run, reported as ratios."""

@@ -1,0 +1,117 @@
+"""`riverbed bench ingest`: pipeline throughput next to raw ``SentenceTransformer.encode``.
+
+# CORPUS: the sample passages (``--repeat`` copies under different id prefixes), chunked by the
+#   real chunker, so both sides embed exactly the same chunk texts
+# RAW: ``SentenceTransformer.encode(texts, batch_size=32)`` in this process, every core
+# PIPELINE: produce to a fresh topic, then Kafka → sources → chunker → embedder actor → shards,
+#   timed from the moment the actors are up until every record is committed
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from actors.chunker import Chunker
+from actors.models import resolve_model
+from cluster.bench.report import machine, write_report
+from cluster.pipeline import Pipeline
+from cluster.producer import EnvelopeProducer, read_records
+from schemas.envelope import DocumentEnvelope
+from schemas.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def load_corpus(path: Path, repeat: int) -> list[DocumentEnvelope]:
+    base = [r.envelope for r in read_records(path) if isinstance(r.envelope, DocumentEnvelope)]
+    return [
+        d.model_copy(update={"id": f"r{i}/{d.id}"}) if repeat > 1 else d for i in range(repeat) for d in base
+    ]
+
+
+def raw_encode(settings: Settings, texts: list[str]) -> float:
+    """Seconds for plain ``SentenceTransformer.encode`` of ``texts`` (batch 32, normalised)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model(settings.embed.model).location, device="cpu")
+    model.encode(texts[:64], batch_size=32)  # warm-up: first calls allocate
+    t0 = time.perf_counter()
+    model.encode(texts, batch_size=32, normalize_embeddings=True)
+    return time.perf_counter() - t0
+
+
+def bench_ingest(base: Settings, corpus: Path, repeat: int, out_dir: Path) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    settings = load_settings(
+        overrides={
+            **base.model_dump(mode="json"),
+            "index": {**base.index.model_dump(mode="json"), "name": f"bench-{run}"},
+            "kafka": {
+                **base.kafka.model_dump(mode="json"),
+                "topics": {
+                    **base.kafka.topics.model_dump(mode="json"),
+                    "documents": f"bench.{run}.documents",
+                    "dead_letter": f"bench.{run}.dead-letter",
+                },
+            },
+        }
+    )
+    docs = load_corpus(corpus, repeat)
+    chunker = Chunker(settings.chunk, settings.embed.model)
+    t0 = time.perf_counter()
+    texts = [c.text for doc in chunker.chunk_batch(docs) for c in doc.chunks]
+    chunk_s = time.perf_counter() - t0
+    print(
+        f"corpus: {len(docs)} documents → {len(texts)} chunks (chunked in {chunk_s:.1f} s)", file=sys.stderr
+    )
+
+    # RAW
+    raw_s = raw_encode(settings, texts)
+    raw_rate = len(texts) / raw_s
+    print(f"raw encode: {raw_rate:.1f} chunks/s", file=sys.stderr)
+
+    # PIPELINE
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    producer = EnvelopeProducer(pipeline.servers, settings.kafka.max_record_bytes)
+    try:
+        for d in docs:
+            producer.send(settings.kafka.topics.documents, d)
+        producer.flush()
+    finally:
+        producer.close()
+    try:
+        t0 = time.perf_counter()
+        pipeline.wait_idle(interval_s=0.2)
+        pipe_s = time.perf_counter() - t0
+    finally:
+        results = pipeline.stop()
+    chunks = sum(r.get("chunks", 0) for r in results)
+    pipe_rate = chunks / pipe_s
+    result = {
+        "documents": len(docs),
+        "chunks": len(texts),
+        "pipeline_chunks": chunks,
+        "raw_encode_s": round(raw_s, 2),
+        "raw_chunks_per_s": round(raw_rate, 1),
+        "pipeline_s": round(pipe_s, 2),
+        "pipeline_chunks_per_s": round(pipe_rate, 1),
+        "ratio": round(pipe_rate / raw_rate, 3),
+        "model": settings.embed.model,
+        "max_batch_tokens": settings.embed.max_batch_tokens,
+        "shards": settings.index.n_shards,
+        "machine": machine(),
+    }
+    rows = [
+        ("documents / chunks", f"{len(docs)} / {len(texts)}"),
+        ("raw `SentenceTransformer.encode` (batch 32)", f"{raw_rate:.1f} chunks/s"),
+        ("pipeline (Kafka → chunk → embed → shards, committed)", f"{pipe_rate:.1f} chunks/s"),
+        ("ratio pipeline / raw", f"{pipe_rate / raw_rate:.2f}"),
+    ]
+    write_report(out_dir, "ingest", result, rows)
+    return result
