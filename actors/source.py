@@ -121,7 +121,7 @@ class KafkaSource:
             return
         source = self
 
-        class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+        class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked: Any) -> None:
                 # Runs on kafka-python's IO thread (the loop thread waits inside poll()), which
                 # must not block on a synchronous commit: writes finish here, commits go async.
@@ -286,7 +286,7 @@ class KafkaSource:
             exc.reason,
             exc,
         )
-        self._dead.send(
+        self._dead_letters.send(
             DeadLetter(exc.reason, str(exc), rec.topic, rec.partition, rec.offset, rec.key, rec.value)
         )
 

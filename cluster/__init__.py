@@ -5,6 +5,3 @@ import os
 # Must be set before `ray` is first imported (ray_constants reads it at import): without it a
 # driver resolves a head on 127.0.0.1 to the machine's external IP and hangs connecting to it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Token authentication, chosen explicitly: when left unset, a `ray start` head turns it on as soon
-# as ~/.ray/auth_token exists, while a driver connecting to it does not, and is refused.
-os.environ.setdefault("RAY_AUTH_MODE", "token")

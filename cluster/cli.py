@@ -361,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         settings = load_settings(args.config, _overrides(args))
+        from cluster.ray_runtime import prepare_environment
+
+        prepare_environment(settings)
         func: Command = args.func
         return func(args, settings)
     except ConfigError as exc:

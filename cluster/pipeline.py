@@ -169,7 +169,7 @@ class Progress:
 def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     """Gets or creates the detached shard actors of ``settings.index``."""
     cls = ray.remote(ShardActor)
-    handles = [
+    handles: list[Any] = [
         cls.options(
             name=actor_name(settings, "shard", i),
             lifetime="detached",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -21,8 +22,6 @@ from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-if "ray" in sys.modules and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
-    log.warning("ray was imported before cluster/: connecting to a head on 127.0.0.1 may hang")
 
 
 def _state_file(settings: Settings) -> Path:
@@ -44,6 +43,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _use_local_token(settings: Settings) -> None:
+    """Token authentication for this home's local head, with a token of its own.
+
+    Set explicitly for the head and every driver of it: left to Ray, a `ray start` head turns
+    token mode on whenever ~/.ray/auth_token exists, and a driver then connects without the token.
+    Users' own clusters (``ray.address``) keep whatever their environment says."""
+    path = settings.state_dir / "ray_auth_token"
+    if not path.exists():
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+def prepare_environment(settings: Settings) -> None:
+    """Sets what Ray reads from the environment when it is imported; call before `import ray`
+    (the CLI does, first thing). Idempotent."""
+    if settings.ray.address:
+        return
+    token = str(settings.state_dir / "ray_auth_token")
+    if "ray" in sys.modules and os.environ.get("RAY_AUTH_TOKEN_PATH") != token:
+        log.warning("ray was imported before riverbed set its auth token; connecting may be refused")
+    _use_local_token(settings)
+
+
 def local_head_cpus(settings: Settings) -> int:
     """Logical CPUs of a local head: a scheduling budget, not cores. The embedder takes one per
     core for its torch threads; the extra one is for the light actors' fractional CPUs."""
@@ -61,6 +87,7 @@ def local_head_address(settings: Settings) -> str | None:
 
 def start_local_head(settings: Settings) -> str:
     """Starts (or finds) this home's local Ray head and returns its GCS address."""
+    _use_local_token(settings)
     address = local_head_address(settings)
     if address is not None:
         return address
@@ -90,10 +117,12 @@ def start_local_head(settings: Settings) -> str:
 
 def connect(settings: Settings, *, start: bool = True) -> str:
     """``ray.init`` against the configured cluster or this home's local head; returns the address."""
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():  # a driver that chose its cluster (tests)
+        return str(loaded.get_runtime_context().gcs_address)
+    prepare_environment(settings)
     import ray
 
-    if ray.is_initialized():  # a driver that already chose its cluster (tests, notebooks)
-        return str(ray.get_runtime_context().gcs_address)
     address = settings.ray.address or (start_local_head(settings) if start else local_head_address(settings))
     if address is None:
         raise ConfigError("no Ray cluster: set ray.address, or let a riverbed command start a local head")
