@@ -94,6 +94,7 @@ class KafkaSource:
         group: str,
         downstream: Downstream,
         name: str = "source",
+        max_wait_s: float = 0.05,
     ) -> None:
         self.kafka = kafka
         self.ingest = ingest
@@ -101,6 +102,8 @@ class KafkaSource:
         self.group = group
         self.name = name
         self.downstream = downstream
+        self.max_wait_s = max_wait_s
+        self._accumulating: list[_Record] = []
         self.chunker = Chunker(chunk, model)
         self._consumer: Any = None
         self._dead: DeadLetterWriter | None = None
@@ -126,6 +129,7 @@ class KafkaSource:
                 # Runs on kafka-python's IO thread (the loop thread waits inside poll()), which
                 # must not block on a synchronous commit: writes finish here, commits go async.
                 source._drain("partitions revoked", in_io_thread=True)
+                source._forget_revoked(revoked)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 log.info("%s assigned %s", source.name, sorted((tp.topic, tp.partition) for tp in assigned))
@@ -180,10 +184,7 @@ class KafkaSource:
         """One turn: poll a batch if there is room, then write every batch whose vectors are ready."""
         if len(self._inflight) < self.ingest.max_in_flight_batches:
             self._set_paused(False)
-            polled = self._consumer.poll(timeout_ms=100, max_records=self.ingest.poll_max_records)
-            records = [
-                _Record(r.topic, r.partition, r.offset, r.key, r.value) for rs in polled.values() for r in rs
-            ]
+            records = self._poll_batch()
             if records:
                 self._inflight.append(self._prepare(records))
         else:
@@ -192,6 +193,35 @@ class KafkaSource:
             self._finish(self._inflight[0])
         while self._inflight and (self._inflight[0].vectors is None or self._inflight[0].vectors.done()):
             self._finish(self._inflight[0])
+
+    def _poll_batch(self) -> list[_Record]:
+        """Up to ``poll_max_records`` records: returns once that many arrived, or ``max_wait_s``
+        after the first one (a slow stream still gets timely batches), or after 100 ms of nothing."""
+        limit = self.ingest.poll_max_records
+        self._accumulating = []
+        deadline: float | None = None
+        timeout_ms = 100
+        while len(self._accumulating) < limit:
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=limit - len(self._accumulating))
+            self._accumulating.extend(
+                _Record(r.topic, r.partition, r.offset, r.key, r.value) for rs in polled.values() for r in rs
+            )
+            if not self._accumulating:
+                break
+            now = time.monotonic()
+            deadline = deadline or now + self.max_wait_s
+            if now >= deadline:
+                break
+            timeout_ms = max(1, int((deadline - now) * 1000))
+        records, self._accumulating = self._accumulating, []
+        return records
+
+    def _forget_revoked(self, revoked: Any) -> None:
+        """Drops records polled but not yet prepared from partitions this member just lost: the new
+        owner reads them from the committed offset, and writing them here too could overwrite its
+        newer versions."""
+        lost = {(tp.topic, tp.partition) for tp in revoked}
+        self._accumulating = [r for r in self._accumulating if (r.topic, r.partition) not in lost]
 
     def _set_paused(self, paused: bool) -> None:
         if paused != self._paused:

@@ -131,6 +131,7 @@ class SourceActor:
             settings.consumer_group,
             downstream,
             name=name,
+            max_wait_s=settings.embed.max_wait_ms / 1000,
         )
         self.source.warm_up()
 

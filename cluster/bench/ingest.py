@@ -39,9 +39,9 @@ def raw_encode(settings: Settings, texts: list[str]) -> float:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_model(settings.embed.model).location, device="cpu")
-    model.encode(texts[:64], batch_size=32)  # warm-up: first calls allocate
+    model.encode(texts[:64], batch_size=32, show_progress_bar=False)  # warm-up: first calls allocate
     t0 = time.perf_counter()
-    model.encode(texts, batch_size=32, normalize_embeddings=True)
+    model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
     return time.perf_counter() - t0
 
 
