@@ -23,7 +23,6 @@ from schemas.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 def _state_file(settings: Settings) -> Path:
     return settings.state_dir / "ray.json"
 
