@@ -52,6 +52,7 @@ def reference() -> SentenceTransformer:
 def test_auto_picks_cuda_in_fp16(embedder: Embedder) -> None:
     assert embedder.device == "cuda"
     assert next(embedder._load().model.parameters()).dtype == torch.float16
+    assert embedder.batch_limits == (2048, 512)  # the configured budget, CUDA's default size
 
 
 def test_fp16_matches_fp32_encode(embedder: Embedder, reference: SentenceTransformer) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from actors.embedder import Embedder, TextEmbedder, _cpu_threads
+from actors.embedder import DEFAULT_BATCH_LIMITS, Embedder, TextEmbedder, _cpu_threads
 from actors.testing.hash_embedder import HashEmbedder
 from schemas.errors import ConfigError
 from schemas.settings import EmbedConfig
@@ -146,6 +146,14 @@ def test_encode_fallback_gives_the_same_vectors(embedder: Embedder, reference: S
     fallback._loaded = dataclasses.replace(embedder._load(), direct=False)
     want = reference.encode(TEXTS, normalize_embeddings=True)
     np.testing.assert_allclose(fallback.embed(TEXTS), want, atol=1e-4)
+
+
+def test_batch_limits_default_per_device_and_config_wins(embedder: Embedder) -> None:
+    assert embedder.batch_limits == DEFAULT_BATCH_LIMITS["cpu"]
+    assert Embedder(EmbedConfig(model=MODEL, device="cpu", max_batch_tokens=999)).batch_limits == (
+        999,
+        DEFAULT_BATCH_LIMITS["cpu"][1],
+    )
 
 
 def test_warm_up_is_idempotent(embedder: Embedder) -> None:
