@@ -76,11 +76,15 @@ class DeadLetterWriter:
 
 
 def read_dead_letter_counts(servers: str, topic: str, timeout_s: float = 10.0) -> dict[str, int]:
-    """Counts the dead letters on ``topic`` by their ``reason`` header (reads the whole topic)."""
+    """Counts the dead letters on ``topic`` by their ``reason`` header (reads the whole topic).
+
+    A record dead-lettered twice (re-delivered after a crash or rebalance) counts once: its
+    source topic, partition and offset identify it."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, client_id="riverbed-stats")
     counts: Counter[str] = Counter()
+    seen: set[tuple[bytes, bytes, bytes]] = set()
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not partitions:
@@ -94,8 +98,16 @@ def read_dead_letter_counts(servers: str, topic: str, timeout_s: float = 10.0) -
         while any(consumer.position(tp) < ends[tp] for tp in partitions) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
                 for record in records:
-                    reason = dict(record.headers or []).get("reason", b"unknown")
-                    counts[reason.decode("utf-8", "replace")] += 1
+                    headers = dict(record.headers or [])
+                    origin = (
+                        headers.get("source_topic", b""),
+                        headers.get("source_partition", b""),
+                        headers.get("source_offset", str(record.offset).encode()),
+                    )
+                    if origin in seen:
+                        continue
+                    seen.add(origin)
+                    counts[headers.get("reason", b"unknown").decode("utf-8", "replace")] += 1
     finally:
         consumer.close()
     return dict(counts)

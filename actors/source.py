@@ -2,10 +2,13 @@
 
 Delivery contract (DESIGN.md, "Durability and delivery"): at-least-once from Kafka, made
 effectively-once by idempotent writes. A partition's offset is committed only after every write
-that its records caused is durable on every shard (and every dead letter is acknowledged), and on
-partition revoke the in-flight batches are finished and committed first. After a crash, the
-records past the committed offsets are delivered again; their writes are upserts by chunk id, and
-a document whose content hash is already stored is not re-embedded.
+that its records caused is durable on every shard (and every dead letter is acknowledged). Each
+batch is committed synchronously as soon as it is written, so when partitions are revoked
+everything durable is already committed; batches still in flight (not yet written) are dropped and
+read again from the committed offsets. After a crash, the records past the committed offsets are
+delivered again; their writes are upserts by chunk id, and a document whose content hash is
+already stored is not re-embedded. A dead letter may be written twice after a crash or rebalance;
+its headers (source topic, partition, offset) identify it, and ``stats`` counts each once.
 
 Ordering: batches are written in the order they were polled, so one id's changes (always on one
 partition) apply in order. Within a batch, the last change of an id wins.
@@ -70,6 +73,8 @@ class _Batch:
     vectors: Future[np.ndarray] | None
     records: int
     texts: list[str] = field(default_factory=list)
+    first: Offsets = field(default_factory=dict)
+    """The first offset of each partition in this batch: where to rewind if it is dropped."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class KafkaSource:
         self.downstream = downstream
         self.max_wait_s = max_wait_s
         self._accumulating: list[_Record] = []
+        self._rewind: dict[tuple[str, int], int] = {}
         self.chunker = Chunker(chunk, model)
         self._consumer: Any = None
         self._dead: DeadLetterWriter | None = None
@@ -126,13 +132,10 @@ class KafkaSource:
 
         class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked: Any) -> None:
-                # Runs on kafka-python's IO thread (the loop thread waits inside poll()), which
-                # must not block on a synchronous commit: writes finish here, commits go async.
-                source._drain("partitions revoked", in_io_thread=True)
-                source._forget_revoked(revoked)
+                source._on_revoked(revoked)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                log.info("%s assigned %s", source.name, sorted((tp.topic, tp.partition) for tp in assigned))
+                source._on_assigned(assigned)
 
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.servers,
@@ -216,12 +219,39 @@ class KafkaSource:
         records, self._accumulating = self._accumulating, []
         return records
 
-    def _forget_revoked(self, revoked: Any) -> None:
-        """Drops records polled but not yet prepared from partitions this member just lost: the new
-        owner reads them from the committed offset, and writing them here too could overwrite its
-        newer versions."""
-        lost = {(tp.topic, tp.partition) for tp in revoked}
-        self._accumulating = [r for r in self._accumulating if (r.topic, r.partition) not in lost]
+    # REBALANCE: kafka-python calls these on its IO thread while the loop thread waits in poll(),
+    # so no batch is being written now. Blocking here (a shard write, a synchronous commit) would
+    # stop the group's heartbeats, so nothing in flight is written: every write already finished
+    # is committed, and what is in flight is dropped and read again (by this member from the
+    # rewound position, or by the partition's new owner from the committed offset).
+    def _on_revoked(self, revoked: Any) -> None:
+        rewind: dict[tuple[str, int], int] = {}
+        dropped = len(self._accumulating) + sum(b.records for b in self._inflight)
+        for batch in self._inflight:
+            for topic, parts in batch.first.items():
+                for partition, offset in parts.items():
+                    key = (topic, partition)
+                    rewind[key] = min(offset, rewind.get(key, offset))
+        for rec in self._accumulating:
+            key = (rec.topic, rec.partition)
+            rewind[key] = min(rec.offset, rewind.get(key, rec.offset))
+        self._inflight.clear()
+        self._accumulating = []
+        self._pending_hash.clear()
+        self._rewind = rewind
+        if dropped:
+            log.info("%s: partitions revoked; %d records in flight will be read again", self.name, dropped)
+            self.counters["reread_after_rebalance"] += dropped
+
+    def _on_assigned(self, assigned: Any) -> None:
+        from kafka import TopicPartition
+
+        for tp in assigned:
+            offset = self._rewind.get((tp.topic, tp.partition))
+            if offset is not None:  # kept across the rebalance: go back to what was dropped
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition), offset)
+        self._rewind = {}
+        log.info("%s assigned %s", self.name, sorted((tp.topic, tp.partition) for tp in assigned))
 
     def _set_paused(self, paused: bool) -> None:
         if paused != self._paused:
@@ -229,11 +259,11 @@ class KafkaSource:
             (self._consumer.pause if paused else self._consumer.resume)(*assignment)
             self._paused = paused
 
-    def _drain(self, why: str, *, in_io_thread: bool = False) -> None:
+    def _drain(self, why: str) -> None:
         if self._inflight:
             log.info("%s: %s, finishing %d in-flight batches", self.name, why, len(self._inflight))
         while self._inflight:
-            self._finish(self._inflight[0], in_io_thread=in_io_thread)
+            self._finish(self._inflight[0])
 
     # PREPARE: decode, dead-letter, collapse, skip unchanged, chunk, start embedding
     @property
@@ -245,9 +275,11 @@ class KafkaSource:
     def _prepare(self, records: list[_Record]) -> _Batch:
         self._seq += 1
         offsets: Offsets = {}
+        first: Offsets = {}
         latest: dict[str, tuple[_Record, DocumentEnvelope | ImageEnvelope]] = {}
         for rec in records:
             offsets.setdefault(rec.topic, {})[rec.partition] = rec.offset + 1
+            first.setdefault(rec.topic, {}).setdefault(rec.partition, rec.offset)
             try:
                 envelope = decode_record(rec.key, rec.value, max_bytes=self.kafka.max_record_bytes)
                 if isinstance(envelope, ImageEnvelope):
@@ -285,7 +317,7 @@ class KafkaSource:
         self._dead_letters.flush()  # dead letters are durable before anything of this batch is committed
 
         texts = [chunk.text for _, doc in changed for chunk in doc.chunks]
-        batch = _Batch(self._seq, offsets, changed, deletes, None, len(records), texts)
+        batch = _Batch(self._seq, offsets, changed, deletes, None, len(records), texts, first)
         if texts:
             batch.vectors = self.downstream.embed(texts)
         return batch
@@ -321,7 +353,7 @@ class KafkaSource:
         )
 
     # WRITE: vectors to shards (phase 1), then document rows (phase 2), then commit
-    def _finish(self, batch: _Batch, *, in_io_thread: bool = False) -> None:
+    def _finish(self, batch: _Batch) -> None:
         vectors = self._await_vectors(batch)
         n = self.downstream.n_shards
         records: dict[int, list[ChunkRecord]] = {i: [] for i in range(n)}
@@ -362,7 +394,7 @@ class KafkaSource:
             phase2 = {i: ShardWrite(documents=r) for i, r in rows.items()}
             if phase2:
                 self._retry(lambda: self.downstream.write(phase2), "writing document rows")
-        self._commit(batch.offsets, in_io_thread=in_io_thread)
+        self._commit(batch.offsets)
         self._inflight.popleft()
         for doc_id, (_, seq) in list(self._pending_hash.items()):
             if seq == batch.seq:
@@ -371,11 +403,6 @@ class KafkaSource:
         self.counters["deletes"] += len(batch.deletes)
         self.counters["chunks"] += row
         self.counters["batches"] += 1
-
-    def _on_async_commit(self, offsets: Any, response: Any) -> None:
-        if isinstance(response, Exception):
-            log.warning("%s: commit on revoke failed: %s", self.name, response)
-            self.counters["commit_failures"] += 1
 
     def _await_vectors(self, batch: _Batch) -> np.ndarray:
         if batch.vectors is None:
@@ -403,7 +430,7 @@ class KafkaSource:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _commit(self, offsets: Offsets, *, in_io_thread: bool = False) -> None:
+    def _commit(self, offsets: Offsets) -> None:
         from kafka import TopicPartition
         from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata
@@ -413,11 +440,6 @@ class KafkaSource:
             for topic, parts in offsets.items()
             for partition, offset in parts.items()
         }
-        if in_io_thread:
-            # Sent before the rebalance goes on; a commit lost here only means the new owner
-            # re-reads records whose writes are idempotent.
-            self._consumer.commit_async(offsets=positions, callback=self._on_async_commit)
-            return
         try:
             self._consumer.commit(offsets=positions)
         except CommitFailedError as exc:

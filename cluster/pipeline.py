@@ -59,7 +59,12 @@ class EmbedderActor(Embedder):
         self.warm_up()
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "dim": self.dim, "device": self.device}
+        return {
+            "model": self.model_name,
+            "dim": self.dim,
+            "device": self.device,
+            "batch_limits": self.batch_limits,
+        }
 
     def ping(self) -> int:
         return os.getpid()

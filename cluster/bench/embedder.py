@@ -66,7 +66,7 @@ def main() -> None:
         "device": device,
         "model": args.model,
         "embedder_texts_per_s": round(ours_rate, 1),
-        "max_batch_tokens": embedder._config.max_batch_tokens,
+        "batch_limits": embedder.batch_limits,
         **{f"{k}": v for k, v in results.items()},
         "ratio_vs_encode": {k: round(ours_rate / v["texts_per_s"], 2) for k, v in results.items()},
         "machine": machine(),

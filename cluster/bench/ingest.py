@@ -78,6 +78,9 @@ def bench_ingest(base: Settings, corpus: Path, repeat: int, out_dir: Path) -> di
     # PIPELINE
     pipeline = Pipeline(settings)
     pipeline.start()
+    import ray
+
+    limits = ray.get(pipeline.embedders[0].describe.remote())["batch_limits"]
     producer = EnvelopeProducer(pipeline.servers, settings.kafka.max_record_bytes)
     try:
         for d in docs:
@@ -103,7 +106,7 @@ def bench_ingest(base: Settings, corpus: Path, repeat: int, out_dir: Path) -> di
         "pipeline_chunks_per_s": round(pipe_rate, 1),
         "ratio": round(pipe_rate / raw_rate, 3),
         "model": settings.embed.model,
-        "max_batch_tokens": settings.embed.max_batch_tokens,
+        "batch_limits": limits,
         "shards": settings.index.n_shards,
         "machine": machine(),
     }

@@ -42,7 +42,9 @@ def test_ingest_2000_update_and_delete(pipeline_settings):
     assert produce(s, docs) == 2000
 
     results = ingest_until_idle(s)
-    assert total(results, "documents") == 2000
+    # Two sources: when the second joins, batches in flight are dropped and read again, so some
+    # documents may be embedded twice; what is stored must be exact all the same.
+    assert total(results, "documents") >= 2000
     stored = read_stores(s)
     assert stored.per_document == expected
     assert len(stored.chunks) == sum(expected.values())
