@@ -175,6 +175,12 @@ class Progress:
 def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     """Gets or creates the detached shard actors of ``settings.index``."""
     cls = ray.remote(ShardActor)
+    # A shard actor has a fraction of a CPU: FAISS's default of one OpenMP thread per core made a
+    # single flat query ~70x slower on a 2-core machine (threads fighting the embedder's).
+    faiss_config = settings.index.faiss
+    if faiss_config.omp_threads is None:
+        faiss_config = faiss_config.model_copy(update={"omp_threads": 1})
+    index_config = settings.index.model_copy(update={"faiss": faiss_config})
     handles: list[Any] = [
         cls.options(
             name=actor_name(settings, "shard", i),
@@ -183,7 +189,7 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
             num_cpus=LIGHT_CPUS,
             max_concurrency=8,
             **_RESTART,
-        ).remote(settings.index, settings.data_dir, i, model, dim)
+        ).remote(index_config, settings.data_dir, i, model, dim)
         for i in range(settings.index.n_shards)
     ]
     ray.get([h.ping.remote() for h in handles])
