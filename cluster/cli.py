@@ -350,6 +350,8 @@ def _configure_logging(verbose: bool) -> None:
     )
     # kafka-python logs every connection attempt at INFO and refusals at ERROR.
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    # faiss logs at INFO that it tried and skipped its AVX2/AVX512 builds.
+    logging.getLogger("faiss").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
