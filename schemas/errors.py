@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 DeadLetterReason = Literal[
     "invalid_json",
@@ -18,14 +18,7 @@ DeadLetterReason = Literal[
     "key_mismatch",
     "processing_error",
 ]
-DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = (
-    "invalid_json",
-    "invalid_envelope",
-    "too_large",
-    "bad_encoding",
-    "key_mismatch",
-    "processing_error",
-)
+DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
 
 
 class RiverbedError(Exception):
