@@ -9,7 +9,7 @@ from schemas.envelope import (
     encode_envelope,
     validate_envelope,
 )
-from schemas.errors import PoisonMessageError
+from schemas.errors import DEAD_LETTER_REASONS, PoisonMessageError
 
 
 def record(obj, key=None):
@@ -160,6 +160,7 @@ def test_rejections_name_reason_and_field(key, value, reason, needle):
     with pytest.raises(PoisonMessageError) as info:
         decode_record(key, value)
     assert info.value.reason == reason
+    assert reason in DEAD_LETTER_REASONS
     assert needle in str(info.value)
 
 
