@@ -120,6 +120,11 @@ FILTERS = [
 ]
 
 
+# Durability tests run on the backends that persist (the in-memory reference does not, by design).
+DURABLE = [b for b in BACKENDS if b.persistent]
+durable_only = pytest.mark.parametrize("backend", DURABLE, ids=[b.name for b in DURABLE], indirect=True)
+
+
 @pytest.fixture(params=BACKENDS, ids=[b.name for b in BACKENDS])
 def backend(request: pytest.FixtureRequest) -> Backend:
     return request.param
@@ -378,11 +383,10 @@ class TestVectorIndexContract:
         assert index.search(queries, 5, MetadataFilter.parse({"lang": "en"})) == [[], [], []]
         assert index.search(np.zeros((0, DIM), np.float32), 5) == []
 
+    @durable_only
     def test_reopen_keeps_everything(
         self, backend: Backend, make: Callable[..., VectorIndex], corpus: list[ChunkRecord]
     ) -> None:
-        if not backend.persistent:
-            pytest.skip(f"{backend.name} is not durable by design")
         index = make()
         index.apply(
             ShardWrite(upserts=corpus, documents={"doc-1": DocumentRow("h", 4)}, offsets={"docs": {3: 42}})
@@ -407,11 +411,10 @@ class TestVectorIndexContract:
         if backend.exact:  # an approximate structure rebuilt from the store may be trained anew
             assert_same_hits(after[0], before[0])
 
+    @durable_only
     def test_other_model_or_dim_is_refused(
         self, backend: Backend, make: Callable[..., VectorIndex], corpus: list[ChunkRecord]
     ) -> None:
-        if not backend.persistent:
-            pytest.skip(f"{backend.name} is not durable by design")
         first = make()
         first.upsert(corpus[:3])
         first.close()
