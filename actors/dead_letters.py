@@ -41,18 +41,28 @@ class DeadLetterWriter:
         from kafka import KafkaProducer
 
         self.topic = topic
+        # The dead-letter topic is created with 1 MiB over the record limit (cluster/kafka_admin.py),
+        # so every record that the documents topic accepted fits, headers included.
+        self.max_value_bytes = max_record_bytes + 1024 * 1024 - 64 * 1024
         self.counts: Counter[str] = Counter()
         self._producer = KafkaProducer(
             bootstrap_servers=servers,
             client_id="riverbed-dead-letters",
             acks="all",
             enable_idempotence=True,
-            max_request_size=max_record_bytes + 256 * 1024,
+            max_request_size=max_record_bytes + 1024 * 1024,
         )
         self._pending: list[tuple[DeadLetter, Any]] = []
 
     def send(self, letter: DeadLetter) -> None:
-        future = self._producer.send(self.topic, key=letter.key, value=letter.value, headers=letter.headers())
+        """Queues ``letter`` with its original key and value. Only a value larger than the topic
+        can hold (from a documents topic created elsewhere with a higher limit) is dropped, with a
+        ``value_dropped`` header giving its size: a letter must never block its partition."""
+        value, headers = letter.value, letter.headers()
+        if value is not None and len(value) > self.max_value_bytes:
+            headers.append(("value_dropped", f"{len(value)} bytes".encode()))
+            value = None
+        future = self._producer.send(self.topic, key=letter.key, value=value, headers=headers)
         self._pending.append((letter, future))
 
     def flush(self, timeout_s: float = 60.0) -> None:
@@ -61,15 +71,21 @@ class DeadLetterWriter:
             return
         from kafka.errors import KafkaError
 
-        self._producer.flush(timeout=timeout_s)
         try:
-            for letter, future in self._pending:
+            self._producer.flush(timeout=timeout_s)
+            for _, future in self._pending:
                 future.get(timeout=timeout_s)
-                self.counts[letter.reason] += 1
         except KafkaError as exc:
-            raise RetryableError(f"writing a dead letter to {self.topic} failed: {exc}") from exc
-        finally:
+            # Queue every letter again, so the caller's retry sends them instead of finding nothing
+            # pending. One already delivered is then written twice; stats counts it once.
+            letters = [letter for letter, _ in self._pending]
             self._pending.clear()
+            for letter in letters:
+                self.send(letter)
+            raise RetryableError(f"writing a dead letter to {self.topic} failed: {exc}") from exc
+        for letter, _ in self._pending:
+            self.counts[letter.reason] += 1
+        self._pending.clear()
 
     def close(self) -> None:
         self._producer.close()

@@ -26,10 +26,10 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from schemas.settings import ChunkConfig, IngestConfig, KafkaConfig
 log = logging.getLogger(__name__)
 
 Offsets = dict[str, dict[int, int]]
+T = TypeVar("T")
 
 
 class Downstream(Protocol):
@@ -174,7 +175,6 @@ class KafkaSource:
     def run(self) -> dict[str, Any]:
         """Polls, processes and commits until :meth:`stop`; returns the counters."""
         self.warm_up()
-        self._stop.clear()
         try:
             while not self._stop.is_set():
                 self.step()
@@ -193,7 +193,8 @@ class KafkaSource:
         else:
             self._set_paused(True)
             self._consumer.poll(timeout_ms=0)  # keeps group membership; paused: fetches nothing
-            self._finish(self._inflight[0])
+            if self._inflight:  # a rebalance inside that poll drops what was in flight
+                self._finish(self._inflight[0])
         while self._inflight and (self._inflight[0].vectors is None or self._inflight[0].vectors.done()):
             self._finish(self._inflight[0])
 
@@ -225,23 +226,36 @@ class KafkaSource:
     # is committed, and what is in flight is dropped and read again (by this member from the
     # rewound position, or by the partition's new owner from the committed offset).
     def _on_revoked(self, revoked: Any) -> None:
-        rewind: dict[tuple[str, int], int] = {}
-        dropped = len(self._accumulating) + sum(b.records for b in self._inflight)
-        for batch in self._inflight:
+        self._drop_in_flight("partitions revoked")
+
+    def _drop_in_flight(self, why: str, *also: _Batch) -> None:
+        """Forgets every batch not yet committed (and ``also``); the next assignment rewinds the
+        partitions this member keeps to their first dropped record."""
+        dropped = len(self._accumulating) + sum(b.records for b in (*also, *self._inflight))
+        for batch in (*also, *self._inflight):
             for topic, parts in batch.first.items():
                 for partition, offset in parts.items():
                     key = (topic, partition)
-                    rewind[key] = min(offset, rewind.get(key, offset))
+                    self._rewind[key] = min(offset, self._rewind.get(key, offset))
         for rec in self._accumulating:
             key = (rec.topic, rec.partition)
-            rewind[key] = min(rec.offset, rewind.get(key, rec.offset))
+            self._rewind[key] = min(rec.offset, self._rewind.get(key, rec.offset))
         self._inflight.clear()
         self._accumulating = []
         self._pending_hash.clear()
-        self._rewind = rewind
         if dropped:
-            log.info("%s: partitions revoked; %d records in flight will be read again", self.name, dropped)
+            log.info("%s: %s; %d records in flight will be read again", self.name, why, dropped)
             self.counters["reread_after_rebalance"] += dropped
+
+    def _rewind_now(self) -> None:
+        """Seeks the partitions still assigned back to their first dropped record (a dropped
+        batch whose partition stays here must not be skipped)."""
+        from kafka import TopicPartition
+
+        for tp in self._consumer.assignment():
+            offset = self._rewind.pop((tp.topic, tp.partition), None)
+            if offset is not None:
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition), offset)
 
     def _on_assigned(self, assigned: Any) -> None:
         from kafka import TopicPartition
@@ -297,7 +311,9 @@ class KafkaSource:
             if isinstance(env, DocumentEnvelope) and not env.is_delete
         ]
         chunked = self._chunk(upserts)
-        stored = self.downstream.document_rows([env.id for env, _ in chunked])
+        stored = self._retry(
+            lambda: self.downstream.document_rows([env.id for env, _ in chunked]), "reading documents"
+        )
         changed = []
         for env, doc in chunked:
             pending = self._pending_hash.get(env.id)
@@ -314,7 +330,8 @@ class KafkaSource:
             self._pending_hash[env.id] = (doc.content_hash, self._seq)
         for doc_id in deletes:
             self._pending_hash[doc_id] = (None, self._seq)
-        self._dead_letters.flush()  # dead letters are durable before anything of this batch is committed
+        # Dead letters are durable before anything of this batch is committed.
+        self._retry(self._dead_letters.flush, "writing dead letters")
 
         texts = [chunk.text for _, doc in changed for chunk in doc.chunks]
         batch = _Batch(self._seq, offsets, changed, deletes, None, len(records), texts, first)
@@ -394,8 +411,13 @@ class KafkaSource:
             phase2 = {i: ShardWrite(documents=r) for i, r in rows.items()}
             if phase2:
                 self._retry(lambda: self.downstream.write(phase2), "writing document rows")
-        self._commit(batch.offsets)
         self._inflight.popleft()
+        if not self._commit(batch.offsets):
+            # No longer (or not surely) a member: writing what is in flight could overwrite a new
+            # owner's newer versions. Drop it all; after the rejoin it is read again.
+            self._drop_in_flight("commit failed", batch)
+            self._rewind_now()
+            return
         for doc_id, (_, seq) in list(self._pending_hash.items()):
             if seq == batch.seq:
                 del self._pending_hash[doc_id]
@@ -419,20 +441,22 @@ class KafkaSource:
                 delay = min(delay * 2, 10.0)
                 batch.vectors = self.downstream.embed(batch.texts)
 
-    def _retry(self, call: Any, what: str) -> None:
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        """``call()``, retried with capped exponential back-off while it raises RetryableError."""
         delay = 0.5
         while True:
             try:
-                call()
-                return
+                return call()
             except RetryableError as exc:
                 log.warning("%s: %s failed (%s); retrying in %.1f s", self.name, what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _commit(self, offsets: Offsets) -> None:
+    def _commit(self, offsets: Offsets) -> bool:
+        """Commits synchronously; False when the commit failed (a rebalance, a fenced member, the
+        coordinator unreachable): the records are then read again, idempotently."""
         from kafka import TopicPartition
-        from kafka.errors import CommitFailedError
+        from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
         positions = {
@@ -442,8 +466,8 @@ class KafkaSource:
         }
         try:
             self._consumer.commit(offsets=positions)
-        except CommitFailedError as exc:
-            # The group rebalanced under us: the new owner re-reads these records, and the
-            # writes they cause are idempotent, so nothing is lost or doubled.
-            log.warning("%s: commit of %s failed after a rebalance: %s", self.name, offsets, exc)
+            return True
+        except KafkaError as exc:
+            log.warning("%s: commit of %s failed: %r", self.name, offsets, exc)
             self.counters["commit_failures"] += 1
+            return False

@@ -47,7 +47,8 @@ def ensure_topics(servers: str, specs: dict[str, int], *, max_message_bytes: int
     try:
         existing = set(admin.list_topics())
         brokers = len(admin.describe_cluster().get("brokers", [])) or 1
-        configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else None
+        # Headroom over the record limit: a dead letter is the original record plus headers.
+        configs = {"max.message.bytes": str(max_message_bytes + 1024 * 1024)} if max_message_bytes else None
         missing = [
             NewTopic(
                 name,
