@@ -43,6 +43,7 @@ from actors.vector_index import (
     DocumentRow,
     Hit,
     ShardWrite,
+    WriteConveniences,
     WriteResult,
     check_queries,
     exact_top_k,
@@ -62,7 +63,7 @@ _HNSW_MAX_MASKED = 0.2
 _STRUCTURAL = ("kind", "ivf_nlist", "hnsw_m", "hnsw_ef_construction")
 
 
-class FaissIndex:
+class FaissIndex(WriteConveniences):
     """A FAISS index shard stored in ``path`` (a directory), implementing ``VectorIndex``.
 
     Opening restores the structure: the snapshot plus the store's writes after it, or a rebuild
@@ -103,13 +104,6 @@ class FaissIndex:
             changes = self._open().apply(write)
             self._mirror(changes)
             return changes.result
-
-    def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult:
-        return self.apply(ShardWrite(upserts=records))
-
-    def delete(self, chunk_ids: Sequence[str]) -> int:
-        """Deletes these chunks; returns how many existed."""
-        return self.apply(ShardWrite(delete_chunks=chunk_ids)).deleted
 
     # -- reads ----------------------------------------------------------------------------
 

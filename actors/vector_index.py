@@ -153,6 +153,20 @@ class WriteResult:
     deleted: int
 
 
+class WriteConveniences:
+    """``upsert`` and ``delete`` in terms of a backend's ``apply``: one write path per backend."""
+
+    def apply(self, write: ShardWrite) -> WriteResult:
+        raise NotImplementedError
+
+    def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult:
+        return self.apply(ShardWrite(upserts=records))
+
+    def delete(self, chunk_ids: Sequence[str]) -> int:
+        """Deletes these chunks; returns how many existed."""
+        return self.apply(ShardWrite(delete_chunks=chunk_ids)).deleted
+
+
 @runtime_checkable
 class VectorIndex(Protocol):
     """A vector index shard, for one embedding ``model`` and ``dim``.

@@ -17,6 +17,7 @@ from actors.vector_index import (
     DocumentRow,
     Hit,
     ShardWrite,
+    WriteConveniences,
     WriteResult,
     check_queries,
     check_records,
@@ -25,7 +26,7 @@ from actors.vector_index import (
 from schemas.filters import MetadataFilter
 
 
-class InMemoryIndex:
+class InMemoryIndex(WriteConveniences):
     """A ``VectorIndex`` that lives and dies with the object: not durable, and ``snapshot`` and
     ``restore`` do nothing. Writes are atomic (all or nothing) and idempotent like every backend's.
     Thread safety: one lock around every method.
@@ -77,12 +78,6 @@ class InMemoryIndex:
                     stored[int(partition)] = max(stored.get(int(partition), 0), int(offset))
             self._records, self._documents, self._matrix = chunks, documents, None
         return WriteResult(upserted=len(records) - unchanged, unchanged=unchanged, deleted=deleted)
-
-    def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult:
-        return self.apply(ShardWrite(upserts=records))
-
-    def delete(self, chunk_ids: Sequence[str]) -> int:
-        return self.apply(ShardWrite(delete_chunks=chunk_ids)).deleted
 
     def search(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None) -> list[list[Hit]]:
         """Exact top ``k`` by inner product per query row, best first, filtered by ``matches``."""
