@@ -121,6 +121,16 @@ class FaissIndex(WriteConveniences):
                 exact = len(allowed) <= max(self._config.filter_exact_max, k)
             return store.hits(*self._search(queries, k, allowed, exact))
 
+    def keyword_search(
+        self, queries: Sequence[str], k: int, filter: MetadataFilter | None = None, title_weight: float = 0.5
+    ) -> list[list[Hit]]:
+        """BM25 top ``k`` per query string (see :meth:`ShardStore.keyword_search`)."""
+        store = self._open()
+        return [store.keyword_search(q, k, filter, title_weight) for q in queries]
+
+    def metadata_fields(self) -> set[str]:
+        return self._open().metadata_fields()
+
     def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]:
         return self._open().get(chunk_ids)
 

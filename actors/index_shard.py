@@ -18,8 +18,16 @@ from typing import Any
 import numpy as np
 
 from actors.faiss_index import FaissIndex
-from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, VectorIndex, WriteResult
-from schemas.errors import IndexUnavailableError
+from actors.vector_index import (
+    ChunkRecord,
+    DocumentRow,
+    Hit,
+    KeywordSearch,
+    ShardWrite,
+    VectorIndex,
+    WriteResult,
+)
+from schemas.errors import ConfigError, IndexUnavailableError
 from schemas.filters import MetadataFilter
 from schemas.settings import IndexConfig
 
@@ -65,6 +73,36 @@ class IndexShard:
 
     def search(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None) -> list[list[Hit]]:
         return self.index.search(vectors, k, filter)
+
+    def keyword_search(
+        self, queries: Sequence[str], k: int, filter: MetadataFilter | None = None, title_weight: float = 0.5
+    ) -> list[list[Hit]]:
+        return self._keyword.keyword_search(queries, k, filter, title_weight)
+
+    def metadata_fields(self) -> set[str]:
+        return self._keyword.metadata_fields()
+
+    def documents(self, document_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """For each id: ``chunks`` stored in THIS shard, and, when this shard holds the
+        document's row (its registry shard), ``content_hash``, ``n_chunks`` and ``source``."""
+        index = self.index
+        counts = index.document_chunk_counts(document_ids)
+        rows = index.get_document_rows(document_ids)
+        out: dict[str, dict[str, Any]] = {}
+        for doc_id in document_ids:
+            info: dict[str, Any] = {"chunks": counts.get(doc_id, 0)}
+            row = rows.get(doc_id)
+            if row is not None:
+                info.update(content_hash=row.content_hash, n_chunks=row.n_chunks, source=row.source)
+            out[doc_id] = info
+        return out
+
+    @property
+    def _keyword(self) -> KeywordSearch:
+        index = self.index
+        if not isinstance(index, KeywordSearch):
+            raise ConfigError(f"shard {self.shard}: backend {type(index).__name__} has no keyword search")
+        return index
 
     def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]:
         return self.index.get(chunk_ids)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -56,16 +57,29 @@ CREATE INDEX IF NOT EXISTS chunks_metadata ON chunks (metadata);
 CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones (seq);
 CREATE TABLE IF NOT EXISTS documents (document_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL,
-    n_chunks INTEGER NOT NULL, updated_seq INTEGER NOT NULL);
+    n_chunks INTEGER NOT NULL, updated_seq INTEGER NOT NULL,
+    source_topic TEXT, source_partition INTEGER, source_offset INTEGER);
+-- BM25 keyword index over chunk text and title, kept in step with `chunks` by triggers (rows are
+-- only ever inserted and deleted, never updated); porter stemming, diacritics folded
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, title, content='chunks',
+    content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts (rowid, text, title) VALUES (new.id, new.text, new.title);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text, title) VALUES ('delete', old.id, old.text, old.title);
+END;
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT NULL,
     next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
 """
 _UPSERT_DOCUMENT = (
-    "INSERT INTO documents VALUES (?, ?, ?, ?) ON CONFLICT (document_id) DO UPDATE SET"
+    "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (document_id) DO UPDATE SET"
     " content_hash = excluded.content_hash, n_chunks = excluded.n_chunks,"
-    " updated_seq = excluded.updated_seq"
+    " updated_seq = excluded.updated_seq, source_topic = excluded.source_topic,"
+    " source_partition = excluded.source_partition, source_offset = excluded.source_offset"
     " WHERE content_hash != excluded.content_hash OR n_chunks != excluded.n_chunks"
 )
+_FTS_TERM = re.compile(r"\w+", re.UNICODE)
 _MERGE_OFFSET = (
     "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE"
     " SET next_offset = max(next_offset, excluded.next_offset)"
@@ -105,14 +119,27 @@ class ShardStore:
                 )
                 self._conn.execute("PRAGMA journal_mode = WAL")
                 self._conn.execute("PRAGMA synchronous = FULL")
+                self._conn.execute("PRAGMA busy_timeout = 10000")
+                _migrate(self._conn)
                 self._conn.executescript(_SCHEMA)
             self._conn.execute("PRAGMA busy_timeout = 10000")
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+            if not _read_only and meta and "keyword_index" not in meta:
+                # a store from before the keyword index: index the chunks it already holds
+                with self._transaction() as cur:
+                    cur.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
+                    cur.execute("INSERT INTO meta VALUES ('keyword_index', 'fts5')")
         except sqlite3.DatabaseError as exc:
             self.close()
             raise IndexUnavailableError(f"shard {directory}: cannot open the store: {exc}") from exc
         if not meta and not _read_only:
-            meta = {"model": model, "dim": str(dim), "schema_version": str(SCHEMA_VERSION), "seq": "0"}
+            meta = {
+                "model": model,
+                "dim": str(dim),
+                "schema_version": str(SCHEMA_VERSION),
+                "seq": "0",
+                "keyword_index": "fts5",
+            }
             with self._transaction() as cur:
                 cur.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         if _read_only:
@@ -177,7 +204,8 @@ class ShardStore:
                 )
                 added.append((int(cur.lastrowid or 0), i))
             doc_changes += _rowcount(cur.executemany(_UPSERT_DOCUMENT, [
-                (d, row.content_hash, row.n_chunks, seq) for d, row in write.documents.items()
+                (d, row.content_hash, row.n_chunks, seq, *(row.source or (None, None, None)))
+                for d, row in write.documents.items()
             ]))  # fmt: skip
             cur.executemany(_MERGE_OFFSET, [
                 (t, int(p), int(o)) for t, ps in write.offsets.items() for p, o in ps.items()
@@ -293,9 +321,48 @@ class ShardStore:
         rows: dict[str, DocumentRow] = {}
         with self._lock:
             for batch in _batches(list(dict.fromkeys(document_ids))):
-                sql = f"SELECT * FROM documents WHERE document_id IN ({_marks(len(batch))})"
-                rows.update((d, DocumentRow(h, n)) for d, h, n, _ in self._conn.execute(sql, batch))
+                sql = (
+                    "SELECT document_id, content_hash, n_chunks, source_topic, source_partition,"
+                    f" source_offset FROM documents WHERE document_id IN ({_marks(len(batch))})"
+                )
+                for d, h, n, topic, partition, offset in self._conn.execute(sql, batch):
+                    source = (topic, partition, offset) if topic is not None else None
+                    rows[d] = DocumentRow(h, n, source)
         return rows
+
+    def keyword_search(
+        self, query: str, k: int, filter: MetadataFilter | None = None, title_weight: float = 0.5
+    ) -> list[Hit]:
+        """Top ``k`` chunks by BM25 (SQLite FTS5's ``bm25()``) for the words of ``query``, any of
+        which may match (OR), best first; ``score`` is the BM25 score (higher is better).
+
+        Words are runs of letters and digits, stemmed and case- and accent-folded like the indexed
+        text, so no query string is ever parsed as FTS5 syntax. No word: no hits. BM25's
+        statistics (document count, average length, term frequencies) are this shard's.
+        """
+        terms = fts_terms(query)
+        if not terms or k < 1:
+            return []
+        match = " OR ".join(f'"{t}"' for t in terms)
+        where, params = (filter or MetadataFilter()).to_sql("c.metadata")
+        sql = (
+            "SELECT c.chunk_id, c.document_id, c.number, c.text, c.title, c.span_start, c.span_end,"
+            " c.metadata, -bm25(chunks_fts, 1.0, ?) AS score"
+            " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid"
+            f" WHERE chunks_fts MATCH ? AND {where} ORDER BY score DESC, c.id LIMIT ?"
+        )
+        with self._lock:
+            rows = self._conn.execute(sql, [float(title_weight), match, *params, int(k)]).fetchall()
+        return [
+            Hit(cid, doc, number, text, title, start, end, json.loads(meta), float(score))
+            for cid, doc, number, text, title, start, end, meta, score in rows
+        ]
+
+    def metadata_fields(self) -> set[str]:
+        """Every metadata key some live chunk has (filters on any other key match nothing)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT DISTINCT j.key FROM chunks, json_each(chunks.metadata) AS j")
+            return {r[0] for r in rows}
 
     def offsets(self) -> dict[str, dict[int, int]]:
         result: dict[str, dict[int, int]] = {}
@@ -346,6 +413,21 @@ class ShardStore:
             sql = f"SELECT chunk_id, id, {_COLUMNS} FROM chunks WHERE chunk_id IN ({_marks(len(batch))})"
             found.update((r[0], tuple(r[1:])) for r in cur.execute(sql, batch))
         return found
+
+
+def fts_terms(query: str, limit: int = 64) -> list[str]:
+    """The distinct words of ``query`` (lowercased, in order, at most ``limit``): what keyword
+    search looks up. Each is quoted as an FTS5 string, so none is read as an operator."""
+    return list(dict.fromkeys(w.lower() for w in _FTS_TERM.findall(query)))[:limit]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Brings a store written by an older riverbed up to the current tables (additive only)."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(documents)")}
+    if columns and "source_topic" not in columns:
+        for column, kind in (("source_topic", "TEXT"), ("source_partition", "INTEGER"),
+                             ("source_offset", "INTEGER")):  # fmt: skip
+            conn.execute(f"ALTER TABLE documents ADD COLUMN {column} {kind}")
 
 
 def _row(record: ChunkRecord, vector: np.ndarray) -> tuple[Any, ...]:

@@ -76,6 +76,8 @@ class _Batch:
     texts: list[str] = field(default_factory=list)
     first: Offsets = field(default_factory=dict)
     """The first offset of each partition in this batch: where to rewind if it is dropped."""
+    sources: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    """Each upserted document's record: ``(topic, partition, offset)``."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class KafkaSource:
         downstream: Downstream,
         name: str = "source",
         max_wait_s: float = 0.05,
+        embed_timeout_s: float = 300.0,
     ) -> None:
         self.kafka = kafka
         self.ingest = ingest
@@ -109,6 +112,8 @@ class KafkaSource:
         self.name = name
         self.downstream = downstream
         self.max_wait_s = max_wait_s
+        self.embed_timeout_s = embed_timeout_s
+        self._phase = ("starting", time.monotonic())
         self._accumulating: list[_Record] = []
         self._rewind: dict[tuple[str, int], int] = {}
         self.chunker = Chunker(chunk, model)
@@ -169,7 +174,19 @@ class KafkaSource:
         if self._dead is not None:
             out["dead_letters"] = dict(self._dead.counts)
         out["in_flight_batches"] = len(self._inflight)
+        phase, since = self._phase
+        out["phase"] = phase
+        out["phase_s"] = round(time.monotonic() - since, 1)
+        consumer = self._consumer
+        out["assignment"] = (
+            sorted(f"{tp.topic}[{tp.partition}]" for tp in consumer.assignment()) if consumer else []
+        )
         return out
+
+    def _enter(self, phase: str) -> None:
+        """Records what the loop is doing (``stats`` shows it, so a stall names its stage)."""
+        if phase != self._phase[0]:
+            self._phase = (phase, time.monotonic())
 
     # LOOP
     def run(self) -> dict[str, Any]:
@@ -187,11 +204,13 @@ class KafkaSource:
         """One turn: poll a batch if there is room, then write every batch whose vectors are ready."""
         if len(self._inflight) < self.ingest.max_in_flight_batches:
             self._set_paused(False)
+            self._enter("polling")
             records = self._poll_batch()
             if records:
                 self._inflight.append(self._prepare(records))
         else:
             self._set_paused(True)
+            self._enter("paused (backpressure)")
             self._consumer.poll(timeout_ms=0)  # keeps group membership; paused: fetches nothing
             if self._inflight:  # a rebalance inside that poll drops what was in flight
                 self._finish(self._inflight[0])
@@ -287,6 +306,7 @@ class KafkaSource:
         return self._dead
 
     def _prepare(self, records: list[_Record]) -> _Batch:
+        self._enter("preparing")
         self._seq += 1
         offsets: Offsets = {}
         first: Offsets = {}
@@ -334,7 +354,8 @@ class KafkaSource:
         self._retry(self._dead_letters.flush, "writing dead letters")
 
         texts = [chunk.text for _, doc in changed for chunk in doc.chunks]
-        batch = _Batch(self._seq, offsets, changed, deletes, None, len(records), texts, first)
+        sources = {env.id: (rec.topic, rec.partition, rec.offset) for rec, env in latest.values()}
+        batch = _Batch(self._seq, offsets, changed, deletes, None, len(records), texts, first, sources)
         if texts:
             batch.vectors = self.downstream.embed(texts)
         return batch
@@ -402,16 +423,18 @@ class KafkaSource:
                 )
                 for i in range(n)
             }
+            self._enter("writing")
             self._retry(lambda: self.downstream.write(phase1), "writing chunks")
             rows: dict[int, dict[str, DocumentRow]] = {}
             for _, doc in batch.upserts:
                 rows.setdefault(shard_of(doc.document_id, n), {})[doc.document_id] = DocumentRow(
-                    doc.content_hash, len(doc.chunks)
+                    doc.content_hash, len(doc.chunks), batch.sources.get(doc.document_id)
                 )
             phase2 = {i: ShardWrite(documents=r) for i, r in rows.items()}
             if phase2:
                 self._retry(lambda: self.downstream.write(phase2), "writing document rows")
         self._inflight.popleft()
+        self._enter("committing")
         if not self._commit(batch.offsets):
             # No longer (or not surely) a member: writing what is in flight could overwrite a new
             # owner's newer versions. Drop it all; after the rejoin it is read again.
@@ -429,10 +452,22 @@ class KafkaSource:
     def _await_vectors(self, batch: _Batch) -> np.ndarray:
         if batch.vectors is None:
             return np.zeros((0, 0), dtype=np.float32)
+        self._enter("embedding")
         delay = 0.5
         while True:
             try:
-                return batch.vectors.result()
+                return batch.vectors.result(timeout=self.embed_timeout_s)
+            except TimeoutError:
+                # Embedding is a pure function: asking again is safe, and a lost reply (an actor
+                # restarted under the call) can never stall the partition.
+                log.warning(
+                    "%s: no vectors for batch %d after %.0f s; asking again",
+                    self.name,
+                    batch.seq,
+                    self.embed_timeout_s,
+                )
+                self.counters["embed_timeouts"] += 1
+                batch.vectors = self.downstream.embed(batch.texts)
             except RetryableError as exc:
                 log.warning(
                     "%s: embedding batch %d failed (%s); retrying in %.1f s", self.name, batch.seq, exc, delay

@@ -97,10 +97,16 @@ class DocumentRow:
 
     content_hash: str
     n_chunks: int
+    source: tuple[str, int, int] | None = None
+    """``(topic, partition, offset)`` of the record whose content this is (None: not from Kafka)."""
 
     def __post_init__(self) -> None:
         if self.n_chunks < 0:
             raise ValueError(f"n_chunks must be >= 0, got {self.n_chunks}")
+        if self.source is not None:
+            topic, partition, offset = self.source
+            if not (isinstance(topic, str) and _is_int(partition) and _is_int(offset)):
+                raise ValueError(f"source must be (topic, partition, offset), got {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,21 @@ class VectorIndex(Protocol):
     def snapshot(self) -> None: ...
     def restore(self) -> None: ...
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class KeywordSearch(Protocol):
+    """BM25 keyword search beside the vectors (the FAISS backend: SQLite FTS5 in its store).
+
+    ``keyword_search`` returns one list per query string, best first, at most ``k`` hits, every
+    one satisfying ``filter``; ``score`` is BM25 (higher is better; comparable within a shard).
+    It sees exactly the chunks the vector search sees: both are updated by the same writes.
+    """
+
+    def keyword_search(
+        self, queries: Sequence[str], k: int, filter: MetadataFilter | None = None, title_weight: float = 0.5
+    ) -> list[list[Hit]]: ...
+    def metadata_fields(self) -> set[str]: ...
 
 
 def check_records(records: Sequence[ChunkRecord], dim: int, where: str) -> np.ndarray:

@@ -260,6 +260,32 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from cluster.serving import start_serving
+
+    serving = start_serving(settings, ingest=settings.serve.ingest and not args.no_ingest)
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    emit(args, {"url": serving.url, "ingest": serving.pipeline is not None}, f"serving on {serving.url}")
+    if not args.quiet:
+        print(f"  docs: {serving.url}/docs   stop: Ctrl-C", file=sys.stderr)
+    try:
+        while not stopping["flag"]:
+            if serving.pipeline is not None:
+                serving.pipeline.check_alive()
+            time.sleep(1.0)
+    finally:
+        serving.stop()
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
@@ -322,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=1, help="copies of the corpus under different ids")
     bench.add_argument("--out", default="out/bench", help="where JSON and markdown reports go")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser(
+        "serve", help="answer search, RAG and embeddings over HTTP (and keep ingesting)", parents=[common]
+    )
+    serve.add_argument("--no-ingest", action="store_true", help="serve only; do not run the ingest pipeline")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

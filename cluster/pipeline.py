@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 LIGHT_CPUS = 0.05
 _RESTART = {"max_restarts": -1, "max_task_retries": -1}
+SHARD_CALL_TIMEOUT_S = 120.0
+"""A shard call not answered by then is retried (every write is idempotent), so a lost reply
+never stalls the source."""
 
 
 def embed_cpus(settings: Settings) -> float:
@@ -110,7 +113,10 @@ class RayDownstream:
         for doc_id in document_ids:
             by_shard.setdefault(shard_of(doc_id, self.n_shards), []).append(doc_id)
         try:
-            parts = ray.get([self.shards[i].get_document_rows.remote(ids) for i, ids in by_shard.items()])
+            parts = ray.get(
+                [self.shards[i].get_document_rows.remote(ids) for i, ids in by_shard.items()],
+                timeout=SHARD_CALL_TIMEOUT_S,
+            )
         except RayError as exc:
             raise RetryableError(f"reading document rows failed: {exc}") from exc
         rows: dict[str, DocumentRow] = {}
@@ -120,7 +126,7 @@ class RayDownstream:
 
     def write(self, writes: Mapping[int, ShardWrite]) -> None:
         try:
-            ray.get([self.shards[i].apply.remote(w) for i, w in writes.items()])
+            ray.get([self.shards[i].apply.remote(w) for i, w in writes.items()], timeout=SHARD_CALL_TIMEOUT_S)
         except RayError as exc:
             raise RetryableError(f"shard write failed: {exc}") from exc
 
@@ -285,7 +291,10 @@ class Pipeline:
             if progress.lag == 0 and all(s.get("in_flight_batches", 0) == 0 for s in progress.sources):
                 return progress
             if deadline is not None and time.monotonic() > deadline:
-                raise RetryableError(f"ingest not idle after {timeout_s} s (lag {progress.lag})")
+                raise RetryableError(
+                    f"ingest not idle after {timeout_s} s (lag {progress.lag}; committed "
+                    f"{progress.committed}, ends {progress.ends}; sources {progress.sources})"
+                )
             time.sleep(interval_s)
 
     # STOP

@@ -4,6 +4,7 @@
 - :class:`RetryableError`: back off and try again (broker or shard briefly unavailable).
 - :class:`PoisonMessageError`: this record can never be processed: dead-letter it and move on.
 - :class:`IndexUnavailableError`: the index cannot answer now (HTTP 503).
+- :class:`InvalidRequestError`: the request is wrong (HTTP 400); ``param`` names the field.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class PoisonMessageError(RiverbedError):
 
 class IndexUnavailableError(RiverbedError):
     """The index (a shard, the store) cannot serve now; HTTP answers 503."""
+
+
+class InvalidRequestError(RiverbedError, ValueError):
+    """A query or request that can never succeed as sent (HTTP 400); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class KafkaSetupError(ConfigError):

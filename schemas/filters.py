@@ -50,7 +50,9 @@ _PY_OPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 # Letters, digits, "_" and "-": safe both as a JSON-path label and in error messages.
 FIELD_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
-_COLUMN_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_COLUMN_PATTERN = re.compile(
+    r"^([A-Za-z_][A-Za-z0-9_]{0,63}\.)?[A-Za-z_][A-Za-z0-9_]{0,63}$"
+)  # [table.]column
 MAX_IN_VALUES = 1024  # far below SQLite's bound-parameter limit (32766)
 _INT64 = 2**63 - 1  # SQLite JSON integers are 64-bit; larger ones would silently become reals
 

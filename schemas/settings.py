@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -157,10 +165,91 @@ class GraphConfig(_Section):
     enabled: bool = False
 
 
+class DeploymentConfig(_Section):
+    """Replicas and resources of one Ray Serve deployment. ``num_replicas: auto`` autoscales
+    between ``min_replicas`` and ``max_replicas`` on ongoing requests."""
+
+    num_replicas: PositiveInt | Literal["auto"] = 1
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: PositiveInt = 4
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
+    max_ongoing_requests: PositiveInt = 64
+    num_cpus: Annotated[float, Field(ge=0)] = Field(
+        0.1, description="logical CPUs per replica (a scheduling budget; fractional on small machines)"
+    )
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> DeploymentConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class SearchConfig(_Section):
+    default_k: PositiveInt = 10
+    max_k: Annotated[int, Field(ge=1, le=1000)] = 100
+    max_query_chars: PositiveInt = 4096
+    rrf_k: Annotated[float, Field(ge=0)] = Field(60.0, description="hybrid: RRF's rank offset")
+    vector_weight: Annotated[float, Field(ge=0)] = 1.0
+    keyword_weight: Annotated[float, Field(ge=0)] = 1.0
+    candidates: PositiveInt = Field(
+        50, description="hybrid: hits taken from each of vector and keyword search before fusion (at least k)"
+    )
+    title_weight: Annotated[float, Field(ge=0)] = Field(
+        0.5, description="keyword: BM25 weight of the title column (the text's is 1)"
+    )
+    embed_batch_size: PositiveInt = Field(32, description="queries per batched forward pass")
+    embed_batch_wait_s: Annotated[float, Field(ge=0)] = Field(
+        0.002, description="how long a query waits for others to share its batch"
+    )
+
+
+class GeneratorConfig(_Section):
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: a transformers causal LM; openai: any OpenAI-compatible chat endpoint"
+    )
+    model: str = Field(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="local: Hugging Face id or path (GGUF via the packaged copy); openai: the model name",
+    )
+    base_url: str | None = Field(None, description="openai: the endpoint, e.g. http://host:8000/v1")
+    api_key: SecretStr | None = Field(None, description="openai: the key (never printed)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_new_tokens: PositiveInt = 96
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> GeneratorConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8001/v1)")
+        return self
+
+
+class RagConfig(_Section):
+    k: PositiveInt = Field(4, description="passages given to the generator")
+    mode: Literal["vector", "keyword", "hybrid"] = "hybrid"
+    min_score: Annotated[float, Field(ge=-1, le=1)] = Field(
+        0.3, description="abstain without generating when the best passage's vector score is below this"
+    )
+    max_context_tokens: PositiveInt = Field(1536, description="prompt budget for the passages")
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
-    max_ongoing_requests: PositiveInt = 64
+    max_body_bytes: PositiveInt = Field(1024 * 1024, description="larger request bodies get 413")
+    ingest: bool = Field(True, description="`riverbed serve` also runs the ingest pipeline")
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256)
+    embedder: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=128)
+    retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=128)
+    generator: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=8)
+    search: SearchConfig = SearchConfig()
+    rag: RagConfig = RagConfig()
+    llm: GeneratorConfig = GeneratorConfig()
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,111 @@
+"""`riverbed serve`: the Serve app against the index's shard actors, with or without ingest.
+
+# BROKER: the configured or embedded Kafka (documents posted over HTTP go there)
+# RAY: the configured cluster or the local head
+# SHARDS: the running ones; or opened from the data directory (model and dim are in the stores)
+# INGEST: optionally the pipeline too, so posted documents become searchable
+# SERVE: deploy the app, wait until /healthz answers
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from actors.index_shard import shard_directory
+from actors.shard_store import DB_NAME, ShardStore
+from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
+from cluster.pipeline import Pipeline, shard_handles
+from cluster.ray_runtime import connect
+from schemas.errors import RetryableError
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Serving:
+    settings: Settings
+    url: str
+    pipeline: Pipeline | None
+
+    def stop(self) -> None:
+        """Stops ingest (committing what it wrote) and deletes the app; shards stay up."""
+        from ray import serve
+
+        from deployments.app import APP_NAME
+
+        try:
+            if self.pipeline is not None:
+                self.pipeline.stop()
+        finally:
+            serve.delete(APP_NAME)
+
+
+def recorded_model(settings: Settings) -> tuple[str, int] | None:
+    """The model and dim the index's stores were written with (None: no data yet)."""
+    for i in range(settings.index.n_shards):
+        directory = shard_directory(settings.data_dir, i)
+        if (directory / DB_NAME).exists():
+            store = ShardStore.read_only(directory)
+            try:
+                return store.model, store.dim
+            finally:
+                store.close()
+    return None
+
+
+def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None = None) -> Serving:
+    """Deploys the app (and starts ingest when ``ingest`` and no ``pipeline`` is given); returns
+    once ``/healthz`` answers 200, or 503 for an index with no data yet."""
+    from ray import serve
+
+    from deployments.app import APP_NAME, build_app
+
+    # BROKER
+    servers = bootstrap_servers(settings)
+    ensure_topics(
+        servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
+    )
+    # RAY
+    connect(settings)
+    # SHARDS and INGEST
+    if ingest and pipeline is None:
+        pipeline = Pipeline(settings)
+        pipeline.start()
+    elif pipeline is None:
+        recorded = recorded_model(settings)
+        if recorded is not None:
+            shard_handles(settings, *recorded)
+        else:
+            log.warning(
+                "index %r holds no data yet: search answers 503 until ingest runs", settings.index.name
+            )
+    # SERVE
+    host, port = settings.serve.host, settings.serve.port
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings, servers), name=APP_NAME, route_prefix="/")
+    url = f"http://{host}:{port}"
+    wait_ready(url)
+    return Serving(settings, url, pipeline)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Polls ``/healthz`` until the app answers (200, or 503 for an index without data)."""
+    deadline = time.monotonic() + timeout_s
+    last: str = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5)
+            if response.status_code in (200, 503):
+                body: dict[str, Any] = response.json()
+                return body
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise RetryableError(f"the app at {url} did not answer /healthz within {timeout_s} s ({last})")

@@ -1,0 +1,59 @@
+"""The Serve application: ingress → query embedder, retriever, generator; and how to run it.
+
+Replicas, autoscaling, ``max_ongoing_requests`` and resources of each deployment come from
+``serve.<deployment>`` in the settings (:class:`schemas.settings.DeploymentConfig`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.generator import Generator
+from deployments.ingress import Ingress
+from deployments.query_embedder import QueryEmbedder
+from deployments.retriever import Retriever
+from schemas.settings import DeploymentConfig, Settings
+
+APP_NAME = "riverbed"
+
+
+def deployment_options(config: DeploymentConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+    }
+    if config.num_replicas == "auto":
+        options["autoscaling_config"] = {
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def build_app(settings: Settings, servers: str) -> Application:
+    """The application for ``settings.index`` (``servers``: the Kafka bootstrap servers)."""
+    serve_config = settings.serve
+    # The query embedder's torch threads follow its CPUs (at least one), like the ingest embedder.
+    embed_config = settings.embed.model_copy(update={"num_cpus": max(1.0, serve_config.embedder.num_cpus)})
+    embedder = (
+        _serve(QueryEmbedder)
+        .options(**deployment_options(serve_config.embedder))
+        .bind(embed_config, serve_config.search)
+    )
+    retriever = _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings)
+    generator = _serve(Generator).options(**deployment_options(serve_config.generator)).bind(settings)
+    return (
+        _serve(Ingress)
+        .options(**deployment_options(serve_config.ingress))
+        .bind(settings, servers, embedder, retriever, generator)
+    )
+
+
+def _serve(deployment: object) -> Any:
+    """``@serve.deployment`` turns a class into a ``Deployment``; mypy still sees the class."""
+    return deployment

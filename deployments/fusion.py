@@ -1,0 +1,114 @@
+"""Merging per-shard results and fusing vector with keyword results (pure functions, no Ray).
+
+- :func:`merge_shards`: each shard returns its own top k; the global top k is among them.
+  Vector scores (inner products) compare across shards exactly; BM25 scores use each shard's
+  statistics, which stable-hash routing keeps alike, so they compare closely.
+- :func:`fuse`: reciprocal rank fusion, ``score = Σ weight_m / (rrf_k + rank_m)`` over the modes
+  that found the chunk (Cormack et al., 2009). Ranks, unlike raw scores, are comparable between
+  cosine similarity and BM25, which is why RRF needs no score calibration.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from actors.vector_index import Hit
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A hit with where each retriever placed it (1-based ranks; None: not found by that one)."""
+
+    hit: Hit
+    score: float
+    vector_rank: int | None = None
+    vector_score: float | None = None
+    keyword_rank: int | None = None
+    keyword_score: float | None = None
+    fused_score: float | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def merge_shards(per_shard: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+    """The best ``k`` hits over every shard's list, by score (ties: chunk id), each chunk once."""
+    best: dict[str, Hit] = {}
+    for hits in per_shard:
+        for hit in hits:
+            seen = best.get(hit.chunk_id)
+            if seen is None or hit.score > seen.score:
+                best[hit.chunk_id] = hit
+    return sorted(best.values(), key=lambda h: (-h.score, h.chunk_id))[:k]
+
+
+def ranked_vector(hits: Sequence[Hit]) -> list[Ranked]:
+    return [Ranked(h, h.score, vector_rank=i, vector_score=h.score) for i, h in enumerate(hits, 1)]
+
+
+def ranked_keyword(hits: Sequence[Hit]) -> list[Ranked]:
+    return [Ranked(h, h.score, keyword_rank=i, keyword_score=h.score) for i, h in enumerate(hits, 1)]
+
+
+def fuse(
+    vector: Sequence[Hit],
+    keyword: Sequence[Hit],
+    k: int,
+    rrf_k: float = 60.0,
+    vector_weight: float = 1.0,
+    keyword_weight: float = 1.0,
+) -> list[Ranked]:
+    """Reciprocal rank fusion of two best-first lists; the top ``k``, best first (ties: the
+    better vector rank, then chunk id). Each result keeps both ranks and scores."""
+    hits: dict[str, Hit] = {}
+    v_ranks: dict[str, int] = {}
+    k_ranks: dict[str, int] = {}
+    for rank, hit in enumerate(vector, 1):
+        hits.setdefault(hit.chunk_id, hit)
+        v_ranks.setdefault(hit.chunk_id, rank)
+    for rank, hit in enumerate(keyword, 1):
+        hits.setdefault(hit.chunk_id, hit)
+        k_ranks.setdefault(hit.chunk_id, rank)
+    v_scores = {h.chunk_id: h.score for h in reversed(vector)}
+    k_scores = {h.chunk_id: h.score for h in reversed(keyword)}
+    fused: list[Ranked] = []
+    for cid, hit in hits.items():
+        v_rank, k_rank = v_ranks.get(cid), k_ranks.get(cid)
+        score = (vector_weight / (rrf_k + v_rank) if v_rank is not None else 0.0) + (
+            keyword_weight / (rrf_k + k_rank) if k_rank is not None else 0.0
+        )
+        fused.append(
+            Ranked(hit, score, v_rank, v_scores.get(cid), k_rank, k_scores.get(cid), fused_score=score)
+        )
+    never = float("inf")
+    fused.sort(key=lambda r: (-r.score, r.vector_rank or never, r.hit.chunk_id))
+    return fused[:k]
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_SUFFIXES = ("ing", "edly", "ed", "es", "s", "ly")
+
+
+def _fold(word: str) -> str:
+    """Lowercase, accents removed, a few English suffixes stripped: close to what FTS5's
+    ``porter unicode61 remove_diacritics 2`` tokenizer matches, for highlighting only."""
+    decomposed = unicodedata.normalize("NFKD", word.lower())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    for suffix in _SUFFIXES:
+        if len(plain) > len(suffix) + 2 and plain.endswith(suffix):
+            return plain[: -len(suffix)]
+    return plain
+
+
+def matched_terms(query: str, hit: Hit) -> list[dict[str, object]]:
+    """The query's words found in the chunk's text: ``{"term", "start", "end"}`` with offsets in
+    the DOCUMENT's text (the chunk starts at ``hit.start``), in text order."""
+    wanted = {_fold(w) for w in _WORD.findall(query)}
+    found: list[dict[str, object]] = []
+    for match in _WORD.finditer(hit.text):
+        if _fold(match.group()) in wanted:
+            found.append(
+                {"term": match.group(), "start": hit.start + match.start(), "end": hit.start + match.end()}
+            )
+    return found

@@ -1,0 +1,163 @@
+"""Error bodies and the ASGI pieces that keep every failure in DESIGN.md's shape.
+
+Every error answers ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
+field (``param``) and the reason, an index that cannot answer is a 503, and only a bug is a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer ``status`` with an error body."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, param), status_code=status)
+
+
+def cause(exc: BaseException) -> BaseException:
+    """The exception a replica raised, out of Ray's wrapper (RayTaskError keeps it as ``cause``)."""
+    inner = getattr(exc, "cause", None)
+    return inner if isinstance(inner, BaseException) else exc
+
+
+def as_api_error(exc: BaseException) -> ApiError | None:
+    """The HTTP answer for an error raised by a deployment, or None for a bug (a 500)."""
+    exc = cause(exc)
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return ApiError(400, "invalid_request", str(exc), exc.param)
+    if isinstance(exc, IndexUnavailableError):
+        return ApiError(503, "index_unavailable", str(exc))
+    if isinstance(exc, RetryableError):
+        return ApiError(503, "unavailable", f"{exc}; retry shortly")
+    return None
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """``("body", "filter", "year")`` → ``"filter.year"``; the whole body → None."""
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            ctx = first.get("ctx")
+            detail = ctx.get("error", "") if isinstance(ctx, dict) else ""
+            return error_response(400, "invalid_json", f"the body is not valid JSON: {detail}")
+        param = _param(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        if first.get("type") == "missing":
+            message = "field required"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return error_response(400, "invalid_request", f"{param or 'body'}: {message}", param)
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        known = as_api_error(exc)
+        if known is not None:
+            return error_response(known.status, known.code, known.message, known.param)
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, "internal_error", f"internal error ({type(cause(exc)).__name__})")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before any handler reads it, whether
+    its size is declared (Content-Length) or streamed (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes()
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_413(send, limit)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_413(send, limit)
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so FastAPI's body parsing lets it through (it turns others into a 400).
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds {limit} bytes")
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    body = json.dumps(error_body("body_too_large", f"the request body exceeds {limit} bytes")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,427 @@
+"""The HTTP ingress (FastAPI through ``serve.ingress``): DESIGN.md's HTTP surface.
+
+It validates requests, calls the QueryEmbedder, Retriever and Generator deployments, and answers in
+the shapes of ``schemas/api.py``. Documents posted here are produced onto the documents topic (the
+stream stays the source of truth): they become searchable once the pipeline has written them.
+OpenAPI docs are at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.routing import Match
+
+from deployments.fusion import Ranked, matched_terms
+from deployments.http_errors import ApiError, BodyLimit, as_api_error, install_error_handlers
+from deployments.metrics import CONTENT_TYPE, HttpMetrics
+from schemas.api import (
+    Citation,
+    DocumentsResponse,
+    DocumentStatus,
+    EmbeddingData,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingsUsage,
+    ErrorResponse,
+    Explanation,
+    ProducedRecord,
+    RagRequest,
+    RagResponse,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+)
+from schemas.envelope import DocumentEnvelope, ImageEnvelope, encode_envelope, validate_envelope
+from schemas.errors import PoisonMessageError, RetryableError
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_EMBEDDING_INPUTS = 2048
+MAX_DOCUMENTS_PER_REQUEST = 1000
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "bad input: the field (`param`) and the reason"},
+    413: {"model": ErrorResponse, "description": "body too large"},
+    503: {"model": ErrorResponse, "description": "the index is not ready or a shard is unavailable"},
+}
+
+app = FastAPI(
+    title="Riverbed",
+    summary="Search, RAG and embeddings over a live Kafka stream",
+    version="0.1.0",
+    description='Errors always answer `{"error": {"code", "message", "param"}}`.',
+)
+install_error_handlers(app)
+_limits = {"max_body_bytes": 1024 * 1024}  # set from the settings by the replica
+_metrics = HttpMetrics()  # per replica process
+app.add_middleware(BodyLimit, max_bytes=lambda: _limits["max_body_bytes"])
+
+
+@app.middleware("http")
+async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    start = time.perf_counter()
+    response = await call_next(request)
+    _metrics.observe(_route(request), request.method, response.status_code, time.perf_counter() - start)
+    return response
+
+
+def _route(request: Request) -> str:
+    """The route's template (``/v1/documents/{document_id}``), so ids never become labels."""
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", request.url.path))
+    return "unmatched"
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(
+        self, settings: Settings, servers: str, embedder: Any, retriever: Any, generator: Any
+    ) -> None:
+        self.settings = settings
+        self.servers = servers
+        self.embedder = embedder
+        self.retriever = retriever
+        self.generator = generator
+        self.search_config = settings.serve.search
+        self.rag_config = settings.serve.rag
+        _limits["max_body_bytes"] = settings.serve.max_body_bytes
+        self._producer: Any = None
+        self._producer_lock = asyncio.Lock()
+        self._model: dict[str, Any] | None = None
+
+    # SEARCH
+    @app.post("/v1/search", response_model=SearchResponse, responses=_ERRORS)
+    async def search(self, request: SearchRequest) -> SearchResponse:
+        """Vector, keyword (BM25) or hybrid (reciprocal rank fusion) search over the index."""
+        start = time.perf_counter()
+        k = self._check_k(request.k, self.search_config.default_k)
+        self._check_text(request.query, "query")
+        vector = (
+            None if request.mode == "keyword" else await self._call(self.embedder.embed.remote(request.query))
+        )
+        ranked = await self._call(
+            self.retriever.search.remote(request.query, vector, k, request.filter, request.mode)
+        )
+        return SearchResponse(
+            query=request.query,
+            mode=request.mode,
+            k=k,
+            hits=[_hit(r, request.query if request.explain else None) for r in ranked],
+            took_ms=_ms(start),
+        )
+
+    # RAG
+    @app.post("/v1/rag", response_model=RagResponse, responses=_ERRORS)
+    async def rag(self, request: RagRequest) -> RagResponse:
+        """Answers from the index's passages, citing them; abstains when they do not hold the answer."""
+        start = time.perf_counter()
+        k = self._check_k(request.k, self.rag_config.k)
+        self._check_text(request.question, "question")
+        mode = request.mode or self.rag_config.mode
+        vector = await self._call(self.embedder.embed.remote(request.question))
+        ranked: list[Ranked] = await self._call(
+            self.retriever.search.remote(request.question, vector, k, request.filter, mode)
+        )
+        vector_scores = [r.vector_score for r in ranked if r.vector_score is not None]
+        result = await self._call(
+            self.generator.answer.remote(
+                request.question, [r.hit for r in ranked], max(vector_scores) if vector_scores else None
+            )
+        )
+        by_chunk = {r.hit.chunk_id: r for r in ranked}
+        explain = request.question if request.explain else None
+        return RagResponse(
+            question=request.question,
+            answer=result["answer"],
+            abstained=result["abstained"],
+            reason=result["reason"],
+            citations=[Citation(**c) for c in result["citations"]],
+            passages=[_hit(by_chunk[h.chunk_id], explain) for h in result["passages"]],
+            model=result["model"],
+            took_ms=_ms(start),
+        )
+
+    # EMBEDDINGS (OpenAI-compatible)
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS)
+    async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
+        """OpenAI's embeddings API: `input` is a string or a list of strings."""
+        texts = [request.input] if isinstance(request.input, str) else list(request.input)
+        if not texts:
+            raise ApiError(400, "invalid_request", "input must not be an empty list", "input")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"input has {len(texts)} items; at most {MAX_EMBEDDING_INPUTS}",
+                "input",
+            )
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ApiError(400, "invalid_request", f"input[{i}] is empty", "input")
+        model = await self._describe()
+        if request.model is not None and request.model not in (
+            model["model"],
+            model["model"].rsplit("/", 1)[-1],
+        ):
+            raise ApiError(
+                400,
+                "model_not_found",
+                f"model {request.model!r} is not served here; this server embeds with {model['model']!r}",
+                "model",
+            )
+        if request.dimensions is not None and request.dimensions != model["dim"]:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"dimensions must be {model['dim']} for {model['model']!r}",
+                "dimensions",
+            )
+        vectors, tokens = await asyncio.gather(
+            self._call(self.embedder.embed_many.remote(texts)),
+            self._call(self.embedder.count_tokens.remote(texts)),
+        )
+        data = [
+            EmbeddingData(index=i, embedding=_encode_vector(v, request.encoding_format))
+            for i, v in enumerate(vectors)
+        ]
+        used = int(sum(tokens))
+        return EmbeddingsResponse(
+            data=data, model=model["model"], usage=EmbeddingsUsage(prompt_tokens=used, total_tokens=used)
+        )
+
+    # DOCUMENTS
+    @app.post("/v1/documents", status_code=202, response_model=DocumentsResponse, responses=_ERRORS)
+    async def post_documents(self, request: Request) -> DocumentsResponse:
+        """Produces envelopes (one, a list, or `{"documents": [...]}`) onto their topic, keyed by id."""
+        try:
+            payload = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+        if isinstance(payload, dict) and "documents" in payload and "kind" not in payload:
+            payload = payload["documents"]
+        items = payload if isinstance(payload, list) else [payload]
+        if not items:
+            raise ApiError(400, "invalid_request", "no documents given", "documents")
+        if len(items) > MAX_DOCUMENTS_PER_REQUEST:
+            message = f"{len(items)} documents; at most {MAX_DOCUMENTS_PER_REQUEST} per request"
+            raise ApiError(400, "invalid_request", message, "documents")
+        envelopes = []
+        for i, item in enumerate(items):
+            try:
+                envelopes.append(validate_envelope(item))
+            except PoisonMessageError as exc:
+                raise ApiError(400, "invalid_envelope", f"documents[{i}]: {exc}", f"documents[{i}]") from exc
+        return DocumentsResponse(records=await self._produce(envelopes))
+
+    @app.delete("/v1/documents/{document_id:path}", status_code=202, response_model=DocumentsResponse)
+    async def delete_document(self, document_id: str) -> DocumentsResponse:
+        """Produces a delete for the document: every chunk of it goes, everywhere."""
+        try:
+            envelope = DocumentEnvelope(id=document_id, op="delete")
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request", f"document id: {exc}", "document_id") from exc
+        return DocumentsResponse(records=await self._produce([envelope]))
+
+    @app.get("/v1/documents/{document_id:path}", response_model=DocumentStatus, responses=_ERRORS)
+    async def get_document(self, document_id: str) -> DocumentStatus:
+        """Whether the document is indexed, its chunk count and the record its content came from."""
+        info = await self._call(self.retriever.document.remote(document_id))
+        source = info.get("source")
+        return DocumentStatus(
+            id=document_id,
+            indexed=info["chunks"] > 0,
+            chunks=info["chunks"],
+            content_hash=info.get("content_hash"),
+            source=ProducedRecord(
+                id=document_id, op="upsert", topic=source[0], partition=source[1], offset=source[2]
+            )
+            if source
+            else None,
+        )
+
+    # OPERATIONS
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when every shard answers, 503 otherwise."""
+        try:
+            shards = await asyncio.wait_for(self._call(self.retriever.stats.remote()), 10)
+        except (ApiError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else "shards did not answer within 10 s"
+            return JSONResponse(
+                {"status": "unavailable", "error": {"code": "index_unavailable", "message": message}}, 503
+            )
+        return JSONResponse(
+            {
+                "status": "ok",
+                "index": self.settings.index.name,
+                "shards": len(shards),
+                "chunks": sum(s["chunks"] for s in shards),
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus text: requests and latency per route, consumer lag, index and ingest counters."""
+        try:
+            snapshot = await asyncio.wait_for(asyncio.to_thread(self._ingest_snapshot_blocking), 10)
+        except Exception as exc:  # the request metrics are worth serving without the ingest ones
+            log.warning("metrics: ingest figures unavailable: %s", exc)
+            snapshot = None
+        if snapshot is not None:
+            try:
+                snapshot["shards"] = await asyncio.wait_for(self._call(self.retriever.stats.remote()), 10)
+            except (ApiError, TimeoutError):
+                snapshot["shards"] = []
+        return Response(_metrics.render(snapshot), media_type=CONTENT_TYPE)
+
+    # HELPERS
+    def _check_k(self, k: int | None, default: int) -> int:
+        k = default if k is None else k
+        if not 1 <= k <= self.search_config.max_k:
+            raise ApiError(
+                400, "invalid_request", f"k must be between 1 and {self.search_config.max_k}, got {k}", "k"
+            )
+        return k
+
+    def _check_text(self, text: str, param: str) -> None:
+        limit = self.search_config.max_query_chars
+        if len(text) > limit:
+            raise ApiError(
+                400, "invalid_request", f"{param} has {len(text)} characters; at most {limit}", param
+            )
+
+    async def _call(self, response: Any) -> Any:
+        """Awaits a deployment call; errors with an HTTP meaning become :class:`ApiError`."""
+        try:
+            return await response
+        except Exception as exc:
+            known = as_api_error(exc)
+            if known is not None:
+                raise known from exc
+            raise
+
+    async def _describe(self) -> dict[str, Any]:
+        if self._model is None:
+            self._model = await self._call(self.embedder.describe.remote())
+        return self._model
+
+    async def _produce(self, envelopes: list[DocumentEnvelope | ImageEnvelope]) -> list[ProducedRecord]:
+        async with self._producer_lock:
+            if self._producer is None:
+                self._producer = await asyncio.to_thread(self._make_producer)
+        try:
+            return await asyncio.to_thread(self._produce_blocking, envelopes)
+        except RetryableError as exc:
+            raise ApiError(503, "broker_unavailable", str(exc)) from exc
+
+    def _make_producer(self) -> Any:
+        from kafka import KafkaProducer
+
+        return KafkaProducer(
+            bootstrap_servers=self.servers,
+            client_id=f"riverbed-http-{self.settings.index.name}",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=self.settings.kafka.max_record_bytes + 64 * 1024,
+        )
+
+    def _produce_blocking(self, envelopes: list[DocumentEnvelope | ImageEnvelope]) -> list[ProducedRecord]:
+        from kafka.errors import KafkaError
+
+        topics = self.settings.kafka.topics
+        sent = []
+        for env in envelopes:
+            key, value = encode_envelope(env)
+            if len(value) > self.settings.kafka.max_record_bytes:
+                raise ApiError(
+                    413, "body_too_large", f"document {env.id!r} is {len(value)} bytes encoded; "
+                    f"the limit is {self.settings.kafka.max_record_bytes}", "documents",
+                )  # fmt: skip
+            topic = topics.images if isinstance(env, ImageEnvelope) else topics.documents
+            sent.append((env, topic, self._producer.send(topic, key=key, value=value)))
+        try:
+            records = []
+            for env, topic, future in sent:
+                meta = future.get(timeout=30)
+                records.append(
+                    ProducedRecord(
+                        id=env.id, op=env.op, topic=topic, partition=meta.partition, offset=meta.offset
+                    )
+                )
+            return records
+        except KafkaError as exc:
+            raise RetryableError(f"producing to {self.servers} failed: {exc}") from exc
+
+    def _ingest_snapshot_blocking(self) -> dict[str, Any]:
+        from actors.kafka_offsets import committed_offsets, end_offsets
+
+        s = self.settings
+        sources: list[dict[str, Any]] = []
+        for i in range(s.ingest.sources):
+            try:
+                actor = ray.get_actor(f"{s.index.name}/source/{i}", namespace=s.ray.namespace)
+                stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=5)  # type: ignore[assignment]
+                sources.append(stats)
+            except (ValueError, ray.exceptions.RayError):
+                continue  # no ingest running: lag and the index figures still tell
+        dead: dict[str, int] = {}
+        for source in sources:
+            for reason, n in source.get("dead_letters", {}).items():
+                dead[reason] = dead.get(reason, 0) + n
+        return {
+            "index": s.index.name,
+            "committed": committed_offsets(self.servers, s.consumer_group, timeout_s=5),
+            "ends": end_offsets(self.servers, [s.kafka.topics.documents]),
+            "sources": sources,
+            "dead_letters": dead,
+        }
+
+
+def _hit(ranked: Ranked, explain_query: str | None) -> SearchHit:
+    hit = ranked.hit
+    explanation = None
+    if explain_query is not None:
+        explanation = Explanation(
+            vector_rank=ranked.vector_rank,
+            vector_score=ranked.vector_score,
+            keyword_rank=ranked.keyword_rank,
+            keyword_score=ranked.keyword_score,
+            fused_score=ranked.fused_score,
+            matched_terms=matched_terms(explain_query, hit),
+        )
+    return SearchHit(
+        chunk_id=hit.chunk_id,
+        document_id=hit.document_id,
+        title=hit.title,
+        text=hit.text,
+        span=(hit.start, hit.end),
+        score=ranked.score,
+        metadata=dict(hit.metadata),
+        explanation=explanation,
+    )
+
+
+def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # OpenAI's: little-endian float32 bytes, base64
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)

@@ -1,0 +1,127 @@
+"""Searcher: one query → every shard → merged top k (vector, keyword) or fused (hybrid).
+
+The plain logic behind the Retriever deployment (STYLE.md principle 1): it reaches shards through
+the :class:`Shards` protocol, implemented over Ray actor handles by ``deployments/retriever.py``
+and over in-process :class:`actors.index_shard.IndexShard` objects by :class:`LocalShards` (unit
+tests, in-process benchmarks).
+
+Filters are checked against the metadata fields the index holds: a field no chunk has is almost
+always a typo, so it is refused (:class:`InvalidRequestError` naming the field and the known ones) instead of
+silently matching nothing. The known fields are cached for ``fields_ttl_s`` and re-read once
+before refusing, so a field that was just ingested is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from actors.index_shard import IndexShard
+from actors.vector_index import Hit
+from deployments.fusion import Ranked, fuse, merge_shards, ranked_keyword, ranked_vector
+from schemas.errors import InvalidRequestError
+from schemas.filters import MetadataFilter
+from schemas.settings import SearchConfig
+
+
+class Shards(Protocol):
+    """Every shard of one index. Each method asks all shards and returns one result per shard."""
+
+    async def search(
+        self, vectors: np.ndarray, k: int, filter: MetadataFilter | None
+    ) -> list[list[list[Hit]]]:
+        """Per shard: one best-first hit list per row of ``vectors``."""
+        ...
+
+    async def keyword_search(
+        self, queries: list[str], k: int, filter: MetadataFilter | None, title_weight: float
+    ) -> list[list[list[Hit]]]: ...
+
+    async def metadata_fields(self) -> list[set[str]]: ...
+
+
+class LocalShards:
+    """:class:`Shards` over in-process shards (same answers as the actors, without Ray)."""
+
+    def __init__(self, shards: Sequence[IndexShard]) -> None:
+        self.shards = list(shards)
+
+    async def search(
+        self, vectors: np.ndarray, k: int, filter: MetadataFilter | None
+    ) -> list[list[list[Hit]]]:
+        return [s.search(vectors, k, filter) for s in self.shards]
+
+    async def keyword_search(
+        self, queries: list[str], k: int, filter: MetadataFilter | None, title_weight: float
+    ) -> list[list[list[Hit]]]:
+        return [s.keyword_search(queries, k, filter, title_weight) for s in self.shards]
+
+    async def metadata_fields(self) -> list[set[str]]:
+        return [s.metadata_fields() for s in self.shards]
+
+
+class Searcher:
+    def __init__(self, config: SearchConfig, shards: Shards, fields_ttl_s: float = 5.0) -> None:
+        self.config = config
+        self.shards = shards
+        self.fields_ttl_s = fields_ttl_s
+        self._fields: set[str] = set()
+        self._fields_at = -float("inf")
+
+    async def check_filter(self, filter: MetadataFilter | None) -> None:
+        """Raises :class:`InvalidRequestError` naming a filter field that no chunk of the index has."""
+        if filter is None or not filter.conditions:
+            return
+        unknown = filter.fields - await self.known_fields()
+        if unknown:
+            unknown = filter.fields - await self.known_fields(refresh=True)
+        if unknown:
+            known = ", ".join(sorted(self._fields)) or "none: no chunk has metadata"
+            raise InvalidRequestError(
+                f"unknown filter field {sorted(unknown)[0]!r}; the index has: {known}", param="filter"
+            )
+
+    async def known_fields(self, refresh: bool = False) -> set[str]:
+        if refresh or time.monotonic() - self._fields_at > self.fields_ttl_s:
+            self._fields = set().union(*await self.shards.metadata_fields())
+            self._fields_at = time.monotonic()
+        return self._fields
+
+    async def search(
+        self,
+        query: str,
+        vector: np.ndarray | None,
+        k: int,
+        filter: MetadataFilter | None = None,
+        mode: str = "hybrid",
+    ) -> list[Ranked]:
+        """The top ``k`` for ``query`` (``vector``: its embedding, needed unless ``mode`` is
+        keyword), best first. Vector and keyword searches of a hybrid query run concurrently;
+        each contributes ``max(k, config.candidates)`` candidates to the fusion."""
+        await self.check_filter(filter)
+        if mode == "keyword":
+            return ranked_keyword(await self._keyword(query, k, filter))
+        if vector is None:
+            raise InvalidRequestError(f"mode {mode!r} needs the query's vector", param="mode")
+        if mode == "vector":
+            return ranked_vector(await self._vector(vector, k, filter))
+        if mode != "hybrid":
+            raise InvalidRequestError(f"unknown mode {mode!r}: use vector, keyword or hybrid", param="mode")
+        n = max(k, self.config.candidates)
+        vector_hits, keyword_hits = await asyncio.gather(
+            self._vector(vector, n, filter), self._keyword(query, n, filter)
+        )
+        c = self.config
+        return fuse(vector_hits, keyword_hits, k, c.rrf_k, c.vector_weight, c.keyword_weight)
+
+    async def _vector(self, vector: np.ndarray, k: int, filter: MetadataFilter | None) -> list[Hit]:
+        per_shard = await self.shards.search(vector.reshape(1, -1).astype(np.float32), k, filter)
+        return merge_shards([rows[0] for rows in per_shard], k)
+
+    async def _keyword(self, query: str, k: int, filter: MetadataFilter | None) -> list[Hit]:
+        per_shard = await self.shards.keyword_search([query], k, filter, self.config.title_weight)
+        return merge_shards([rows[0] for rows in per_shard], k)

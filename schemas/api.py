@@ -1,0 +1,182 @@
+"""The HTTP surface's request and response bodies (DESIGN.md, "HTTP surface").
+
+Requests forbid unknown fields (a misspelt ``fliter`` is an error, not a silently ignored
+option), except the OpenAI-compatible embeddings request, which OpenAI clients send with extra
+fields. Limits that depend on the configuration (``k``'s maximum, the query length) are checked by
+the ingress, which names the field in its error.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+from schemas.filters import MetadataFilter
+
+MetadataValue = str | bool | int | float
+SearchMode = Literal["vector", "keyword", "hybrid"]
+Text = Annotated[StrictStr, Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _not_blank(value: str, field: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{field} must not be empty or blank")
+    return value
+
+
+class SearchRequest(_Request):
+    query: Text
+    k: int | None = Field(None, description="hits to return (default: serve.search.default_k)")
+    filter: MetadataFilter | None = Field(
+        None, description='metadata conditions, e.g. {"lang": "en", "year": {"gte": 2000}}'
+    )
+    mode: SearchMode = "hybrid"
+    explain: bool = Field(False, description="add each hit's score breakdown")
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        return _not_blank(v, "query")
+
+
+class RagRequest(_Request):
+    question: Text
+    k: int | None = Field(None, description="passages given to the generator (default: serve.rag.k)")
+    filter: MetadataFilter | None = None
+    mode: SearchMode | None = Field(None, description="retrieval mode (default: serve.rag.mode)")
+    explain: bool = False
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, v: str) -> str:
+        return _not_blank(v, "question")
+
+
+class Explanation(BaseModel):
+    """How a hit's score came about: each retriever's rank (1-based) and score, and the fusion."""
+
+    vector_rank: int | None = None
+    vector_score: float | None = None
+    keyword_rank: int | None = None
+    keyword_score: float | None = None
+    fused_score: float | None = None
+    matched_terms: list[dict[str, Any]] = Field(
+        default_factory=list, description="query words found in the chunk: {term, start, end} in the document"
+    )
+
+
+class SearchHit(BaseModel):
+    chunk_id: str
+    document_id: str
+    title: str | None
+    text: str
+    span: tuple[int, int] = Field(description="code points [start, end) of the document's text")
+    score: float
+    metadata: dict[str, MetadataValue]
+    explanation: Explanation | None = None
+
+
+class SearchResponse(BaseModel):
+    query: str
+    mode: SearchMode
+    k: int
+    hits: list[SearchHit]
+    took_ms: float
+
+
+class Citation(BaseModel):
+    number: int = Field(description="the passage number the answer cites ([1] is the first)")
+    chunk_id: str
+    document_id: str
+    span: tuple[int, int] = Field(description="code points of the document's text that support the answer")
+    text: str = Field(description="the cited passage")
+
+
+class RagResponse(BaseModel):
+    question: str
+    answer: str
+    abstained: bool
+    reason: str | None = Field(None, description="why the answer abstained")
+    citations: list[Citation]
+    passages: list[SearchHit] = Field(description="the passages the generator was given, in prompt order")
+    model: str
+    took_ms: float
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's ``POST /v1/embeddings`` body. Token-id input is refused: ids from another tokenizer
+    (OpenAI's) mean nothing to this model."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    input: StrictStr | list[StrictStr]
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, int | list) for x in v):
+            raise ValueError(
+                "token-id input is not supported (ids of another tokenizer mean nothing to this model): "
+                "send strings (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))"
+            )
+        return v
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class ProducedRecord(BaseModel):
+    id: str
+    op: Literal["upsert", "delete"]
+    topic: str
+    partition: int
+    offset: int
+
+
+class DocumentsResponse(BaseModel):
+    """Where each envelope landed on the topic. It is searchable once the pipeline has committed
+    past that offset (``GET /v1/documents/{id}`` tells)."""
+
+    records: list[ProducedRecord]
+
+
+class DocumentStatus(BaseModel):
+    id: str
+    indexed: bool
+    chunks: int = Field(description="chunks stored for the document, over all shards")
+    content_hash: str | None = None
+    source: ProducedRecord | None = Field(None, description="the record whose content is indexed")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

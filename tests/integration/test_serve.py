@@ -1,0 +1,317 @@
+"""The HTTP app over real HTTP: Ray Serve in front of shards filled by the real pipeline from SQuAD
+passages, the real MiniLM query embedder and the real SmolLM2 generator."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from cluster.serving import Serving, start_serving
+from schemas.envelope import DocumentEnvelope
+from schemas.settings import Settings, load_settings
+from tests.integration.ingest_helpers import produce, squad_documents
+
+N_DOCS = 400
+
+
+@dataclass(frozen=True)
+class App:
+    url: str
+    settings: Settings
+    docs: dict[str, DocumentEnvelope]
+    serving: Serving
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def app(broker, ray_session, tmp_path_factory) -> Iterator[App]:
+    from ray import serve
+
+    from cluster.kafka_admin import ensure_topics
+
+    name = f"serve{uuid.uuid4().hex[:8]}"
+    topics = {"documents": f"t.{name}.docs", "images": f"t.{name}.images", "dead_letter": f"t.{name}.dlq"}
+    settings = load_settings(
+        overrides={
+            "home": str(tmp_path_factory.mktemp("serve-home")),
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topics": {**topics, "documents_partitions": 2},
+            },
+            "index": {"name": name, "n_shards": 2},
+            "serve": {"port": _free_port(), "max_body_bytes": 64 * 1024},
+        }
+    )
+    ensure_topics(
+        broker.bootstrap_servers, {topics["documents"]: 2, topics["images"]: 1, topics["dead_letter"]: 1}
+    )
+    docs = squad_documents(N_DOCS)
+    docs = [
+        DocumentEnvelope(id=d.id, title=d.title, text=d.text, metadata={**d.metadata, "position": i})
+        for i, d in enumerate(docs)
+    ]
+    produce(settings, docs)
+    serving = start_serving(settings, ingest=True)
+    try:
+        assert serving.pipeline is not None
+        serving.pipeline.wait_idle(timeout_s=600, interval_s=0.5)
+        yield App(serving.url, settings, {d.id: d for d in docs}, serving)
+    finally:
+        serving.stop()
+        serve.shutdown()
+        import ray
+
+        for i in range(settings.index.n_shards):
+            ray.kill(ray.get_actor(f"{name}/shard/{i}", namespace=settings.ray.namespace))
+
+
+@pytest.fixture(scope="module")
+def http(app: App) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=app.url, timeout=120) as client:
+        yield client
+
+
+QUESTION = "Which NFL team represented the AFC at Super Bowl 50?"  # gold: Super_Bowl_50_0000
+GOLD = "Super_Bowl_50_0000"
+
+
+def check_hit(app: App, hit: dict) -> None:
+    doc = app.docs[hit["document_id"]]
+    start, end = hit["span"]
+    assert doc.text[start:end] == hit["text"], "a hit's span must point at its text in the document"
+    assert hit["chunk_id"].startswith(hit["document_id"] + "#")
+    assert hit["title"] == doc.title
+    assert hit["metadata"] == dict(doc.metadata)
+
+
+@pytest.mark.parametrize("mode", ["vector", "keyword", "hybrid"])
+def test_search_finds_the_gold_passage_in_every_mode(app, http, mode):
+    r = http.post("/v1/search", json={"query": QUESTION, "k": 5, "mode": mode})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == mode and body["k"] == 5 and len(body["hits"]) == 5
+    assert GOLD in [h["document_id"] for h in body["hits"]]
+    scores = [h["score"] for h in body["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    for hit in body["hits"]:
+        check_hit(app, hit)
+
+
+def test_keyword_hits_contain_a_query_word(http):
+    hits = http.post("/v1/search", json={"query": "Broncos", "k": 5, "mode": "keyword"}).json()["hits"]
+    assert hits and all("bronco" in h["text"].lower() for h in hits)
+
+
+def test_filters_equality_range_and_in(app, http):
+    r = http.post(
+        "/v1/search",
+        json={"query": "football championship game", "k": 10, "filter": {"title": "Super Bowl 50"}},
+    )
+    hits = r.json()["hits"]
+    assert hits and all(h["metadata"]["title"] == "Super Bowl 50" for h in hits)
+    r = http.post(
+        "/v1/search",
+        json={"query": "history", "k": 20, "mode": "vector", "filter": {"position": {"gte": 100, "lt": 120}}},
+    )
+    positions = [h["metadata"]["position"] for h in r.json()["hits"]]
+    assert positions and all(100 <= p < 120 for p in positions)
+    titles = ["Warsaw", "Normans"]
+    r = http.post("/v1/search", json={"query": "city", "k": 10, "filter": {"title": {"in": titles}}})
+    assert {h["metadata"]["title"] for h in r.json()["hits"]} <= set(titles)
+
+
+def test_explain_gives_the_score_breakdown(http):
+    r = http.post("/v1/search", json={"query": QUESTION, "k": 3, "mode": "hybrid", "explain": True})
+    top = r.json()["hits"][0]
+    ex = top["explanation"]
+    assert ex["fused_score"] == pytest.approx(top["score"])
+    assert ex["vector_rank"] is not None or ex["keyword_rank"] is not None
+    for term in ex["matched_terms"]:
+        start, end = term["start"] - top["span"][0], term["end"] - top["span"][0]
+        assert top["text"][start:end] == term["term"]
+
+
+def test_rag_answers_with_citations_that_point_at_real_text(app, http):
+    r = http.post("/v1/rag", json={"question": QUESTION, "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["passages"] and body["model"]
+    if not body["abstained"]:
+        assert body["answer"].strip()
+        assert body["citations"], "an answer cites the passages it used"
+    for citation in body["citations"]:
+        doc = app.docs[citation["document_id"]]
+        start, end = citation["span"]
+        assert 0 <= start < end <= len(doc.text)
+        assert doc.text[start:end] in citation["text"] or citation["text"] in doc.text
+        assert citation["chunk_id"] in {p["chunk_id"] for p in body["passages"]}
+
+
+def test_rag_abstains_when_the_corpus_cannot_answer(http):
+    r = http.post(
+        "/v1/rag", json={"question": "What torque should a carbon bicycle seatpost clamp bolt get?"}
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["abstained"] is True
+    assert body["citations"] == [] and body["reason"]
+
+
+def test_embeddings_with_the_official_openai_client(app, http):
+    import openai
+
+    from actors.embedder import Embedder
+
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused")
+    texts = ["The Broncos won Super Bowl 50.", "Warsaw is the capital of Poland."]
+    response = client.embeddings.create(model=app.settings.embed.model, input=texts)  # base64 on the wire
+    assert [d.index for d in response.data] == [0, 1]
+    got = np.array([d.embedding for d in response.data], dtype=np.float32)
+    embedder = Embedder(app.settings.embed.model_copy(update={"num_cpus": 1}))
+    expected = embedder.embed(texts)
+    assert got.shape == (2, embedder.dim)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert response.usage.prompt_tokens == sum(embedder.count_tokens(texts))
+    floats = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0], encoding_format="float")
+    np.testing.assert_allclose(np.array(floats.data[0].embedding, np.float32), expected[0], atol=1e-4)
+    with pytest.raises(openai.BadRequestError, match="not served here"):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def _wait_for(http: httpx.Client, doc_id: str, indexed: bool, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = http.get(f"/v1/documents/{doc_id}").json()
+        if status["indexed"] is indexed:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"{doc_id} did not become indexed={indexed} within {timeout_s} s")
+
+
+def test_posted_documents_become_searchable_and_deletes_remove_them(app, http):
+    doc_id = f"posted-{uuid.uuid4().hex[:6]}"
+    text = "The quokka is a small marsupial that lives on Rottnest Island near Perth."
+    r = http.post("/v1/documents", json={"kind": "document", "id": doc_id, "title": "Quokka", "text": text})
+    assert r.status_code == 202, r.text
+    [record] = r.json()["records"]
+    assert record["topic"] == app.settings.kafka.topics.documents and record["offset"] >= 0
+    status = _wait_for(http, doc_id, indexed=True)
+    assert status["chunks"] == 1
+    assert (
+        status["source"]["offset"] == record["offset"]
+        and status["source"]["partition"] == record["partition"]
+    )
+    hits = http.post("/v1/search", json={"query": "quokka marsupial island", "k": 1}).json()["hits"]
+    assert hits[0]["document_id"] == doc_id and hits[0]["text"] == text
+    r = http.delete(f"/v1/documents/{doc_id}")
+    assert r.status_code == 202 and r.json()["records"][0]["op"] == "delete"
+    assert _wait_for(http, doc_id, indexed=False)["chunks"] == 0
+    hits = http.post("/v1/search", json={"query": "quokka marsupial island", "k": 3}).json()["hits"]
+    assert doc_id not in [h["document_id"] for h in hits]
+
+
+def test_documents_endpoint_rejects_bad_envelopes_naming_them(http):
+    r = http.post(
+        "/v1/documents",
+        json=[{"kind": "document", "id": "ok", "text": "fine"}, {"kind": "document", "id": "x"}],
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == "invalid_envelope" and error["param"] == "documents[1]"
+    assert "text" in error["message"]
+
+
+BAD_REQUESTS = [
+    ("malformed json", "/v1/search", b'{"query": "x",', 400, "invalid_json", None),
+    ("wrong type", "/v1/search", {"query": "x", "k": "many"}, 400, "invalid_request", "k"),
+    ("empty query", "/v1/search", {"query": ""}, 400, "invalid_request", "query"),
+    ("blank query", "/v1/search", {"query": "   "}, 400, "invalid_request", "query"),
+    ("missing query", "/v1/search", {"k": 3}, 400, "invalid_request", "query"),
+    ("k zero", "/v1/search", {"query": "x", "k": 0}, 400, "invalid_request", "k"),
+    ("k too big", "/v1/search", {"query": "x", "k": 100000}, 400, "invalid_request", "k"),
+    ("bad mode", "/v1/search", {"query": "x", "mode": "fuzzy"}, 400, "invalid_request", "mode"),
+    ("unknown field", "/v1/search", {"query": "x", "fliter": {}}, 400, "invalid_request", "fliter"),
+    (
+        "unknown filter field",
+        "/v1/search",
+        {"query": "x", "filter": {"yeer": 2000}},
+        400,
+        "invalid_request",
+        "filter",
+    ),
+    (
+        "bad filter op",
+        "/v1/search",
+        {"query": "x", "filter": {"position": {"bigger": 3}}},
+        400,
+        "invalid_request",
+        None,
+    ),
+    ("rag empty question", "/v1/rag", {"question": ""}, 400, "invalid_request", "question"),
+    ("rag k too big", "/v1/rag", {"question": "why", "k": 5000}, 400, "invalid_request", "k"),
+    ("embeddings empty list", "/v1/embeddings", {"input": []}, 400, "invalid_request", "input"),
+    ("embeddings token ids", "/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "invalid_request", None),
+    ("documents not json", "/v1/documents", b"nope", 400, "invalid_json", None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,code,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_4xx_naming_the_field(http, name, path, body, status, code, param):
+    if isinstance(body, bytes):
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"]
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param), error
+
+
+def test_a_body_over_the_limit_gets_413(http):
+    r = http.post("/v1/search", json={"query": "x" * (70 * 1024)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_unknown_routes_and_methods_keep_the_error_shape(http):
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = http.get("/v1/search")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_health_metrics_and_docs(app, http):
+    health = http.get("/healthz")
+    assert health.status_code == 200 and health.json()["shards"] == 2 and health.json()["chunks"] > N_DOCS
+    http.post("/v1/search", json={"query": "warsaw", "k": 1})
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'riverbed_http_requests_total{method="POST",route="/v1/search",status="200"}' in text
+    assert "riverbed_http_request_duration_seconds_bucket" in text
+    assert f'riverbed_consumer_lag{{index="{app.settings.index.name}"' in text
+    assert f'riverbed_index_chunks{{index="{app.settings.index.name}",shard="0"}}' in text
+    assert http.get("/docs").status_code == 200
+    assert "/v1/search" in http.get("/openapi.json").json()["paths"]
+
+
+def test_an_index_without_shards_is_unavailable(app, ray_session):
+    from deployments.retriever import RayShards
+    from schemas.errors import IndexUnavailableError
+
+    other = app.settings.model_copy(
+        update={"index": app.settings.index.model_copy(update={"name": "nothing-here"})}
+    )
+    with pytest.raises(IndexUnavailableError, match="not ready"):
+        RayShards(other).handles()
