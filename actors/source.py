@@ -124,16 +124,25 @@ class KafkaSource:
         self._seq = 0
         self._stop = threading.Event()
         self._paused = False
+        self._unassigned_since = time.monotonic()
         self.counters: Counter[str] = Counter()
 
     # LIFECYCLE
     def warm_up(self) -> None:
         """Loads the tokenizer, joins the consumer group, opens the dead-letter producer."""
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
-
         self.chunker.warm_up()
         if self._consumer is not None:
             return
+        self._consumer = self._new_consumer()
+        self._dead = DeadLetterWriter(
+            self.servers, self.kafka.topics.dead_letter, self.kafka.max_record_bytes
+        )
+
+    def _new_consumer(self) -> Any:
+        """A consumer subscribed to the documents topic in the group (not yet joined: the first
+        poll joins), with the rebalance listener that drops and rewinds in-flight batches."""
+        from kafka import ConsumerRebalanceListener, KafkaConsumer
+
         source = self
 
         class _Listener(ConsumerRebalanceListener):
@@ -143,7 +152,7 @@ class KafkaSource:
             def on_partitions_assigned(self, assigned: Any) -> None:
                 source._on_assigned(assigned)
 
-        self._consumer = KafkaConsumer(
+        consumer = KafkaConsumer(
             bootstrap_servers=self.servers,
             group_id=self.group,
             client_id=self.name,
@@ -152,10 +161,10 @@ class KafkaSource:
             max_partition_fetch_bytes=self.kafka.max_record_bytes + 1024 * 1024,
             fetch_max_bytes=max(52_428_800, self.kafka.max_record_bytes + 1024 * 1024),
         )
-        self._consumer.subscribe([self.kafka.topics.documents], listener=_Listener())
-        self._dead = DeadLetterWriter(
-            self.servers, self.kafka.topics.dead_letter, self.kafka.max_record_bytes
-        )
+        consumer.subscribe([self.kafka.topics.documents], listener=_Listener())
+        self._unassigned_since = time.monotonic()
+        self._paused = False
+        return consumer
 
     def stop(self) -> None:
         """Asks :meth:`run` to finish the in-flight batches, commit, and return."""
@@ -202,6 +211,7 @@ class KafkaSource:
 
     def step(self) -> None:
         """One turn: poll a batch if there is room, then write every batch whose vectors are ready."""
+        self._check_membership()
         if len(self._inflight) < self.ingest.max_in_flight_batches:
             self._set_paused(False)
             self._enter("polling")
@@ -216,6 +226,36 @@ class KafkaSource:
                 self._finish(self._inflight[0])
         while self._inflight and (self._inflight[0].vectors is None or self._inflight[0].vectors.done()):
             self._finish(self._inflight[0])
+
+    def _check_membership(self) -> None:
+        """Replaces a consumer that holds no partition for ``ingest.rejoin_after_s`` while every
+        source should hold one (sources <= partitions): a member stuck outside the group would
+        otherwise leave its share of the topic unread forever, and nothing else would notice."""
+        if self._consumer.assignment():
+            self._unassigned_since = time.monotonic()
+            return
+        waited = time.monotonic() - self._unassigned_since
+        if waited < self.ingest.rejoin_after_s:
+            return
+        partitions = self._consumer.partitions_for_topic(self.kafka.topics.documents) or set()
+        if self.ingest.sources > len(partitions):
+            self._unassigned_since = time.monotonic()  # more sources than partitions: idling is fine
+            return
+        log.warning(
+            "%s: no partition assigned after %.0f s in group %s; joining again with a new consumer",
+            self.name,
+            waited,
+            self.group,
+        )
+        self.counters["rejoins"] += 1
+        self._drop_in_flight("rejoining the group")
+        self._rewind = {}
+        old, self._consumer = self._consumer, None
+        try:
+            old.close(autocommit=False, timeout_ms=5000)
+        except Exception as exc:  # a stuck client may fail to leave cleanly; the new one joins anyway
+            log.warning("%s: closing the stuck consumer failed: %r", self.name, exc)
+        self._consumer = self._new_consumer()
 
     def _poll_batch(self) -> list[_Record]:
         """Up to ``poll_max_records`` records: returns once that many arrived, or ``max_wait_s``

@@ -248,9 +248,26 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.which == "query":
+        from cluster.bench.query import bench_query
+
+        result = bench_query(
+            settings, Path(args.dataset), args.repeat or 5, args.queries, args.k, args.mode, Path(args.out)
+        )
+        one, sixteen = result["http"][0], result["http"][-1]
+        emit(
+            args,
+            result,
+            f"query over {result['chunks']} chunks: HTTP p50 {one['p50_ms']:.1f} ms at 1 client "
+            f"(in-process {result['in_process']['p50_ms']:.1f} ms, overhead "
+            f"{result['overhead_p50_ms_1_client']:.1f} ms); 16 clients {sixteen['qps']:.0f} q/s vs "
+            f"in-process batched {result['in_process']['batched_qps']:.0f} q/s "
+            f"({result['throughput_ratio_16_vs_in_process_batched']:.2f}x); report in {args.out}/query.md",
+        )
+        return 0
     from cluster.bench.ingest import bench_ingest
 
-    result = bench_ingest(settings, Path(args.corpus), args.repeat, Path(args.out))
+    result = bench_ingest(settings, Path(args.corpus), args.repeat or 1, Path(args.out))
     text = (
         f"ingest: pipeline {result['pipeline_chunks_per_s']} chunks/s, raw encode "
         f"{result['raw_chunks_per_s']} chunks/s, ratio {result['ratio']} "
@@ -343,9 +360,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_stats)
 
     bench = sub.add_parser("bench", help="benchmarks, measured side by side", parents=[common])
-    bench.add_argument("which", choices=["ingest"])
-    bench.add_argument("--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="documents to ingest")
-    bench.add_argument("--repeat", type=int, default=1, help="copies of the corpus under different ids")
+    bench.add_argument("which", choices=["ingest", "query"])
+    bench.add_argument(
+        "--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="ingest: documents to ingest"
+    )
+    bench.add_argument(
+        "--dataset", default="data/squad-v1.1-dev", help="query: BEIR-layout corpus and queries"
+    )
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="copies of the corpus under different ids (ingest 1, query 5)",
+    )
+    bench.add_argument("--queries", type=int, default=400, help="query: questions sent per measurement")
+    bench.add_argument("--k", type=int, default=10, help="query: hits per search")
+    bench.add_argument(
+        "--mode", choices=["vector", "keyword", "hybrid"], default="vector", help="query: mode"
+    )
     bench.add_argument("--out", default="out/bench", help="where JSON and markdown reports go")
     bench.set_defaults(func=cmd_bench)
 

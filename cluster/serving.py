@@ -21,7 +21,7 @@ from actors.shard_store import DB_NAME, ShardStore
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, shard_handles
 from cluster.ray_runtime import connect
-from schemas.errors import RetryableError
+from schemas.errors import ConfigError, RetryableError
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,43 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
                 "index %r holds no data yet: search answers 503 until ingest runs", settings.index.name
             )
     # SERVE
+    check_resources(settings)
     host, port = settings.serve.host, settings.serve.port
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, servers), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_ready(url)
     return Serving(settings, url, pipeline)
+
+
+def check_resources(settings: Settings) -> None:
+    """Refuses to deploy an app whose replicas cannot all be scheduled now (Serve would wait for
+    them forever), naming the settings that decide it."""
+    import ray
+    from ray import serve
+
+    from deployments.app import APP_NAME
+
+    sv = settings.serve
+    parts = {
+        "ingress": sv.ingress,
+        "embedder": sv.embedder,
+        "retriever": sv.retriever,
+        "generator": sv.generator,
+    }
+    needed = sum(
+        c.num_cpus * (c.min_replicas if c.num_replicas == "auto" else c.num_replicas) for c in parts.values()
+    )
+    if APP_NAME in serve.status().applications:
+        return  # a redeploy reuses the running replicas' resources
+    free = ray.available_resources().get("CPU", 0.0)
+    if needed > free + 1e-9:
+        detail = ", ".join(f"serve.{n}.num_cpus={c.num_cpus:g}" for n, c in parts.items())
+        raise ConfigError(
+            f"the app needs {needed:g} of Ray's logical CPUs but {free:g} are free "
+            f"(of {ray.cluster_resources().get('CPU', 0.0):g}; the ingest embedder holds embed.num_cpus): "
+            f"lower {detail}, or embed.num_cpus, or give Ray more (ray.num_cpus)"
+        )
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -9,13 +9,14 @@ replica; the local backend keeps a converted copy of GGUF models in the model ca
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
 from actors.generator import make_generator
 from actors.vector_index import Hit
-from deployments.rag import abstain_for_weak_retrieval, build_messages, parse_answer, refine_span
+from deployments.rag import RagAnswer, abstain_for_weak_retrieval, build_messages, parse_answer, refine_span
 from schemas.settings import Settings
 
 
@@ -27,10 +28,18 @@ class Generator:
         self.generator.warm_up()
         self._lock = asyncio.Lock()  # one generation at a time per replica: they share the cores
 
-    async def answer(self, question: str, hits: list[Hit], best_vector_score: float | None) -> dict[str, Any]:
+    async def answer(
+        self, question: str, hits: list[Hit], vector_scores: list[float | None]
+    ) -> dict[str, Any]:
         """``{"answer", "abstained", "reason", "citations": [Citation fields], "passages": [Hit],
-        "model"}``; ``passages`` are those the prompt held, in prompt order."""
-        weak = abstain_for_weak_retrieval(hits, best_vector_score, self.config.min_score)
+        "model"}``; ``passages`` are those the prompt held, in prompt order. ``vector_scores[i]``:
+        the cosine of ``hits[i]`` with the question (None when only keyword search found it)."""
+        # Judged on vector scores (rag.min_score's scale); hits only keyword search found have none,
+        # and with no vector score at all (keyword mode) only "no passages" abstains here.
+        scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
+        weak = abstain_for_weak_retrieval(
+            scored if scored else hits, self.config.min_score if scored else -1.0
+        )
         if weak is not None:
             return self._result(weak, [])
         messages, used = build_messages(
@@ -38,21 +47,19 @@ class Generator:
         )
         async with self._lock:
             generation = await asyncio.to_thread(self.generator.generate, messages)
-        return self._result(parse_answer(generation.text, used), used)
+        return self._result(parse_answer(generation.text, used, question=question), used)
 
-    def _result(self, answer: Any, passages: list[Hit]) -> dict[str, Any]:
+    def _result(self, answer: RagAnswer, passages: list[Hit]) -> dict[str, Any]:
         citations = []
-        for citation in answer.citations:
-            refined = refine_span(answer.answer, citation)
+        for c in answer.citations:
+            start, end = refine_span(answer.answer, c)
+            # narrowed to the answer's own words where they appear verbatim: text and span agree
+            offset = start - c.span[0]
+            text = c.text[offset : offset + end - start] if (start, end) != tuple(c.span) else c.text
             citations.append(
-                {
-                    "number": refined.number,
-                    "chunk_id": refined.chunk_id,
-                    "document_id": refined.document_id,
-                    "span": tuple(refined.span),
-                    "text": refined.text,
-                }
-            )
+                {"number": c.number, "chunk_id": c.chunk_id, "document_id": c.document_id,
+                 "span": (start, end), "text": text}
+            )  # fmt: skip
         return {
             "answer": answer.answer,
             "abstained": answer.abstained,

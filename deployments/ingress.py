@@ -6,8 +6,8 @@ stream stays the source of truth): they become searchable once the pipeline has 
 OpenAPI docs are at ``/docs``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at run
+# time to tell the JSON body (a pydantic model) from query parameters.
 import asyncio
 import base64
 import json
@@ -137,10 +137,9 @@ class Ingress:
         ranked: list[Ranked] = await self._call(
             self.retriever.search.remote(request.question, vector, k, request.filter, mode)
         )
-        vector_scores = [r.vector_score for r in ranked if r.vector_score is not None]
         result = await self._call(
             self.generator.answer.remote(
-                request.question, [r.hit for r in ranked], max(vector_scores) if vector_scores else None
+                request.question, [r.hit for r in ranked], [r.vector_score for r in ranked]
             )
         )
         by_chunk = {r.hit.chunk_id: r for r in ranked}

@@ -159,6 +159,11 @@ class IngestConfig(_Section):
     poll_max_records: PositiveInt = 256
     max_in_flight_batches: PositiveInt = 4
     commit_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    rejoin_after_s: Annotated[float, Field(gt=0)] = Field(
+        30.0,
+        description="a source holding no partition this long (while every source should hold one) "
+        "leaves the group and joins again with a new consumer",
+    )
 
 
 class GraphConfig(_Section):
@@ -243,10 +248,12 @@ class ServeConfig(_Section):
     port: Port = 8000
     max_body_bytes: PositiveInt = Field(1024 * 1024, description="larger request bodies get 413")
     ingest: bool = Field(True, description="`riverbed serve` also runs the ingest pipeline")
-    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256)
-    embedder: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=128)
-    retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=128)
-    generator: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=8)
+    # Fractions of a CPU: on a small machine the ingest embedder holds the cores (DESIGN.md,
+    # "Resources"), and the whole app must still fit in what it leaves.
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=256)
+    embedder: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=128)
+    retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=128)
+    generator: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=8)
     search: SearchConfig = SearchConfig()
     rag: RagConfig = RagConfig()
     llm: GeneratorConfig = GeneratorConfig()

@@ -1,0 +1,262 @@
+"""`riverbed bench query`: `/v1/search` over HTTP next to in-process encode + search, same run.
+
+# INDEX: SQuAD v1.1 passages ingested ``--repeat`` times under different id prefixes through the
+#   real pipeline (reused when a previous run built the same index)
+# QUERIES: SQuAD questions, the same list for every measurement
+# IN-PROCESS: the same model (Embedder) and copies of the same shards (FaissIndex) in this
+#   process: one query at a time (latency), and batched encode + search (throughput)
+# HTTP: the Serve app on the same shard actors; 1, 4 and 16 concurrent clients, each sending its
+#   next query as soon as the previous answer arrived (closed loop)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from actors.embedder import Embedder
+from actors.index_shard import IndexShard, shard_directory
+from cluster.bench.ingest import load_corpus
+from cluster.bench.report import machine, write_plot, write_report
+from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
+from cluster.pipeline import Pipeline
+from cluster.producer import EnvelopeProducer
+from cluster.serving import start_serving
+from cluster.stats import index_stats
+from deployments.searcher import LocalShards, Searcher
+from schemas.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def bench_settings(base: Settings, repeat: int) -> Settings:
+    """A dedicated index and topic, so the bench never touches the user's index."""
+    name = f"bench-query-x{repeat}"
+    dump = base.model_dump(mode="json")
+    dump["index"] = {**dump["index"], "name": name}
+    dump["kafka"]["topics"] = {**dump["kafka"]["topics"], "documents": f"bench.{name}.documents"}
+    dump["serve"] = {**dump["serve"], "ingest": False}
+    return load_settings(overrides=dump)
+
+
+def build_index(settings: Settings, corpus: Path, repeat: int) -> dict[str, Any]:
+    """Ingests the corpus copies unless the index already holds them all."""
+    docs = load_corpus(corpus, repeat)
+    stats = index_stats(settings, broker=False)
+    if stats["documents"] >= len(docs):
+        _say(f"index {settings.index.name}: {stats['chunks']} chunks already ingested")
+        return stats
+    servers = bootstrap_servers(settings)
+    ensure_topics(
+        servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
+    )
+    producer = EnvelopeProducer(servers, settings.kafka.max_record_bytes)
+    try:
+        for d in docs:
+            producer.send(settings.kafka.topics.documents, d)
+        producer.flush()
+    finally:
+        producer.close()
+    _say(f"ingesting {len(docs)} passages into {settings.index.name} (once; later runs reuse it)")
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    try:
+        pipeline.wait_idle(
+            on_progress=lambda p: print(
+                f"\r  chunks {p.total('chunks')}  lag {p.lag}   ", end="", file=sys.stderr, flush=True
+            ),
+            interval_s=1.0,
+        )
+    finally:
+        pipeline.stop()
+        print(file=sys.stderr)
+    return index_stats(settings, broker=False)
+
+
+def load_queries(dataset: Path, n: int) -> list[str]:
+    queries = []
+    with (dataset / "queries.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            queries.append(json.loads(line)["text"])
+    rng = np.random.default_rng(0)
+    return [queries[i] for i in rng.permutation(len(queries))[:n]]
+
+
+def in_process(settings: Settings, queries: list[str], k: int, mode: str) -> dict[str, Any]:
+    """Latency of one query at a time and throughput of batched encode + search, in this process,
+    on copies of the shards (the live ones are locked by their actors)."""
+    embedder = Embedder(settings.embed)
+    embedder.warm_up()
+    with tempfile.TemporaryDirectory(prefix="riverbed-bench-") as tmp:
+        shards = []
+        for i in range(settings.index.n_shards):
+            source = shard_directory(settings.data_dir, i)
+            shutil.copytree(source, shard_directory(Path(tmp), i), ignore=shutil.ignore_patterns("LOCK"))
+            faiss = settings.index.faiss.model_copy(update={"omp_threads": 1})
+            shard = IndexShard(
+                settings.index.model_copy(update={"faiss": faiss}),
+                Path(tmp),
+                i,
+                embedder.model_name,
+                embedder.dim,
+            )
+            shard.warm_up()
+            shards.append(shard)
+        searcher = Searcher(settings.serve.search, LocalShards(shards))
+
+        async def one(q: str, v: np.ndarray | None) -> None:
+            await searcher.search(q, v, k, None, mode)
+
+        embedder.embed(queries[:8])
+        latencies = []
+        for q in queries:
+            t0 = time.perf_counter()
+            v = embedder.embed([q])[0]
+            asyncio.run(one(q, v))
+            latencies.append(time.perf_counter() - t0)
+
+        batch = settings.serve.search.embed_batch_size
+        t0 = time.perf_counter()
+        for start in range(0, len(queries), batch):
+            part = queries[start : start + batch]
+            vectors = embedder.embed(part)
+
+            async def many(part: list[str] = part, vectors: np.ndarray = vectors) -> None:
+                await asyncio.gather(
+                    *(searcher.search(q, v, k, None, mode) for q, v in zip(part, vectors, strict=True))
+                )
+
+            asyncio.run(many())
+        batched_s = time.perf_counter() - t0
+        for shard in shards:
+            shard.close()
+    return {
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "single_qps": len(queries) / sum(latencies),
+        "batched_qps": len(queries) / batched_s,
+    }
+
+
+async def _http_level(url: str, queries: list[str], k: int, mode: str, clients: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    position = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        for q in queries[:4]:  # warm the connections and the replicas
+            await client.post("/v1/search", json={"query": q, "k": k, "mode": mode})
+
+        async def worker() -> None:
+            nonlocal position, errors
+            while position < len(queries):
+                q = queries[position]
+                position += 1
+                t0 = time.perf_counter()
+                r = await client.post("/v1/search", json={"query": q, "k": k, "mode": mode})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "qps": len(latencies) / elapsed,
+    }
+
+
+def bench_query(
+    base: Settings, dataset: Path, repeat: int, n_queries: int, k: int, mode: str, out_dir: Path
+) -> dict[str, Any]:
+    settings = bench_settings(base, repeat)
+    stats = build_index(settings, dataset / "corpus.jsonl", repeat)
+    queries = load_queries(dataset, n_queries)
+
+    _say(f"in-process: {len(queries)} queries, {mode}, k={k}")
+    local = in_process(settings, queries, k, mode)
+
+    _say("HTTP: starting the app")
+    serving = start_serving(settings, ingest=False)
+    levels = []
+    try:
+        for clients in (1, 4, 16):
+            level = asyncio.run(_http_level(serving.url, queries, k, mode, clients))
+            _say(
+                f"  {clients:2d} clients: p50 {level['p50_ms']:.1f} ms  p99 {level['p99_ms']:.1f} ms  "
+                f"{level['qps']:.0f} q/s"
+            )
+            levels.append(level)
+    finally:
+        serving.stop()
+
+    one, sixteen = levels[0], levels[-1]
+    result = {
+        "machine": machine(),
+        "index": settings.index.name,
+        "chunks": stats["chunks"],
+        "queries": len(queries),
+        "mode": mode,
+        "k": k,
+        "in_process": local,
+        "http": levels,
+        "overhead_p50_ms_1_client": one["p50_ms"] - local["p50_ms"],
+        "throughput_ratio_16_vs_in_process_batched": sixteen["qps"] / local["batched_qps"],
+    }
+    rows = [
+        ("chunks indexed", str(stats["chunks"])),
+        ("queries", f"{len(queries)} SQuAD questions, mode {mode}, k {k}"),
+        ("in-process p50 / p99 (one at a time)", f"{local['p50_ms']:.1f} / {local['p99_ms']:.1f} ms"),
+        ("in-process batched throughput", f"{local['batched_qps']:.0f} q/s"),
+        *(
+            (
+                f"HTTP {lv['clients']} clients p50 / p99",
+                f"{lv['p50_ms']:.1f} / {lv['p99_ms']:.1f} ms, {lv['qps']:.0f} q/s",
+            )
+            for lv in levels
+        ),
+        ("HTTP + Serve overhead at p50, 1 client", f"{result['overhead_p50_ms_1_client']:.1f} ms"),
+        (
+            "HTTP 16 clients / in-process batched",
+            f"{result['throughput_ratio_16_vs_in_process_batched']:.2f}x",
+        ),
+    ]
+    write_report(out_dir, "query", result, rows)
+    write_plot(
+        out_dir,
+        "query",
+        title=f"/v1/search ({mode}, k={k}) over {stats['chunks']} chunks",
+        series={
+            "HTTP p50 (ms)": ([lv["clients"] for lv in levels], [lv["p50_ms"] for lv in levels]),
+            "HTTP p99 (ms)": ([lv["clients"] for lv in levels], [lv["p99_ms"] for lv in levels]),
+        },
+        right_series={
+            "HTTP throughput (q/s)": ([lv["clients"] for lv in levels], [lv["qps"] for lv in levels])
+        },
+        hlines={"in-process batched (q/s)": local["batched_qps"]},
+        xlabel="concurrent clients",
+    )
+    return result
