@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/riverbed demo
+	$(VENV)/bin/riverbed demo $(if $(SERVE),--serve,)
 
 lint: setup
 	$(VENV)/bin/ruff check $(PACKAGES) tests

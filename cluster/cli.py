@@ -306,7 +306,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
-    return run_demo(settings, sample=Path(args.data), json_output=args.json)
+    return run_demo(settings, sample=Path(args.data), json_output=args.json, keep_serving=args.serve)
 
 
 # PARSER
@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")
+    demo.add_argument("--serve", action="store_true", help="keep the HTTP app up after the sample queries")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -5,6 +5,8 @@
 # PRODUCE: the sample corpus onto the documents topic, keyed by id
 # INGEST: Kafka → chunk → embed → shards until every record is committed
 # STATS: what the index now holds, read from the shard stores and the broker
+# SERVE: the HTTP app on the same shards (ingest keeps running: posted documents get indexed)
+# QUERIES: three searches and one RAG question over HTTP, printed with their real answers
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, Progress
 from cluster.producer import EnvelopeProducer, read_records
 from cluster.ray_runtime import connect
+from cluster.serving import start_serving
 from cluster.stats import index_stats
 from schemas.errors import ConfigError
 from schemas.settings import Settings
@@ -30,7 +36,15 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_demo(settings: Settings, sample: Path, json_output: bool = False) -> int:
+SAMPLE_SEARCHES: list[dict[str, Any]] = [
+    {"query": "Which NFL team represented the AFC at Super Bowl 50?", "k": 3, "mode": "vector"},
+    {"query": "Tesla alternating current induction motor patents", "k": 3, "mode": "keyword"},
+    {"query": "Who led the Norman conquest?", "k": 3, "mode": "hybrid", "filter": {"title": "Normans"}},
+]
+SAMPLE_QUESTION = {"question": "Where did Super Bowl 50 take place?", "k": 3}
+
+
+def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_serving: bool = False) -> int:
     corpus = sample / "corpus.jsonl" if sample.is_dir() else sample
     if not corpus.exists():
         raise ConfigError(f"sample corpus {corpus} not found (run from the repository root, or pass --data)")
@@ -78,13 +92,15 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False) -> int
         )
 
     try:
-        pipeline.wait_idle(on_progress=show, interval_s=0.5)
-    finally:
-        results = pipeline.stop()
-        print(file=sys.stderr)
-    embedded = sum(r.get("chunks", 0) for r in results)
-    unchanged = sum(r.get("unchanged", 0) for r in results)
-    _say(f"Ingested: {embedded} chunks embedded, {unchanged} documents unchanged since the last run")
+        progress = pipeline.wait_idle(on_progress=show, interval_s=0.5)
+    except BaseException:
+        pipeline.stop()
+        raise
+    print(file=sys.stderr)
+    _say(
+        f"Ingested: {progress.total('chunks')} chunks embedded, {progress.total('unchanged')} documents "
+        "unchanged since the last run"
+    )
 
     # STATS
     stats = index_stats(settings)
@@ -97,4 +113,84 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False) -> int
             f"(per shard {stats['chunks_per_shard']}), dead letters {stats['dead_letters']['total']}, "
             f"lag {stats['lag']}, in {stats['seconds']} s"
         )
-    return 0 if stats["lag"] == 0 and stats["documents"] >= sent else 1
+    ok = stats["lag"] == 0 and stats["documents"] >= sent
+
+    # SERVE
+    serving = start_serving(settings, ingest=True, pipeline=pipeline)
+    try:
+        _say(f"Serving  {serving.url}  (docs: {serving.url}/docs)")
+        # QUERIES
+        with httpx.Client(base_url=serving.url, timeout=300) as http:
+            for body in SAMPLE_SEARCHES:
+                response = http.post("/v1/search", json=body)
+                ok = ok and response.status_code == 200
+                _print_search(body, response.json(), json_output)
+            response = http.post("/v1/rag", json=SAMPLE_QUESTION)
+            ok = ok and response.status_code == 200
+            _print_rag(SAMPLE_QUESTION, response.json(), json_output)
+        print(_curl_lines(serving.url))
+        if keep_serving:
+            _say("Serving until Ctrl-C (ingest keeps running: POST /v1/documents to add more)")
+            _wait_for_signal()
+    finally:
+        serving.stop()
+    return 0 if ok else 1
+
+
+def _print_search(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        print(json.dumps({"request": body, "response": answer}, indent=2))
+        return
+    where = f", filter {json.dumps(body['filter'])}" if "filter" in body else ""
+    print(f"\nPOST /v1/search  {body['query']!r}  (mode {body['mode']}{where})")
+    if "error" in answer:
+        print(f"  error: {answer['error']}")
+        return
+    for i, hit in enumerate(answer["hits"], 1):
+        snippet = " ".join(hit["text"].split())[:110]
+        print(f"  {i}. {hit['score']:.3f}  {hit['chunk_id']}  [{hit['title']}]  {snippet}...")
+    print(f"  ({answer['took_ms']:.0f} ms)")
+
+
+def _print_rag(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
+    if json_output:
+        print(json.dumps({"request": body, "response": answer}, indent=2))
+        return
+    print(f"\nPOST /v1/rag  {body['question']!r}")
+    if "error" in answer:
+        print(f"  error: {answer['error']}")
+        return
+    print(f"  answer: {answer['answer']}")
+    print(f"  abstained: {answer['abstained']}" + (f" ({answer['reason']})" if answer["reason"] else ""))
+    for c in answer["citations"]:
+        print(
+            f"  cites [{c['number']}] {c['chunk_id']} span {c['span']}: {' '.join(c['text'].split())[:90]}..."
+        )
+    print(f"  ({answer['model']}, {answer['took_ms']:.0f} ms)")
+
+
+def _curl_lines(url: str) -> str:
+    return f"""
+Try more (the app stays up with `riverbed demo --serve` or `riverbed serve`):
+  curl -s {url}/v1/search -H 'content-type: application/json' \\
+    -d '{{"query": "When was the University of Chicago founded?", "k": 3, "mode": "hybrid"}}'
+  curl -s {url}/v1/rag -H 'content-type: application/json' -d '{{"question": "Who founded Tesla?"}}'
+  curl -s {url}/v1/embeddings -H 'content-type: application/json' -d '{{"input": ["hello world"]}}'
+  curl -s -X POST {url}/v1/documents -H 'content-type: application/json' \\
+    -d '{{"kind": "document", "id": "note-1", "text": "Riverbed indexes live streams."}}'
+  curl -s {url}/v1/documents/note-1
+  curl -s {url}/metrics | grep riverbed_"""
+
+
+def _wait_for_signal() -> None:
+    import signal
+
+    stopping = {"flag": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stopping["flag"]:
+        time.sleep(0.5)

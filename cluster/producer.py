@@ -50,7 +50,8 @@ def _from_json_line(obj: Any) -> DocumentEnvelope | ImageEnvelope:
             "id": doc_id,
             "title": obj.get("title") or None,
             "text": obj.get("text"),
-            "metadata": obj.get("metadata") or {},
+            # a BEIR row's title is also a metadata field, so searches can filter on it
+            "metadata": obj.get("metadata") or ({"title": obj["title"]} if obj.get("title") else {}),
         }
     return validate_envelope(obj)
 

@@ -104,11 +104,24 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", f"internal error ({type(cause(exc)).__name__})")
 
 
+_max_body_bytes = 1024 * 1024
+
+
+def set_max_body_bytes(limit: int) -> None:
+    """The process-wide body limit that :class:`BodyLimit` enforces (set by the ingress replica)."""
+    global _max_body_bytes
+    _max_body_bytes = limit
+
+
+def max_body_bytes() -> int:
+    return _max_body_bytes
+
+
 class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` gets 413 before any handler reads it, whether
     its size is declared (Content-Length) or streamed (chunked)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int] = max_body_bytes) -> None:
         self.app = app
         self.max_bytes = max_bytes
 

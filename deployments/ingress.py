@@ -24,8 +24,14 @@ from ray import serve
 from starlette.routing import Match
 
 from deployments.fusion import Ranked, matched_terms
-from deployments.http_errors import ApiError, BodyLimit, as_api_error, install_error_handlers
-from deployments.metrics import CONTENT_TYPE, HttpMetrics
+from deployments.http_errors import (
+    ApiError,
+    BodyLimit,
+    as_api_error,
+    install_error_handlers,
+    set_max_body_bytes,
+)
+from deployments.metrics import CONTENT_TYPE, http_metrics
 from schemas.api import (
     Citation,
     DocumentsResponse,
@@ -64,26 +70,64 @@ app = FastAPI(
     description='Errors always answer `{"error": {"code", "message", "param"}}`.',
 )
 install_error_handlers(app)
-_limits = {"max_body_bytes": 1024 * 1024}  # set from the settings by the replica
-_metrics = HttpMetrics()  # per replica process
-app.add_middleware(BodyLimit, max_bytes=lambda: _limits["max_body_bytes"])
+app.add_middleware(BodyLimit)  # its limit: serve.max_body_bytes, set by the replica
 
 
 @app.middleware("http")
 async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     start = time.perf_counter()
     response = await call_next(request)
-    _metrics.observe(_route(request), request.method, response.status_code, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    http_metrics().observe(_route(request), request.method, response.status_code, elapsed)
     return response
 
 
 def _route(request: Request) -> str:
     """The route's template (``/v1/documents/{document_id}``), so ids never become labels."""
+    matched = request.scope.get("route")  # set by the router on the way in
+    if matched is not None and getattr(matched, "path", None):
+        return str(matched.path)
     for route in app.router.routes:
         match, _ = route.matches(request.scope)
         if match == Match.FULL:
             return str(getattr(route, "path", request.url.path))
     return "unmatched"
+
+
+# Helpers come before the class: Serve ships the class by value, with the globals its methods
+# name as they are when the class is defined.
+def _hit(ranked: Ranked, explain_query: str | None) -> SearchHit:
+    hit = ranked.hit
+    explanation = None
+    if explain_query is not None:
+        explanation = Explanation(
+            vector_rank=ranked.vector_rank,
+            vector_score=ranked.vector_score,
+            keyword_rank=ranked.keyword_rank,
+            keyword_score=ranked.keyword_score,
+            fused_score=ranked.fused_score,
+            matched_terms=matched_terms(explain_query, hit),
+        )
+    return SearchHit(
+        chunk_id=hit.chunk_id,
+        document_id=hit.document_id,
+        title=hit.title,
+        text=hit.text,
+        span=(hit.start, hit.end),
+        score=ranked.score,
+        metadata=dict(hit.metadata),
+        explanation=explanation,
+    )
+
+
+def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # OpenAI's: little-endian float32 bytes, base64
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
 
 
 @serve.deployment
@@ -99,7 +143,7 @@ class Ingress:
         self.generator = generator
         self.search_config = settings.serve.search
         self.rag_config = settings.serve.rag
-        _limits["max_body_bytes"] = settings.serve.max_body_bytes
+        set_max_body_bytes(settings.serve.max_body_bytes)
         self._producer: Any = None
         self._producer_lock = asyncio.Lock()
         self._model: dict[str, Any] | None = None
@@ -286,7 +330,7 @@ class Ingress:
                 snapshot["shards"] = await asyncio.wait_for(self._call(self.retriever.stats.remote()), 10)
             except (ApiError, TimeoutError):
                 snapshot["shards"] = []
-        return Response(_metrics.render(snapshot), media_type=CONTENT_TYPE)
+        return Response(http_metrics().render(snapshot), media_type=CONTENT_TYPE)
 
     # HELPERS
     def _check_k(self, k: int | None, default: int) -> int:
@@ -390,37 +434,3 @@ class Ingress:
             "sources": sources,
             "dead_letters": dead,
         }
-
-
-def _hit(ranked: Ranked, explain_query: str | None) -> SearchHit:
-    hit = ranked.hit
-    explanation = None
-    if explain_query is not None:
-        explanation = Explanation(
-            vector_rank=ranked.vector_rank,
-            vector_score=ranked.vector_score,
-            keyword_rank=ranked.keyword_rank,
-            keyword_score=ranked.keyword_score,
-            fused_score=ranked.fused_score,
-            matched_terms=matched_terms(explain_query, hit),
-        )
-    return SearchHit(
-        chunk_id=hit.chunk_id,
-        document_id=hit.document_id,
-        title=hit.title,
-        text=hit.text,
-        span=(hit.start, hit.end),
-        score=ranked.score,
-        metadata=dict(hit.metadata),
-        explanation=explanation,
-    )
-
-
-def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
-    if encoding == "base64":  # OpenAI's: little-endian float32 bytes, base64
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
-
-
-def _ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)

@@ -50,6 +50,19 @@ class HttpMetrics:
         return text
 
 
+_HTTP: HttpMetrics | None = None
+
+
+def http_metrics() -> HttpMetrics:
+    """This process's request metrics. Reached through this module, never through a global of the
+    ingress module: Serve ships the ingress class and its app by value, with copies of the globals
+    they name, so a module-level object there would not be the one the middleware updates."""
+    global _HTTP
+    if _HTTP is None:
+        _HTTP = HttpMetrics()
+    return _HTTP
+
+
 class _Snapshot:
     def __init__(self, metrics: list[Metric]) -> None:
         self.metrics = metrics

@@ -298,7 +298,8 @@ def test_health_metrics_and_docs(app, http):
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
-    assert 'riverbed_http_requests_total{method="POST",route="/v1/search",status="200"}' in text
+    counted = [line for line in text.splitlines() if line.startswith("riverbed_http_requests_total{")]
+    assert any('method="POST",route="/v1/search",status="200"' in line for line in counted), counted
     assert "riverbed_http_request_duration_seconds_bucket" in text
     assert f'riverbed_consumer_lag{{index="{app.settings.index.name}"' in text
     assert f'riverbed_index_chunks{{index="{app.settings.index.name}",shard="0"}}' in text

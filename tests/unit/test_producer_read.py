@@ -29,6 +29,8 @@ def test_jsonl_envelopes_plain_documents_and_bad_lines_with_line_numbers(tmp_pat
     good = [r.envelope for r in records if r.envelope]
     assert [e.id for e in good] == ["e1", "p1", "p2", "d1"]
     assert good[1].title == "Plain" and good[3].is_delete
+    assert good[1].metadata == {"title": "Plain"}  # filterable
+    assert good[2].metadata == {} and good[0].metadata == {"lang": "en"}
     bad = {r.location: r.error for r in records if r.error}
     assert "invalid JSON" in bad["in.jsonl:5"]
     assert "text" in bad["in.jsonl:6"]
