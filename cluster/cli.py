@@ -417,6 +417,8 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("kafka").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     # faiss logs at INFO that it tried and skipped its AVX2/AVX512 builds.
     logging.getLogger("faiss").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # httpx logs every request at INFO; the demo and the benchmarks send thousands.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,8 @@ def prepare_environment(settings: Settings) -> None:
     (the CLI does, first thing). Idempotent."""
     if settings.ray.address:
         return
+    if settings.serve.throughput_optimized:  # read by the head's workers, which inherit it
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     token = str(settings.state_dir / "ray_auth_token")
     if "ray" in sys.modules and os.environ.get("RAY_AUTH_TOKEN_PATH") != token:
         log.warning("ray was imported before riverbed set its auth token; connecting may be refused")

@@ -38,8 +38,9 @@ def deployment_options(config: DeploymentConfig) -> dict[str, Any]:
 def build_app(settings: Settings, servers: str) -> Application:
     """The application for ``settings.index`` (``servers``: the Kafka bootstrap servers)."""
     serve_config = settings.serve
-    # The query embedder's torch threads follow its CPUs (at least one), like the ingest embedder.
-    embed_config = settings.embed.model_copy(update={"num_cpus": max(1.0, serve_config.embedder.num_cpus)})
+    # Torch threads (Embedder reads them from num_cpus): serve.embedder_threads, or every core.
+    threads = float(serve_config.embedder_threads) if serve_config.embedder_threads else None
+    embed_config = settings.embed.model_copy(update={"num_cpus": threads})
     embedder = (
         _serve(QueryEmbedder)
         .options(**deployment_options(serve_config.embedder))

@@ -24,6 +24,7 @@ from schemas.ids import shard_of
 from schemas.settings import Settings
 
 SHARD_TIMEOUT_S = 30.0
+_Request = tuple[str, "np.ndarray | None", int, "MetadataFilter | None", str]
 
 
 class RayShards:
@@ -86,7 +87,35 @@ class Retriever:
     async def search(
         self, query: str, vector: np.ndarray | None, k: int, filter: MetadataFilter | None, mode: str
     ) -> list[Ranked]:
-        return await self.searcher.search(query, vector, k, filter, mode)
+        """One query's top ``k``. Concurrent queries are batched: those with the same ``k``,
+        filter and mode cost one call per shard together."""
+        result = await self._batched((query, vector, k, filter, mode))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def _batched(self, requests: list[_Request]) -> list[list[Ranked] | Exception]:
+        groups: dict[tuple[int, str, str], list[int]] = {}
+        for i, (_, _, k, filter, mode) in enumerate(requests):
+            key = (k, filter.model_dump_json() if filter is not None else "", mode)
+            groups.setdefault(key, []).append(i)
+        out: list[list[Ranked] | Exception] = [[] for _ in requests]
+
+        async def run(indices: list[int]) -> None:
+            _, _, k, filter, mode = requests[indices[0]]
+            queries = [requests[i][0] for i in indices]
+            vectors = [requests[i][1] for i in indices]
+            matrix = None if any(v is None for v in vectors) else np.stack(vectors)  # type: ignore[arg-type]
+            try:
+                results = await self.searcher.search_many(queries, matrix, k, filter, mode)
+            except Exception as exc:  # this group's error (a bad filter) is its callers' alone
+                results = [exc] * len(indices)  # type: ignore[list-item]
+            for i, result in zip(indices, results, strict=True):
+                out[i] = result
+
+        await asyncio.gather(*(run(indices) for indices in groups.values()))
+        return out
 
     async def document(self, document_id: str) -> dict[str, Any]:
         """``{"chunks": total over shards, "content_hash", "n_chunks", "source"}`` (the last three

@@ -100,28 +100,45 @@ class Searcher:
         mode: str = "hybrid",
     ) -> list[Ranked]:
         """The top ``k`` for ``query`` (``vector``: its embedding, needed unless ``mode`` is
-        keyword), best first. Vector and keyword searches of a hybrid query run concurrently;
-        each contributes ``max(k, config.candidates)`` candidates to the fusion."""
+        keyword), best first. See :meth:`search_many`."""
+        vectors = None if vector is None else vector.reshape(1, -1)
+        return (await self.search_many([query], vectors, k, filter, mode))[0]
+
+    async def search_many(
+        self,
+        queries: Sequence[str],
+        vectors: np.ndarray | None,
+        k: int,
+        filter: MetadataFilter | None = None,
+        mode: str = "hybrid",
+    ) -> list[list[Ranked]]:
+        """The top ``k`` for each query (row ``i`` of ``vectors`` is query ``i``'s embedding),
+        best first, with ONE call per shard for the whole list and mode. Vector and keyword
+        searches of hybrid queries run concurrently; each contributes ``max(k, config.candidates)``
+        candidates to the fusion."""
         await self.check_filter(filter)
+        if mode not in ("vector", "keyword", "hybrid"):
+            raise InvalidRequestError(f"unknown mode {mode!r}: use vector, keyword or hybrid", param="mode")
         if mode == "keyword":
-            return ranked_keyword(await self._keyword(query, k, filter))
-        if vector is None:
+            return [ranked_keyword(hits) for hits in await self._keyword(list(queries), k, filter)]
+        if vectors is None or len(vectors) != len(queries):
             raise InvalidRequestError(f"mode {mode!r} needs the query's vector", param="mode")
         if mode == "vector":
-            return ranked_vector(await self._vector(vector, k, filter))
-        if mode != "hybrid":
-            raise InvalidRequestError(f"unknown mode {mode!r}: use vector, keyword or hybrid", param="mode")
+            return [ranked_vector(hits) for hits in await self._vector(vectors, k, filter)]
         n = max(k, self.config.candidates)
         vector_hits, keyword_hits = await asyncio.gather(
-            self._vector(vector, n, filter), self._keyword(query, n, filter)
+            self._vector(vectors, n, filter), self._keyword(list(queries), n, filter)
         )
         c = self.config
-        return fuse(vector_hits, keyword_hits, k, c.rrf_k, c.vector_weight, c.keyword_weight)
+        return [
+            fuse(v, kw, k, c.rrf_k, c.vector_weight, c.keyword_weight)
+            for v, kw in zip(vector_hits, keyword_hits, strict=True)
+        ]
 
-    async def _vector(self, vector: np.ndarray, k: int, filter: MetadataFilter | None) -> list[Hit]:
-        per_shard = await self.shards.search(vector.reshape(1, -1).astype(np.float32), k, filter)
-        return merge_shards([rows[0] for rows in per_shard], k)
+    async def _vector(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None) -> list[list[Hit]]:
+        per_shard = await self.shards.search(np.ascontiguousarray(vectors, dtype=np.float32), k, filter)
+        return [merge_shards([rows[i] for rows in per_shard], k) for i in range(len(vectors))]
 
-    async def _keyword(self, query: str, k: int, filter: MetadataFilter | None) -> list[Hit]:
-        per_shard = await self.shards.keyword_search([query], k, filter, self.config.title_weight)
-        return merge_shards([rows[0] for rows in per_shard], k)
+    async def _keyword(self, queries: list[str], k: int, filter: MetadataFilter | None) -> list[list[Hit]]:
+        per_shard = await self.shards.keyword_search(queries, k, filter, self.config.title_weight)
+        return [merge_shards([rows[i] for rows in per_shard], k) for i in range(len(queries))]

@@ -257,6 +257,16 @@ class ServeConfig(_Section):
     search: SearchConfig = SearchConfig()
     rag: RagConfig = RagConfig()
     llm: GeneratorConfig = GeneratorConfig()
+    embedder_threads: PositiveInt | None = Field(
+        None,
+        description="torch threads of each query embedder replica; unset: every core of its node "
+        "(its Ray CPUs stay fractional: queries are short bursts)",
+    )
+    throughput_optimized: bool = Field(
+        True,
+        description="a local Ray head runs Serve's throughput-optimized data plane "
+        "(RAY_SERVE_THROUGHPUT_OPTIMIZED: gRPC between replicas, user code on the event loop)",
+    )
 
 
 class Settings(BaseSettings):

@@ -73,10 +73,14 @@ def settings(tmp_path: Path, broker: BrokerState, topic_name: str) -> Settings:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the session, sized like `riverbed`'s local head (cores + 1 logical CPUs)."""
-    import ray
+    import os
 
     import cluster  # noqa: F401  (sets the env var Ray reads at import)
     from cluster.ray_runtime import local_head_cpus
+
+    # As `riverbed` runs its local head (serve.throughput_optimized); set before Ray starts.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    import ray
 
     ray.init(
         address="local",  # a fresh instance, never a cluster another command left running
