@@ -38,9 +38,8 @@ def deployment_options(config: DeploymentConfig) -> dict[str, Any]:
 def build_app(settings: Settings, servers: str) -> Application:
     """The application for ``settings.index`` (``servers``: the Kafka bootstrap servers)."""
     serve_config = settings.serve
-    # Torch threads (Embedder reads them from num_cpus): serve.embedder_threads, or every core.
-    threads = float(serve_config.embedder_threads) if serve_config.embedder_threads else None
-    embed_config = settings.embed.model_copy(update={"num_cpus": threads})
+    # Torch threads (the Embedder reads them from num_cpus): serve.embedder_threads.
+    embed_config = settings.embed.model_copy(update={"num_cpus": float(serve_config.embedder_threads)})
     embedder = (
         _serve(QueryEmbedder)
         .options(**deployment_options(serve_config.embedder))
