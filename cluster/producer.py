@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,3 +170,20 @@ class EnvelopeProducer:
 
     def close(self) -> None:
         self._producer.close()
+
+
+def produce_all(
+    servers: str, topic: str, envelopes: Iterable[DocumentEnvelope | ImageEnvelope], max_record_bytes: int
+) -> int:
+    """Sends every envelope to ``topic`` keyed by id and waits until all are acknowledged;
+    returns how many were sent."""
+    producer = EnvelopeProducer(servers, max_record_bytes)
+    try:
+        sent = 0
+        for envelope in envelopes:
+            producer.send(topic, envelope)
+            sent += 1
+        producer.flush()
+        return sent
+    finally:
+        producer.close()

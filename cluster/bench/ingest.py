@@ -20,7 +20,7 @@ from actors.chunker import Chunker
 from actors.models import resolve_model
 from cluster.bench.report import machine, write_report
 from cluster.pipeline import Pipeline
-from cluster.producer import EnvelopeProducer, read_records
+from cluster.producer import produce_all, read_records
 from schemas.envelope import DocumentEnvelope
 from schemas.settings import Settings, load_settings
 
@@ -81,13 +81,7 @@ def bench_ingest(base: Settings, corpus: Path, repeat: int, out_dir: Path) -> di
     import ray
 
     limits = ray.get(pipeline.embedders[0].describe.remote())["batch_limits"]
-    producer = EnvelopeProducer(pipeline.servers, settings.kafka.max_record_bytes)
-    try:
-        for d in docs:
-            producer.send(settings.kafka.topics.documents, d)
-        producer.flush()
-    finally:
-        producer.close()
+    produce_all(pipeline.servers, settings.kafka.topics.documents, docs, settings.kafka.max_record_bytes)
     try:
         t0 = time.perf_counter()
         pipeline.wait_idle(interval_s=0.2)

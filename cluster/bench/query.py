@@ -30,7 +30,7 @@ from cluster.bench.ingest import load_corpus
 from cluster.bench.report import machine, write_plot, write_report
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline
-from cluster.producer import EnvelopeProducer
+from cluster.producer import produce_all
 from cluster.serving import start_serving
 from cluster.stats import index_stats
 from deployments.searcher import LocalShards, Searcher
@@ -68,13 +68,7 @@ def build_index(settings: Settings, corpus: Path, repeat: int) -> dict[str, Any]
     ensure_topics(
         servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
     )
-    producer = EnvelopeProducer(servers, settings.kafka.max_record_bytes)
-    try:
-        for d in docs:
-            producer.send(settings.kafka.topics.documents, d)
-        producer.flush()
-    finally:
-        producer.close()
+    produce_all(servers, settings.kafka.topics.documents, docs, settings.kafka.max_record_bytes)
     _say(f"ingesting {len(docs)} passages into {settings.index.name} (once; later runs reuse it)")
     pipeline = Pipeline(settings)
     pipeline.start()
