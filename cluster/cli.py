@@ -303,6 +303,32 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.eval.retrieval import MODES, eval_retrieval
+
+    report = eval_retrieval(
+        settings,
+        Path(args.dataset),
+        corpus=Path(args.corpus) if args.corpus else None,
+        split=args.split,
+        sample=args.sample,
+        seed=args.seed,
+        modes=MODES if args.mode == "all" else (args.mode,),
+        index=getattr(args, "index", None),  # the global --index: evaluate that index as it is
+        out_dir=Path(args.out),
+    )
+    lines = [
+        f"{report['queries']} queries ({report['split']}) on {report['dataset']}, index {report['index']}:"
+    ]
+    for mode, r in report["modes"].items():
+        lines.append(
+            f"  {mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
+            f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
+        )
+    emit(args, report, "\n".join(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
@@ -386,6 +412,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-ingest", action="store_true", help="serve only; do not run the ingest pipeline")
     serve.set_defaults(func=cmd_serve)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="measure retrieval quality on a BEIR-layout dataset (with --index NAME: that index as it "
+        "is; without: the corpus ingested into a fresh index)",
+        parents=[common],
+    )
+    evaluate.add_argument("what", choices=["retrieval"])
+    evaluate.add_argument(
+        "--dataset", required=True, help="directory with corpus.jsonl, queries.jsonl, qrels.tsv"
+    )
+    evaluate.add_argument("--corpus", help="take the corpus from this dataset instead (cross-lingual runs)")
+    evaluate.add_argument("--split", choices=["tune", "heldout", "all"], default="heldout")
+    evaluate.add_argument("--sample", type=int, help="evaluate this many queries of the split")
+    evaluate.add_argument("--seed", type=int, default=0, help="of the sample")
+    evaluate.add_argument("--mode", choices=["vector", "keyword", "hybrid", "all"], default="all")
+    evaluate.add_argument("--out", default="out/eval", help="where JSON and markdown reports go")
+    evaluate.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval quality on BEIR-layout datasets (``riverbed eval retrieval``)."""

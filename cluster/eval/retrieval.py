@@ -1,0 +1,188 @@
+"""`riverbed eval retrieval`: recall, MRR and nDCG of each search mode on a BEIR-layout dataset.
+
+# INDEX: the corpus through the real pipeline (Kafka → chunk → embed → shards) into a fresh index,
+#   or an existing one (``--index``)
+# QUERIES: the split (tune: even stable_hash of the query id; heldout: odd; all), optionally sampled
+# SEARCH: the Retriever's code (Searcher over the shard actors), queries embedded in batches
+# SCORE: per document (chunks collapse to their document's best rank), against the qrels
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from actors.embedder import Embedder
+from cluster.bench.report import machine, write_report
+from cluster.eval.metrics import documents_in_order, score_run
+from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
+from cluster.pipeline import Pipeline, shard_handles
+from cluster.producer import produce_all, read_records
+from cluster.ray_runtime import connect
+from cluster.serving import recorded_model
+from deployments.retriever import RayShards
+from deployments.searcher import Searcher
+from schemas.envelope import DocumentEnvelope
+from schemas.errors import ConfigError
+from schemas.ids import in_tune_split
+from schemas.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+MODES = ("vector", "keyword", "hybrid")
+CHUNKS_PER_QUERY = 60  # enough chunks that 20 distinct documents remain after collapsing
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_queries(dataset: Path) -> dict[str, str]:
+    with (dataset / "queries.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {str(r.get("_id", r.get("id"))): r["text"] for r in rows}
+
+
+def load_qrels(dataset: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    with (dataset / "qrels.tsv").open(encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+    return qrels
+
+
+def select(qrels: dict[str, dict[str, int]], split: str, sample: int | None, seed: int) -> list[str]:
+    ids = sorted(q for q in qrels if split == "all" or in_tune_split(q) == (split == "tune"))
+    if sample is not None and sample < len(ids):
+        ids = sorted(random.Random(seed).sample(ids, sample))
+    return ids
+
+
+def eval_settings(base: Settings, dataset: Path, index: str | None) -> Settings:
+    name = index or f"eval-{dataset.name.lower()[:20].strip('.-_') or 'data'}-{uuid.uuid4().hex[:6]}"
+    dump = base.model_dump(mode="json")
+    dump["index"] = {**dump["index"], "name": name}
+    dump["kafka"]["topics"] = {**dump["kafka"]["topics"], "documents": f"eval.{name}.documents"}
+    return load_settings(overrides=dump)
+
+
+def build_index(settings: Settings, corpus: Path) -> None:
+    docs = [r.envelope for r in read_records(corpus) if isinstance(r.envelope, DocumentEnvelope)]
+    servers = bootstrap_servers(settings)
+    ensure_topics(
+        servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
+    )
+    produce_all(servers, settings.kafka.topics.documents, docs, settings.kafka.max_record_bytes)
+    _say(f"ingesting {len(docs)} documents into index {settings.index.name}")
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    try:
+        pipeline.wait_idle(
+            on_progress=lambda p: print(
+                f"\r  chunks {p.total('chunks')}  lag {p.lag}   ", end="", file=sys.stderr, flush=True
+            ),
+            interval_s=1.0,
+        )
+    finally:
+        pipeline.stop()
+        print(file=sys.stderr)
+
+
+def eval_retrieval(
+    base: Settings,
+    dataset: Path,
+    *,
+    corpus: Path | None = None,
+    split: str = "heldout",
+    sample: int | None = None,
+    seed: int = 0,
+    modes: tuple[str, ...] = MODES,
+    index: str | None = None,
+    out_dir: Path = Path("out/eval"),
+) -> dict[str, Any]:
+    for name in ("queries.jsonl", "qrels.tsv"):
+        if not (dataset / name).is_file():
+            raise ConfigError(
+                f"{dataset / name} not found: --dataset needs BEIR layout (corpus, queries, qrels)"
+            )
+    corpus_file = (corpus or dataset) / "corpus.jsonl"
+    if not corpus_file.is_file():
+        raise ConfigError(f"{corpus_file} not found")
+    settings = eval_settings(base, dataset, index)
+    connect(settings)
+
+    # INDEX
+    t0 = time.monotonic()
+    if index is None:
+        build_index(settings, corpus_file)
+    recorded = recorded_model(settings)
+    if recorded is None:
+        raise ConfigError(f"index {settings.index.name!r} holds no data under {settings.data_dir}")
+    shard_handles(settings, *recorded)
+    ingest_s = time.monotonic() - t0
+
+    # QUERIES
+    queries, qrels = load_queries(dataset), load_qrels(dataset)
+    chosen = [q for q in select(qrels, split, sample, seed) if q in queries]
+    texts = [queries[q] for q in chosen]
+    embedder = Embedder(settings.embed)
+    vectors = embedder.embed(texts)
+
+    # SEARCH and SCORE
+    searcher = Searcher(settings.serve.search, RayShards(settings))
+    results: dict[str, Any] = {}
+    for mode in modes:
+        runs: dict[str, list[str]] = {}
+        start = time.monotonic()
+        for lo in range(0, len(chosen), 64):
+            batch = slice(lo, lo + 64)
+            ranked = asyncio.run(
+                searcher.search_many(texts[batch], vectors[batch], CHUNKS_PER_QUERY, None, mode)
+            )
+            for qid, hits in zip(chosen[batch], ranked, strict=True):
+                runs[qid] = documents_in_order(r.hit.document_id for r in hits)[:20]
+        results[mode] = {
+            **score_run(runs, {q: qrels[q] for q in chosen}),
+            "seconds": time.monotonic() - start,
+        }
+        r = results[mode]
+        _say(
+            f"{mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
+            f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
+        )
+
+    report = {
+        "machine": machine(),
+        "dataset": str(dataset),
+        "corpus": str(corpus_file),
+        "split": split,
+        "queries": len(chosen),
+        "index": settings.index.name,
+        "ingest_s": round(ingest_s, 1),
+        "model": settings.embed.model,
+        "modes": results,
+    }
+    rows = [
+        (
+            mode,
+            " / ".join(
+                f"{r[m]:.3f}" for m in ("recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10")
+            ),
+        )
+        for mode, r in results.items()
+    ]
+    write_report(
+        out_dir,
+        f"retrieval-{dataset.name}-{split}",
+        report,
+        [("mode: R@1 / R@5 / R@10 / R@20 / MRR@10 / nDCG@10", ""), *rows],
+    )
+    return report
