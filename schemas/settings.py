@@ -197,9 +197,11 @@ class SearchConfig(_Section):
     default_k: PositiveInt = 10
     max_k: Annotated[int, Field(ge=1, le=1000)] = 100
     max_query_chars: PositiveInt = 4096
-    rrf_k: Annotated[float, Field(ge=0)] = Field(60.0, description="hybrid: RRF's rank offset")
+    # Tuned on SQuAD v1.1 dev's tune split (1,500 questions; the held-out half never used):
+    # rrf_k 60 / weights 1:1 gave recall@10 0.966, MRR@10 0.821; rrf_k 20 / 1:2 gave 0.968, 0.846.
+    rrf_k: Annotated[float, Field(ge=0)] = Field(20.0, description="hybrid: RRF's rank offset")
     vector_weight: Annotated[float, Field(ge=0)] = 1.0
-    keyword_weight: Annotated[float, Field(ge=0)] = 1.0
+    keyword_weight: Annotated[float, Field(ge=0)] = 2.0
     candidates: PositiveInt = Field(
         50, description="hybrid: hits taken from each of vector and keyword search before fusion (at least k)"
     )

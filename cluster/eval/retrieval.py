@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import random
+import re
 import sys
 import time
 import uuid
@@ -67,7 +68,8 @@ def select(qrels: dict[str, dict[str, int]], split: str, sample: int | None, see
 
 
 def eval_settings(base: Settings, dataset: Path, index: str | None) -> Settings:
-    name = index or f"eval-{dataset.name.lower()[:20].strip('.-_') or 'data'}-{uuid.uuid4().hex[:6]}"
+    slug = re.sub(r"[^a-z0-9_-]+", "-", dataset.name.lower())[:20].strip("-_") or "data"
+    name = index or f"eval-{slug}-{uuid.uuid4().hex[:6]}"
     dump = base.model_dump(mode="json")
     dump["index"] = {**dump["index"], "name": name}
     dump["kafka"]["topics"] = {**dump["kafka"]["topics"], "documents": f"eval.{name}.documents"}

@@ -29,9 +29,9 @@ def small_dataset(target: Path, n_docs: int = 60) -> int:
 
 
 def test_eval_retrieval_ingests_the_corpus_and_scores_every_mode(settings, ray_session, tmp_path):
-    n_queries = small_dataset(tmp_path / "mini")
+    n_queries = small_dataset(tmp_path / "mini.v1")  # a name that is no valid index name
     report = eval_retrieval(
-        settings, tmp_path / "mini", split="all", sample=80, seed=1, out_dir=tmp_path / "out"
+        settings, tmp_path / "mini.v1", split="all", sample=80, seed=1, out_dir=tmp_path / "out"
     )
     assert report["queries"] == min(80, n_queries)
     for mode in ("vector", "keyword", "hybrid"):
@@ -42,9 +42,9 @@ def test_eval_retrieval_ingests_the_corpus_and_scores_every_mode(settings, ray_s
         # 60 passages: the gold one is nearly always in the top 20, whatever the mode
         assert scores["recall@20"] > 0.9, (mode, scores)
     assert report["modes"]["hybrid"]["mrr@10"] > 0.6
-    assert (tmp_path / "out" / "retrieval-mini-all.json").is_file()
+    assert (tmp_path / "out" / "retrieval-mini.v1-all.json").is_file()
     # held-out and tune splits partition the queries
     again = {"modes": ("keyword",), "index": report["index"], "out_dir": tmp_path / "out"}
-    tune = eval_retrieval(settings, tmp_path / "mini", split="tune", **again)
-    held = eval_retrieval(settings, tmp_path / "mini", split="heldout", **again)
+    tune = eval_retrieval(settings, tmp_path / "mini.v1", split="tune", **again)
+    held = eval_retrieval(settings, tmp_path / "mini.v1", split="heldout", **again)
     assert tune["queries"] + held["queries"] == n_queries
