@@ -313,3 +313,30 @@ class Pipeline:
                 ray.get([sh.snapshot.remote() for sh in self.shards])
             self.sources, self.embedders, self._runs = [], [], []
         return results
+
+
+def ingest_documents(settings: Settings, documents: Sequence[Any]) -> None:
+    """Produces ``documents`` (envelopes) to the index's documents topic and runs the pipeline
+    until every record is committed, showing progress on stderr. For benchmarks and evaluations."""
+    import sys
+
+    from cluster.producer import produce_all
+
+    servers = bootstrap_servers(settings)
+    ensure_topics(
+        servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
+    )
+    produce_all(servers, settings.kafka.topics.documents, documents, settings.kafka.max_record_bytes)
+    print(f"ingesting {len(documents)} documents into index {settings.index.name}", file=sys.stderr)
+    pipeline = Pipeline(settings)
+    pipeline.start()
+    try:
+        pipeline.wait_idle(
+            on_progress=lambda p: print(
+                f"\r  chunks {p.total('chunks')}  lag {p.lag}   ", end="", file=sys.stderr, flush=True
+            ),
+            interval_s=1.0,
+        )
+    finally:
+        pipeline.stop()
+        print(file=sys.stderr)

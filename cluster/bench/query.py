@@ -28,9 +28,7 @@ from actors.embedder import Embedder
 from actors.index_shard import IndexShard, shard_directory
 from cluster.bench.ingest import load_corpus
 from cluster.bench.report import machine, write_plot, write_report
-from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
-from cluster.pipeline import Pipeline
-from cluster.producer import produce_all
+from cluster.pipeline import ingest_documents
 from cluster.serving import start_serving
 from cluster.stats import index_stats
 from deployments.searcher import LocalShards, Searcher
@@ -64,24 +62,8 @@ def build_index(settings: Settings, corpus: Path, repeat: int) -> dict[str, Any]
     if stats["documents"] >= len(docs):
         _say(f"index {settings.index.name}: {stats['chunks']} chunks already ingested")
         return stats
-    servers = bootstrap_servers(settings)
-    ensure_topics(
-        servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
-    )
-    produce_all(servers, settings.kafka.topics.documents, docs, settings.kafka.max_record_bytes)
-    _say(f"ingesting {len(docs)} passages into {settings.index.name} (once; later runs reuse it)")
-    pipeline = Pipeline(settings)
-    pipeline.start()
-    try:
-        pipeline.wait_idle(
-            on_progress=lambda p: print(
-                f"\r  chunks {p.total('chunks')}  lag {p.lag}   ", end="", file=sys.stderr, flush=True
-            ),
-            interval_s=1.0,
-        )
-    finally:
-        pipeline.stop()
-        print(file=sys.stderr)
+    _say(f"building index {settings.index.name} once (later runs reuse it)")
+    ingest_documents(settings, docs)
     return index_stats(settings, broker=False)
 
 

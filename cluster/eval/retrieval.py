@@ -24,9 +24,8 @@ from typing import Any
 from actors.embedder import Embedder
 from cluster.bench.report import machine, write_report
 from cluster.eval.metrics import documents_in_order, score_run
-from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
-from cluster.pipeline import Pipeline, shard_handles
-from cluster.producer import produce_all, read_records
+from cluster.pipeline import ingest_documents, shard_handles
+from cluster.producer import read_records
 from cluster.ray_runtime import connect
 from cluster.serving import recorded_model
 from deployments.retriever import RayShards
@@ -77,25 +76,9 @@ def eval_settings(base: Settings, dataset: Path, index: str | None) -> Settings:
 
 
 def build_index(settings: Settings, corpus: Path) -> None:
-    docs = [r.envelope for r in read_records(corpus) if isinstance(r.envelope, DocumentEnvelope)]
-    servers = bootstrap_servers(settings)
-    ensure_topics(
-        servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
+    ingest_documents(
+        settings, [r.envelope for r in read_records(corpus) if isinstance(r.envelope, DocumentEnvelope)]
     )
-    produce_all(servers, settings.kafka.topics.documents, docs, settings.kafka.max_record_bytes)
-    _say(f"ingesting {len(docs)} documents into index {settings.index.name}")
-    pipeline = Pipeline(settings)
-    pipeline.start()
-    try:
-        pipeline.wait_idle(
-            on_progress=lambda p: print(
-                f"\r  chunks {p.total('chunks')}  lag {p.lag}   ", end="", file=sys.stderr, flush=True
-            ),
-            interval_s=1.0,
-        )
-    finally:
-        pipeline.stop()
-        print(file=sys.stderr)
 
 
 def eval_retrieval(
