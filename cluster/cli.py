@@ -329,6 +329,16 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.explain import explain, format_explanation
+
+    answer = explain(
+        settings, args.query, args.k, args.mode, json.loads(args.filter) if args.filter else None
+    )
+    emit(args, answer, format_explanation(answer))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
@@ -430,6 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=["vector", "keyword", "hybrid", "all"], default="all")
     evaluate.add_argument("--out", default="out/eval", help="where JSON and markdown reports go")
     evaluate.set_defaults(func=cmd_eval)
+
+    explain = sub.add_parser(
+        "explain",
+        help="why each hit of a search ranks where it does (asks the running app)",
+        parents=[common],
+    )
+    explain.add_argument("query")
+    explain.add_argument("--k", type=int, default=5)
+    explain.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="hybrid")
+    explain.add_argument("--filter", help='metadata filter as JSON, e.g. \'{"title": "Normans"}\'')
+    explain.set_defaults(func=cmd_explain)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

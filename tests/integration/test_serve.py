@@ -316,3 +316,21 @@ def test_an_index_without_shards_is_unavailable(app, ray_session):
     )
     with pytest.raises(IndexUnavailableError, match="not ready"):
         RayShards(other).handles()
+
+
+def test_riverbed_explain_prints_the_breakdown_from_the_running_app(app, capsys):
+    from cluster.cli import main
+
+    port = app.url.rsplit(":", 1)[1]
+    assert main(["--set", f"serve.port={port}", "explain", "Tesla induction motor", "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hybrid search for 'Tesla induction motor': 3 hits")
+    assert "vector #" in out and "keyword #" in out and "BM25" in out
+    assert "[Tesla]" in out or "[motor]" in out  # matched words are marked in the text
+
+
+def test_riverbed_explain_without_an_app_says_how_to_start_one(app, capsys):
+    from cluster.cli import main
+
+    assert main(["--set", "serve.port=1", "explain", "anything"]) == 1
+    assert "riverbed serve" in capsys.readouterr().err
