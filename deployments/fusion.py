@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from actors.vector_index import Hit
 
@@ -29,7 +29,6 @@ class Ranked:
     keyword_rank: int | None = None
     keyword_score: float | None = None
     fused_score: float | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def merge_shards(per_shard: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
