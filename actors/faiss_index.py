@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 _faiss: Any = faiss  # faiss-cpu's bundled stubs lack the SearchParameters classes and their arguments
 
 SNAPSHOT_FORMAT = 1
-_IVF_MIN_PER_LIST = 39  # FAISS warns that k-means needs at least 39 points per centroid
+IVF_MIN_PER_LIST = 39  # FAISS warns that k-means needs at least 39 points per centroid
 _IVF_RETRAIN_GROWTH = 4
 _HNSW_MAX_MASKED = 0.2
 # Fields that shape the stored structure; a snapshot built with others is rebuilt, not loaded.
@@ -272,7 +272,7 @@ class FaissIndex(WriteConveniences):
         live, kind = self._live(), self._config.kind
         ivf_due = not self._trained_on or live > _IVF_RETRAIN_GROWTH * self._trained_on
         if (kind == "hnsw" and len(self._masked) > _HNSW_MAX_MASKED * self._index.ntotal) or (
-            kind == "ivf" and ivf_due and live >= _IVF_MIN_PER_LIST * self._config.ivf_nlist
+            kind == "ivf" and ivf_due and live >= IVF_MIN_PER_LIST * self._config.ivf_nlist
         ):
             self._rebuild()
 
@@ -280,25 +280,11 @@ class FaissIndex(WriteConveniences):
         """A fresh structure from every live row of the store (trains IVF when there are enough)."""
         store = self._open()
         ids, vectors = _all_vectors(store)
-        self._index, self._masked = self._structure(store.dim, vectors), ids[:0]
+        self._index, self._masked = build_structure(self._config, store.dim, vectors), ids[:0]
         self._trained_on = len(ids) if isinstance(self._index, faiss.IndexIVFFlat) else 0
         if len(ids):
             self._index.add_with_ids(vectors, ids)
         log.info("shard %s: rebuilt the %s structure from %d vectors", self.path, self._config.kind, len(ids))
-
-    def _structure(self, dim: int, training: np.ndarray) -> Any:
-        c = self._config
-        if c.kind == "hnsw":
-            hnsw = faiss.IndexHNSWFlat(dim, c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = c.hnsw_ef_construction, c.hnsw_ef_search
-            return faiss.IndexIDMap2(hnsw)
-        if c.kind == "ivf" and len(training) >= _IVF_MIN_PER_LIST * c.ivf_nlist:
-            ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, c.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
-            step = max(1, len(training) // (256 * c.ivf_nlist))  # FAISS samples 256 per centroid
-            ivf.train(np.ascontiguousarray(training[::step]))
-            ivf.nprobe = c.ivf_nprobe
-            return ivf
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
     def _load_snapshot(self, store: ShardStore) -> bool:
         """Loads the snapshot and replays later store writes; False when there is none to use."""
@@ -330,6 +316,25 @@ class FaissIndex(WriteConveniences):
         self._maybe_rebuild()
         log.info("shard %s: restored the snapshot at seq %d", self.path, sidecar["seq"])
         return True
+
+
+def build_structure(config: FaissConfig, dim: int, training: np.ndarray) -> Any:
+    """An empty FAISS structure of ``config.kind`` for ``dim``-d inner-product vectors, as a shard
+    builds it (the benchmarks build theirs here too). ``ivf`` trains on ``training`` when it holds
+    at least ``IVF_MIN_PER_LIST * ivf_nlist`` rows, else it is an exact flat index. Vectors are
+    added by the caller, with ``add_with_ids``."""
+    c = config
+    if c.kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction, hnsw.hnsw.efSearch = c.hnsw_ef_construction, c.hnsw_ef_search
+        return faiss.IndexIDMap2(hnsw)
+    if c.kind == "ivf" and len(training) >= IVF_MIN_PER_LIST * c.ivf_nlist:
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, c.ivf_nlist, faiss.METRIC_INNER_PRODUCT)
+        step = max(1, len(training) // (256 * c.ivf_nlist))  # FAISS samples 256 per centroid
+        ivf.train(np.ascontiguousarray(training[::step]))
+        ivf.nprobe = c.ivf_nprobe
+        return ivf
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
 def _all_vectors(store: ShardStore) -> tuple[np.ndarray, np.ndarray]:

@@ -219,6 +219,29 @@ class LocalGenerator:
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         return Generation(text, int(input_ids.shape[1]), int(new.shape[0]), self.model_name)
 
+    def score(self, messages: list[Message], reply: str) -> tuple[float, int]:
+        """How well the model predicts ``reply`` as its answer to ``messages``: the summed negative
+        log-likelihood (nats) of ``reply``'s tokens after the chat-templated prompt (generation
+        prompt added), and their number. ``exp(nll / tokens)`` is the reply's perplexity.
+        ValueError for an empty reply or one that does not fit the context window."""
+        import torch
+
+        model, tokenizer = self._load()
+        target = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        if not target:
+            raise ValueError("reply is empty: nothing to score")
+        with self._lock, torch.inference_mode():
+            prompt = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
+            window = getattr(model.config, "max_position_embeddings", None)
+            if window is not None and prompt.shape[1] + len(target) > window:
+                raise ValueError(f"prompt + reply exceed {self.model_name}'s {window} tokens")
+            ids = torch.cat([prompt, torch.tensor([target], dtype=prompt.dtype)], dim=1).to(self._device)
+            logits = model(ids).logits[0, prompt.shape[1] - 1 : -1].float()
+            nll = torch.nn.functional.cross_entropy(logits, ids[0, prompt.shape[1] :], reduction="sum")
+        return float(nll), len(target)
+
     def stream(self, messages: list[Message], max_new_tokens: int | None = None) -> Iterator[str]:
         """Like :meth:`generate`, yielding the text in pieces as it is decoded. The lock is held
         from the first piece until the iterator is exhausted or closed; closing it early stops the

@@ -248,31 +248,51 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    out = Path(args.out)
+    result: dict[str, Any]
     if args.which == "query":
         from cluster.bench.query import bench_query
 
         result = bench_query(
-            settings, Path(args.dataset), args.repeat or 5, args.queries, args.k, args.mode, Path(args.out)
+            settings, Path(args.dataset), args.repeat or 5, args.queries, args.k, args.mode, out
         )
         one, sixteen = result["http"][0], result["http"][-1]
-        emit(
-            args,
-            result,
+        text = (
             f"query over {result['chunks']} chunks: HTTP p50 {one['p50_ms']:.1f} ms at 1 client "
             f"(in-process {result['in_process']['p50_ms']:.1f} ms, overhead "
             f"{result['overhead_p50_ms_1_client']:.1f} ms); 16 clients {sixteen['qps']:.0f} q/s vs "
             f"in-process batched {result['in_process']['batched_qps']:.0f} q/s "
-            f"({result['throughput_ratio_16_vs_in_process_batched']:.2f}x); report in {args.out}/query.md",
+            f"({result['throughput_ratio_16_vs_in_process_batched']:.2f}x); report in {out}/query.md"
         )
-        return 0
-    from cluster.bench.ingest import bench_ingest
+    elif args.which == "ingest":
+        from cluster.bench.ingest import bench_ingest
 
-    result = bench_ingest(settings, Path(args.corpus), args.repeat or 1, Path(args.out))
-    text = (
-        f"ingest: pipeline {result['pipeline_chunks_per_s']} chunks/s, raw encode "
-        f"{result['raw_chunks_per_s']} chunks/s, ratio {result['ratio']} "
-        f"({result['chunks']} chunks; report in {args.out}/ingest.md)"
-    )
+        result = bench_ingest(settings, Path(args.corpus), args.repeat or 1, out)
+        text = (
+            f"ingest: pipeline {result['pipeline_chunks_per_s']} chunks/s, raw encode "
+            f"{result['raw_chunks_per_s']} chunks/s, ratio {result['ratio']} "
+            f"({result['chunks']} chunks; report in {out}/ingest.md)"
+        )
+    elif args.which == "batching":
+        from cluster.bench.batching import bench_batching
+
+        result = bench_batching(settings, Path(args.dataset), args.texts, out)
+        text = result["summary"]
+    elif args.which == "freshness":
+        from cluster.bench.freshness import bench_freshness
+
+        result = bench_freshness(settings, args.rate, args.seconds, out)
+        text = result["summary"]
+    elif args.which == "ann":
+        from cluster.bench.ann import bench_ann
+
+        result = bench_ann(settings, Path(args.dataset), args.repeat or 1, args.queries, args.k, out)
+        text = result["summary"]
+    else:
+        from cluster.bench.peer import bench_peer
+
+        result = bench_peer(settings, Path(args.dataset), args.queries, args.k, out)
+        text = result["summary"]
     emit(args, result, text)
     return 0
 
@@ -304,6 +324,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    if args.what == "rag":
+        return _eval_rag(args, settings)
     from cluster.eval.retrieval import MODES, eval_retrieval
 
     report = eval_retrieval(
@@ -326,6 +348,35 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
         )
     emit(args, report, "\n".join(lines))
+    return 0
+
+
+def _eval_rag(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.eval.rag import eval_rag
+
+    report = eval_rag(
+        settings,
+        Path(args.dataset),
+        corpus=Path(args.corpus) if args.corpus else None,
+        split=args.split,
+        sample=200 if args.sample is None else args.sample,
+        seed=args.seed,
+        mode=None if args.mode == "all" else args.mode,
+        index=getattr(args, "index", None),
+        out_dir=Path(args.out),
+    )
+    abst = report["abstention"]
+    emit(
+        args,
+        report,
+        f"{report['questions']} questions ({report['unanswerable']} unanswerable, {report['split']}) on "
+        f"{report['dataset']} with {report['generator']}, {report['mode']} k {report['k']}:\n"
+        f"  EM {report['exact_match']:.3f}  F1 {report['f1']:.3f}  ROUGE-L {report['rouge_l']:.3f}  "
+        f"holds a reference {report['answer_contains']:.3f}  "
+        f"answered {report['answered_rate']:.2f}  context recall {report['context_recall']:.3f}\n"
+        f"  citation accuracy {report['citation_accuracy']:.3f}  abstention precision "
+        f"{abst['precision']:.3f} recall {abst['recall']:.3f}  perplexity {report['perplexity']:.2f}",
+    )
     return 0
 
 
@@ -395,26 +446,39 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--no-broker", action="store_true", help="read only the shard stores")
     stats.set_defaults(func=cmd_stats)
 
-    bench = sub.add_parser("bench", help="benchmarks, measured side by side", parents=[common])
-    bench.add_argument("which", choices=["ingest", "query"])
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks, measured side by side (ingest, query, batching, freshness, ann, peer)",
+        parents=[common],
+    )
+    bench.add_argument("which", choices=["ingest", "query", "batching", "freshness", "ann", "peer"])
     bench.add_argument(
         "--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="ingest: documents to ingest"
     )
     bench.add_argument(
-        "--dataset", default="data/squad-v1.1-dev", help="query: BEIR-layout corpus and queries"
+        "--dataset",
+        default="data/squad-v1.1-dev",
+        help="query, batching, ann, peer: BEIR-layout corpus and queries",
     )
     bench.add_argument(
         "--repeat",
         type=int,
         default=None,
-        help="copies of the corpus under different ids (ingest 1, query 5)",
+        help="copies of the corpus under different ids (ingest 1, query 5, ann 1)",
     )
-    bench.add_argument("--queries", type=int, default=400, help="query: questions sent per measurement")
-    bench.add_argument("--k", type=int, default=10, help="query: hits per search")
+    bench.add_argument(
+        "--queries", type=int, default=400, help="query, ann, peer: questions sent per measurement"
+    )
+    bench.add_argument("--k", type=int, default=10, help="query, ann, peer: hits per search")
     bench.add_argument(
         "--mode", choices=["vector", "keyword", "hybrid"], default="vector", help="query: mode"
     )
-    bench.add_argument("--out", default="out/bench", help="where JSON and markdown reports go")
+    bench.add_argument(
+        "--texts", type=int, default=None, help="batching: embed only this many texts of the mix"
+    )
+    bench.add_argument("--rate", type=float, default=20.0, help="freshness: documents produced per second")
+    bench.add_argument("--seconds", type=float, default=60.0, help="freshness: how long to produce")
+    bench.add_argument("--out", default="out/bench", help="where JSON, PNG and markdown reports go")
     bench.set_defaults(func=cmd_bench)
 
     serve = sub.add_parser(
@@ -425,19 +489,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval",
-        help="measure retrieval quality on a BEIR-layout dataset (with --index NAME: that index as it "
-        "is; without: the corpus ingested into a fresh index)",
+        help="measure retrieval (recall, MRR, nDCG) or answers (EM, F1, citations, abstention) on a "
+        "BEIR-layout dataset (with --index NAME: that index as it is; without: the corpus ingested "
+        "into a fresh index)",
         parents=[common],
     )
-    evaluate.add_argument("what", choices=["retrieval"])
+    evaluate.add_argument("what", choices=["retrieval", "rag"])
     evaluate.add_argument(
         "--dataset", required=True, help="directory with corpus.jsonl, queries.jsonl, qrels.tsv"
     )
     evaluate.add_argument("--corpus", help="take the corpus from this dataset instead (cross-lingual runs)")
     evaluate.add_argument("--split", choices=["tune", "heldout", "all"], default="heldout")
-    evaluate.add_argument("--sample", type=int, help="evaluate this many queries of the split")
+    evaluate.add_argument(
+        "--sample", type=int, help="evaluate this many queries of the split (rag: default 200)"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="of the sample")
-    evaluate.add_argument("--mode", choices=["vector", "keyword", "hybrid", "all"], default="all")
+    evaluate.add_argument(
+        "--mode",
+        choices=["vector", "keyword", "hybrid", "all"],
+        default="all",
+        help="retrieval: modes to score (all: each); rag: the retrieval mode (all: serve.rag.mode)",
+    )
     evaluate.add_argument("--out", default="out/eval", help="where JSON and markdown reports go")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -9,31 +9,30 @@ replica; the local backend keeps a converted copy of GGUF models in the model ca
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ray import serve
 
-from actors.generator import make_generator
+from actors.generator import Message, make_generator
 from actors.vector_index import Hit
 from deployments.rag import RagAnswer, abstain_for_weak_retrieval, build_messages, parse_answer, refine_span
 from schemas.settings import Settings
 
 
-@serve.deployment
-class Generator:
+class Answerer:
+    """The answering logic without Serve: what the deployment runs, and what ``riverbed eval rag``
+    runs in-process. One call at a time (the model is not re-entrant)."""
+
     def __init__(self, settings: Settings) -> None:
         self.config = settings.serve.rag
         self.generator = make_generator(settings.serve.llm, settings.cache_dir)
-        self.generator.warm_up()
-        self._lock = asyncio.Lock()  # one generation at a time per replica: they share the cores
 
-    async def answer(
-        self, question: str, hits: list[Hit], vector_scores: list[float | None]
-    ) -> dict[str, Any]:
-        """``{"answer", "abstained", "reason", "citations": [Citation fields], "passages": [Hit],
-        "model"}``; ``passages`` are those the prompt held, in prompt order. ``vector_scores[i]``:
-        the cosine of ``hits[i]`` with the question (None when only keyword search found it)."""
+    def warm_up(self) -> None:
+        self.generator.warm_up()
+
+    def prompt(self, question: str, hits: list[Hit], vector_scores: list[float | None]) -> PromptPlan:
+        """The abstention for weak retrieval, or the messages to generate from and the hits they hold."""
         # Judged on vector scores (rag.min_score's scale); hits only keyword search found have none,
         # and with no vector score at all (keyword mode) only "no passages" abstains here.
         scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
@@ -41,15 +40,23 @@ class Generator:
             scored if scored else hits, self.config.min_score if scored else -1.0
         )
         if weak is not None:
-            return self._result(weak, [])
+            return PromptPlan(weak, [], [])
         messages, used = build_messages(
             question, hits, self.config.max_context_tokens, self.generator.count_tokens
         )
-        async with self._lock:
-            generation = await asyncio.to_thread(self.generator.generate, messages)
-        return self._result(parse_answer(generation.text, used, question=question), used)
+        return PromptPlan(None, messages, used)
 
-    def _result(self, answer: RagAnswer, passages: list[Hit]) -> dict[str, Any]:
+    def answer(self, question: str, hits: list[Hit], vector_scores: list[float | None]) -> dict[str, Any]:
+        """``{"answer", "abstained", "reason", "citations": [Citation fields], "passages": [Hit],
+        "model"}``; ``passages`` are those the prompt held, in prompt order. ``vector_scores[i]``:
+        the cosine of ``hits[i]`` with the question (None when only keyword search found it)."""
+        plan = self.prompt(question, hits, vector_scores)
+        if plan.abstention is not None:
+            return self.result(plan.abstention, [])
+        generation = self.generator.generate(plan.messages)
+        return self.result(parse_answer(generation.text, plan.passages, question=question), plan.passages)
+
+    def result(self, answer: RagAnswer, passages: list[Hit]) -> dict[str, Any]:
         citations = []
         for c in answer.citations:
             start, end = refine_span(answer.answer, c)
@@ -68,3 +75,28 @@ class Generator:
             "passages": passages,
             "model": self.generator.model_name,
         }
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """:meth:`Answerer.prompt`'s outcome: ``abstention`` (nothing to generate), or the ``messages``
+    and the ``passages`` they number."""
+
+    abstention: RagAnswer | None
+    messages: list[Message]
+    passages: list[Hit]
+
+
+@serve.deployment
+class Generator:
+    def __init__(self, settings: Settings) -> None:
+        self.answerer = Answerer(settings)
+        self.answerer.warm_up()
+        self._lock = asyncio.Lock()  # one generation at a time per replica: they share the cores
+
+    async def answer(
+        self, question: str, hits: list[Hit], vector_scores: list[float | None]
+    ) -> dict[str, Any]:
+        """:meth:`Answerer.answer`, on a worker thread."""
+        async with self._lock:
+            return await asyncio.to_thread(self.answerer.answer, question, hits, vector_scores)

@@ -32,6 +32,27 @@ def write_report(out_dir: Path, name: str, result: dict[str, Any], rows: list[tu
     return md
 
 
+def write_table(
+    out_dir: Path, name: str, headers: list[str], rows: list[list[str]], preamble: str = ""
+) -> Path:
+    """Writes ``<name>.md`` under ``out_dir``: ``preamble`` (markdown, may be empty), then one
+    table with ``headers`` and ``rows`` (cells already formatted; a ``|`` in one is escaped);
+    returns its path. Raises ``ValueError`` when a row's length differs from the header's."""
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"{name}.md: row {i} has {len(row)} cells, the header {len(headers)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [preamble.rstrip() + "\n"] if preamble.strip() else []
+    lines += [_row(headers), f"|{'---|' * len(headers)}", *(_row(r) for r in rows)]
+    md = out_dir / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 Series = dict[str, tuple[list[float], list[float]]]
 
 
@@ -43,9 +64,12 @@ def write_plot(
     xlabel: str,
     right_series: Series | None = None,
     hlines: dict[str, float] | None = None,
+    ylabel: str | None = None,
+    ylog: bool = False,
 ) -> Path:
     """Writes ``<name>.png``: ``series`` on the left axis, ``right_series`` and the horizontal
-    reference lines ``hlines`` on a right axis."""
+    reference lines ``hlines`` on a right axis. ``ylabel`` names the left axis (default: the
+    series' labels); ``ylog`` makes it logarithmic."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -55,7 +79,9 @@ def write_plot(
     for label, (xs, ys) in series.items():
         left.plot(xs, ys, marker="o", label=label)
     left.set_xlabel(xlabel)
-    left.set_ylabel(" / ".join(series))
+    left.set_ylabel(ylabel if ylabel is not None else " / ".join(series))
+    if ylog:
+        left.set_yscale("log")
     handles, labels = left.get_legend_handles_labels()
     if right_series or hlines:
         right = left.twinx()
@@ -68,6 +94,32 @@ def write_plot(
         handles, labels = handles + h2, labels + l2
     left.legend(handles, labels, loc="best", fontsize=8)
     left.set_title(title)
+    fig.tight_layout()
+    path = out_dir / f"{name}.png"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str, float]]) -> Path:
+    """Writes ``<name>.png``: one small bar chart per panel (its title -> {bar label: value}), side
+    by side, each on its own scale, so measures in different units share one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.6), dpi=120, squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for ax, (panel, bars) in zip(axes[0], panels.items(), strict=True):
+        labels, values = list(bars), list(bars.values())
+        drawn = ax.bar(labels, values, color=[colors[i % len(colors)] for i in range(len(labels))])
+        ax.bar_label(drawn, fmt="%.3g", fontsize=7)
+        ax.set_title(panel, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=20)
+        ax.margins(y=0.15)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = out_dir / f"{name}.png"
     out_dir.mkdir(parents=True, exist_ok=True)

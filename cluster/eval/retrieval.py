@@ -51,9 +51,9 @@ def load_queries(dataset: Path) -> dict[str, str]:
     return {str(r.get("_id", r.get("id"))): r["text"] for r in rows}
 
 
-def load_qrels(dataset: Path) -> dict[str, dict[str, int]]:
+def load_qrels(dataset: Path, name: str = "qrels.tsv") -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with (dataset / "qrels.tsv").open(encoding="utf-8") as f:
+    with (dataset / name).open(encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
     return qrels

@@ -136,6 +136,28 @@ def test_streamed_text_equals_the_generated_text(generator: LocalGenerator, refe
     assert "".join(pieces).strip() == reference.text
 
 
+def test_score_is_the_replys_negative_log_likelihood(generator: LocalGenerator) -> None:
+    import torch
+
+    nll, tokens = generator.score(QUESTION, "Paris")
+    wrong, wrong_tokens = generator.score(QUESTION, "Tokyo")
+    assert tokens >= 1 and wrong_tokens >= 1
+    assert nll / tokens < wrong / wrong_tokens  # the model expects the right capital
+    # by hand: the log-probabilities of the reply's tokens, one forward pass each
+    model, tokenizer = generator._load()
+    prompt = tokenizer(generator.render(QUESTION), add_special_tokens=False)["input_ids"]
+    reply = tokenizer("Paris", add_special_tokens=False)["input_ids"]
+    by_hand = 0.0
+    with torch.inference_mode():
+        for i, token in enumerate(reply):
+            logits = model(torch.tensor([prompt + reply[:i]])).logits[0, -1]
+            by_hand -= float(torch.log_softmax(logits.float(), -1)[token])
+    assert tokens == len(reply)
+    assert nll == pytest.approx(by_hand, rel=1e-3)
+    with pytest.raises(ValueError, match="empty"):
+        generator.score(QUESTION, "")
+
+
 def test_answers_a_question_from_its_passage(generator: LocalGenerator) -> None:
     passage = Hit("doc-1#0", "doc-1", 0, "The Eiffel Tower is in Paris.", "Eiffel Tower", 0, 29, {}, 0.8)
     messages, used = build_messages(
