@@ -40,7 +40,7 @@ from cluster.eval.metrics import (
     rouge_l,
     token_f1,
 )
-from cluster.eval.retrieval import _say, build_index, eval_settings, load_qrels, select
+from cluster.eval.retrieval import _say, build_index, eval_settings, load_qrels, report_name, select
 from cluster.pipeline import shard_handles
 from cluster.ray_runtime import connect
 from cluster.serving import recorded_model
@@ -239,7 +239,7 @@ def eval_rag(
     abst = summary["abstention"]
     write_report(
         out_dir,
-        f"rag-{dataset.name}-{split}",
+        report_name("rag", dataset, corpus, split),
         report,
         [
             ("questions (answerable / unanswerable)", f"{summary['answerable']} / {summary['unanswerable']}"),

@@ -66,6 +66,18 @@ def select(qrels: dict[str, dict[str, int]], split: str, sample: int | None, see
     return ids
 
 
+def report_name(kind: str, dataset: Path, corpus: Path | None, split: str) -> str:
+    """``<kind>-<dataset>[-on-<corpus>]-<split>``; a dataset named by a language code alone
+    (``xquad/de``) keeps its parent's name (``xquad-de``)."""
+
+    def label(path: Path) -> str:
+        path = path.resolve()
+        return f"{path.parent.name}-{path.name}" if len(path.name) <= 3 else path.name
+
+    on = f"-on-{label(corpus)}" if corpus is not None and corpus.resolve() != dataset.resolve() else ""
+    return f"{kind}-{label(dataset)}{on}-{split}"
+
+
 def eval_settings(base: Settings, dataset: Path, index: str | None) -> Settings:
     slug = re.sub(r"[^a-z0-9_-]+", "-", dataset.name.lower())[:20].strip("-_") or "data"
     name = index or f"eval-{slug}-{uuid.uuid4().hex[:6]}"
@@ -166,7 +178,7 @@ def eval_retrieval(
     ]
     write_report(
         out_dir,
-        f"retrieval-{dataset.name}-{split}",
+        report_name("retrieval", dataset, corpus, split),
         report,
         [("mode: R@1 / R@5 / R@10 / R@20 / MRR@10 / nDCG@10", ""), *rows],
     )

@@ -65,3 +65,14 @@ def test_questions_without_answers_are_refused_with_the_line(tmp_path: Path):
     )
     with pytest.raises(ConfigError, match="line 2: no 'answers' list"):
         load_questions(tmp_path)
+
+
+def test_report_names_tell_datasets_and_corpora_apart(tmp_path: Path):
+    from cluster.eval.retrieval import report_name
+
+    de, en = tmp_path / "xquad" / "de", tmp_path / "xquad" / "en"
+    assert report_name("retrieval", de, None, "heldout") == "retrieval-xquad-de-heldout"
+    assert report_name("retrieval", de, en, "heldout") == "retrieval-xquad-de-on-xquad-en-heldout"
+    assert report_name("rag", tmp_path / "squad-v2.0-dev", tmp_path / "squad-v2.0-dev", "all") == (
+        "rag-squad-v2.0-dev-all"
+    )
