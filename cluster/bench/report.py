@@ -104,17 +104,20 @@ def write_plot(
 
 def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str, float]]) -> Path:
     """Writes ``<name>.png``: one small bar chart per panel (its title -> {bar label: value}), side
-    by side, each on its own scale, so measures in different units share one figure."""
+    by side, each on its own scale, so measures in different units share one figure. A bar label
+    keeps its colour in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.6), dpi=120, squeeze=False)
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    labels_seen = list(dict.fromkeys(label for bars in panels.values() for label in bars))
+    color = {label: palette[i % len(palette)] for i, label in enumerate(labels_seen)}
     for ax, (panel, bars) in zip(axes[0], panels.items(), strict=True):
         labels, values = list(bars), list(bars.values())
-        drawn = ax.bar(labels, values, color=[colors[i % len(colors)] for i in range(len(labels))])
+        drawn = ax.bar(labels, values, color=[color[label] for label in labels])
         ax.bar_label(drawn, fmt="%.3g", fontsize=7)
         ax.set_title(panel, fontsize=9)
         ax.tick_params(axis="x", labelsize=7, labelrotation=20)
