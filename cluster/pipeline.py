@@ -202,6 +202,43 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     return handles
 
 
+def release_shards(settings: Settings) -> None:
+    """Stops the index's shard actors. They are detached (they outlive the command that started
+    them, for `serve`); their data stays on disk and :func:`shard_handles` starts them again. Never
+    call it on an index another command is serving."""
+    for i in range(settings.index.n_shards):
+        try:
+            ray.kill(ray.get_actor(actor_name(settings, "shard", i), namespace=settings.ray.namespace))
+        except ValueError:  # not running
+            continue
+
+
+def drop_index(settings: Settings, topics: Sequence[str]) -> None:
+    """Removes a throwaway index (benchmarks): its shard actors, its data and ``topics`` (those the
+    caller created for it; never a topic other indexes share, such as the default dead letters)."""
+    import shutil
+
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    release_shards(settings)
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings), client_id="riverbed-admin")
+    except (KafkaError, OSError) as exc:
+        log.warning("topics of index %s not deleted: %s", settings.index.name, exc)
+        return
+    try:
+        existing = set(admin.list_topics())
+        gone = [t for t in topics if t in existing]
+        if gone:
+            admin.delete_topics(gone)
+    except (KafkaError, OSError) as exc:
+        log.warning("topics of index %s not deleted: %s", settings.index.name, exc)
+    finally:
+        admin.close()
+
+
 class Pipeline:
     """One ingest run: start the actors, watch progress, stop cleanly."""
 

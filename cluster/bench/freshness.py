@@ -9,6 +9,7 @@
 #   to the document's ``n_chunks``): from then on, searches see it. The shards are asked every
 #   ``POLL_S``, which bounds the measurement's resolution
 # LATENCY: from the producer's send call to the first poll that saw the document searchable
+# The index and its topics are dropped at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import ray
 
 from cluster.bench.ingest import load_corpus
 from cluster.bench.report import machine, write_plot, write_table
-from cluster.pipeline import Pipeline
+from cluster.pipeline import Pipeline, drop_index
 from cluster.producer import EnvelopeProducer
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import ConfigError, RetryableError
@@ -169,6 +170,7 @@ def bench_freshness(base: Settings, rate: float, seconds: float, out_dir: Path) 
             producer.close()
     finally:
         pipeline.stop()
+        drop_index(settings, [topic, settings.kafka.topics.dead_letter])
 
     latencies = np.array([seen[d] - sent[d] for d in sent if d in seen]) * 1000
     missing = len(sent) - len(latencies)

@@ -18,8 +18,8 @@ from typing import Any
 
 from actors.chunker import Chunker
 from actors.models import resolve_model
-from cluster.bench.report import machine, write_report
-from cluster.pipeline import Pipeline
+from cluster.bench.report import machine, write_bars, write_report
+from cluster.pipeline import Pipeline, drop_index
 from cluster.producer import produce_all, read_records
 from schemas.envelope import DocumentEnvelope
 from schemas.settings import Settings, load_settings
@@ -88,6 +88,7 @@ def bench_ingest(base: Settings, corpus: Path, repeat: int, out_dir: Path) -> di
         pipe_s = time.perf_counter() - t0
     finally:
         results = pipeline.stop()
+        drop_index(settings, [settings.kafka.topics.documents, settings.kafka.topics.dead_letter])
     chunks = sum(r.get("chunks", 0) for r in results)
     pipe_rate = chunks / pipe_s
     result = {
@@ -111,4 +112,13 @@ def bench_ingest(base: Settings, corpus: Path, repeat: int, out_dir: Path) -> di
         ("ratio pipeline / raw", f"{pipe_rate / raw_rate:.2f}"),
     ]
     write_report(out_dir, "ingest", result, rows)
+    write_bars(
+        out_dir,
+        "ingest",
+        f"ingest, {len(texts)} chunks of {len(docs)} documents",
+        {
+            "chunks/s": {"raw encode": raw_rate, "pipeline": pipe_rate},
+            "pipeline / raw": {"ratio": pipe_rate / raw_rate, "target": 0.9},
+        },
+    )
     return result

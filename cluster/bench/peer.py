@@ -31,12 +31,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import logging
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -53,7 +51,7 @@ from cluster.bench.report import machine, write_bars, write_table
 from cluster.eval.metrics import documents_in_order, mrr_at, recall_at
 from cluster.eval.retrieval import load_qrels, load_queries, select
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
-from cluster.pipeline import Pipeline, actor_name
+from cluster.pipeline import Pipeline, drop_index
 from cluster.producer import produce_all, read_records
 from cluster.ray_runtime import connect
 from deployments.retriever import RayShards
@@ -242,23 +240,6 @@ def _measures(
     }
 
 
-def _cleanup(settings: Settings, servers: str) -> None:
-    """The bench index is throwaway: its detached shard actors, data and topic go."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    for i in range(settings.index.n_shards):
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(actor_name(settings, "shard", i), namespace=settings.ray.namespace))
-    shutil.rmtree(settings.data_dir, ignore_errors=True)
-    with contextlib.suppress(KafkaError, OSError):
-        admin = KafkaAdminClient(bootstrap_servers=servers, client_id="riverbed-admin")
-        try:
-            admin.delete_topics([settings.kafka.topics.documents])
-        finally:
-            admin.close()
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -306,7 +287,7 @@ def bench_peer(base: Settings, dataset: Path, n_queries: int, k: int, out_dir: P
     finally:
         if embeddings is not None:
             embeddings.close()
-        _cleanup(settings, servers)
+        drop_index(settings, [settings.kafka.topics.documents])
 
     rb = {**rb_index, **_measures(rb_raw, qids, qrels, k)}
     tx = {**tx_index, **_measures(tx_raw, qids, qrels, k)}

@@ -41,7 +41,7 @@ from cluster.eval.metrics import (
     token_f1,
 )
 from cluster.eval.retrieval import _say, build_index, eval_settings, load_qrels, report_name, select
-from cluster.pipeline import shard_handles
+from cluster.pipeline import release_shards, shard_handles
 from cluster.ray_runtime import connect
 from cluster.serving import recorded_model
 from deployments.generator import Answerer
@@ -147,74 +147,80 @@ def eval_rag(
     shard_handles(settings, *recorded)
     ingest_s = time.monotonic() - t0
 
-    # QUESTIONS and retrieval, batched
-    gold = load_qrels(dataset, qrels_file.name)
-    chosen = [q for q in select(gold, split, sample, seed) if q in questions]
-    texts = [questions[q]["text"] for q in chosen]
-    vectors = Embedder(settings.embed).embed(texts) if mode != "keyword" else None
-    searcher = Searcher(settings.serve.search, RayShards(settings))
-    ranked = []
-    for lo in range(0, len(chosen), 64):
-        batch = slice(lo, lo + 64)
-        ranked += asyncio.run(
-            searcher.search_many(texts[batch], None if vectors is None else vectors[batch], rag.k, None, mode)
-        )
+    try:
+        # QUESTIONS and retrieval, batched
+        gold = load_qrels(dataset, qrels_file.name)
+        chosen = [q for q in select(gold, split, sample, seed) if q in questions]
+        texts = [questions[q]["text"] for q in chosen]
+        vectors = Embedder(settings.embed).embed(texts) if mode != "keyword" else None
+        searcher = Searcher(settings.serve.search, RayShards(settings))
+        ranked = []
+        for lo in range(0, len(chosen), 64):
+            batch = slice(lo, lo + 64)
+            ranked += asyncio.run(
+                searcher.search_many(
+                    texts[batch], None if vectors is None else vectors[batch], rag.k, None, mode
+                )
+            )
 
-    # ANSWER and SCORE
-    answerer = Answerer(settings)
-    answerer.warm_up()
-    generator = answerer.generator
-    scorer = generator if isinstance(generator, LocalGenerator) else None  # needs token likelihoods
-    _say(
-        f"answering {len(chosen)} questions with {generator.model_name} "
-        f"({mode}, k {rag.k}, index {settings.index.name})"
-    )
-    records: list[dict[str, Any]] = []
-    started = time.monotonic()
-    for i, (qid, question, hits) in enumerate(zip(chosen, texts, ranked, strict=True), 1):
-        row = questions[qid]
-        references = [a for a in row["answers"] if a.strip()]
-        impossible = bool(row.get("is_impossible")) or not references
-        t = time.monotonic()
-        result = answerer.answer(question, [r.hit for r in hits], [r.vector_score for r in hits])
-        seconds = time.monotonic() - t
-        passages = {h.chunk_id: h for h in result["passages"]}
-        cited = [passages[c["chunk_id"]].text for c in result["citations"] if c["chunk_id"] in passages]
-        answer = "" if result["abstained"] else result["answer"]
-        nll, tokens = None, 0
-        if scorer is not None and not impossible and hits:
-            messages, _ = build_messages(
-                question, [r.hit for r in hits], rag.max_context_tokens, generator.count_tokens
-            )
-            nll, tokens = scorer.score(messages, references[0])
-        records.append(
-            {
-                "id": qid,
-                "question": question,
-                "references": sorted(set(references)),
-                "impossible": impossible,
-                "answer": result["answer"],
-                "abstained": result["abstained"],
-                "reason": result["reason"],
-                "citations": [c["chunk_id"] for c in result["citations"]],
-                "citation_correct": bool(cited) and any(contains_answer(t, references) for t in cited),
-                "gold_in_context": any(h.hit.document_id in gold.get(qid, {}) for h in hits),
-                "em": best_over(exact_match, answer, references),
-                "f1": best_over(token_f1, answer, references),
-                "rouge_l": best_over(rouge_l, answer, references),
-                "contains": float(bool(answer) and contains_answer(answer, references)),
-                "nll": nll,
-                "tokens": tokens,
-                "seconds": round(seconds, 3),
-            }
+        # ANSWER and SCORE
+        answerer = Answerer(settings)
+        answerer.warm_up()
+        generator = answerer.generator
+        scorer = generator if isinstance(generator, LocalGenerator) else None  # needs token likelihoods
+        _say(
+            f"answering {len(chosen)} questions with {generator.model_name} "
+            f"({mode}, k {rag.k}, index {settings.index.name})"
         )
-        if i % 10 == 0 or i == len(chosen):
-            s = summarise(records)
-            _say(
-                f"  {i}/{len(chosen)}: EM {s['exact_match']:.3f}  F1 {s['f1']:.3f}  "
-                f"holds a reference {s['answer_contains']:.3f}  "
-                f"({(time.monotonic() - started) / i:.1f} s/question)"
+        records: list[dict[str, Any]] = []
+        started = time.monotonic()
+        for i, (qid, question, hits) in enumerate(zip(chosen, texts, ranked, strict=True), 1):
+            row = questions[qid]
+            references = [a for a in row["answers"] if a.strip()]
+            impossible = bool(row.get("is_impossible")) or not references
+            t = time.monotonic()
+            result = answerer.answer(question, [r.hit for r in hits], [r.vector_score for r in hits])
+            seconds = time.monotonic() - t
+            passages = {h.chunk_id: h for h in result["passages"]}
+            cited = [passages[c["chunk_id"]].text for c in result["citations"] if c["chunk_id"] in passages]
+            answer = "" if result["abstained"] else result["answer"]
+            nll, tokens = None, 0
+            if scorer is not None and not impossible and hits:
+                messages, _ = build_messages(
+                    question, [r.hit for r in hits], rag.max_context_tokens, generator.count_tokens
+                )
+                nll, tokens = scorer.score(messages, references[0])
+            records.append(
+                {
+                    "id": qid,
+                    "question": question,
+                    "references": sorted(set(references)),
+                    "impossible": impossible,
+                    "answer": result["answer"],
+                    "abstained": result["abstained"],
+                    "reason": result["reason"],
+                    "citations": [c["chunk_id"] for c in result["citations"]],
+                    "citation_correct": bool(cited) and any(contains_answer(t, references) for t in cited),
+                    "gold_in_context": any(h.hit.document_id in gold.get(qid, {}) for h in hits),
+                    "em": best_over(exact_match, answer, references),
+                    "f1": best_over(token_f1, answer, references),
+                    "rouge_l": best_over(rouge_l, answer, references),
+                    "contains": float(bool(answer) and contains_answer(answer, references)),
+                    "nll": nll,
+                    "tokens": tokens,
+                    "seconds": round(seconds, 3),
+                }
             )
+            if i % 10 == 0 or i == len(chosen):
+                s = summarise(records)
+                _say(
+                    f"  {i}/{len(chosen)}: EM {s['exact_match']:.3f}  F1 {s['f1']:.3f}  "
+                    f"holds a reference {s['answer_contains']:.3f}  "
+                    f"({(time.monotonic() - started) / i:.1f} s/question)"
+                )
+    finally:
+        if index is None:  # a fresh index: its shard actors go (`--index NAME` reopens it)
+            release_shards(settings)
 
     summary = summarise(records)
     report = {

@@ -24,7 +24,7 @@ from typing import Any
 from actors.embedder import Embedder
 from cluster.bench.report import machine, write_report
 from cluster.eval.metrics import documents_in_order, score_run
-from cluster.pipeline import ingest_documents, shard_handles
+from cluster.pipeline import ingest_documents, release_shards, shard_handles
 from cluster.producer import read_records
 from cluster.ray_runtime import connect
 from cluster.serving import recorded_model
@@ -126,35 +126,39 @@ def eval_retrieval(
     shard_handles(settings, *recorded)
     ingest_s = time.monotonic() - t0
 
-    # QUERIES
-    queries, qrels = load_queries(dataset), load_qrels(dataset)
-    chosen = [q for q in select(qrels, split, sample, seed) if q in queries]
-    texts = [queries[q] for q in chosen]
-    embedder = Embedder(settings.embed)
-    vectors = embedder.embed(texts)
+    try:
+        # QUERIES
+        queries, qrels = load_queries(dataset), load_qrels(dataset)
+        chosen = [q for q in select(qrels, split, sample, seed) if q in queries]
+        texts = [queries[q] for q in chosen]
+        embedder = Embedder(settings.embed)
+        vectors = embedder.embed(texts)
 
-    # SEARCH and SCORE
-    searcher = Searcher(settings.serve.search, RayShards(settings))
-    results: dict[str, Any] = {}
-    for mode in modes:
-        runs: dict[str, list[str]] = {}
-        start = time.monotonic()
-        for lo in range(0, len(chosen), 64):
-            batch = slice(lo, lo + 64)
-            ranked = asyncio.run(
-                searcher.search_many(texts[batch], vectors[batch], CHUNKS_PER_QUERY, None, mode)
+        # SEARCH and SCORE
+        searcher = Searcher(settings.serve.search, RayShards(settings))
+        results: dict[str, Any] = {}
+        for mode in modes:
+            runs: dict[str, list[str]] = {}
+            start = time.monotonic()
+            for lo in range(0, len(chosen), 64):
+                batch = slice(lo, lo + 64)
+                ranked = asyncio.run(
+                    searcher.search_many(texts[batch], vectors[batch], CHUNKS_PER_QUERY, None, mode)
+                )
+                for qid, hits in zip(chosen[batch], ranked, strict=True):
+                    runs[qid] = documents_in_order(r.hit.document_id for r in hits)[:20]
+            results[mode] = {
+                **score_run(runs, {q: qrels[q] for q in chosen}),
+                "seconds": time.monotonic() - start,
+            }
+            r = results[mode]
+            _say(
+                f"{mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
+                f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
             )
-            for qid, hits in zip(chosen[batch], ranked, strict=True):
-                runs[qid] = documents_in_order(r.hit.document_id for r in hits)[:20]
-        results[mode] = {
-            **score_run(runs, {q: qrels[q] for q in chosen}),
-            "seconds": time.monotonic() - start,
-        }
-        r = results[mode]
-        _say(
-            f"{mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
-            f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
-        )
+    finally:
+        if index is None:  # a fresh index: its shard actors go (`--index NAME` reopens it)
+            release_shards(settings)
 
     report = {
         "machine": machine(),
