@@ -40,10 +40,8 @@ from cluster.eval.metrics import (
     rouge_l,
     token_f1,
 )
-from cluster.eval.retrieval import _say, build_index, eval_settings, load_qrels, report_name, select
-from cluster.pipeline import release_shards, shard_handles
-from cluster.ray_runtime import connect
-from cluster.serving import recorded_model
+from cluster.eval.retrieval import _say, eval_settings, load_qrels, open_index, report_name, select
+from cluster.pipeline import release_shards
 from deployments.generator import Answerer
 from deployments.rag import build_messages
 from deployments.retriever import RayShards
@@ -135,17 +133,7 @@ def eval_rag(
     settings = eval_settings(base, dataset, index)
     rag = settings.serve.rag
     mode = mode or rag.mode
-    connect(settings)
-
-    # INDEX
-    t0 = time.monotonic()
-    if index is None:
-        build_index(settings, corpus_file)
-    recorded = recorded_model(settings)
-    if recorded is None:
-        raise ConfigError(f"index {settings.index.name!r} holds no data under {settings.data_dir}")
-    shard_handles(settings, *recorded)
-    ingest_s = time.monotonic() - t0
+    ingest_s = open_index(settings, corpus_file if index is None else None)
 
     try:
         # QUESTIONS and retrieval, batched
@@ -250,6 +238,7 @@ def eval_rag(
         [
             ("questions (answerable / unanswerable)", f"{summary['answerable']} / {summary['unanswerable']}"),
             ("exact match / F1 / ROUGE-L (answerable)", _fmt(summary, "exact_match", "f1", "rouge_l")),
+            ("answer holds a reference answer (answerable)", _fmt(summary, "answer_contains")),
             (
                 "answered rate / EM / F1 when answered",
                 _fmt(summary, "answered_rate", "exact_match_answered", "f1_answered"),

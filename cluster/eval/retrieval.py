@@ -87,6 +87,20 @@ def eval_settings(base: Settings, dataset: Path, index: str | None) -> Settings:
     return load_settings(overrides=dump)
 
 
+def open_index(settings: Settings, corpus: Path | None) -> float:
+    """Connects to Ray, ingests ``corpus`` into the (fresh) index when given, and starts the
+    index's shard actors; returns the seconds it took. ConfigError when the index holds no data."""
+    connect(settings)
+    t0 = time.monotonic()
+    if corpus is not None:
+        build_index(settings, corpus)
+    recorded = recorded_model(settings)
+    if recorded is None:
+        raise ConfigError(f"index {settings.index.name!r} holds no data under {settings.data_dir}")
+    shard_handles(settings, *recorded)
+    return time.monotonic() - t0
+
+
 def build_index(settings: Settings, corpus: Path) -> None:
     ingest_documents(
         settings, [r.envelope for r in read_records(corpus) if isinstance(r.envelope, DocumentEnvelope)]
@@ -114,17 +128,7 @@ def eval_retrieval(
     if not corpus_file.is_file():
         raise ConfigError(f"{corpus_file} not found")
     settings = eval_settings(base, dataset, index)
-    connect(settings)
-
-    # INDEX
-    t0 = time.monotonic()
-    if index is None:
-        build_index(settings, corpus_file)
-    recorded = recorded_model(settings)
-    if recorded is None:
-        raise ConfigError(f"index {settings.index.name!r} holds no data under {settings.data_dir}")
-    shard_handles(settings, *recorded)
-    ingest_s = time.monotonic() - t0
+    ingest_s = open_index(settings, corpus_file if index is None else None)
 
     try:
         # QUERIES

@@ -10,19 +10,23 @@ from cluster.eval.retrieval import eval_retrieval
 from tests.integration.conftest import REPO
 
 
-def small_dataset(target: Path, n_docs: int = 60) -> int:
-    source = REPO / "data" / "squad-v1.1-dev"
+def small_dataset(
+    target: Path, n_docs: int = 60, source: str = "squad-v1.1-dev", qrels_file: str = "qrels.tsv"
+) -> int:
+    """The first ``n_docs`` passages of ``data/<source>`` with their questions and ``qrels_file``
+    cut to them; returns how many questions."""
+    data = REPO / "data" / source
     target.mkdir(parents=True)
-    lines = (source / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:n_docs]
+    lines = (data / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:n_docs]
     (target / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     docs = {json.loads(line)["id"] for line in lines}
-    with (source / "qrels.tsv").open(encoding="utf-8") as f:
+    with (data / qrels_file).open(encoding="utf-8") as f:
         qrels = [r for r in csv.DictReader(f, delimiter="\t") if r["corpus-id"] in docs]
-    with (target / "qrels.tsv").open("w", encoding="utf-8") as f:
+    with (target / qrels_file).open("w", encoding="utf-8") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in qrels)
     wanted = {r["query-id"] for r in qrels}
-    queries = [q for q in (source / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+    queries = [q for q in (data / "queries.jsonl").read_text(encoding="utf-8").splitlines()
                if json.loads(q)["id"] in wanted]  # fmt: skip
     (target / "queries.jsonl").write_text("\n".join(queries) + "\n", encoding="utf-8")
     return len(wanted)

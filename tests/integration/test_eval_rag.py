@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from pathlib import Path
 
 from cluster.eval.rag import eval_rag
-from tests.integration.conftest import REPO
-
-
-def small_v2(target: Path, n_docs: int = 40) -> tuple[int, int]:
-    """The first ``n_docs`` passages of SQuAD v2.0 dev with their questions, answerable and not;
-    returns (answerable, unanswerable) question counts."""
-    source = REPO / "data" / "squad-v2.0-dev"
-    target.mkdir(parents=True)
-    lines = (source / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:n_docs]
-    (target / "corpus.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    docs = {json.loads(line)["id"] for line in lines}
-    with (source / "qrels_all.tsv").open(encoding="utf-8") as f:
-        qrels = [r for r in csv.DictReader(f, delimiter="\t") if r["corpus-id"] in docs]
-    with (target / "qrels_all.tsv").open("w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        f.writelines(f"{r['query-id']}\t{r['corpus-id']}\t{r['score']}\n" for r in qrels)
-    wanted = {r["query-id"] for r in qrels}
-    rows = [json.loads(q) for q in (source / "queries.jsonl").read_text(encoding="utf-8").splitlines()]
-    rows = [r for r in rows if r["id"] in wanted]
-    (target / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    impossible = sum(r["is_impossible"] for r in rows)
-    return len(rows) - impossible, impossible
+from tests.integration.test_eval import small_dataset
 
 
 def test_eval_rag_scores_answers_citations_abstention_and_perplexity(settings, ray_session, tmp_path):
-    answerable, unanswerable = small_v2(tmp_path / "v2cut")
-    assert answerable > 0 and unanswerable > 0
+    small_dataset(tmp_path / "v2cut", 40, "squad-v2.0-dev", "qrels_all.tsv")
+    rows = [json.loads(line) for line in (tmp_path / "v2cut" / "queries.jsonl").read_text().splitlines()]
+    assert any(r["is_impossible"] for r in rows) and not all(r["is_impossible"] for r in rows)
     # short replies keep the test quick; SQuAD answers are a few words
     settings = settings.model_copy(
         update={"serve": settings.serve.model_copy(
