@@ -19,6 +19,10 @@ from actors.vector_index import Hit
 from deployments.rag import RagAnswer, abstain_for_weak_retrieval, build_messages, parse_answer, refine_span
 from schemas.settings import Settings
 
+ABSTAIN_POOL = 10
+"""Hits retrieved for a RAG question at the least: weak retrieval is judged on all of them, the
+prompt holds the first ``k``."""
+
 
 class Answerer:
     """The answering logic without Serve: what the deployment runs, and what ``riverbed eval rag``
@@ -31,8 +35,14 @@ class Answerer:
     def warm_up(self) -> None:
         self.generator.warm_up()
 
-    def prompt(self, question: str, hits: list[Hit], vector_scores: list[float | None]) -> PromptPlan:
-        """The abstention for weak retrieval, or the messages to generate from and the hits they hold."""
+    def prompt(
+        self, question: str, hits: list[Hit], vector_scores: list[float | None], k: int | None = None
+    ) -> PromptPlan:
+        """The abstention for weak retrieval, or the messages to generate from and the hits they hold.
+
+        Weak retrieval is judged on every hit given (callers pass a pool of candidates: with few
+        passages, say one, the best fused hit is often one only keyword search found, which has no
+        vector score); the prompt holds the first ``k`` (all when None)."""
         # Judged on vector scores (rag.min_score's scale); hits only keyword search found have none,
         # and with no vector score at all (keyword mode) only "no passages" abstains here.
         scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
@@ -42,15 +52,17 @@ class Answerer:
         if weak is not None:
             return PromptPlan(weak, [], [])
         messages, used = build_messages(
-            question, hits, self.config.max_context_tokens, self.generator.count_tokens
+            question, hits[:k], self.config.max_context_tokens, self.generator.count_tokens
         )
         return PromptPlan(None, messages, used)
 
-    def answer(self, question: str, hits: list[Hit], vector_scores: list[float | None]) -> dict[str, Any]:
+    def answer(
+        self, question: str, hits: list[Hit], vector_scores: list[float | None], k: int | None = None
+    ) -> dict[str, Any]:
         """``{"answer", "abstained", "reason", "citations": [Citation fields], "passages": [Hit],
         "model"}``; ``passages`` are those the prompt held, in prompt order. ``vector_scores[i]``:
         the cosine of ``hits[i]`` with the question (None when only keyword search found it)."""
-        plan = self.prompt(question, hits, vector_scores)
+        plan = self.prompt(question, hits, vector_scores, k)
         if plan.abstention is not None:
             return self.result(plan.abstention, [])
         generation = self.generator.generate(plan.messages)
@@ -95,8 +107,8 @@ class Generator:
         self._lock = asyncio.Lock()  # one generation at a time per replica: they share the cores
 
     async def answer(
-        self, question: str, hits: list[Hit], vector_scores: list[float | None]
+        self, question: str, hits: list[Hit], vector_scores: list[float | None], k: int | None = None
     ) -> dict[str, Any]:
         """:meth:`Answerer.answer`, on a worker thread."""
         async with self._lock:
-            return await asyncio.to_thread(self.answerer.answer, question, hits, vector_scores)
+            return await asyncio.to_thread(self.answerer.answer, question, hits, vector_scores, k)

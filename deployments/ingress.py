@@ -24,6 +24,7 @@ from ray import serve
 from starlette.routing import Match
 
 from deployments.fusion import Ranked, matched_terms
+from deployments.generator import ABSTAIN_POOL
 from deployments.http_errors import (
     ApiError,
     BodyLimit,
@@ -179,11 +180,11 @@ class Ingress:
         mode = request.mode or self.rag_config.mode
         vector = await self._call(self.embedder.embed.remote(request.question))
         ranked: list[Ranked] = await self._call(
-            self.retriever.search.remote(request.question, vector, k, request.filter, mode)
+            self.retriever.search.remote(request.question, vector, max(k, ABSTAIN_POOL), request.filter, mode)
         )
         result = await self._call(
             self.generator.answer.remote(
-                request.question, [r.hit for r in ranked], [r.vector_score for r in ranked]
+                request.question, [r.hit for r in ranked], [r.vector_score for r in ranked], k
             )
         )
         by_chunk = {r.hit.chunk_id: r for r in ranked}

@@ -42,7 +42,7 @@ from cluster.eval.metrics import (
 )
 from cluster.eval.retrieval import _say, eval_settings, load_qrels, open_index, report_name, select
 from cluster.pipeline import release_shards
-from deployments.generator import Answerer
+from deployments.generator import ABSTAIN_POOL, Answerer
 from deployments.rag import build_messages
 from deployments.retriever import RayShards
 from deployments.searcher import Searcher
@@ -147,7 +147,11 @@ def eval_rag(
             batch = slice(lo, lo + 64)
             ranked += asyncio.run(
                 searcher.search_many(
-                    texts[batch], None if vectors is None else vectors[batch], rag.k, None, mode
+                    texts[batch],
+                    None if vectors is None else vectors[batch],
+                    max(rag.k, ABSTAIN_POOL),
+                    None,
+                    mode,
                 )
             )
 
@@ -167,7 +171,8 @@ def eval_rag(
             references = [a for a in row["answers"] if a.strip()]
             impossible = bool(row.get("is_impossible")) or not references
             t = time.monotonic()
-            result = answerer.answer(question, [r.hit for r in hits], [r.vector_score for r in hits])
+            result = answerer.answer(question, [r.hit for r in hits], [r.vector_score for r in hits], rag.k)
+            hits = hits[: rag.k]  # the passages the prompt held; the pool only judged weak retrieval
             seconds = time.monotonic() - t
             passages = {h.chunk_id: h for h in result["passages"]}
             cited = [passages[c["chunk_id"]].text for c in result["citations"] if c["chunk_id"] in passages]
