@@ -94,12 +94,7 @@ def write_plot(
         handles, labels = handles + h2, labels + l2
     left.legend(handles, labels, loc="best", fontsize=8)
     left.set_title(title)
-    fig.tight_layout()
-    path = out_dir / f"{name}.png"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, name)
 
 
 def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str, float]]) -> Path:
@@ -123,6 +118,13 @@ def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str,
         ax.tick_params(axis="x", labelsize=7, labelrotation=20)
         ax.margins(y=0.15)
     fig.suptitle(title, fontsize=10)
+    return _save(fig, out_dir, name)
+
+
+def _save(fig: Any, out_dir: Path, name: str) -> Path:
+    """Lays out ``fig``, writes it to ``<out_dir>/<name>.png`` and frees it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = out_dir / f"{name}.png"
     out_dir.mkdir(parents=True, exist_ok=True)
