@@ -2,7 +2,10 @@
 
 - :class:`ConfigError`: fail at start, the message names the setting.
 - :class:`RetryableError`: back off and try again (broker or shard briefly unavailable).
+- :class:`StorageFullError` (retryable): a store is full; retried until space returns.
 - :class:`PoisonMessageError`: this record can never be processed: dead-letter it and move on.
+- :class:`ProcessingError` (a ``ValueError``): a valid record whose data cannot be stored; the
+  stream consumer dead-letters it alone (``processing_error``) and writes the rest of its batch.
 - :class:`IndexUnavailableError`: the index cannot answer now (HTTP 503).
 - :class:`InvalidRequestError`: the request is wrong (HTTP 400); ``param`` names the field.
 """
@@ -40,6 +43,17 @@ class PoisonMessageError(RiverbedError):
     def __init__(self, reason: DeadLetterReason, message: str) -> None:
         super().__init__(message)
         self.reason: DeadLetterReason = reason
+
+
+class StorageFullError(RetryableError):
+    """A store has no space left (the disk, or its configured quota): writes wait and are retried
+    until space returns; the shard's health says so meanwhile."""
+
+
+class ProcessingError(RiverbedError, ValueError):
+    """A record passed validation but its data cannot be processed or stored (a constraint, a value
+    the store cannot bind, a non-finite vector). Permanent: the record is dead-lettered as
+    ``processing_error`` and the rest of its batch goes on."""
 
 
 class IndexUnavailableError(RiverbedError):
