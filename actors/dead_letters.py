@@ -1,5 +1,6 @@
-"""The dead-letter topic (DESIGN.md, "Topics"): a record that can never be processed is kept there
-with its original key and value bytes, and headers naming why and where it came from.
+"""The dead-letter topic: a record that can never be processed is kept there with its original
+key and value bytes, and headers naming why (a reason of ``schemas.errors.DeadLetterReason``) and
+where it came from (see ``docs/contracts.md``).
 
 Delivery: :meth:`DeadLetterWriter.flush` returns only when every dead letter sent so far is
 acknowledged by the broker, so the caller may then commit the source offsets past them.

@@ -19,6 +19,12 @@ those (``IDSelectorBatch``). A flat index is exact anyway; for IVF and HNSW, whe
 ``filter_exact_max`` ids match (or ``k`` covers every vector) the search is exhaustive: every list
 probed, or the HNSW vectors scored by brute force, since a graph walk finds few of a sparse set.
 
+Drift: a write is committed to the store first, then mirrored into the FAISS structure. If the
+mirroring fails, the write still stands (it is durable; a retry would find its rows unchanged and
+add nothing) and the structure is marked stale: it is rebuilt from the store at the next write,
+search, count or snapshot, so vector search never stays behind the store. A failing rebuild never
+fails a write; searches and counts raise :class:`IndexUnavailableError` until one succeeds.
+
 Thread safety: one lock serialises writes, searches and snapshots; FAISS parallelises each
 search internally (OpenMP). One writer process per shard directory (the store's lock).
 """
@@ -37,7 +43,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from actors.shard_store import ShardStore, StoreChanges
+from actors.shard_store import ShardStore
+from actors.store_write import StoreChanges
 from actors.vector_index import (
     ChunkRecord,
     DocumentRow,
@@ -51,6 +58,7 @@ from actors.vector_index import (
 from schemas.errors import IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.settings import FaissConfig
+from schemas.topology import Offsets, Version
 
 log = logging.getLogger(__name__)
 _faiss: Any = faiss  # faiss-cpu's bundled stubs lack the SearchParameters classes and their arguments
@@ -69,18 +77,28 @@ class FaissIndex(WriteConveniences):
     Opening restores the structure: the snapshot plus the store's writes after it, or a rebuild
     from the store when the snapshot is missing, corrupt or made with another model or config.
     Raises :class:`ConfigError` when the store was written for another model or dim.
+    ``max_bytes``: the store's quota (see :meth:`set_max_bytes`).
     """
 
-    def __init__(self, path: Path, model: str, dim: int, config: FaissConfig | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        model: str,
+        dim: int,
+        config: FaissConfig | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> None:
         self.path = path
         self._config = config or FaissConfig()
         if self._config.omp_threads is not None:
             faiss.omp_set_num_threads(self._config.omp_threads)  # process-wide: one shard per actor
         self._lock = threading.RLock()
-        self._store: ShardStore | None = ShardStore(path, model, dim)
+        self._store: ShardStore | None = ShardStore(path, model, dim, max_bytes=max_bytes)
         self._index: Any = None  # a faiss.Index
         self._masked = np.zeros(0, np.int64)  # hnsw: ids deleted from the store, still in FAISS
         self._trained_on = 0  # ivf: vectors the centroids were trained on; 0 while flat
+        self._stale = False  # a mirroring failed: rebuild from the store before the next use
         try:
             self.restore()
         except BaseException:
@@ -95,15 +113,27 @@ class FaissIndex(WriteConveniences):
     def dim(self) -> int:
         return self._open().dim
 
+    @property
+    def store_id(self) -> str:
+        """The store's identity, made when it was created (or first upgraded)."""
+        return self._open().store_id
+
     # -- writes ---------------------------------------------------------------------------
 
     def apply(self, write: ShardWrite) -> WriteResult:
-        """Applies ``write`` durably (see :class:`ShardWrite` for order and idempotence), then
-        mirrors it in the FAISS structure. Wrong vectors raise ``ValueError`` naming the shard."""
+        """Applies ``write`` durably (see :class:`ShardWrite` for order, versions and idempotence),
+        then mirrors it in the FAISS structure. Raises what :meth:`ShardStore.apply` raises (then
+        nothing was written). A failure to mirror does not fail the write (see the module's
+        "Drift")."""
         with self._lock:
             changes = self._open().apply(write)
-            self._mirror(changes)
+            self._follow(changes)
             return changes.result
+
+    def set_max_bytes(self, max_bytes: int | None) -> None:
+        """Sets the store's quota (see :meth:`ShardStore.set_max_bytes`); None lifts it."""
+        with self._lock:
+            self._open().set_max_bytes(max_bytes)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -111,7 +141,7 @@ class FaissIndex(WriteConveniences):
         """Top ``k`` hits per row of ``vectors`` (``(n, dim)`` float32), best first."""
         queries = check_queries(vectors, self.dim, k, f"shard {self.path}")
         with self._lock:
-            store = self._open()
+            store = self._fresh()
             live = self._live()
             if live == 0 or len(queries) == 0:
                 return [[] for _ in range(len(queries))]
@@ -135,11 +165,23 @@ class FaissIndex(WriteConveniences):
         return self._open().get(chunk_ids)
 
     def count(self) -> int:
+        """Live chunks in the store (O(1)); :meth:`vector_count` counts the FAISS structure."""
         with self._lock:
-            self._open()
+            return self._fresh().count()
+
+    def vector_count(self) -> int:
+        """Live vectors in the FAISS structure, counted by FAISS (its size less masked ids), not
+        by the store: equal to :meth:`count` when the two agree. O(1)."""
+        with self._lock:
+            self._fresh()
             return self._live()
 
+    def document_count(self) -> int:
+        """Document rows in the store (documents whose registry shard this is). O(1)."""
+        return self._open().document_count()
+
     def document_ids(self) -> set[str]:
+        """Ids of the documents with a chunk here; scans every chunk (tools and tests only)."""
         return self._open().document_ids()
 
     def document_chunk_counts(self, document_ids: Sequence[str]) -> dict[str, int]:
@@ -151,7 +193,10 @@ class FaissIndex(WriteConveniences):
     def get_document_hashes(self, document_ids: Sequence[str]) -> dict[str, str]:
         return {d: row.content_hash for d, row in self.get_document_rows(document_ids).items()}
 
-    def offsets(self) -> dict[str, dict[int, int]]:
+    def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
+        return self._open().get_document_versions(document_ids)
+
+    def offsets(self) -> Offsets:
         return self._open().offsets()
 
     # -- persistence ----------------------------------------------------------------------
@@ -161,7 +206,7 @@ class FaissIndex(WriteConveniences):
         a crash mid-way leaves either the old pair or a mismatch that restore detects. Raises
         :class:`RetryableError` if it cannot write (the store, and so every write, is unaffected)."""
         with self._lock:
-            store = self._open()
+            store = self._fresh()  # never a stale structure under the store's current seq
             tmp, sidecar_tmp = self.path / "index.faiss.tmp", self.path / "index.json.tmp"
             try:
                 faiss.write_index(self._index, str(tmp))
@@ -200,6 +245,7 @@ class FaissIndex(WriteConveniences):
                 loaded = False
             if not loaded:
                 self._rebuild()
+            self._stale = False
 
     def close(self) -> None:
         """Releases memory, the store and its writer lock. Idempotent; no snapshot is taken."""
@@ -215,10 +261,19 @@ class FaissIndex(WriteConveniences):
             raise IndexUnavailableError(f"shard {self.path} is closed")
         return self._store
 
-    def vector_count(self) -> int:
-        """Live vectors in the FAISS structure; equals :meth:`count` (the store) when consistent."""
-        with self._lock:
-            return self._live()
+    def _fresh(self) -> ShardStore:
+        """The open store, after rebuilding the structure if a mirroring left it stale. Raises
+        :class:`IndexUnavailableError` when the rebuild fails (it is tried again next time)."""
+        store = self._open()
+        if self._stale:
+            try:
+                self._rebuild()
+            except Exception as exc:
+                raise IndexUnavailableError(
+                    f"shard {self.path}: the vector structure is behind the store and could not be "
+                    f"rebuilt yet: {exc}"
+                ) from exc
+        return store
 
     def _live(self) -> int:
         return int(self._index.ntotal) - len(self._masked)
@@ -253,6 +308,19 @@ class FaissIndex(WriteConveniences):
         scores, ids = self._index.search(queries, min(k, int(self._index.ntotal)), params=params)
         return ids, scores
 
+    def _follow(self, changes: StoreChanges) -> None:
+        """Brings the structure in line with a committed write: mirrors it, or rebuilds from the
+        store when the structure is stale. A failure marks it stale and is logged, never raised:
+        the write is durable, and the structure is rebuilt before it is next used."""
+        try:
+            if self._stale:
+                self._rebuild()
+            else:
+                self._mirror(changes)
+        except Exception:
+            self._stale = True
+            log.exception("shard %s: the vector structure missed a committed write; rebuilding", self.path)
+
     def _mirror(self, changes: StoreChanges) -> None:
         """Brings the FAISS structure in line with one store write."""
         self._remove(changes.removed_ids)
@@ -284,6 +352,7 @@ class FaissIndex(WriteConveniences):
         self._trained_on = len(ids) if isinstance(self._index, faiss.IndexIVFFlat) else 0
         if len(ids):
             self._index.add_with_ids(vectors, ids)
+        self._stale = False
         log.info("shard %s: rebuilt the %s structure from %d vectors", self.path, self._config.kind, len(ids))
 
     def _load_snapshot(self, store: ShardStore) -> bool:

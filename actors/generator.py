@@ -2,7 +2,8 @@
 
 Both backends implement :class:`Generator`; :func:`make_generator` picks one from
 ``settings.serve.llm``. They are plain classes with a cheap ``__init__`` and a ``warm_up()`` that
-loads (STYLE.md principle 1); the Serve deployment wraps them. torch, transformers and openai are
+loads (construction never does slow work, so a failure to load is reported by ``warm_up()``,
+when the caller asked for it); the Serve deployment wraps them. torch, transformers and openai are
 imported when a backend is built or warmed up, never by this module.
 
 GGUF models (the packaged SmolLM2 is one) are dequantized by transformers at every load, which

@@ -1,15 +1,27 @@
 """The durable half of an index shard: one SQLite file per shard directory.
 
-The store is the source of truth (DESIGN.md, "Durability and delivery"): a write is durable once
-:meth:`ShardStore.apply` returns (one transaction, WAL, ``synchronous=FULL``), and the in-memory
-FAISS structure is derived from it and can always be rebuilt from it.
+The store is the source of truth: a write is durable once :meth:`ShardStore.apply` returns (one
+transaction, WAL, ``synchronous=FULL``), and the in-memory FAISS structure is derived from it and
+can always be rebuilt from it. A write that fails changes nothing.
 
 Every chunk row's integer ``id`` is its FAISS id. Ids are ``AUTOINCREMENT``: never reused, and a
-row is never modified in place (a changed chunk gets a new row and id, the old id a tombstone).
-So an id always names the same vector, which lets HNSW mask deleted ids. Every write that changes
-something gets the next ``seq``; as ids only grow, the rows of writes after ``seq`` are exactly the
-ids from some point on, so a snapshot taken at ``seq`` catches up cheaply with
+row's content is never modified in place (a changed chunk gets a new row and id, the old id a
+tombstone; only the columns naming the record that wrote it are updated). So an id always names
+the same vector, which lets HNSW mask deleted ids. Every write that changes a chunk or document
+row gets the next ``seq``; as ids only grow, the rows of writes after ``seq`` are exactly the ids
+from some point on, so a snapshot taken at ``seq`` catches up cheaply with
 :meth:`ShardStore.iter_vectors` and :meth:`ShardStore.removed_since` (tombstones).
+
+Writes are versioned per document (see :class:`~actors.vector_index.ShardWrite`): a change older
+than the version the store holds for its document is skipped, so a late or re-delivered record
+never overwrites a newer one.
+
+Failures, by what the caller does: :class:`StorageFullError` (the disk or the quota is full;
+retry once there is space), :class:`RetryableError` (locked, I/O error), :class:`ProcessingError`
+(this write's data can never be stored: a constraint, a value SQLite cannot bind; the message
+names the chunk or document), ``ValueError`` for a bad vector.
+
+Tables, counters and upgrades of older stores: :mod:`actors.store_schema`.
 
 Thread safety: one connection behind a lock, so every method may be called from any thread.
 One writer process per store, enforced by an exclusive ``flock`` on ``<dir>/LOCK``; other
@@ -26,142 +38,72 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, WriteResult, check_records
+from actors import store_schema
+from actors.store_schema import SCHEMA_VERSION
+from actors.store_write import (
+    COLUMNS,
+    SOURCE,
+    StoreChanges,
+    apply_write,
+    batches,
+    classify,
+    marks,
+    read_versions,
+)
+from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, check_records
 from schemas.errors import ConfigError, IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
+from schemas.topology import Offsets, Version
 
-SCHEMA_VERSION = 1
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "ShardStore", "StoreChanges", "fts_terms"]
+
 DB_NAME = "store.sqlite3"
-_BATCH = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
-_COLUMNS = "document_id, number, text, title, span_start, span_end, metadata, vector"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id; never reused
-    chunk_id TEXT NOT NULL UNIQUE, document_id TEXT NOT NULL, number INTEGER NOT NULL,
-    text TEXT NOT NULL, title TEXT, span_start INTEGER NOT NULL, span_end INTEGER NOT NULL,
-    metadata TEXT NOT NULL,  -- JSON object, canonical (sorted keys)
-    vector BLOB NOT NULL,    -- little-endian float32 x dim
-    seq INTEGER NOT NULL     -- the write that inserted the row
-);
-CREATE INDEX IF NOT EXISTS chunks_document ON chunks (document_id, number);
-CREATE INDEX IF NOT EXISTS chunks_seq ON chunks (seq);
--- covering index: a filter scans metadata without reading the text and vector of every row
-CREATE INDEX IF NOT EXISTS chunks_metadata ON chunks (metadata);
-CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones (seq);
-CREATE TABLE IF NOT EXISTS documents (document_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL,
-    n_chunks INTEGER NOT NULL, updated_seq INTEGER NOT NULL,
-    source_topic TEXT, source_partition INTEGER, source_offset INTEGER);
--- BM25 keyword index over chunk text and title, kept in step with `chunks` by triggers (rows are
--- only ever inserted and deleted, never updated); porter stemming, diacritics folded
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, title, content='chunks',
-    content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
-CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts (rowid, text, title) VALUES (new.id, new.text, new.title);
-END;
-CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts (chunks_fts, rowid, text, title) VALUES ('delete', old.id, old.text, old.title);
-END;
-CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
-"""
-_UPSERT_DOCUMENT = (
-    "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (document_id) DO UPDATE SET"
-    " content_hash = excluded.content_hash, n_chunks = excluded.n_chunks,"
-    " updated_seq = excluded.updated_seq, source_topic = excluded.source_topic,"
-    " source_partition = excluded.source_partition, source_offset = excluded.source_offset"
-    " WHERE content_hash != excluded.content_hash OR n_chunks != excluded.n_chunks"
-)
 _FTS_TERM = re.compile(r"\w+", re.UNICODE)
-_MERGE_OFFSET = (
-    "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE"
-    " SET next_offset = max(next_offset, excluded.next_offset)"
-)
-
-
-@dataclass(frozen=True)
-class StoreChanges:
-    """How one write changed the live rows, for the in-memory structure to mirror."""
-
-    result: WriteResult
-    seq: int  # the store's last seq after the write
-    added_ids: np.ndarray  # int64
-    added_vectors: np.ndarray  # (len(added_ids), dim) float32
-    removed_ids: np.ndarray  # int64
 
 
 class ShardStore:
     """SQLite store of one shard directory, for one embedding ``model`` and ``dim``.
 
-    Opening a store written for another model or dim raises :class:`ConfigError` naming both.
+    Opening creates the store, or upgrades one of an older schema in place. Raises
+    :class:`ConfigError` when it was written for another model or dim (naming both), and
+    :class:`IndexUnavailableError` when the file is not a usable database. ``max_bytes`` is the
+    quota (see :meth:`set_max_bytes`).
     """
 
-    def __init__(self, directory: Path, model: str, dim: int, *, _read_only: bool = False) -> None:
+    def __init__(
+        self, directory: Path, model: str, dim: int, *, max_bytes: int | None = None, _read_only: bool = False
+    ) -> None:
         self.directory = directory
+        self._where = f"shard {directory}"
         self._lock = threading.RLock()
         self._lock_file: IO[str] | None = None
+        self._max_bytes: int | None = None
+        self._default_max_pages = 0
         try:
-            if _read_only:
-                uri = f"file:{directory / DB_NAME}?mode=ro"
-                self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            else:
-                directory.mkdir(parents=True, exist_ok=True)
-                self._lock_file = _lock_directory(directory)
-                self._conn = sqlite3.connect(
-                    directory / DB_NAME, isolation_level=None, check_same_thread=False
-                )
-                self._conn.execute("PRAGMA journal_mode = WAL")
-                self._conn.execute("PRAGMA synchronous = FULL")
-                self._conn.execute("PRAGMA busy_timeout = 10000")
-                _migrate(self._conn)
-                self._conn.executescript(_SCHEMA)
-            self._conn.execute("PRAGMA busy_timeout = 10000")
-            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-            if not _read_only and meta and "keyword_index" not in meta:
-                # a store from before the keyword index: index the chunks it already holds
-                with self._transaction() as cur:
-                    cur.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")
-                    cur.execute("INSERT INTO meta VALUES ('keyword_index', 'fts5')")
+            meta = self._open_read_only() if _read_only else self._open_for_write(model, dim)
         except sqlite3.DatabaseError as exc:
             self.close()
             raise IndexUnavailableError(f"shard {directory}: cannot open the store: {exc}") from exc
-        if not meta and not _read_only:
-            meta = {
-                "model": model,
-                "dim": str(dim),
-                "schema_version": str(SCHEMA_VERSION),
-                "seq": "0",
-                "keyword_index": "fts5",
-            }
-            with self._transaction() as cur:
-                cur.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-        if _read_only:
-            model, dim = meta.get("model", model), int(meta.get("dim", dim))
-        if meta.get("model") != model or meta.get("dim") != str(dim):
+        except BaseException:
             self.close()
-            raise ConfigError(
-                f"shard {directory} holds model {meta.get('model')!r} (dim {meta.get('dim')}), "
-                f"not model {model!r} (dim {dim}): a new model means a new index"
-            )
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            self.close()
-            raise ConfigError(
-                f"shard {directory} has store schema {meta.get('schema_version')}, this riverbed "
-                f"reads {SCHEMA_VERSION}"
-            )
-        self.model, self.dim = model, dim
+            raise
+        self.model, self.dim = meta["model"], int(meta["dim"])
+        self.store_id = meta.get("store_id", "")
+        self._schema = store_schema.schema_version(meta)
         self._seq = int(meta["seq"])
+        if max_bytes is not None:
+            self.set_max_bytes(max_bytes)
 
     @classmethod
     def read_only(cls, directory: Path) -> ShardStore:
-        """Opens an existing store for reading, whatever its model; no lock, writes refused."""
+        """Opens an existing store for reading, whatever its model; no lock, writes refused. A store
+        of an older schema is read as it is (its figures are counted by scanning)."""
         return cls(directory, "", 0, _read_only=True)
 
     @property
@@ -169,68 +111,57 @@ class ShardStore:
         """The number of the last write that changed a chunk or document row (0: none yet)."""
         return self._seq
 
-    def apply(self, write: ShardWrite) -> StoreChanges:
-        """Applies ``write`` in one transaction, in :class:`ShardWrite`'s order; durable on return.
+    # -- writes ---------------------------------------------------------------------------
 
-        Raises ``ValueError`` for a bad vector (nothing written), :class:`RetryableError` if
-        SQLite cannot write now (locked, I/O error; nothing written).
+    def apply(self, write: ShardWrite) -> StoreChanges:
+        """Applies ``write`` in one transaction, in :class:`ShardWrite`'s order, skipping the parts
+        of documents whose version is older than the stored one; durable on return.
+
+        Raises ``ValueError`` for a bad vector, :class:`ProcessingError` naming the chunk or
+        document whose data SQLite refuses, :class:`StorageFullError` when the store is full and
+        :class:`RetryableError` if SQLite cannot write now (locked, I/O error). Nothing is written
+        when it raises.
         """
         records = write.unique_upserts()
-        matrix = check_records(records, self.dim, f"shard {self.directory}")
-        seq = self._seq + 1
-        deleted: list[int] = []  # by truncate, delete_documents, delete_chunks
-        replaced: list[int] = []  # old ids of changed chunks
-        added: list[tuple[int, int]] = []  # (new id, position in records)
+        matrix = check_records(records, self.dim, self._where)
         with self._lock, self._transaction() as cur:
-            for document_id, keep in write.truncate.items():
-                deleted += self._delete(cur, "document_id = ? AND number >= ?", [document_id, keep], seq)
-            for document_id in write.delete_documents:
-                deleted += self._delete(cur, "document_id = ?", [document_id], seq)
-            doc_rows = [(d,) for d in write.delete_documents]
-            doc_changes = _rowcount(cur.executemany("DELETE FROM documents WHERE document_id = ?", doc_rows))
-            for batch in _batches(list(write.delete_chunks)):
-                deleted += self._delete(cur, f"chunk_id IN ({_marks(len(batch))})", batch, seq)
-            existing = self._existing(cur, [r.chunk_id for r in records])
-            for i, record in enumerate(records):
-                row = _row(record, matrix[i])
-                old = existing.get(record.chunk_id)
-                if old is not None and old[1:] == row:
-                    continue  # identical re-delivery: no new id, no new seq
-                if old is not None:
-                    replaced += self._delete(cur, "id = ?", [old[0]], seq)
-                cur.execute(
-                    f"INSERT INTO chunks (chunk_id, {_COLUMNS}, seq) VALUES ({_marks(10)})",
-                    (record.chunk_id, *row, seq),
-                )
-                added.append((int(cur.lastrowid or 0), i))
-            doc_changes += _rowcount(cur.executemany(_UPSERT_DOCUMENT, [
-                (d, row.content_hash, row.n_chunks, seq, *(row.source or (None, None, None)))
-                for d, row in write.documents.items()
-            ]))  # fmt: skip
-            cur.executemany(_MERGE_OFFSET, [
-                (t, int(p), int(o)) for t, ps in write.offsets.items() for p, o in ps.items()
-            ])  # fmt: skip
-            changed = bool(deleted or replaced or added or doc_changes)
+            changes, changed = apply_write(cur, self._seq + 1, write, records, matrix, self._where)
             if changed:
-                cur.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(seq),))
+                cur.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(changes.seq),))
         if changed:
-            self._seq = seq
-        positions = [i for _, i in added]
-        return StoreChanges(
-            result=WriteResult(
-                upserted=len(added), unchanged=len(records) - len(added), deleted=len(deleted)
-            ),
-            seq=self._seq,
-            added_ids=np.array([a for a, _ in added], dtype=np.int64),
-            added_vectors=matrix[positions] if positions else np.zeros((0, self.dim), np.float32),
-            removed_ids=np.array(deleted + replaced, dtype=np.int64),
-        )
+            self._seq = changes.seq
+        return changes if changed else replace(changes, seq=self._seq)
+
+    def set_max_bytes(self, max_bytes: int | None) -> None:
+        """Sets the quota: the database file may hold at most ``max_bytes`` (whole pages; None:
+        SQLite's own limit). A write that needs more raises :class:`StorageFullError` and writes
+        nothing. The quota never shrinks the file: set below its size, it refuses every write that
+        needs a new page (deletes mostly free pages, so they usually pass). Per connection, not
+        stored: pass it again on every open."""
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"{self._where}: max_bytes must be a positive int or None, got {max_bytes!r}")
+        with self._lock:
+            if max_bytes is None:
+                pages = self._default_max_pages
+            else:
+                page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+                pages = max(1, max_bytes // page_size)
+            self._conn.execute(f"PRAGMA max_page_count = {int(pages)}")
+            self._max_bytes = max_bytes
+
+    def prune_tombstones(self, up_to_seq: int) -> None:
+        """Forgets deletions at or before ``up_to_seq`` (a snapshot at that seq no longer needs them)."""
+        with self._lock, self._transaction() as cur:
+            cur.execute("DELETE FROM tombstones WHERE seq <= ?", (up_to_seq,))
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('pruned_seq', ?)", (str(up_to_seq),))
+
+    # -- reads ----------------------------------------------------------------------------
 
     def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]:
         found: dict[str, ChunkRecord] = {}
         with self._lock:
-            for batch in _batches(list(chunk_ids)):
-                sql = f"SELECT chunk_id, {_COLUMNS} FROM chunks WHERE chunk_id IN ({_marks(len(batch))})"
+            for batch in batches(list(chunk_ids)):
+                sql = f"SELECT chunk_id, {COLUMNS} FROM chunks WHERE chunk_id IN ({marks(len(batch))})"
                 for cid, doc, n, text, title, start, end, meta, vec in self._conn.execute(sql, batch):
                     vector = np.frombuffer(vec, "<f4").astype(np.float32)
                     found[cid] = ChunkRecord(cid, doc, n, text, title, start, end, json.loads(meta), vector)
@@ -242,10 +173,10 @@ class ShardStore:
         rows: dict[int, tuple[Any, ...]] = {}
         wanted = [int(i) for i in np.unique(ids) if i >= 0]
         with self._lock:
-            for batch in _batches(wanted):
+            for batch in batches(wanted):
                 sql = (
                     "SELECT id, chunk_id, document_id, number, text, title, span_start, span_end,"
-                    f" metadata FROM chunks WHERE id IN ({_marks(len(batch))})"
+                    f" metadata FROM chunks WHERE id IN ({marks(len(batch))})"
                 )
                 rows.update((r[0], r[1:]) for r in self._conn.execute(sql, batch))
         result: list[list[Hit]] = []
@@ -294,41 +225,48 @@ class ShardStore:
             rows = self._conn.execute("SELECT id FROM tombstones WHERE seq > ?", (seq,))
             return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
-    def prune_tombstones(self, up_to_seq: int) -> None:
-        """Forgets deletions at or before ``up_to_seq`` (a snapshot at that seq no longer needs them)."""
-        with self._lock, self._transaction() as cur:
-            cur.execute("DELETE FROM tombstones WHERE seq <= ?", (up_to_seq,))
-            cur.execute("INSERT OR REPLACE INTO meta VALUES ('pruned_seq', ?)", (str(up_to_seq),))
-
     def count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
+        """Live chunks. O(1): a counter kept in step with the rows."""
+        return self._counter("chunks")
+
+    def document_count(self) -> int:
+        """Document rows (the registry rows of the documents whose registry shard this is). O(1)."""
+        return self._counter("documents")
 
     def document_ids(self) -> set[str]:
+        """The ids of the documents that have a chunk here. Scans every chunk: for tools and
+        tests, never for health or metrics."""
         with self._lock:
             return {r[0] for r in self._conn.execute("SELECT DISTINCT document_id FROM chunks")}
 
     def document_chunk_counts(self, document_ids: Sequence[str]) -> dict[str, int]:
         counts = dict.fromkeys(document_ids, 0)
         with self._lock:
-            for batch in _batches(list(counts)):
-                marks = _marks(len(batch))
-                sql = f"SELECT document_id, count(*) FROM chunks WHERE document_id IN ({marks}) GROUP BY 1"
+            for batch in batches(list(counts)):
+                where = f"document_id IN ({marks(len(batch))})"
+                sql = f"SELECT document_id, count(*) FROM chunks WHERE {where} GROUP BY 1"
                 counts.update(self._conn.execute(sql, batch).fetchall())
         return counts
 
     def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
         rows: dict[str, DocumentRow] = {}
         with self._lock:
-            for batch in _batches(list(dict.fromkeys(document_ids))):
+            for batch in batches(list(dict.fromkeys(document_ids))):
                 sql = (
-                    "SELECT document_id, content_hash, n_chunks, source_topic, source_partition,"
-                    f" source_offset FROM documents WHERE document_id IN ({_marks(len(batch))})"
+                    f"SELECT document_id, content_hash, n_chunks, {SOURCE}"
+                    f" FROM documents WHERE document_id IN ({marks(len(batch))})"
                 )
                 for d, h, n, topic, partition, offset in self._conn.execute(sql, batch):
                     source = (topic, partition, offset) if topic is not None else None
                     rows[d] = DocumentRow(h, n, source)
         return rows
+
+    def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
+        """The stored version of each id that has one (ids never written with a version: absent)."""
+        if self._schema < 2:  # a read-only store from before versions
+            return {}
+        with self._lock:
+            return read_versions(self._conn.cursor(), list(dict.fromkeys(document_ids)))
 
     def keyword_search(
         self, query: str, k: int, filter: MetadataFilter | None = None, title_weight: float = 0.5
@@ -359,13 +297,17 @@ class ShardStore:
         ]
 
     def metadata_fields(self) -> set[str]:
-        """Every metadata key some live chunk has (filters on any other key match nothing)."""
+        """Every metadata key some live chunk has (filters on any other key match nothing).
+        O(number of keys): read from a table of keys kept in step with the chunks."""
+        sql = "SELECT key FROM metadata_keys"
+        if self._schema < 2:  # a read-only store from before the table
+            sql = "SELECT DISTINCT j.key FROM chunks, json_each(chunks.metadata) AS j"
         with self._lock:
-            rows = self._conn.execute("SELECT DISTINCT j.key FROM chunks, json_each(chunks.metadata) AS j")
-            return {r[0] for r in rows}
+            return {r[0] for r in self._conn.execute(sql)}
 
-    def offsets(self) -> dict[str, dict[int, int]]:
-        result: dict[str, dict[int, int]] = {}
+    def offsets(self) -> Offsets:
+        """``{topic: {partition: next_offset}}`` covered by committed writes."""
+        result: Offsets = {}
         with self._lock:
             for topic, partition, offset in self._conn.execute("SELECT * FROM offsets"):
                 result.setdefault(topic, {})[partition] = offset
@@ -384,8 +326,41 @@ class ShardStore:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _open_for_write(self, model: str, dim: int) -> dict[str, str]:
+        """Locks the directory, opens (creating or upgrading) the store; returns its meta."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_directory(self.directory)
+        self._conn = sqlite3.connect(self.directory / DB_NAME, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000"):
+            self._conn.execute(f"PRAGMA {pragma}")
+        self._default_max_pages = int(self._conn.execute("PRAGMA max_page_count").fetchone()[0])
+        with self._transaction() as cur:
+            meta = store_schema.read_meta(cur)
+            if not meta:
+                return store_schema.create(cur, model, dim)
+            store_schema.check_meta(meta, model, dim, self.directory)
+            return store_schema.upgrade(cur, meta)
+
+    def _open_read_only(self) -> dict[str, str]:
+        uri = f"{(self.directory / DB_NAME).absolute().as_uri()}?mode=ro"
+        self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout = 10000")
+        meta = store_schema.read_meta(self._conn)
+        if "model" not in meta:
+            raise IndexUnavailableError(f"shard {self.directory}: {DB_NAME} holds no store")
+        store_schema.check_meta(meta, meta["model"], int(meta.get("dim", "0")), self.directory)
+        return meta
+
+    def _counter(self, name: str) -> int:
+        with self._lock:
+            if self._schema < 2:  # a read-only store from before the counters
+                return int(self._conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
+            row = self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+            return int(row[0]) if row else 0
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction; on any failure it is rolled back and the error classified."""
         if self._lock_file is None:
             raise ConfigError(f"shard {self.directory}: opened read-only, cannot write")
         cur = self._conn.cursor()
@@ -394,47 +369,18 @@ class ShardStore:
             yield cur
             cur.execute("COMMIT")
         except BaseException as exc:
-            if self._conn.in_transaction:
+            if self._conn.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
                 self._conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
-                raise RetryableError(f"shard {self.directory}: write failed: {exc}") from exc
-            raise
-
-    def _delete(self, cur: sqlite3.Cursor, where: str, params: Sequence[object], seq: int) -> list[int]:
-        ids = [r[0] for r in cur.execute(f"SELECT id FROM chunks WHERE {where}", params)]
-        if ids:
-            cur.execute(f"DELETE FROM chunks WHERE {where}", params)
-            cur.executemany("INSERT INTO tombstones VALUES (?, ?)", [(i, seq) for i in ids])
-        return ids
-
-    def _existing(self, cur: sqlite3.Cursor, chunk_ids: list[str]) -> dict[str, tuple[Any, ...]]:
-        found: dict[str, tuple[Any, ...]] = {}
-        for batch in _batches(chunk_ids):
-            sql = f"SELECT chunk_id, id, {_COLUMNS} FROM chunks WHERE chunk_id IN ({_marks(len(batch))})"
-            found.update((r[0], tuple(r[1:])) for r in cur.execute(sql, batch))
-        return found
+            error = classify(exc, self._where, self._max_bytes)
+            if error is exc:
+                raise
+            raise error from exc
 
 
 def fts_terms(query: str, limit: int = 64) -> list[str]:
     """The distinct words of ``query`` (lowercased, in order, at most ``limit``): what keyword
     search looks up. Each is quoted as an FTS5 string, so none is read as an operator."""
     return list(dict.fromkeys(w.lower() for w in _FTS_TERM.findall(query)))[:limit]
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Brings a store written by an older riverbed up to the current tables (additive only)."""
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(documents)")}
-    if columns and "source_topic" not in columns:
-        for column, kind in (("source_topic", "TEXT"), ("source_partition", "INTEGER"),
-                             ("source_offset", "INTEGER")):  # fmt: skip
-            conn.execute(f"ALTER TABLE documents ADD COLUMN {column} {kind}")
-
-
-def _row(record: ChunkRecord, vector: np.ndarray) -> tuple[Any, ...]:
-    """The stored columns of a record, as SQLite returns them (for the equality check)."""
-    metadata = json.dumps(record.metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return (record.document_id, record.number, record.text, record.title, record.start,
-            record.end, metadata, vector.astype("<f4").tobytes())  # fmt: skip
 
 
 def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:
@@ -458,16 +404,3 @@ def _lock_directory(directory: Path) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
-
-
-def _rowcount(cur: sqlite3.Cursor) -> int:
-    return max(cur.rowcount, 0)
-
-
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-def _batches(items: list[Any]) -> Iterator[list[Any]]:
-    for start in range(0, len(items), _BATCH):
-        yield items[start : start + _BATCH]

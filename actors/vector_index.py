@@ -1,4 +1,4 @@
-"""The vector index contract shared by every backend (STYLE.md principle 3).
+"""The vector index contract shared by every backend: one protocol, one contract test for all.
 
 Backends: :class:`actors.faiss_index.FaissIndex` (a shard: SQLite store + FAISS structure) and
 :class:`actors.testing.InMemoryIndex` (numpy reference for unit tests); Milvus joins later. One
@@ -10,7 +10,6 @@ Higher is better.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -19,8 +18,23 @@ import numpy as np
 
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id as make_chunk_id
+from schemas.metadata import MetadataValue, metadata_problem
+from schemas.topology import Version
 
-MetadataValue = str | int | float | bool
+__all__ = [
+    "ChunkRecord",
+    "DocumentRow",
+    "Hit",
+    "KeywordSearch",
+    "MetadataValue",
+    "ShardWrite",
+    "VectorIndex",
+    "WriteConveniences",
+    "WriteResult",
+    "check_queries",
+    "check_records",
+    "exact_top_k",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,14 +61,10 @@ class ChunkRecord:
             raise ValueError(f"chunk_id {self.chunk_id!r} is not chunk {self.number} of {self.document_id!r}")
         if not 0 <= self.start <= self.end:
             raise ValueError(f"chunk {self.chunk_id!r}: bad span [{self.start}, {self.end})")
-        for key, value in self.metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str | int | float):
-                raise ValueError(f"chunk {self.chunk_id!r}: metadata[{key!r}] must be str/num/bool")
-            # Both would make SQL filters disagree with MetadataFilter.matches (or fail).
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"chunk {self.chunk_id!r}: metadata[{key!r}] is {value}")
-            if isinstance(value, int) and not -(2**63) <= value < 2**63:
-                raise ValueError(f"chunk {self.chunk_id!r}: metadata[{key!r}] exceeds 64 bits")
+        # The one definition of what metadata may hold: anything else would make SQL filters
+        # disagree with MetadataFilter.matches, or could not be stored at all.
+        if (problem := metadata_problem(self.metadata)) is not None:
+            raise ValueError(f"chunk {self.chunk_id!r}: {problem}")
         # A private copy: the caller's dict may change after the write. A plain dict (not a
         # MappingProxyType) so records pickle across Ray actors.
         object.__setattr__(self, "metadata", dict(self.metadata))
@@ -123,6 +133,15 @@ class ShardWrite:
     5. ``documents``: set each document's row (content hash, total chunk count);
     6. ``offsets``: ``{topic: {partition: next_offset}}`` this write covers, max-merged with the
        stored ones (a re-delivered, older batch never moves them back).
+
+    ``versions``: ``{document_id: (topic, partition, offset)}``, the record each document's change
+    comes from. A versioned document's parts of the write (its chunks' upserts and deletions, its
+    truncation, its deletion, its row) apply only when the version is not older than the one the
+    shard holds for it (:func:`schemas.topology.is_older`: same topic and partition, lower
+    offset); otherwise they are all skipped and the document counts in ``WriteResult.stale``.
+    Applied, the version is stored, for a deletion too, so an older change arriving after it is
+    refused. The same version again is a re-delivery (idempotent); one from another partition is
+    not comparable and applies. Documents not in ``versions`` always apply and keep their version.
     """
 
     upserts: Sequence[ChunkRecord] = ()
@@ -131,6 +150,7 @@ class ShardWrite:
     delete_chunks: Sequence[str] = ()
     documents: Mapping[str, DocumentRow] = field(default_factory=dict)
     offsets: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    versions: Mapping[str, Version] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for document_id, keep in self.truncate.items():
@@ -144,6 +164,8 @@ class ShardWrite:
             for partition, offset in positions.items():
                 if not (_is_int(partition) and _is_int(offset) and partition >= 0 and offset >= 0):
                     raise ValueError(f"offsets[{topic!r}][{partition!r}] = {offset!r}: need ints >= 0")
+        # As plain tuples of str and int (numpy ints and lists would compare and bind differently).
+        object.__setattr__(self, "versions", {d: _version(d, v) for d, v in self.versions.items()})
 
     def unique_upserts(self) -> list[ChunkRecord]:
         """``upserts`` with duplicates removed, the last one of each chunk id kept."""
@@ -152,11 +174,13 @@ class ShardWrite:
 
 @dataclass(frozen=True)
 class WriteResult:
-    """What an ``apply`` changed: chunks inserted or replaced, skipped as identical, deleted."""
+    """What an ``apply`` changed: chunks inserted or replaced, skipped as identical, deleted, and
+    documents whose change was skipped as older than the stored version (``stale``)."""
 
     upserted: int
     unchanged: int
     deleted: int
+    stale: int = 0
 
 
 class WriteConveniences:
@@ -185,6 +209,12 @@ class VectorIndex(Protocol):
       approximate structures (IVF, HNSW) may miss near neighbours, never return a wrong one.
     - :meth:`get` answers in the order asked, None for unknown ids; ``document_chunk_counts`` has
       every id asked (0 when absent); ``get_document_rows``/``get_document_hashes`` only known ones.
+    - Writes are versioned per document (see :class:`ShardWrite`); ``get_document_versions``
+      answers the stored version of each id that has one.
+    - :meth:`count` (live chunks), :meth:`document_count` (document rows) and
+      :meth:`vector_count` (live vectors in the search structure, counted by the structure
+      itself, so ``count() == vector_count()`` checks that both agree) are O(1).
+      ``document_ids`` scans every chunk: for tools and tests only.
     - :meth:`offsets` are the Kafka positions (``{topic: {partition: next_offset}}``) covered by
       durable writes; :meth:`snapshot` only makes :meth:`restore` (run on open) fast.
     - One writer at a time; reads may run on other threads.
@@ -202,10 +232,13 @@ class VectorIndex(Protocol):
     ) -> list[list[Hit]]: ...
     def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]: ...
     def count(self) -> int: ...
+    def vector_count(self) -> int: ...
+    def document_count(self) -> int: ...
     def document_ids(self) -> set[str]: ...
     def document_chunk_counts(self, document_ids: Sequence[str]) -> dict[str, int]: ...
     def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]: ...
     def get_document_hashes(self, document_ids: Sequence[str]) -> dict[str, str]: ...
+    def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]: ...
     def offsets(self) -> dict[str, dict[int, int]]: ...
     def snapshot(self) -> None: ...
     def restore(self) -> None: ...
@@ -271,6 +304,16 @@ def exact_top_k(queries: np.ndarray, matrix: np.ndarray, k: int) -> tuple[np.nda
     picked = np.take_along_axis(scores, candidates, axis=1)
     order = np.argsort(-picked, axis=1, kind="stable")
     return np.take_along_axis(picked, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+
+
+def _version(document_id: str, version: object) -> Version:
+    """``version`` as ``(topic, partition, offset)``, or ``ValueError`` naming the document."""
+    if isinstance(version, tuple | list) and len(version) == 3:
+        topic, partition, offset = version
+        ints = _is_int(partition) and _is_int(offset)
+        if isinstance(topic, str) and ints and partition >= 0 and offset >= 0:
+            return (topic, int(partition), int(offset))
+    raise ValueError(f"versions[{document_id!r}] must be (topic, partition >= 0, offset >= 0): {version!r}")
 
 
 def _is_int(value: object) -> bool:

@@ -182,6 +182,40 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
+    """Lists the cluster's live actors (riverbed's grouped by index) and what each index holds.
+    Never starts a head: with none running it says so and exits 0."""
+    from cluster.ray_actors import actor_rows, describe_holding, format_rows, holdings
+    from cluster.ray_runtime import connect, local_head_address
+
+    loaded = sys.modules.get("ray")
+    connected = loaded is not None and loaded.is_initialized()  # a driver that chose its cluster (tests)
+    if not connected and not settings.ray.address and local_head_address(settings) is None:
+        emit(args, {"ray": None, "actors": [], "holdings": []}, f"no local Ray head runs for {settings.home}")
+        return 0
+    address = connect(settings, start=False)
+    import ray
+
+    rows = actor_rows(settings.ray.namespace)
+    held = holdings(rows)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    data = {
+        "ray": address,
+        "cpus": total.get("CPU", 0.0),
+        "free_cpus": free.get("CPU", 0.0),
+        "gpus": total.get("GPU", 0.0),
+        "free_gpus": free.get("GPU", 0.0),
+        "actors": [r.as_dict() for r in rows],
+        "holdings": [h.as_dict() for h in held],
+    }
+    lines = [format_rows(rows), ""] if rows else ["no live actors", ""]
+    lines += [f"  {describe_holding(h)}" for h in held]
+    gpus = f", {data['free_gpus']:g} of {data['gpus']:g} GPUs free" if data["gpus"] else ""
+    lines.append(f"Ray {address}: {data['free_cpus']:g} of {data['cpus']:g} logical CPUs free{gpus}")
+    emit(args, data, "\n".join(lines))
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
@@ -313,10 +347,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     emit(args, {"url": serving.url, "ingest": serving.pipeline is not None}, f"serving on {serving.url}")
     if not args.quiet:
         print(f"  docs: {serving.url}/docs   stop: Ctrl-C", file=sys.stderr)
+    watching = serving.pipeline is not None
     try:
         while not stopping["flag"]:
-            if serving.pipeline is not None:
-                serving.pipeline.check_alive()
+            if watching and serving.pipeline is not None:
+                try:
+                    serving.pipeline.check_alive()
+                except Exception as exc:  # ingest failing must not take search down with it
+                    watching = False
+                    log.error("ingest stopped: %s; the app keeps answering from the index as it is", exc)
             time.sleep(1.0)
     finally:
         serving.stop()
@@ -431,8 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start (or find) Kafka and the Ray head", parents=[common])
     up.set_defaults(func=cmd_up)
-    down = sub.add_parser("down", help="stop the local Ray head and the embedded Kafka", parents=[common])
+    down = sub.add_parser(
+        "down",
+        help="stop this home's local Ray head (no other Ray) and the embedded Kafka",
+        parents=[common],
+    )
     down.set_defaults(func=cmd_down)
+    ps = sub.add_parser(
+        "ps",
+        help="the cluster's live actors by index: role, state, node, CPUs/GPUs held, pid; free CPUs",
+        parents=[common],
+    )
+    ps.set_defaults(func=cmd_ps)
 
     ingest = sub.add_parser(
         "ingest", help="run the ingest pipeline (Kafka → chunk → embed → shards)", parents=[common]

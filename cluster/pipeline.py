@@ -1,17 +1,22 @@
 """The ingest pipeline on Ray: which actors, how many, where, and how the driver watches them.
 
-Actors (DESIGN.md, "Processes"), named ``<index>/<role>/<i>`` in the settings' Ray namespace:
+Actors, named ``<index>/<role>/<i>`` in the settings' Ray namespace (:mod:`schemas.topology`):
 
 - ``shard``: detached, so `serve` finds the shards that `ingest` writes; restarted on failure
-  (``max_restarts=-1``) and their pending calls retried (``max_task_retries=-1``): every write is
-  an idempotent upsert, so a retried call changes nothing twice.
+  (``max_restarts=-1``), on the node that holds its store while that node lives, and their pending
+  calls retried (``max_task_retries=-1``): every write is an idempotent, versioned upsert, so a
+  retried call changes nothing twice and a late one never overwrites a newer version.
 - ``embedder``: restarted and retried the same way; gets ``embed.num_cpus`` CPUs (its torch
   threads) and ``embed.num_gpus`` GPUs.
-- ``source``: one KafkaSource per ``ingest.sources``, members of the index's consumer group;
-  they live as long as the ingest run.
+- ``source``: one stream consumer of the documents topic per ``ingest.sources``, members of the
+  index's consumer group; they live as long as the ingest run.
 
-Resources: light actors take fractional CPUs (``LIGHT_CPUS``) so that on a small machine they
-never wait behind the embedder for a whole logical CPU.
+Resources: Ray's logical CPUs are a scheduling budget. Sources take a fraction (``LIGHT_CPUS``) so
+that on a small machine they never wait behind the embedder for a whole logical CPU; shards take
+none: they are detached and stay up between commands, and 0.05 per shard of every index ever
+ingested added up until a `serve` of another index no longer fit. An embedder that cannot be
+placed on a local head is refused with the names of whoever holds the CPUs, never waited for
+forever.
 """
 
 from __future__ import annotations
@@ -22,21 +27,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 from ray.exceptions import RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.embedder import Embedder
 from actors.index_shard import IndexShard
-from actors.source import KafkaSource
-from actors.vector_index import DocumentRow, ShardWrite
+from actors.processor import StoredDocument, merge_stored
+from actors.source import document_consumer
+from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
 from cluster.ray_runtime import connect
+from schemas import topology
 from schemas.errors import ConfigError, RetryableError
 from schemas.ids import shard_of
-from schemas.settings import EmbedConfig, Settings
+from schemas.settings import EmbedConfig, IndexConfig, Settings
+from schemas.topology import Offsets, Role
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +62,9 @@ def embed_cpus(settings: Settings) -> float:
     return settings.embed.num_cpus if settings.embed.num_cpus is not None else float(os.cpu_count() or 1)
 
 
-def actor_name(settings: Settings, role: str, i: int) -> str:
-    return f"{settings.index.name}/{role}/{i}"
+def actor_name(settings: Settings, role: Role, i: int) -> str:
+    """``<index>/<role>/<i>`` for this settings' index (see :mod:`schemas.topology`)."""
+    return topology.actor_name(settings.index.name, role, i)
 
 
 class EmbedderActor(Embedder):
@@ -72,18 +83,61 @@ class EmbedderActor(Embedder):
     def ping(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
 
 class ShardActor(IndexShard):
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    """An index shard as a detached actor. Each (re)start reads the consumer group's committed
+    offsets first: a shard whose store holds less than was committed (its data is on another node,
+    or lost) refuses to serve or write instead of silently answering from an empty store."""
+
+    def __init__(
+        self,
+        config: IndexConfig,
+        data_dir: Path,
+        shard: int,
+        model: str,
+        dim: int,
+        index: str,
+        servers: str,
+        group: str,
+    ) -> None:
+        super().__init__(
+            config,
+            data_dir,
+            shard,
+            model,
+            dim,
+            index_name=index,
+            committed=_committed_or_none(servers, group),
+        )
         self.warm_up()
 
     def ping(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+
+def _committed_or_none(servers: str, group: str) -> Offsets | None:
+    """The group's committed offsets, or None when the broker cannot be asked now (then the shard
+    opens without the check, and says so)."""
+    try:
+        return committed_offsets(servers, group, timeout_s=30)
+    except Exception as exc:  # any broker trouble: serving what the store holds beats not serving
+        log.warning("committed offsets of %s unavailable (%s): shard opens unchecked", group, exc)
+        return None
+
 
 class RayDownstream:
-    """:class:`actors.source.Downstream` over actor handles; Ray errors become RetryableError."""
+    """:class:`actors.processor.Downstream` over actor handles.
+
+    Ray's transport failures (a dead, restarting or unreachable actor, a timeout, a lost object)
+    become :class:`RetryableError`; an error the actor's own code raised arrives as Ray's task
+    error, which is also an instance of its cause's class, and is classified by that cause.
+    """
 
     def __init__(self, embedders: Sequence[Any], shards: Sequence[Any]) -> None:
         self.embedders = list(embedders)
@@ -100,40 +154,52 @@ class RayDownstream:
         def done(f: Future[np.ndarray]) -> None:
             try:
                 outer.set_result(f.result())
-            except RayError as exc:
-                outer.set_exception(RetryableError(f"embedder failed: {exc}"))
-            except Exception as exc:  # surfaced to the source, which logs and retries
-                outer.set_exception(RetryableError(f"embedder failed: {exc!r}"))
+            except Exception as exc:
+                outer.set_exception(_transport_retryable(exc, "embedder"))
 
         inner.add_done_callback(done)
         return outer
 
-    def document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
+    def stored(self, document_ids: Sequence[str]) -> dict[str, StoredDocument]:
+        """Registry rows from each id's registry shard and versions from every shard, in one call
+        per shard."""
         by_shard: dict[int, list[str]] = {}
         for doc_id in document_ids:
             by_shard.setdefault(shard_of(doc_id, self.n_shards), []).append(doc_id)
-        try:
-            parts = ray.get(
-                [self.shards[i].get_document_rows.remote(ids) for i, ids in by_shard.items()],
-                timeout=SHARD_CALL_TIMEOUT_S,
-            )
-        except RayError as exc:
-            raise RetryableError(f"reading document rows failed: {exc}") from exc
+        ids = list(document_ids)
+        calls = [self.shards[i].get_document_rows.remote(r) for i, r in by_shard.items()]
+        calls += [shard.get_document_versions.remote(ids) for shard in self.shards]
+        parts = self._get(calls, "reading stored documents")
         rows: dict[str, DocumentRow] = {}
-        for part in parts:
+        for part in parts[: len(by_shard)]:
             rows.update(part)
-        return rows
+        return merge_stored(ids, rows, parts[len(by_shard) :])
 
-    def write(self, writes: Mapping[int, ShardWrite]) -> None:
+    def write(self, writes: Mapping[int, ShardWrite]) -> dict[int, WriteResult]:
+        shards = list(writes)
+        results = self._get([self.shards[i].apply.remote(writes[i]) for i in shards], "shard write")
+        return dict(zip(shards, results, strict=True))
+
+    @staticmethod
+    def _get(refs: list[Any], what: str) -> list[Any]:
         try:
-            ray.get([self.shards[i].apply.remote(w) for i, w in writes.items()], timeout=SHARD_CALL_TIMEOUT_S)
-        except RayError as exc:
-            raise RetryableError(f"shard write failed: {exc}") from exc
+            return list(ray.get(refs, timeout=SHARD_CALL_TIMEOUT_S))
+        except Exception as exc:
+            raise _transport_retryable(exc, what) from exc
+
+
+def _transport_retryable(exc: BaseException, what: str) -> BaseException:
+    """``exc`` as the stream consumer should see it: Ray's own failures are transient."""
+    from ray.exceptions import RayError, RayTaskError
+
+    if isinstance(exc, RayError) and not isinstance(exc, RayTaskError):
+        return RetryableError(f"{what} failed: {exc}")
+    return exc
 
 
 class SourceActor:
     def __init__(self, settings: Settings, servers: str, downstream: RayDownstream, name: str) -> None:
-        self.source = KafkaSource(
+        self.source = document_consumer(
             settings.kafka,
             settings.ingest,
             settings.chunk,
@@ -143,6 +209,7 @@ class SourceActor:
             downstream,
             name=name,
             max_wait_s=settings.embed.max_wait_ms / 1000,
+            embed_timeout_s=settings.ingest.embed_timeout_s,
         )
         self.source.warm_up()
 
@@ -155,6 +222,9 @@ class SourceActor:
     def stats(self) -> dict[str, Any]:
         return self.source.stats()
 
+    def ping(self) -> int:
+        return os.getpid()
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -165,11 +235,7 @@ class Progress:
 
     @property
     def lag(self) -> int:
-        return sum(
-            max(0, end - self.committed.get(topic, {}).get(p, 0))
-            for topic, parts in self.ends.items()
-            for p, end in parts.items()
-        )
+        return topology.lag(self.ends, self.committed)
 
     def total(self, key: str) -> int:
         return sum(int(s.get(key, 0)) for s in self.sources)
@@ -179,7 +245,13 @@ class Progress:
 
 
 def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
-    """Gets or creates the detached shard actors of ``settings.index``."""
+    """Gets or creates the detached shard actors of ``settings.index``.
+
+    A new shard is placed on a node (spread over the cluster's alive nodes, by shard number) with
+    soft affinity: a crashed shard restarts on that node, where its store is; only when the node is
+    gone does it start elsewhere, where it refuses to serve unless its store is there too (a shared
+    volume), since its own committed offsets say what it must hold.
+    """
     cls = ray.remote(ShardActor)
     # A shard actor has a fraction of a CPU: FAISS's default of one OpenMP thread per core made a
     # single flat query ~70x slower on a 2-core machine (threads fighting the embedder's).
@@ -187,15 +259,27 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     if faiss_config.omp_threads is None:
         faiss_config = faiss_config.model_copy(update={"omp_threads": 1})
     index_config = settings.index.model_copy(update={"faiss": faiss_config})
+    servers = bootstrap_servers(settings)
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     handles: list[Any] = [
         cls.options(
             name=actor_name(settings, "shard", i),
             lifetime="detached",
             get_if_exists=True,
-            num_cpus=LIGHT_CPUS,
+            num_cpus=0,
             max_concurrency=8,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
             **_RESTART,
-        ).remote(index_config, settings.data_dir, i, model, dim)
+        ).remote(
+            index_config,
+            settings.data_dir,
+            i,
+            model,
+            dim,
+            settings.index.name,
+            servers,
+            settings.consumer_group,
+        )
         for i in range(settings.index.n_shards)
     ]
     ray.get([h.ping.remote() for h in handles])
@@ -279,7 +363,7 @@ class Pipeline:
             ).remote(embed_config)
             for i in range(s.embed.workers)
         ]
-        info = ray.get(self.embedders[0].describe.remote())
+        info = _await_embedder(s, self.embedders[0], cpus)
         log.info("embedder: %s (dim %d) on %s", info["model"], info["dim"], info["device"])
         self.shards = shard_handles(s, info["model"], info["dim"])
         downstream = RayDownstream(self.embedders, self.shards)
@@ -350,6 +434,36 @@ class Pipeline:
                 ray.get([sh.snapshot.remote() for sh in self.shards])
             self.sources, self.embedders, self._runs = [], [], []
         return results
+
+
+def _await_embedder(
+    settings: Settings, embedder: Any, cpus: float, patience_s: float = 30.0
+) -> dict[str, Any]:
+    """The embedder's ``describe()``. On a local head (a fixed size), an embedder still waiting for
+    resources after ``patience_s`` is killed and refused with a :class:`ConfigError` naming who
+    holds them; on a cluster (which may scale up) and while the model loads, it waits."""
+    from ray.exceptions import GetTimeoutError
+
+    from cluster.ray_actors import actor_rows, cpu_holders_now
+
+    ref = embedder.describe.remote()
+    name = actor_name(settings, "embedder", 0)
+    while True:
+        try:
+            return dict(ray.get(ref, timeout=patience_s))
+        except GetTimeoutError:
+            rows = actor_rows(settings.ray.namespace)
+            waiting = any(r.name == name and r.state == "PENDING_CREATION" for r in rows)
+            if not waiting or settings.ray.address:
+                continue
+            ray.kill(embedder)
+            free = ray.available_resources().get("CPU", 0.0)
+            raise ConfigError(
+                f"the embedder of index {settings.index.name!r} needs {cpus:g} logical CPUs "
+                f"(embed.num_cpus) but {free:g} are free after {patience_s:g} s; held by "
+                f"{cpu_holders_now(settings.ray.namespace)}: stop the other index's ingest or serve, "
+                "or lower embed.num_cpus"
+            ) from None
 
 
 def ingest_documents(settings: Settings, documents: Sequence[Any]) -> None:

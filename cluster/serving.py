@@ -117,11 +117,16 @@ def check_resources(settings: Settings) -> None:
         return  # a redeploy reuses the running replicas' resources
     free = ray.available_resources().get("CPU", 0.0)
     if needed > free + 1e-9:
+        from cluster.ray_actors import cpu_holders_now
+
         detail = ", ".join(f"serve.{n}.num_cpus={c.num_cpus:g}" for n, c in parts.items())
+        holders = cpu_holders_now(settings.ray.namespace)
+        held = f"held by {holders}; `riverbed ps` lists them" if holders else "`riverbed ps` lists holders"
         raise ConfigError(
             f"the app needs {needed:g} of Ray's logical CPUs but {free:g} are free "
-            f"(of {ray.cluster_resources().get('CPU', 0.0):g}; the ingest embedder holds embed.num_cpus): "
-            f"lower {detail}, or embed.num_cpus, or give Ray more (ray.num_cpus)"
+            f"(of {ray.cluster_resources().get('CPU', 0.0):g}; {held}): "
+            f"lower {detail}, or embed.num_cpus, or give Ray more (ray.num_cpus), or stop the actors of "
+            "indexes you are not using"
         )
 
 

@@ -1,5 +1,5 @@
 """`riverbed stats`: what an index holds, read from the shard stores and the broker directly, so it
-works when nothing else is running (DESIGN.md, "CLI" gives the shape)."""
+works when nothing else is running (no Ray, no serving app)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from schemas.settings import Settings
 def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
     """``{"documents", "chunks", "chunks_per_shard", "dead_letters", "committed_offsets", ...}``.
 
-    ``documents`` counts distinct live document ids over every shard. Broker figures need a running
-    broker (the embedded one is started if it is not running)."""
+    ``documents`` counts distinct live document ids (each has one row, on its registry shard).
+    Broker figures need a running broker (the embedded one is started if it is not running)."""
     shard_dirs = sorted(settings.data_dir.glob("shard-*"))
-    documents: set[str] = set()
+    documents = 0
     per_shard: dict[str, int] = {}
     for directory in shard_dirs:
         if not (directory / DB_NAME).exists():
@@ -25,12 +25,12 @@ def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
         store = ShardStore.read_only(directory)
         try:
             per_shard[directory.name.removeprefix("shard-").lstrip("0") or "0"] = store.count()
-            documents |= store.document_ids()
+            documents += store.document_count()  # rows on each id's registry shard: each id once
         finally:
             store.close()
     out: dict[str, Any] = {
         "index": settings.index.name,
-        "documents": len(documents),
+        "documents": documents,
         "chunks": sum(per_shard.values()),
         "chunks_per_shard": per_shard,
         "dead_letters": {"total": 0, "by_reason": {}},

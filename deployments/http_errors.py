@@ -1,7 +1,9 @@
-"""Error bodies and the ASGI pieces that keep every failure in DESIGN.md's shape.
+"""Error bodies and the ASGI pieces that keep every failure in one shape.
 
 Every error answers ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
-field (``param``) and the reason, an index that cannot answer is a 503, and only a bug is a 500.
+field (``param``) and the reason; an index, shard or replica that cannot answer now (its data is
+unavailable, its actor died or is restarting, a transient failure) is a 503 whose message names
+it; only a bug is a 500.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError
@@ -36,7 +39,13 @@ class ApiError(Exception):
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+    """The error shape. A message or param quoting bad input may hold a lone surrogate, which no
+    response body could encode: each is written as an escape (``\\ud800``) instead."""
+    return {"error": {"code": code, "message": _encodable(message), "param": _encodable(param)}}
+
+
+def _encodable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
@@ -44,13 +53,22 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
 
 
 def cause(exc: BaseException) -> BaseException:
-    """The exception a replica raised, out of Ray's wrapper (RayTaskError keeps it as ``cause``)."""
-    inner = getattr(exc, "cause", None)
-    return inner if isinstance(inner, BaseException) else exc
+    """The exception a task or replica raised, out of Ray's wrappers: a ``RayTaskError`` (or the
+    class Ray derives from it and the cause's class) keeps it as ``cause``, and a replica that
+    re-raises a task's error nests them, so every level is unwrapped."""
+    for _ in range(8):  # bounded: wrappers never nest deeper
+        inner = getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException) or inner is exc:
+            break
+        exc = inner
+    return exc
 
 
 def as_api_error(exc: BaseException) -> ApiError | None:
-    """The HTTP answer for an error raised by a deployment, or None for a bug (a 500)."""
+    """The HTTP answer for an error raised by a deployment, or None for a bug (a 500).
+
+    400 for bad input; 503 for an unavailable index or shard, a transient failure, or a Ray actor
+    or system failure (a replica or actor that died or is restarting: trouble, not a bug)."""
     exc = cause(exc)
     if isinstance(exc, ApiError):
         return exc
@@ -60,7 +78,18 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(503, "index_unavailable", str(exc))
     if isinstance(exc, RetryableError):
         return ApiError(503, "unavailable", f"{exc}; retry shortly")
+    if isinstance(exc, RayActorError):
+        return ApiError(
+            503, "unavailable", f"a serving actor is unavailable: {_first_line(exc)}; retry shortly"
+        )
+    if isinstance(exc, RayError) and not isinstance(exc, RayTaskError):
+        return ApiError(503, "unavailable", f"{type(exc).__name__}: {_first_line(exc)}; retry shortly")
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _param(loc: tuple[int | str, ...]) -> str | None:

@@ -1,16 +1,20 @@
-"""The HTTP ingress (FastAPI through ``serve.ingress``): DESIGN.md's HTTP surface.
+"""The HTTP ingress (FastAPI through ``serve.ingress``): the app's whole HTTP surface.
 
 It validates requests, calls the QueryEmbedder, Retriever and Generator deployments, and answers in
 the shapes of ``schemas/api.py``. Documents posted here are produced onto the documents topic (the
 stream stays the source of truth): they become searchable once the pipeline has written them.
 OpenAPI docs are at ``/docs``.
+
+Errors keep one shape, ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
+field, an index or shard that cannot answer is a 503 naming it, and only a bug is a 500.
+``/healthz`` and ``/metrics`` cost O(1) calls per shard and source (never a scan of documents),
+and answer whatever state the shards and sources are in.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at run
 # time to tell the JSON body (a pydantic model) from query parameters.
 import asyncio
 import base64
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +36,7 @@ from deployments.http_errors import (
     install_error_handlers,
     set_max_body_bytes,
 )
-from deployments.metrics import CONTENT_TYPE, http_metrics
+from deployments.metrics import CONTENT_TYPE, health_report, http_metrics
 from schemas.api import (
     Citation,
     DocumentsResponse,
@@ -52,12 +56,18 @@ from schemas.api import (
 )
 from schemas.envelope import DocumentEnvelope, ImageEnvelope, encode_envelope, validate_envelope
 from schemas.errors import PoisonMessageError, RetryableError
+from schemas.metadata import loads_json
 from schemas.settings import Settings
+from schemas.topology import actor_name
 
 log = logging.getLogger(__name__)
 
 MAX_EMBEDDING_INPUTS = 2048
 MAX_DOCUMENTS_PER_REQUEST = 1000
+HEALTH_TIMEOUT_S = 10.0
+"""``/healthz`` and ``/metrics`` wait this long for the shards' figures."""
+SOURCE_STATS_TIMEOUT_S = 5.0
+"""A running source whose ``stats()`` takes longer is reported as a problem by ``/healthz``."""
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "bad input: the field (`param`) and the reason"},
     413: {"model": ErrorResponse, "description": "body too large"},
@@ -252,10 +262,14 @@ class Ingress:
     @app.post("/v1/documents", status_code=202, response_model=DocumentsResponse, responses=_ERRORS)
     async def post_documents(self, request: Request) -> DocumentsResponse:
         """Produces envelopes (one, a list, or `{"documents": [...]}`) onto their topic, keyed by id."""
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        try:  # strict: NaN and Infinity are not JSON, and no store could hold them
+            payload = loads_json(await request.body())
+        except ValueError as exc:  # also json.JSONDecodeError and UnicodeDecodeError
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise ApiError(
+                400, "invalid_json", "the body is not JSON we can read: nested too deeply"
+            ) from exc
         if isinstance(payload, dict) and "documents" in payload and "kind" not in payload:
             payload = payload["documents"]
         items = payload if isinstance(payload, list) else [payload]
@@ -267,9 +281,11 @@ class Ingress:
         envelopes = []
         for i, item in enumerate(items):
             try:
-                envelopes.append(validate_envelope(item))
-            except PoisonMessageError as exc:
+                envelope = validate_envelope(item)
+                encode_envelope(envelope)  # what cannot be encoded (a lone surrogate) is bad input too
+            except (PoisonMessageError, UnicodeError, ValueError) as exc:
                 raise ApiError(400, "invalid_envelope", f"documents[{i}]: {exc}", f"documents[{i}]") from exc
+            envelopes.append(envelope)
         return DocumentsResponse(records=await self._produce(envelopes))
 
     @app.delete("/v1/documents/{document_id:path}", status_code=202, response_model=DocumentsResponse)
@@ -301,36 +317,27 @@ class Ingress:
     # OPERATIONS
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 when every shard answers, 503 otherwise."""
-        try:
-            shards = await asyncio.wait_for(self._call(self.retriever.stats.remote()), 10)
-        except (ApiError, TimeoutError) as exc:
-            message = exc.message if isinstance(exc, ApiError) else "shards did not answer within 10 s"
-            return JSONResponse(
-                {"status": "unavailable", "error": {"code": "index_unavailable", "message": message}}, 503
-            )
-        return JSONResponse(
-            {
-                "status": "ok",
-                "index": self.settings.index.name,
-                "shards": len(shards),
-                "chunks": sum(s["chunks"] for s in shards),
-            }
-        )
+        """200 ``{"status": "ok", ...}`` when every shard is ok and no running source is stalled;
+        otherwise 503 with ``status`` ``degraded`` or ``unavailable`` and ``problems`` naming each
+        shard or source in trouble (e.g. a full disk on shard 1). O(1) per shard and source."""
+        shards, (sources, source_problems) = await asyncio.gather(self._shard_health(), self._sources())
+        status, body = health_report(self.settings.index.name, shards, sources, source_problems)
+        return JSONResponse(body, status)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        """Prometheus text: requests and latency per route, consumer lag, index and ingest counters."""
-        try:
-            snapshot = await asyncio.wait_for(asyncio.to_thread(self._ingest_snapshot_blocking), 10)
-        except Exception as exc:  # the request metrics are worth serving without the ingest ones
-            log.warning("metrics: ingest figures unavailable: %s", exc)
-            snapshot = None
-        if snapshot is not None:
-            try:
-                snapshot["shards"] = await asyncio.wait_for(self._call(self.retriever.stats.remote()), 10)
-            except (ApiError, TimeoutError):
-                snapshot["shards"] = []
+        """Prometheus text: requests and latency per route, consumer lag, per-shard chunks, vectors
+        and health, and the sources' counters, retries by phase and stalls."""
+        offsets, shards, (sources, _) = await asyncio.gather(
+            self._offsets(), self._shard_stats(), self._sources()
+        )
+        dead: dict[str, int] = {}
+        for source in sources:
+            for reason, n in (source.get("dead_letters") or {}).items():
+                dead[reason] = dead.get(reason, 0) + n
+        # Without the broker there are no offsets (no lag figures); everything else still renders.
+        snapshot = {"index": self.settings.index.name, **(offsets or {}), "shards": shards,
+                    "sources": sources, "dead_letters": dead}  # fmt: skip
         return Response(http_metrics().render(snapshot), media_type=CONTENT_TYPE)
 
     # HELPERS
@@ -412,26 +419,65 @@ class Ingress:
         except KafkaError as exc:
             raise RetryableError(f"producing to {self.servers} failed: {exc}") from exc
 
-    def _ingest_snapshot_blocking(self) -> dict[str, Any]:
+    async def _shard_health(self) -> list[dict[str, Any]]:
+        """Every shard's health; all ``unavailable`` when the retriever itself cannot answer."""
+        return await self._per_shard(self.retriever.health.remote())
+
+    async def _shard_stats(self) -> list[dict[str, Any]]:
+        """Every shard's health and figures, as :meth:`_shard_health`."""
+        return await self._per_shard(self.retriever.stats.remote())
+
+    async def _per_shard(self, response: Any) -> list[dict[str, Any]]:
+        try:
+            shards: list[dict[str, Any]] = await asyncio.wait_for(self._call(response), HEALTH_TIMEOUT_S)
+            return shards
+        except Exception as exc:  # the retriever replica is down or overloaded: no shard answers
+            reason = exc.message if isinstance(exc, ApiError) else f"the retriever did not answer ({exc!r})"
+            return [
+                {"shard": i, "status": "unavailable", "problem": reason}
+                for i in range(self.settings.index.n_shards)
+            ]
+
+    async def _sources(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The running sources' ``stats()`` (each with ``source``: its number), and a problem for
+        each source that runs but did not answer within :data:`SOURCE_STATS_TIMEOUT_S`. A source
+        that is not running (no ingest, or one that ended) is neither."""
+        found = await asyncio.gather(*(self._source(i) for i in range(self.settings.ingest.sources)))
+        stats = [f for f in found if isinstance(f, dict)]
+        return stats, [f for f in found if isinstance(f, str)]
+
+    async def _source(self, i: int) -> dict[str, Any] | str | None:
+        s = self.settings
+        name = actor_name(s.index.name, "source", i)
+        try:
+            actor = await asyncio.to_thread(ray.get_actor, name, namespace=s.ray.namespace)
+        except ValueError:
+            return None  # no ingest running: lag and the index figures still tell
+        try:
+            stats: dict[str, Any] = await asyncio.wait_for(actor.stats.remote(), SOURCE_STATS_TIMEOUT_S)
+        except ray.exceptions.ActorDiedError:
+            return None  # it ended (stopped or replaced) between the lookup and the call
+        except TimeoutError:
+            return f"source {i}: did not answer its stats within {SOURCE_STATS_TIMEOUT_S:g} s"
+        except ray.exceptions.RayError as exc:  # restarting, or its worker crashed
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return f"source {i}: its actor is unreachable ({detail})"
+        return {**stats, "source": i}
+
+    async def _offsets(self) -> dict[str, Any] | None:
+        """``{"committed", "ends"}`` of the index's consumer group, or None when the broker does not
+        answer in time."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._offsets_blocking), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("metrics: consumer offsets unavailable: %s", exc)
+            return None
+
+    def _offsets_blocking(self) -> dict[str, Any]:
         from actors.kafka_offsets import committed_offsets, end_offsets
 
         s = self.settings
-        sources: list[dict[str, Any]] = []
-        for i in range(s.ingest.sources):
-            try:
-                actor = ray.get_actor(f"{s.index.name}/source/{i}", namespace=s.ray.namespace)
-                stats: dict[str, Any] = ray.get(actor.stats.remote(), timeout=5)  # type: ignore[assignment]
-                sources.append(stats)
-            except (ValueError, ray.exceptions.RayError):
-                continue  # no ingest running: lag and the index figures still tell
-        dead: dict[str, int] = {}
-        for source in sources:
-            for reason, n in source.get("dead_letters", {}).items():
-                dead[reason] = dead.get(reason, 0) + n
         return {
-            "index": s.index.name,
             "committed": committed_offsets(self.servers, s.consumer_group, timeout_s=5),
             "ends": end_offsets(self.servers, [s.kafka.topics.documents]),
-            "sources": sources,
-            "dead_letters": dead,
         }

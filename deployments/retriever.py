@@ -1,62 +1,165 @@
 """Retriever deployment: fans a query out to every shard actor of the index and merges the results.
 
 It queries the very shard actors the ingest pipeline writes (detached, named
-``<index>/shard/<i>``), so a document is searchable as soon as its write is acknowledged. Shard
-actors restart on failure and their handles stay valid; a missing shard (no ingest has created
-the index yet) raises :class:`IndexUnavailableError` (HTTP 503).
+``<index>/shard/<i>``), so a document is searchable as soon as its write is acknowledged.
+
+Shard trouble is never a bug: a shard actor that died, is restarting, does not answer within
+:data:`SHARD_TIMEOUT_S`, or reports its data unavailable makes the call raise
+:class:`IndexUnavailableError` naming the index and the shard (HTTP 503), never anything that
+would become a 500. Shard actors restart on failure and Ray retries their pending calls, so
+their handles stay valid; the handles of a shard that died for good are looked up again on the
+next request (a re-created actor has a new handle). A missing shard actor (no ingest has
+created the index yet) is also :class:`IndexUnavailableError`.
+
+``health`` and ``stats`` answer for every shard whatever state it is in (one entry per shard,
+``status`` ``unavailable`` for one that cannot answer): they feed ``/healthz`` and ``/metrics``,
+and cost one O(1) call per shard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
+from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
 from actors.vector_index import Hit
 from deployments.fusion import Ranked
+from deployments.http_errors import cause
 from deployments.searcher import Searcher
-from schemas.errors import IndexUnavailableError
+from schemas.errors import IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.ids import shard_of
 from schemas.settings import Settings
+from schemas.topology import actor_name
+
+log = logging.getLogger(__name__)
 
 SHARD_TIMEOUT_S = 30.0
+"""A search or lookup a shard has not answered by then fails with a 503 naming the shard."""
+HEALTH_TIMEOUT_S = 5.0
+"""``health``/``stats`` calls are O(1): a shard that needs longer is reported unavailable."""
 _Request = tuple[str, "np.ndarray | None", int, "MetadataFilter | None", str]
 
 
-class RayShards:
-    """:class:`deployments.searcher.Shards` over the index's shard actors."""
+class ShardUnavailableError(IndexUnavailableError):
+    """Shard ``shard`` of ``index`` cannot answer now (dead, restarting, too slow, or its data is
+    unavailable). ``died`` says its actor is gone for good, so its handle must be looked up again."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, index: str, shard: int, reason: str, died: bool = False) -> None:
+        super().__init__(f"index {index!r}: shard {shard} is unavailable: {reason}; retry shortly")
+        self.index, self.shard, self.reason, self.died = index, shard, reason, died
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Ray pickles errors to send them to the caller; rebuild from the fields, not the message.
+        return (type(self), (self.index, self.shard, self.reason, self.died))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def shard_failure(index: str, shard: int, exc: BaseException) -> BaseException:
+    """What a failed call to shard ``shard`` means for the caller.
+
+    Shard trouble becomes :class:`ShardUnavailableError`: a timeout, a Ray actor error (died,
+    restarting: ``ActorDiedError``, ``ActorUnavailableError``, any ``RayActorError``), any other
+    Ray system error (worker crashed, object lost, node died), or the shard's own
+    :class:`IndexUnavailableError` / :class:`RetryableError`, which Ray delivers wrapped in a
+    ``RayTaskError`` (kept as its ``cause``). Anything else the shard raised (a bad request, a
+    bug) is returned as the shard raised it, for the caller to re-raise."""
+    if isinstance(exc, TimeoutError):  # asyncio's, and Ray's GetTimeoutError
+        return ShardUnavailableError(index, shard, "it did not answer in time")
+    inner = cause(exc)
+    if isinstance(inner, (IndexUnavailableError, RetryableError)):
+        return ShardUnavailableError(index, shard, _first_line(inner))
+    if isinstance(exc, ActorDiedError):
+        return ShardUnavailableError(index, shard, "its actor died", died=True)
+    if isinstance(exc, RayActorError):
+        return ShardUnavailableError(
+            index, shard, f"its actor is restarting or unreachable ({_first_line(exc)})"
+        )
+    if isinstance(exc, RayTaskError):
+        if isinstance(inner, RayError):  # the shard itself hit a Ray system error
+            return ShardUnavailableError(index, shard, _first_line(inner))
+        return inner
+    if isinstance(exc, RayError):
+        return ShardUnavailableError(index, shard, f"{type(exc).__name__}: {_first_line(exc)}")
+    return exc
+
+
+class RayShards:
+    """:class:`deployments.searcher.Shards` over the index's shard actors.
+
+    Every method asks all shards concurrently and returns one result per shard, in shard order;
+    it raises :class:`ShardUnavailableError` for the first shard in trouble (see
+    :func:`shard_failure`). Used from one event loop (the replica's)."""
+
+    def __init__(self, settings: Settings, timeout_s: float = SHARD_TIMEOUT_S) -> None:
         self.index = settings.index.name
         self.n_shards = settings.index.n_shards
         self.namespace = settings.ray.namespace
+        self.timeout_s = timeout_s
         self._handles: list[Any] | None = None
 
+    def handle(self, shard: int) -> Any:
+        """Looks up shard ``shard``'s actor; :class:`IndexUnavailableError` if it does not exist.
+        Blocking (a call to Ray's control store)."""
+        name = actor_name(self.index, "shard", shard)
+        try:
+            return ray.get_actor(name, namespace=self.namespace)
+        except ValueError as exc:
+            raise IndexUnavailableError(
+                f"index {self.index!r} is not ready: shard {shard}'s actor {name!r} does not exist "
+                "(start `riverbed ingest` or `riverbed serve` for this index)"
+            ) from exc
+
     def handles(self) -> list[Any]:
+        """Every shard's actor handle, looked up once and cached until a shard dies for good.
+        Blocking the first time."""
         if self._handles is None:
-            handles = []
-            for i in range(self.n_shards):
-                name = f"{self.index}/shard/{i}"
-                try:
-                    handles.append(ray.get_actor(name, namespace=self.namespace))
-                except ValueError as exc:
-                    raise IndexUnavailableError(
-                        f"index {self.index!r} is not ready: shard actor {name!r} does not exist "
-                        "(start `riverbed ingest` or `riverbed serve` for this index)"
-                    ) from exc
-            self._handles = handles
+            self._handles = [self.handle(i) for i in range(self.n_shards)]
         return self._handles
 
-    async def _all(self, method: str, *args: Any) -> list[Any]:
-        refs = [getattr(h, method).remote(*args) for h in self.handles()]
+    async def _current_handles(self) -> list[Any]:
+        handles = self._handles
+        if handles is None:  # the lookup blocks: keep it off the replica's event loop
+            handles = await asyncio.to_thread(self.handles)
+        return handles
+
+    def forget(self) -> None:
+        """Drops the cached handles: the next call looks every shard up again."""
+        self._handles = None
+
+    async def _one(self, shard: int, call: Awaitable[Any], timeout_s: float) -> Any:
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*refs), SHARD_TIMEOUT_S))
-        except (TimeoutError, ray.exceptions.RayActorError) as exc:
-            raise IndexUnavailableError(f"index {self.index!r}: a shard did not answer: {exc}") from exc
+            return await asyncio.wait_for(call, timeout_s)
+        except Exception as exc:
+            failure = shard_failure(self.index, shard, exc)
+            if failure is exc:
+                raise
+            if isinstance(failure, ShardUnavailableError):
+                log.warning("%s", failure)
+                if failure.died:
+                    self.forget()
+            raise failure from exc
+
+    async def _all(self, method: str, *args: Any) -> list[Any]:
+        handles = await self._current_handles()
+        calls = [
+            self._one(i, getattr(h, method).remote(*args), self.timeout_s) for i, h in enumerate(handles)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:  # shard order: the lowest failing shard is the one named
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     async def search(
         self, vectors: np.ndarray, k: int, filter: MetadataFilter | None
@@ -74,12 +177,59 @@ class RayShards:
     async def documents(self, document_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
         return await self._all("documents", document_ids)
 
+    # HEALTH: never raises for shard trouble; one entry per shard.
+    async def health(self) -> list[dict[str, Any]]:
+        """Per shard ``{"shard", "status": "ok"|"degraded"|"unavailable", "problem", "chunks",
+        "vectors"}`` from its O(1) ``health()`` (or ``stats()`` from a shard that has no
+        ``health()``: ok when it answers). A shard that cannot answer is ``unavailable`` with
+        the reason as ``problem``."""
+        return list(await asyncio.gather(*(self._health(i) for i in range(self.n_shards))))
+
     async def stats(self) -> list[dict[str, Any]]:
-        return await self._all("stats")
+        """Per shard its ``health`` entry, plus its O(1) ``stats()`` figures (``chunks``,
+        ``vectors``, ``documents``, ``offsets``, ``path``) when it answers them."""
+        return list(await asyncio.gather(*(self._stats(i) for i in range(self.n_shards))))
+
+    async def _health(self, shard: int) -> dict[str, Any]:
+        try:
+            handle = await self._handle_for_health(shard)
+            if hasattr(handle, "health"):
+                report: dict[str, Any] = await self._one(shard, handle.health.remote(), HEALTH_TIMEOUT_S)
+                return {"shard": shard, "problem": None, **report}
+            stats = await self._one(shard, handle.stats.remote(), HEALTH_TIMEOUT_S)
+            return {"shard": shard, "status": "ok", "problem": None,
+                    "chunks": stats.get("chunks"), "vectors": stats.get("vectors")}  # fmt: skip
+        except Exception as exc:
+            return _unavailable(shard, exc)
+
+    async def _stats(self, shard: int) -> dict[str, Any]:
+        report = await self._health(shard)
+        if report["status"] == "unavailable":
+            return report
+        try:
+            handle = await self._handle_for_health(shard)
+            stats: dict[str, Any] = await self._one(shard, handle.stats.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            return _unavailable(shard, exc)
+        return {**stats, "shard": shard, "status": report["status"], "problem": report.get("problem")}
+
+    async def _handle_for_health(self, shard: int) -> Any:
+        handles = self._handles
+        if handles is not None:
+            return handles[shard]
+        return await asyncio.to_thread(self.handle, shard)
+
+
+def _unavailable(shard: int, exc: BaseException) -> dict[str, Any]:
+    reason = exc.reason if isinstance(exc, ShardUnavailableError) else _first_line(exc)
+    return {"shard": shard, "status": "unavailable", "problem": reason}
 
 
 @serve.deployment
 class Retriever:
+    """Searches, document lookups and shard health for ``settings.index``, over its shard actors.
+    Every shard failure surfaces as :class:`IndexUnavailableError` naming the shard (HTTP 503)."""
+
     def __init__(self, settings: Settings) -> None:
         self.shards = RayShards(settings)
         self.searcher = Searcher(settings.serve.search, self.shards)
@@ -88,7 +238,9 @@ class Retriever:
         self, query: str, vector: np.ndarray | None, k: int, filter: MetadataFilter | None, mode: str
     ) -> list[Ranked]:
         """One query's top ``k``. Concurrent queries are batched: those with the same ``k``,
-        filter and mode cost one call per shard together."""
+        filter and mode cost one call per shard together. Raises :class:`IndexUnavailableError`
+        (naming the shard) when a shard cannot answer, :class:`InvalidRequestError` for a bad
+        filter or mode."""
         result = await self._batched((query, vector, k, filter, mode))
         if isinstance(result, Exception):
             raise result
@@ -109,7 +261,7 @@ class Retriever:
             matrix = None if any(v is None for v in vectors) else np.stack(vectors)  # type: ignore[arg-type]
             try:
                 results = await self.searcher.search_many(queries, matrix, k, filter, mode)
-            except Exception as exc:  # this group's error (a bad filter) is its callers' alone
+            except Exception as exc:  # this group's error (a bad filter, a shard down) is its callers' alone
                 results = [exc] * len(indices)  # type: ignore[list-item]
             for i, result in zip(indices, results, strict=True):
                 out[i] = result
@@ -126,5 +278,11 @@ class Retriever:
                      if k != "chunks"})  # fmt: skip
         return info
 
+    async def health(self) -> list[dict[str, Any]]:
+        """Every shard's health (see :meth:`RayShards.health`); never raises for shard trouble."""
+        return await self.shards.health()
+
     async def stats(self) -> list[dict[str, Any]]:
+        """Every shard's health and figures (see :meth:`RayShards.stats`); never raises for shard
+        trouble."""
         return await self.shards.stats()

@@ -1,21 +1,24 @@
 """Searcher: one query → every shard → merged top k (vector, keyword) or fused (hybrid).
 
-The plain logic behind the Retriever deployment (STYLE.md principle 1): it reaches shards through
-the :class:`Shards` protocol, implemented over Ray actor handles by ``deployments/retriever.py``
-and over in-process :class:`actors.index_shard.IndexShard` objects by :class:`LocalShards` (unit
-tests, in-process benchmarks).
+The plain logic behind the Retriever deployment, kept free of Ray so it can be tested in
+process: it reaches shards through the :class:`Shards` protocol, implemented over Ray actor
+handles by ``deployments/retriever.py`` and over in-process :class:`actors.index_shard.IndexShard`
+objects by :class:`LocalShards` (unit tests, in-process benchmarks).
 
 Filters are checked against the metadata fields the index holds: a field no chunk has is almost
-always a typo, so it is refused (:class:`InvalidRequestError` naming the field and the known ones) instead of
-silently matching nothing. The known fields are cached for ``fields_ttl_s`` and re-read once
-before refusing, so a field that was just ingested is accepted.
+always a typo, so it is refused (:class:`InvalidRequestError` naming the field and the known ones)
+instead of silently matching nothing. The known fields are cached; a filter naming a field the
+cache does not know re-reads every shard's fields, but at most once per ``fields_ttl_s`` (however
+many such requests arrive, concurrently or not), so a stream of typos costs one round trip per
+shard per ``fields_ttl_s``. A field ingested a moment ago is therefore accepted at the latest
+``fields_ttl_s`` after the cache was last read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -65,30 +68,49 @@ class LocalShards:
 
 
 class Searcher:
-    def __init__(self, config: SearchConfig, shards: Shards, fields_ttl_s: float = 5.0) -> None:
+    """Searches an index through ``shards``. Safe for concurrent use from one event loop."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        shards: Shards,
+        fields_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.shards = shards
         self.fields_ttl_s = fields_ttl_s
+        self._clock = clock
         self._fields: set[str] = set()
-        self._fields_at = -float("inf")
+        self._fields_at = -float("inf")  # when the shards' fields were last read (clock seconds)
+        self._fields_lock = asyncio.Lock()
 
     async def check_filter(self, filter: MetadataFilter | None) -> None:
-        """Raises :class:`InvalidRequestError` naming a filter field that no chunk of the index has."""
+        """Raises :class:`InvalidRequestError` naming a filter field that no chunk of the index has.
+
+        Fields the cache knows cost nothing; a field it does not know triggers
+        :meth:`refresh_fields` (rate-limited), so a field ingested after the cache was read is
+        accepted once a refresh has seen it."""
         if filter is None or not filter.conditions:
             return
-        unknown = filter.fields - await self.known_fields()
+        unknown = filter.fields - self._fields
         if unknown:
-            unknown = filter.fields - await self.known_fields(refresh=True)
+            unknown = filter.fields - await self.refresh_fields()
         if unknown:
             known = ", ".join(sorted(self._fields)) or "none: no chunk has metadata"
             raise InvalidRequestError(
                 f"unknown filter field {sorted(unknown)[0]!r}; the index has: {known}", param="filter"
             )
 
-    async def known_fields(self, refresh: bool = False) -> set[str]:
-        if refresh or time.monotonic() - self._fields_at > self.fields_ttl_s:
-            self._fields = set().union(*await self.shards.metadata_fields())
-            self._fields_at = time.monotonic()
+    async def refresh_fields(self) -> set[str]:
+        """Every shard's metadata fields, re-read only when the cache is at least ``fields_ttl_s``
+        old: at most one round trip per shard per ``fields_ttl_s``. Concurrent callers share one
+        read (the others wait for it and then find the cache fresh). A failed read leaves the
+        cache as it was and raises the shards' error."""
+        async with self._fields_lock:
+            if self._clock() - self._fields_at >= self.fields_ttl_s:
+                self._fields = set().union(*await self.shards.metadata_fields())
+                self._fields_at = self._clock()
         return self._fields
 
     async def search(

@@ -1,9 +1,11 @@
-"""The HTTP surface's request and response bodies (DESIGN.md, "HTTP surface").
+"""The HTTP surface's request and response bodies.
 
 Requests forbid unknown fields (a misspelt ``fliter`` is an error, not a silently ignored
 option), except the OpenAI-compatible embeddings request, which OpenAI clients send with extra
 fields. Limits that depend on the configuration (``k``'s maximum, the query length) are checked by
-the ingress, which names the field in its error.
+the ingress, which names the field in its error. Request strings hold no lone surrogate (like an
+envelope's, see :mod:`schemas.envelope`): the tokenizer and the stores cannot take one, so it is a
+400 naming the field, not a failure deeper in.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
+from schemas.envelope import StorableStr
 from schemas.filters import MetadataFilter
+from schemas.metadata import MetadataValue
+from schemas.topology import SearchMode
 
-MetadataValue = str | bool | int | float
-SearchMode = Literal["vector", "keyword", "hybrid"]
-Text = Annotated[StrictStr, Field(min_length=1)]
+Text = Annotated[StorableStr, Field(min_length=1)]
 
 
 class _Request(BaseModel):
@@ -114,7 +117,7 @@ class EmbeddingsRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    input: StrictStr | list[StrictStr]
+    input: StorableStr | list[StorableStr]
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None

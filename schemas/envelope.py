@@ -1,21 +1,23 @@
-"""The Kafka message envelope (DESIGN.md, "Messages"): UTF-8 JSON, one envelope per record.
+"""The Kafka message envelope: UTF-8 JSON, one envelope per record, keyed by its ``id``.
 
 Field names are a public contract with producers outside the project: they never change.
-Unknown fields are ignored so that newer producers work with older consumers.
+Unknown fields are ignored so that newer producers work with older consumers. Every string in an
+envelope (``id``, ``title``, ``text``, ``caption``, ``uri``, ``image_b64``, metadata keys and
+values) is free of lone surrogates, and metadata values are what :mod:`schemas.metadata` allows
+(int64 integers, finite floats, strings, booleans): a record that validates can be stored. The
+whole contract is written out in ``docs/contracts.md``.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
+    PlainValidator,
     StrictStr,
     TypeAdapter,
     ValidationError,
@@ -23,12 +25,35 @@ from pydantic import (
 )
 
 from schemas.errors import PoisonMessageError
+from schemas.metadata import MetadataValue, loads_json, printable, string_problem, value_problem
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_ID_CHARS = 512
 
-MetadataValue = StrictStr | StrictBool | StrictInt | StrictFloat
-DocumentId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+def _storable_string(value: str) -> str:
+    if (problem := string_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _storable_value(value: object) -> MetadataValue:
+    # A plain validator: the exact types and bounds are schemas.metadata's, applied with no
+    # coercion (the string "1" stays a string, True stays a boolean and is not the integer 1).
+    if (problem := value_problem(value)) is not None:
+        raise ValueError(problem)
+    return cast(MetadataValue, value)
+
+
+StorableStr = Annotated[StrictStr, AfterValidator(_storable_string)]
+"""A string that any store, tokenizer and producer can take: no lone surrogate."""
+StorableMetadataValue = Annotated[
+    MetadataValue, PlainValidator(_storable_value, json_schema_input_type=MetadataValue)
+]
+DocumentId = Annotated[
+    StorableStr, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+"""1 to 512 characters, no control characters: it is the Kafka key and every chunk id's prefix."""
 
 
 class _Envelope(BaseModel):
@@ -37,7 +62,7 @@ class _Envelope(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     id: DocumentId
     op: Literal["upsert", "delete"] = "upsert"
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    metadata: dict[StorableStr, StorableMetadataValue] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -60,8 +85,8 @@ class DocumentEnvelope(_Envelope):
     """A text document. ``text`` is required (and non-blank) for upserts; deletes need only ``id``."""
 
     kind: Literal["document"] = "document"
-    title: str | None = None
-    text: str | None = None
+    title: StorableStr | None = None
+    text: StorableStr | None = None
 
     @model_validator(mode="after")
     def _text_for_upsert(self) -> DocumentEnvelope:
@@ -74,9 +99,9 @@ class ImageEnvelope(_Envelope):
     """An image, inline (``image_b64``) or by ``uri``: exactly one of the two for upserts."""
 
     kind: Literal["image"] = "image"
-    image_b64: str | None = None
-    uri: str | None = None
-    caption: str | None = None
+    image_b64: StorableStr | None = None
+    uri: StorableStr | None = None
+    caption: StorableStr | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageEnvelope:
@@ -90,10 +115,20 @@ _ENVELOPE = TypeAdapter(Envelope)
 
 
 def _describe(exc: ValidationError) -> str:
+    """One ``<field path>: <problem>`` per error, the path as in the JSON (``metadata.year``);
+    a bad metadata key is named by its own (escaped) text."""
     parts = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "envelope"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = list(err["loc"])
+        if loc and loc[0] in ("document", "image"):
+            loc = loc[1:]  # the discriminated union's tag: the kind, not a field of the JSON
+        if loc and loc[-1] == "[key]" and isinstance(err["input"], str):
+            # pydantic renders an unencodable key with replacement characters; name the real one
+            path = ".".join(str(p) for p in loc[:-2]) + f" key {err['input']!r}"
+        else:
+            path = ".".join(str(p) for p in loc) or "envelope"
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(printable(f"{path}: {message}"))
     return "; ".join(parts)
 
 
@@ -138,9 +173,16 @@ def decode_record(
     except UnicodeDecodeError as exc:
         raise PoisonMessageError("bad_encoding", f"value is not valid UTF-8: {exc}") from exc
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = loads_json(text)
+    except ValueError as exc:
+        # invalid_json, not invalid_envelope: NaN and Infinity are not JSON (RFC 8259 has no such
+        # literals; only Python's parser takes them) and 1e999 has no IEEE double, so the text is
+        # not data any reader of the topic can take, whatever field holds it; the envelope's rules
+        # are never reached. Also here: malformed text, integers of over 4300 digits (Python's
+        # limit). The message still names the field (loads_json finds it).
         raise PoisonMessageError("invalid_json", f"value is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise PoisonMessageError("invalid_json", "value is not JSON we can read: nested too deeply") from exc
     envelope = validate_envelope(data)
     if key_str is None:
         raise PoisonMessageError("key_mismatch", f"record has no key; it must be the id {envelope.id!r}")

@@ -1,4 +1,4 @@
-"""Metadata filters for search (DESIGN.md, "HTTP surface"):
+"""Metadata filters for search, as sent in the ``filter`` of an HTTP search request:
 
     {"lang": "en", "year": {"gte": 2000, "lt": 2020}, "source": {"in": ["a", "b"]}}
 
@@ -135,7 +135,7 @@ class Condition(BaseModel):
 
 class MetadataFilter(BaseModel):
     """A parsed, validated filter. Build it with :meth:`parse` or pydantic validation of the raw
-    DESIGN.md syntax (so an HTTP request model may declare ``filter: MetadataFilter | None``).
+    filter syntax above (so an HTTP request model may declare ``filter: MetadataFilter | None``).
 
     Bad input raises ``ValueError`` (pydantic's ``ValidationError`` is one) naming the field and
     the reason. An empty filter matches everything.
@@ -187,7 +187,7 @@ class MetadataFilter(BaseModel):
         return " AND ".join(parts), params
 
     def to_raw(self) -> dict[str, Any]:
-        """The filter back in the DESIGN.md syntax (``parse(f.to_raw()) == f``)."""
+        """The filter back in the raw syntax (``parse(f.to_raw()) == f``)."""
         raw: dict[str, dict[str, Any]] = {}
         for c in self.conditions:
             raw.setdefault(c.field, {})[c.op] = list(c.value) if isinstance(c.value, tuple) else c.value

@@ -1,4 +1,5 @@
-"""Deterministic ids and routing, identical in every process (DESIGN.md, "Ids" and "Shards").
+"""Deterministic ids and routing, identical in every process: a chunk's id is
+``<document id>#<n>``, and its shard is ``stable_hash(chunk id) % shards``.
 
 Never use Python's ``hash()`` for anything that crosses a process: it is salted per process.
 """

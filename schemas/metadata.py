@@ -36,13 +36,19 @@ def value_problem(value: object) -> str | None:
         return None
     if isinstance(value, int):
         if not INT64_MIN <= value <= INT64_MAX:
-            return f"integer {value} is outside the 64-bit range [{INT64_MIN}, {INT64_MAX}]"
+            return f"integer {_abbreviated(value)} is outside the 64-bit range [{INT64_MIN}, {INT64_MAX}]"
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{value} is not a finite number"
     if isinstance(value, str):
         return string_problem(value)
     return f"must be a string, number or boolean, got {type(value).__name__}"
+
+
+def _abbreviated(value: int) -> str:
+    """``value`` in decimal, or its size when huge: the message travels in headers and logs, and
+    Python refuses to print integers of more than 4300 digits."""
+    return str(value) if value.bit_length() <= 128 else f"of {value.bit_length()} bits"
 
 
 def metadata_problem(metadata: Mapping[Any, object]) -> str | None:
@@ -57,18 +63,59 @@ def metadata_problem(metadata: Mapping[Any, object]) -> str | None:
     return None
 
 
+def printable(text: str) -> str:
+    """``text`` with each lone surrogate written as an escape (``\\ud800``), so that a message
+    quoting bad input can itself be encoded (log files, Kafka headers, HTTP bodies)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _NotFinite(ValueError):
+    """A JSON text holds a number that is not finite (a ``NaN``/``Infinity`` literal, or ``1e999``)."""
+
+
 def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON (use null or a finite number)")
+    raise _NotFinite(f"{name} is not valid JSON (use null or a finite number)")
+
+
+def _finite_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise _NotFinite(f"number {raw} is too large to represent")
+    return value
+
+
+def _non_finite_path(value: Any, path: str) -> str | None:
+    """The path (``metadata.year``, ``items[2]``) of the first non-finite float in ``value``."""
+    if isinstance(value, float):
+        return path if not math.isfinite(value) else None
+    if isinstance(value, dict):
+        children = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        children = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    for child_path, item in children:
+        if (found := _non_finite_path(item, child_path)) is not None:
+            return found
+    return None
+
+
+def _where_non_finite(text: str | bytes) -> str | None:
+    """Where the first non-finite number of ``text`` sits, found by a lenient second parse (only
+    for texts already refused, so its cost never touches valid records); None if unknown."""
+    try:
+        return _non_finite_path(json.loads(text), "") or None
+    except (ValueError, RecursionError):
+        return None
 
 
 def loads_json(text: str | bytes) -> Any:
     """``json.loads`` that refuses ``NaN``/``Infinity`` literals and numbers that overflow to
-    infinity (``1e999``), raising ``ValueError`` (a ``json.JSONDecodeError`` for malformed text)."""
-
-    def parse_float(raw: str) -> float:
-        value = float(raw)
-        if not math.isfinite(value):
-            raise ValueError(f"number {raw} is too large to represent")
-        return value
-
-    return json.loads(text, parse_constant=_refuse_constant, parse_float=parse_float)
+    infinity (``1e999``), raising ``ValueError`` that names the field holding it
+    (``metadata.score: NaN is not valid JSON ...``); malformed text raises ``json.JSONDecodeError``
+    (a ``ValueError`` too)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotFinite as exc:
+        where = _where_non_finite(text)
+        raise ValueError(printable(f"{where}: {exc}") if where else str(exc)) from exc

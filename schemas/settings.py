@@ -1,4 +1,4 @@
-"""Riverbed's one typed settings object (DESIGN.md, "Config").
+"""Riverbed's one typed settings object.
 
 Precedence, lowest first: defaults < YAML file < environment (``RIVERBED_<SECTION>__<FIELD>``)
 < explicit overrides (command-line flags). Loaded once by :func:`load_settings` and passed down in
@@ -152,13 +152,27 @@ class IndexConfig(_Section):
     backend: Literal["faiss"] = "faiss"
     faiss: FaissConfig = FaissConfig()
     snapshot_every_s: Annotated[float, Field(gt=0)] = 60.0
+    max_shard_bytes: PositiveInt | None = Field(
+        None,
+        description="quota of each shard's SQLite store, in bytes: a write that needs more waits (retried, "
+        "health degraded) until space is made or the quota raised; unset: only the disk limits it",
+    )
 
 
 class IngestConfig(_Section):
-    sources: PositiveInt = Field(1, description="KafkaSource actors in the consumer group")
+    sources: PositiveInt = Field(1, description="source actors (stream consumers) in the consumer group")
     poll_max_records: PositiveInt = 256
     max_in_flight_batches: PositiveInt = 4
     commit_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    max_poll_interval_ms: Annotated[int, Field(ge=1000)] = Field(
+        300_000,
+        description="Kafka's max.poll.interval.ms: a member that has not polled this long leaves the group "
+        "(the source polls while it waits, so only a stalled process exceeds it)",
+    )
+    embed_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        300.0,
+        description="a batch waiting this long for its vectors is reported as stalled (never sent again)",
+    )
     rejoin_after_s: Annotated[float, Field(gt=0)] = Field(
         30.0,
         description="a source holding no partition this long (while every source should hold one) "
@@ -254,8 +268,8 @@ class ServeConfig(_Section):
     port: Port = 8000
     max_body_bytes: PositiveInt = Field(1024 * 1024, description="larger request bodies get 413")
     ingest: bool = Field(True, description="`riverbed serve` also runs the ingest pipeline")
-    # Fractions of a CPU: on a small machine the ingest embedder holds the cores (DESIGN.md,
-    # "Resources"), and the whole app must still fit in what it leaves.
+    # Fractions of a CPU: on a small machine the ingest embedder holds the cores (its torch
+    # threads), and the whole app must still fit in what it leaves.
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=256)
     embedder: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=128)
     retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=128)

@@ -1,7 +1,8 @@
-"""An in-process :class:`actors.source.Downstream`: an embedder and index shards in this process.
+"""An in-process :class:`actors.processor.Downstream`: an embedder and index shards in this process.
 
-For tests of the source against a real broker without Ray (the pipeline's RayDownstream does the
-same over actors). Embedding runs synchronously; the returned future is already done.
+For tests of the stream consumer against a real broker without Ray (the pipeline's RayDownstream
+does the same over actors). Embedding runs synchronously; the returned future is already done
+(or already failed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from actors.vector_index import DocumentRow, ShardWrite, VectorIndex
+from actors.processor import StoredDocument, merge_stored
+from actors.vector_index import DocumentRow, ShardWrite, VectorIndex, WriteResult
 from schemas.ids import shard_of
 
 
@@ -24,15 +26,18 @@ class LocalDownstream:
 
     def embed(self, texts: list[str]) -> Future[np.ndarray]:
         future: Future[np.ndarray] = Future()
-        future.set_result(self.embedder.embed(texts))
+        try:
+            future.set_result(self.embedder.embed(texts))
+        except Exception as exc:  # the consumer classifies it, as it does an actor's
+            future.set_exception(exc)
         return future
 
-    def document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
+    def stored(self, document_ids: Sequence[str]) -> dict[str, StoredDocument]:
         rows: dict[str, DocumentRow] = {}
         for doc_id in document_ids:
             rows.update(self.shards[shard_of(doc_id, self.n_shards)].get_document_rows([doc_id]))
-        return rows
+        versions = [shard.get_document_versions(document_ids) for shard in self.shards]
+        return merge_stored(document_ids, rows, versions)
 
-    def write(self, writes: Mapping[int, ShardWrite]) -> None:
-        for shard, write in writes.items():
-            self.shards[shard].apply(write)
+    def write(self, writes: Mapping[int, ShardWrite]) -> dict[int, WriteResult]:
+        return {shard: self.shards[shard].apply(write) for shard, write in writes.items()}

@@ -1,14 +1,14 @@
 """InMemoryIndex: the reference ``VectorIndex``, dicts plus numpy brute force.
 
 For fast unit tests of the components around the index (ingest, serving), beside the real
-backends in integration tests (STYLE.md principle 10). It also serves as the oracle of the
+backends in integration tests. It also serves as the oracle of the
 contract tests: its search is exact and its filters use :meth:`MetadataFilter.matches`, not SQL.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -24,6 +24,8 @@ from actors.vector_index import (
     exact_top_k,
 )
 from schemas.filters import MetadataFilter
+from schemas.ids import split_chunk_id
+from schemas.topology import Version, is_older
 
 
 class InMemoryIndex(WriteConveniences):
@@ -40,6 +42,7 @@ class InMemoryIndex(WriteConveniences):
         self._records: dict[str, ChunkRecord] = {}
         self._documents: dict[str, DocumentRow] = {}
         self._offsets: dict[str, dict[int, int]] = {}
+        self._versions: dict[str, Version] = {}
         self._matrix: np.ndarray | None = None  # the stacked vectors of _records, built on demand
 
     @property
@@ -51,33 +54,38 @@ class InMemoryIndex(WriteConveniences):
         return self._dim
 
     def apply(self, write: ShardWrite) -> WriteResult:
-        """Applies ``write`` in :class:`ShardWrite`'s order; a bad vector changes nothing."""
+        """Applies ``write`` in :class:`ShardWrite`'s order, skipping the parts of documents whose
+        version is older than the stored one; a bad vector changes nothing."""
         records = write.unique_upserts()
         check_records(records, self._dim, f"in-memory index {self._model!r}")
         with self._lock:
+            stale = {d for d, v in write.versions.items() if is_older(v, self._versions.get(d))}
             chunks, documents = dict(self._records), dict(self._documents)
             before = len(chunks)
-            for document_id, keep in write.truncate.items():
-                chunks = {c: r for c, r in chunks.items() if r.document_id != document_id or r.number < keep}
-            gone = set(write.delete_documents)
+            keep = {d: n for d, n in write.truncate.items() if d not in stale}
+            chunks = {c: r for c, r in chunks.items() if r.number < keep.get(r.document_id, r.number + 1)}
+            gone = set(write.delete_documents) - stale
             chunks = {c: r for c, r in chunks.items() if r.document_id not in gone}
             for document_id in gone:
                 documents.pop(document_id, None)
             for cid in write.delete_chunks:
-                chunks.pop(cid, None)
+                if _document_of(cid) not in stale:
+                    chunks.pop(cid, None)
             deleted = before - len(chunks)
-            unchanged = 0
-            for record in records:
-                if chunks.get(record.chunk_id) == record:
-                    unchanged += 1
-                chunks[record.chunk_id] = record
-            documents.update(write.documents)
-            for topic, positions in write.offsets.items():
-                stored = self._offsets.setdefault(topic, {})
-                for partition, offset in positions.items():
-                    stored[int(partition)] = max(stored.get(int(partition), 0), int(offset))
+            live = [r for r in records if r.document_id not in stale]
+            unchanged = sum(chunks.get(r.chunk_id) == r for r in live)
+            chunks.update((r.chunk_id, r) for r in live)
+            documents.update((d, row) for d, row in write.documents.items() if d not in stale)
+            self._versions.update((d, v) for d, v in write.versions.items() if d not in stale)
+            self._merge_offsets(write.offsets)
             self._records, self._documents, self._matrix = chunks, documents, None
-        return WriteResult(upserted=len(records) - unchanged, unchanged=unchanged, deleted=deleted)
+        return WriteResult(len(live) - unchanged, unchanged, deleted, stale=len(stale))
+
+    def _merge_offsets(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
+        for topic, positions in offsets.items():
+            stored = self._offsets.setdefault(topic, {})
+            for partition, offset in positions.items():
+                stored[int(partition)] = max(stored.get(int(partition), 0), int(offset))
 
     def search(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None) -> list[list[Hit]]:
         """Exact top ``k`` by inner product per query row, best first, filtered by ``matches``."""
@@ -102,6 +110,13 @@ class InMemoryIndex(WriteConveniences):
     def count(self) -> int:
         return len(self._records)
 
+    def vector_count(self) -> int:
+        """The vectors search scores: one per record (the reference has no separate structure)."""
+        return len(self._records)
+
+    def document_count(self) -> int:
+        return len(self._documents)
+
     def document_ids(self) -> set[str]:
         with self._lock:
             return {r.document_id for r in self._records.values()}
@@ -121,6 +136,10 @@ class InMemoryIndex(WriteConveniences):
     def get_document_hashes(self, document_ids: Sequence[str]) -> dict[str, str]:
         return {d: row.content_hash for d, row in self.get_document_rows(document_ids).items()}
 
+    def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
+        with self._lock:
+            return {d: self._versions[d] for d in document_ids if d in self._versions}
+
     def offsets(self) -> dict[str, dict[int, int]]:
         with self._lock:
             return {topic: dict(positions) for topic, positions in self._offsets.items()}
@@ -133,6 +152,13 @@ class InMemoryIndex(WriteConveniences):
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _document_of(chunk_id: str) -> str | None:
+    try:
+        return split_chunk_id(chunk_id)[0]
+    except ValueError:
+        return None
 
 
 def _stack(records: list[ChunkRecord], dim: int) -> np.ndarray:

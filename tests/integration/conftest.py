@@ -113,3 +113,68 @@ def pipeline_settings(settings: Settings, ray_session: None) -> Iterator[Setting
 
 def _dump(s: Settings) -> dict:
     return s.model_dump(mode="json", exclude_unset=False)
+
+
+# SERVED INDEX: the HTTP app over an index the real pipeline filled (test_serve*.py, one per module).
+class ServedIndex:
+    """A running app: its ``url``, its ``settings``, the documents ingested (``docs``, by id, each
+    with ``metadata.position``: its place in the corpus) and ``serving`` (with its pipeline)."""
+
+    def __init__(self, url, settings, docs, serving) -> None:
+        self.url, self.settings, self.docs, self.serving = url, settings, docs, serving
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served_index(broker: BrokerState, tmp_path_factory: pytest.TempPathFactory, n_docs: int, prefix: str):
+    """Produces ``n_docs`` SQuAD passages to fresh topics, starts `riverbed serve` with ingest for
+    a fresh 2-shard index (index ``<prefix><hex>``) and yields once every record is ingested.
+    Afterwards the app, the pipeline and the index's shard actors are gone."""
+    import ray
+    from ray import serve
+
+    from cluster.serving import start_serving
+    from schemas.envelope import DocumentEnvelope
+    from tests.integration.ingest_helpers import produce, squad_documents
+
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    topics = {"documents": f"t.{name}.docs", "images": f"t.{name}.images", "dead_letter": f"t.{name}.dlq"}
+    settings = load_settings(
+        overrides={
+            "home": str(tmp_path_factory.mktemp(f"{prefix}-home")),
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topics": {**topics, "documents_partitions": 2},
+            },
+            "index": {"name": name, "n_shards": 2},
+            "serve": {"port": free_port(), "max_body_bytes": 64 * 1024},
+        }
+    )
+    ensure_topics(
+        broker.bootstrap_servers, {topics["documents"]: 2, topics["images"]: 1, topics["dead_letter"]: 1}
+    )
+    docs = [
+        DocumentEnvelope(id=d.id, title=d.title, text=d.text, metadata={**d.metadata, "position": i})
+        for i, d in enumerate(squad_documents(n_docs))
+    ]
+    produce(settings, docs)
+    serving = start_serving(settings, ingest=True)
+    try:
+        assert serving.pipeline is not None
+        serving.pipeline.wait_idle(timeout_s=600, interval_s=0.5)
+        yield ServedIndex(serving.url, settings, {d.id: d for d in docs}, serving)
+    finally:
+        try:
+            serving.stop()
+        finally:
+            serve.shutdown()
+            for i in range(settings.index.n_shards):
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(f"{name}/shard/{i}", namespace=settings.ray.namespace))

@@ -3,78 +3,26 @@ passages, the real MiniLM query embedder and the real SmolLM2 generator."""
 
 from __future__ import annotations
 
-import socket
+import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
 import pytest
 
-from cluster.serving import Serving, start_serving
-from schemas.envelope import DocumentEnvelope
-from schemas.settings import Settings, load_settings
-from tests.integration.ingest_helpers import produce, squad_documents
+from tests.integration.conftest import ServedIndex, served_index
 
 N_DOCS = 400
-
-
-@dataclass(frozen=True)
-class App:
-    url: str
-    settings: Settings
-    docs: dict[str, DocumentEnvelope]
-    serving: Serving
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+App = ServedIndex
 
 
 @pytest.fixture(scope="module")
 def app(broker, ray_session, tmp_path_factory) -> Iterator[App]:
-    from ray import serve
-
-    from cluster.kafka_admin import ensure_topics
-
-    name = f"serve{uuid.uuid4().hex[:8]}"
-    topics = {"documents": f"t.{name}.docs", "images": f"t.{name}.images", "dead_letter": f"t.{name}.dlq"}
-    settings = load_settings(
-        overrides={
-            "home": str(tmp_path_factory.mktemp("serve-home")),
-            "kafka": {
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topics": {**topics, "documents_partitions": 2},
-            },
-            "index": {"name": name, "n_shards": 2},
-            "serve": {"port": _free_port(), "max_body_bytes": 64 * 1024},
-        }
-    )
-    ensure_topics(
-        broker.bootstrap_servers, {topics["documents"]: 2, topics["images"]: 1, topics["dead_letter"]: 1}
-    )
-    docs = squad_documents(N_DOCS)
-    docs = [
-        DocumentEnvelope(id=d.id, title=d.title, text=d.text, metadata={**d.metadata, "position": i})
-        for i, d in enumerate(docs)
-    ]
-    produce(settings, docs)
-    serving = start_serving(settings, ingest=True)
-    try:
-        assert serving.pipeline is not None
-        serving.pipeline.wait_idle(timeout_s=600, interval_s=0.5)
-        yield App(serving.url, settings, {d.id: d for d in docs}, serving)
-    finally:
-        serving.stop()
-        serve.shutdown()
-        import ray
-
-        for i in range(settings.index.n_shards):
-            ray.kill(ray.get_actor(f"{name}/shard/{i}", namespace=settings.ray.namespace))
+    with served_index(broker, tmp_path_factory, N_DOCS, prefix="serve") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +211,49 @@ BAD_REQUESTS = [
     ("embeddings empty list", "/v1/embeddings", {"input": []}, 400, "invalid_request", "input"),
     ("embeddings token ids", "/v1/embeddings", {"input": [[1, 2, 3]]}, 400, "invalid_request", None),
     ("documents not json", "/v1/documents", b"nope", 400, "invalid_json", None),
+    ("documents nested too deeply", "/v1/documents", b"[" * 50_000, 400, "invalid_json", None),
 ]
+
+
+# Bodies that pass a lenient parser but no store could hold (defect: the int reached the stream and
+# killed ingest): each is a 400 whose message names the field (or the literal) and the problem.
+def _doc(**fields) -> dict:
+    return {"kind": "document", "id": "n", "text": "x", **fields}
+
+
+def _json(value) -> bytes:
+    # Python's encoder writes NaN/Infinity literals and escapes lone surrogates (\\ud800), as a
+    # careless producer would; the app must refuse both.
+    return json.dumps(value).encode()
+
+
+UNSTORABLE = [
+    ("NaN literal", _json(_doc(metadata={"score": math.nan})), "invalid_json", None, ["NaN"]),
+    ("Infinity literal", _json(_doc(metadata={"score": -math.inf})), "invalid_json", None, ["Infinity"]),
+    ("overflowing float", b'{"kind": "document", "id": "n", "text": "x", "metadata": {"score": 1e999}}',
+     "invalid_json", None, ["1e999"]),
+    ("int over int64", _json(_doc(metadata={"huge_count": 2**63})), "invalid_envelope", "documents[0]",
+     ["huge_count", str(2**63)]),
+    ("int under int64", _json([_doc(id="ok"), _doc(metadata={"low": -(2**63) - 1})]), "invalid_envelope",
+     "documents[1]", ["low"]),
+    ("surrogate in title", _json(_doc(title="bad \ud800 title")), "invalid_envelope", "documents[0]",
+     ["title", "surrogate"]),
+    ("surrogate in text", _json(_doc(text="x \udc00 y")), "invalid_envelope", "documents[0]",
+     ["text", "surrogate"]),
+    ("surrogate in metadata", _json(_doc(metadata={"tag": "\ud83d"})), "invalid_envelope", "documents[0]",
+     ["tag", "surrogate"]),
+    ("surrogate in id", _json(_doc(id="s\ud800")), "invalid_envelope", "documents[0]", ["id", "surrogate"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,body,code,param,words", UNSTORABLE, ids=[u[0] for u in UNSTORABLE])
+def test_documents_no_store_could_hold_are_refused_naming_the_field(http, name, body, code, param, words):
+    r = http.post("/v1/documents", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["param"] == param, error
+    for word in words:
+        assert word in error["message"], error
 
 
 @pytest.mark.parametrize("name,path,body,status,code,param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
@@ -293,7 +283,10 @@ def test_unknown_routes_and_methods_keep_the_error_shape(http):
 
 def test_health_metrics_and_docs(app, http):
     health = http.get("/healthz")
-    assert health.status_code == 200 and health.json()["shards"] == 2 and health.json()["chunks"] > N_DOCS
+    body = health.json()
+    assert health.status_code == 200, body
+    assert body["status"] == "ok" and body["problems"] == [] and body["shards"] == 2
+    assert body["chunks"] > N_DOCS and body["sources"] == app.settings.ingest.sources
     http.post("/v1/search", json={"query": "warsaw", "k": 1})
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
@@ -302,7 +295,11 @@ def test_health_metrics_and_docs(app, http):
     assert any('method="POST",route="/v1/search",status="200"' in line for line in counted), counted
     assert "riverbed_http_request_duration_seconds_bucket" in text
     assert f'riverbed_consumer_lag{{index="{app.settings.index.name}"' in text
-    assert f'riverbed_index_chunks{{index="{app.settings.index.name}",shard="0"}}' in text
+    index = app.settings.index.name
+    assert f'riverbed_index_chunks{{index="{index}",shard="0"}}' in text
+    assert f'riverbed_index_vectors{{index="{index}",shard="1"}}' in text
+    assert f'riverbed_shard_status{{index="{index}",shard="1",status="ok"}} 1.0' in text
+    assert f'riverbed_ingest_stalled{{index="{index}",' in text
     assert http.get("/docs").status_code == 200
     assert "/v1/search" in http.get("/openapi.json").json()["paths"]
 

@@ -1,4 +1,4 @@
-"""KafkaSource in this process against the real broker (no Ray): an in-process embedder and shards."""
+"""The documents source in this process against the real broker (no Ray): in-process embedder and shards."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 import time
 import uuid
 
-from actors.source import KafkaSource
+from actors.source import document_consumer
 from actors.testing import HashEmbedder, InMemoryIndex, LocalDownstream
 from tests.integration.ingest_helpers import produce, squad_documents
 
@@ -16,7 +16,7 @@ def test_a_source_stuck_outside_the_group_joins_again(settings):
     produce(settings, docs)
     embedder = HashEmbedder(dim=32)
     shards = [InMemoryIndex(embedder.model_name, embedder.dim) for _ in range(2)]
-    source = KafkaSource(
+    source = document_consumer(
         settings.kafka,
         settings.ingest.model_copy(update={"rejoin_after_s": 2.0}),
         settings.chunk,
@@ -28,7 +28,7 @@ def test_a_source_stuck_outside_the_group_joins_again(settings):
     )
     source.warm_up()
     # The fault seen with kafka-python 3.0: a member that never gets its partitions and reads nothing.
-    stuck = source._consumer
+    stuck = source._member._consumer
     stuck.poll = lambda *args, **kwargs: {}
     stuck.assignment = lambda: set()
     runner = threading.Thread(target=source.run, daemon=True)
@@ -40,6 +40,6 @@ def test_a_source_stuck_outside_the_group_joins_again(settings):
     finally:
         source.stop()
         runner.join(timeout=60)
-    assert source.counters["rejoins"] == 1
-    assert source._consumer is None  # closed by run()
+    assert source.stats()["rejoins"] == 1
+    assert not source._member.started  # closed by run()
     assert set().union(*(s.document_ids() for s in shards)) == {d.id for d in docs}

@@ -209,7 +209,9 @@ def test_random_strings_keep_the_contract(overlap: int, reference) -> None:
     for i in range(200):
         original = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 400)))
         try:
-            chunked = chunker.chunk(doc(original or "x", id=f"r{i}"))
+            # Built without validation: envelopes refuse lone surrogates, but the chunker must still
+            # clean them out of whatever reaches it.
+            chunked = chunker.chunk(DocumentEnvelope.model_construct(id=f"r{i}", text=original or "x"))
         except ValueError:
             assert not clean_text(original) or count(reference, clean_text(original)) == 0
             continue

@@ -313,3 +313,87 @@ def test_read_only_store_sees_committed_writes_and_refuses_its_own(shard_dir: Pa
         reader.apply(ShardWrite(offsets={"docs": {1: 9}}))
     reader.close()
     index.close()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_failed_mirroring_is_repaired_from_the_store(
+    shard_dir: Path, kind: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    corpus = make_corpus(seed=14)
+    index = open_index(shard_dir, KINDS[kind])
+    index.upsert(corpus[:40])
+    structure_type = type(index._index)
+    real_add = structure_type.add_with_ids
+    calls = []
+
+    def fail_once(self: object, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected: FAISS ran out of memory")
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(structure_type, "add_with_ids", fail_once)
+    with caplog.at_level(logging.ERROR, logger="actors.faiss_index"):
+        result = index.upsert(corpus[40:41])  # committed to the store; FAISS misses it
+    assert result.upserted == 1 and "missed a committed write" in caplog.text
+    assert index.upsert(corpus[40:41]).unchanged == 1  # a retry finds it stored: adds nothing
+    hits = index.search(corpus[40].vector[None], 1)[0]  # rebuilt from the store first
+    assert [h.chunk_id for h in hits] == [corpus[40].chunk_id]
+    assert index.vector_count() == index.count() == 41
+    index.close()
+
+
+def test_while_the_structure_cannot_be_rebuilt_writes_go_on_and_searches_are_unavailable(
+    shard_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = make_corpus(seed=17)
+    index = open_index(shard_dir, KINDS["flat"])
+    index.upsert(corpus[:10])
+
+    def broken(self: object, *args: object, **kwargs: object) -> None:
+        raise MemoryError("injected")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(faiss.IndexIDMap2, "add_with_ids", broken)
+        index.upsert(corpus[10:11])
+        assert index.upsert(corpus[11:12]).upserted == 1  # durable, though FAISS is behind
+        with pytest.raises(IndexUnavailableError, match="behind the store and could not be rebuilt"):
+            index.search(corpus[11].vector[None], 1)
+    hits = index.search(np.stack([corpus[10].vector, corpus[11].vector]), 1)
+    assert [row[0].chunk_id for row in hits] == [corpus[10].chunk_id, corpus[11].chunk_id]
+    assert index.vector_count() == index.count() == 12
+    index.close()
+
+
+def test_count_is_the_store_and_vector_count_the_structure(shard_dir: Path) -> None:
+    corpus = make_corpus(seed=15)
+    index = open_index(shard_dir, KINDS["flat"])
+    index.upsert(corpus[:30])
+    assert index.count() == index.vector_count() == 30
+    index._index.remove_ids(faiss.IDSelectorBatch(np.array([1, 2], np.int64)))  # drift, behind its back
+    assert (index.count(), index.vector_count()) == (30, 28)
+    index.close()
+
+
+def test_chunks_carry_the_record_that_wrote_them(shard_dir: Path) -> None:
+    corpus = [r for r in make_corpus(seed=16) if r.document_id == "doc-0"]
+    doc = corpus[0].document_id
+    index = open_index(shard_dir, KINDS["flat"])
+
+    def stored() -> list[tuple[object, ...]]:
+        sql = "SELECT id, source_topic, source_partition, source_offset FROM chunks ORDER BY chunk_id"
+        return index._open()._conn.execute(sql).fetchall()
+
+    index.upsert(corpus)
+    assert {row[1:] for row in stored()} == {(None, None, None)}  # unversioned
+    first_ids = [row[0] for row in stored()]
+    seq = index._open().seq
+    result = index.apply(ShardWrite(upserts=corpus, versions={doc: ("docs", 2, 40)}))
+    assert (result.upserted, result.unchanged) == (0, len(corpus))
+    assert stored() == [(i, "docs", 2, 40) for i in first_ids]  # same rows: no new FAISS ids
+    assert index._open().seq == seq and index.vector_count() == len(corpus)
+    changed = ChunkRecord(**{**corpus[0].__dict__, "text": "changed"})
+    index.apply(ShardWrite(upserts=[changed], versions={doc: ("docs", 2, 41)}))
+    assert ("docs", 2, 41) in {row[1:] for row in stored()}
+    assert index.get_document_versions([doc]) == {doc: ("docs", 2, 41)}
+    index.close()

@@ -106,3 +106,47 @@ def test_embeddings_request_refuses_token_ids_with_a_reason():
     with pytest.raises(ValueError, match="token-id input is not supported"):
         EmbeddingsRequest.model_validate({"input": [[1, 2, 3]]})
     assert EmbeddingsRequest.model_validate({"input": "x", "extra_field": 1}).input == "x"
+
+
+def _task_error(cause: BaseException) -> BaseException:
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("f", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+
+
+def test_ray_actor_and_system_failures_are_503_not_bugs():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, WorkerCrashedError
+
+    for exc in (ActorDiedError(), ActorUnavailableError("restarting", None), WorkerCrashedError()):
+        known = as_api_error(exc)
+        assert known is not None and (known.status, known.code) == (503, "unavailable"), exc
+        assert "retry shortly" in known.message and "\n" not in known.message
+
+
+def test_nested_task_errors_are_unwrapped_to_the_first_cause():
+    # A shard's error re-raised by the retriever replica arrives wrapped twice at the ingress.
+    nested = _task_error(_task_error(IndexUnavailableError("index 'wiki': shard 1 is unavailable")))
+    known = as_api_error(nested)
+    assert known is not None and known.status == 503 and "shard 1" in known.message
+    assert as_api_error(_task_error(_task_error(KeyError("bug")))) is None
+
+
+def test_an_endpoint_raising_a_shard_error_wrapped_by_ray_answers_503():
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/search")
+    async def search() -> dict:
+        raise _task_error(IndexUnavailableError("index 'wiki': shard 0 is unavailable: its actor died"))
+
+    r = TestClient(app, raise_server_exceptions=False).get("/search")
+    assert (
+        r.status_code == 503 and error(r)["code"] == "index_unavailable" and "shard 0" in error(r)["message"]
+    )
+
+
+def test_an_error_quoting_a_lone_surrogate_can_still_be_sent():
+    from deployments.http_errors import error_response
+
+    response = error_response(400, "invalid_envelope", "title: 'bad \ud800'", "documents[0]")
+    assert b"bad \\\\ud800" in response.body

@@ -135,8 +135,12 @@ def test_a_store_from_before_the_keyword_index_is_indexed_on_open(tmp_path: Path
 
 def test_metadata_fields_lists_the_keys_in_use(index):
     assert index.metadata_fields() == {"lang"}
-    index.upsert([record("extra", "x", year=2001)])
+    index.upsert([record("extra", "x", year=2001), record("extra", "y", 1, year=2002)])
     assert index.metadata_fields() == {"lang", "year"}
+    index.delete(["extra#0"])
+    assert index.metadata_fields() == {"lang", "year"}  # "extra#1" still has a year
+    index.upsert([record("extra", "y", 1)])  # replaced without one
+    assert index.metadata_fields() == {"lang"}
 
 
 def test_document_rows_keep_the_record_they_came_from(index):

@@ -1,4 +1,4 @@
-"""The VectorIndex contract, run on every backend (STYLE.md principle 3).
+"""The VectorIndex contract, run on every backend: one suite, so no backend drifts from the others.
 
 A backend joins by adding a :class:`Backend` to ``BACKENDS``. Exact backends must agree with the
 InMemoryIndex reference hit for hit; approximate ones (IVF, HNSW) must return only hits that
@@ -19,7 +19,7 @@ import pytest
 
 from actors.faiss_index import FaissIndex
 from actors.testing import InMemoryIndex
-from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, VectorIndex
+from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, VectorIndex, WriteResult
 from schemas.errors import ConfigError
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id
@@ -170,6 +170,7 @@ class TestVectorIndexContract:
         assert index.count() == len(corpus)
         assert index.get([corpus[5].chunk_id, "nope#0", corpus[0].chunk_id]) == [corpus[5], None, corpus[0]]
         assert index.document_ids() == {r.document_id for r in corpus}
+        assert index.vector_count() == len(corpus) and index.document_count() == 0  # no rows written
         n0 = sum(r.document_id == "doc-0" for r in corpus)
         assert index.document_chunk_counts(["doc-0", "nope"]) == {"doc-0": n0, "nope": 0}
 
@@ -249,6 +250,7 @@ class TestVectorIndexContract:
         index = make()
         index.apply(ShardWrite(documents={"a": DocumentRow("h1", 3), "b": DocumentRow("h2", 1)}))
         index.apply(ShardWrite(documents={"a": DocumentRow("h1b", 2)}))
+        assert index.document_count() == 2
         assert index.get_document_rows(["a", "b", "c"]) == {
             "a": DocumentRow("h1b", 2),
             "b": DocumentRow("h2", 1),
@@ -425,3 +427,109 @@ class TestVectorIndexContract:
         with pytest.raises(ConfigError, match=r"\(dim 32\).*\(dim 16\)"):
             make(dim=16)
         assert make().count() == 3  # a refused open leaves the shard intact and unlocked
+
+
+def v(offset: int, partition: int = 0, topic: str = "docs") -> tuple[str, int, int]:
+    """A version: the record at ``offset`` of ``topic[partition]``."""
+    return (topic, partition, offset)
+
+
+def versioned(records: list[ChunkRecord], offset: int, content_hash: str = "h", **kw: object) -> ShardWrite:
+    """The write of one document's new content, as the stream writes it: its chunks, the
+    truncation of any longer tail, its row, all from the record at ``offset``."""
+    doc = records[0].document_id
+    return ShardWrite(
+        upserts=records,
+        truncate={doc: len(records)},
+        documents={doc: DocumentRow(content_hash, len(records), v(offset))},
+        versions={doc: v(offset)},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+class TestVersionedWrites:
+    """A change older than the version a shard holds for its document never overwrites it."""
+
+    def test_an_older_upsert_truncate_or_delete_is_ignored(self, make: Callable[..., VectorIndex]) -> None:
+        rng = np.random.default_rng(20)
+        index = make()
+        newer, older = make_document(rng, "d", 3, text="new"), make_document(rng, "d", 5, text="old")
+        other = make_document(rng, "e", 2)
+        index.apply(versioned(newer, 8, "h-new"))
+        result = index.apply(
+            ShardWrite(
+                upserts=older + other,
+                truncate={"d": 5},
+                documents={"d": DocumentRow("h-old", 5, v(5)), "e": DocumentRow("h-e", 2, v(6))},
+                versions={"d": v(5), "e": v(6)},
+            )
+        )
+        assert (result.stale, result.upserted, result.deleted) == (1, 2, 0)  # "e" is not held back
+        assert index.get([r.chunk_id for r in older]) == [*newer, None, None]
+        assert index.get_document_rows(["d"]) == {"d": DocumentRow("h-new", 3, v(8))}
+        for change in (
+            ShardWrite(truncate={"d": 1}, versions={"d": v(6)}),
+            ShardWrite(delete_documents=["d"], versions={"d": v(7)}),
+            ShardWrite(delete_chunks=[newer[0].chunk_id], versions={"d": v(7)}),
+        ):
+            assert index.apply(change) == WriteResult(0, 0, 0, stale=1)
+        assert index.get([r.chunk_id for r in newer]) == newer
+        assert index.get_document_versions(["d", "e", "never"]) == {"d": v(8), "e": v(6)}
+        assert index.count() == index.vector_count() == 5
+
+    def test_a_delete_then_an_older_upsert_stays_deleted(self, make: Callable[..., VectorIndex]) -> None:
+        rng = np.random.default_rng(21)
+        index = make()
+        first, late = make_document(rng, "d", 2), make_document(rng, "d", 3, text="late")
+        index.apply(versioned(first, 3))
+        deleted = index.apply(ShardWrite(delete_documents=["d"], versions={"d": v(9)}))
+        assert (deleted.deleted, index.count(), index.get_document_rows(["d"])) == (2, 0, {})
+        assert index.get_document_versions(["d"]) == {"d": v(9)}  # remembered after the delete
+        assert index.apply(versioned(late, 5)).stale == 1
+        assert (index.count(), index.get_document_rows(["d"]), index.document_count()) == (0, {}, 0)
+        assert index.search(late[0].vector[None], 3) == [[]]
+        assert index.apply(versioned(late, 10)).upserted == 3  # a newer change applies
+        assert index.get([r.chunk_id for r in late]) == late
+
+    def test_the_same_version_again_is_idempotent(self, make: Callable[..., VectorIndex]) -> None:
+        index = make()
+        write = versioned(make_document(np.random.default_rng(22), "d", 4), 4, offsets={"docs": {0: 5}})
+        index.apply(write)
+        before = (index.get(["d#0", "d#3"]), index.get_document_rows(["d"]), index.offsets())
+        again = index.apply(write)
+        assert again == WriteResult(upserted=0, unchanged=4, deleted=0, stale=0)
+        assert (index.get(["d#0", "d#3"]), index.get_document_rows(["d"]), index.offsets()) == before
+        assert index.get_document_versions(["d"]) == {"d": v(4)} and index.count() == 4
+
+    def test_unversioned_changes_always_apply_and_keep_the_version(
+        self, make: Callable[..., VectorIndex]
+    ) -> None:
+        rng = np.random.default_rng(23)
+        index = make()
+        index.apply(versioned(make_document(rng, "d", 2), 9))
+        replacement = make_document(rng, "d", 2, text="unversioned")
+        assert index.apply(ShardWrite(upserts=replacement)).upserted == 2
+        assert index.get(["d#0", "d#1"]) == replacement
+        assert index.apply(ShardWrite(delete_documents=["d"])).deleted == 2
+        assert index.get_document_versions(["d"]) == {"d": v(9)}
+
+    @pytest.mark.parametrize("other", [v(2, partition=1), v(2, topic="other")], ids=["partition", "topic"])
+    def test_a_version_from_another_partition_is_not_comparable(
+        self, make: Callable[..., VectorIndex], other: tuple[str, int, int]
+    ) -> None:
+        rng = np.random.default_rng(24)
+        index = make()
+        index.apply(versioned(make_document(rng, "d", 2), 9))
+        moved = make_document(rng, "d", 1, text="moved")
+        result = index.apply(ShardWrite(upserts=moved, truncate={"d": 1}, versions={"d": other}))
+        assert (result.stale, result.upserted, result.deleted) == (0, 1, 1)
+        assert index.get(["d#0", "d#1"]) == [moved[0], None]
+        assert index.get_document_versions(["d"]) == {"d": other}
+
+    def test_versions_are_checked_and_normalised(self) -> None:
+        for bad in [("docs", -1, 0), ("docs", 0), (0, 0, 0), ("docs", 0, 1.5), "docs:0:1"]:
+            with pytest.raises(ValueError, match=r"versions\['d'\]"):
+                ShardWrite(versions={"d": bad})  # type: ignore[dict-item]
+        write = ShardWrite(versions={"d": ["docs", np.int64(1), np.int32(7)]})  # type: ignore[dict-item]
+        assert write.versions == {"d": ("docs", 1, 7)}
+        assert all(type(x) in (str, int) for x in write.versions["d"])

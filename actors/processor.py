@@ -1,0 +1,151 @@
+"""What the stream consumer needs from the stages after it, and from one processor per record kind.
+
+The :class:`~actors.stream_consumer.StreamConsumer` knows Kafka (poll, batch, rebalance, commit,
+dead letters, retries) and nothing of what a record means. A :class:`Processor` knows one kind of
+envelope (``document``; ``image`` next) and nothing of Kafka: it turns the last change of each id
+in a batch into a :class:`Unit` (texts to embed, and what to write once their vectors exist), and
+units into shard writes. The :class:`Downstream` is the embedders and the shards (Ray actors in
+the pipeline, in-process objects in tests).
+
+Failures: a processor raises ``ValueError`` (or :class:`~schemas.errors.ProcessingError`) for data
+that can never be processed; the consumer then isolates the record that causes it and
+dead-letters it alone. :class:`~schemas.errors.RetryableError` means "try again later".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from actors.vector_index import DocumentRow, ShardWrite, WriteResult
+from schemas.envelope import DocumentEnvelope, ImageEnvelope
+from schemas.topology import Version
+
+
+@dataclass(frozen=True)
+class Record:
+    """One Kafka record as polled: where it sits and its raw bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def version(self) -> Version:
+        return (self.topic, self.partition, self.offset)
+
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """The last change of one id in a batch: its record and its validated envelope."""
+
+    record: Record
+    envelope: DocumentEnvelope | ImageEnvelope
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+
+@dataclass
+class Unit:
+    """A processor's work for one item: ``texts`` to embed (none for deletes and unchanged
+    content), and ``payload``, private to the processor, from which it makes the writes. The
+    consumer sets ``vectors`` (one row per text) before asking for the writes."""
+
+    item: Item
+    texts: list[str]
+    payload: Any
+    vectors: np.ndarray | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    """What writing this unit adds to the consumer's counters (``{"documents": 1, "chunks": 3}``)."""
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    """What the shards hold of one id: its registry row (None: not indexed), and whether a write
+    of it is in progress (some shard holds a newer version than the row: a crash between writing
+    chunks and the row, or a batch still in flight). Content in progress is never "unchanged"."""
+
+    row: DocumentRow | None
+    in_progress: bool = False
+
+
+@dataclass(frozen=True)
+class Writes:
+    """The two phases of a set of units, per shard. Phase 1 (chunks, truncations, deletes, each
+    document's version on every shard) is durable before phase 2 (the registry rows) is sent, so
+    a registry row never claims content the shards do not hold."""
+
+    phase1: dict[int, ShardWrite]
+    phase2: dict[int, ShardWrite]
+
+
+class Processor(Protocol):
+    """Turns one kind of envelope into shard writes. Not thread-safe: one per consumer."""
+
+    kind: str
+
+    def warm_up(self) -> None:
+        """Loads what it needs (a tokenizer...). Idempotent."""
+        ...
+
+    def prepare(
+        self, items: Sequence[Item], stored: Mapping[str, StoredDocument]
+    ) -> tuple[list[Unit], list[tuple[Item, str]]]:
+        """One unit per item it can process, in order, and ``(item, error)`` for each it cannot
+        (dead-lettered as ``processing_error`` with ``error``)."""
+        ...
+
+    def writes(self, units: Sequence[Unit], n_shards: int) -> Writes:
+        """The writes of ``units`` (vectors set). Raises ``ValueError`` when one of them cannot be
+        written; the consumer then narrows it down to the unit that causes it."""
+        ...
+
+
+class Downstream(Protocol):
+    """The stages after the consumer: embedders and shards."""
+
+    n_shards: int
+
+    def embed(self, texts: list[str]) -> Future[np.ndarray]:
+        """Vectors for ``texts`` (same order). The future raises RetryableError when the failure
+        is transient (an actor died or timed out), any other error when it will recur."""
+        ...
+
+    def stored(self, document_ids: Sequence[str]) -> dict[str, StoredDocument]:
+        """What the shards hold of each id (every id asked is in the answer)."""
+        ...
+
+    def write(self, writes: Mapping[int, ShardWrite]) -> dict[int, WriteResult]:
+        """Applies ``writes[shard]`` on each shard; returns when all are durable."""
+        ...
+
+
+def merge_stored(
+    document_ids: Sequence[str],
+    rows: Mapping[str, DocumentRow],
+    versions: Sequence[Mapping[str, Version]],
+) -> dict[str, StoredDocument]:
+    """Combines the registry rows with every shard's stored versions: an id is in progress when
+    some shard records a version other than the one its registry row was written from."""
+    out: dict[str, StoredDocument] = {}
+    for doc_id in document_ids:
+        row = rows.get(doc_id)
+        seen = [v[doc_id] for v in versions if doc_id in v]
+        in_progress = row is not None and any(tuple(v) != _source(row) for v in seen)
+        out[doc_id] = StoredDocument(row, in_progress)
+    return out
+
+
+def _source(row: DocumentRow) -> Version | None:
+    return tuple(row.source) if row.source is not None else None  # type: ignore[return-value]
