@@ -66,7 +66,11 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether the broker could listen on ``port`` now. SO_REUSEADDR as the JVM's server sockets
+    set it: a port left in TIME_WAIT by the broker that just stopped is free to it (without the
+    option a restarted broker moved to another port, and clients lost it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -13,8 +13,8 @@ Actors, named ``<index>/<role>/<i>`` in the settings' Ray namespace (:mod:`schem
 
 Resources: Ray's logical CPUs are a scheduling budget. Sources take a fraction (``LIGHT_CPUS``) so
 that on a small machine they never wait behind the embedder for a whole logical CPU; shards take
-none: they are detached and stay up between commands, and 0.05 per shard of every index ever
-ingested added up until a `serve` of another index no longer fit. An embedder that cannot be
+almost none (``SHARD_CPUS``): they are detached and stay up between commands, and 0.05 per shard of
+every index ever ingested added up until a `serve` of another index no longer fit. An embedder that cannot be
 placed on a local head is refused with the names of whoever holds the CPUs, never waited for
 forever.
 """
@@ -46,11 +46,15 @@ from schemas import topology
 from schemas.errors import ConfigError, RetryableError
 from schemas.ids import shard_of
 from schemas.settings import EmbedConfig, IndexConfig, Settings
-from schemas.topology import Offsets, Role
+from schemas.topology import Offsets, actor_name
 
 log = logging.getLogger(__name__)
 
 LIGHT_CPUS = 0.05
+SHARD_CPUS = 0.001
+"""Not 0: Ray 2.60 places an actor that requests no resources on the node that creates it, whatever
+its node affinity says (measured with ``ray.cluster_utils.Cluster``). A thousandth, so that the idle
+shards of many indexes never add up to a CPU."""
 _RESTART = {"max_restarts": -1, "max_task_retries": -1}
 SHARD_CALL_TIMEOUT_S = 120.0
 """A shard call not answered by then is retried (every write is idempotent), so a lost reply
@@ -60,11 +64,6 @@ never stalls the source."""
 def embed_cpus(settings: Settings) -> float:
     """The embedder's CPUs (= its torch threads): ``embed.num_cpus``, or every core of the node."""
     return settings.embed.num_cpus if settings.embed.num_cpus is not None else float(os.cpu_count() or 1)
-
-
-def actor_name(settings: Settings, role: Role, i: int) -> str:
-    """``<index>/<role>/<i>`` for this settings' index (see :mod:`schemas.topology`)."""
-    return topology.actor_name(settings.index.name, role, i)
 
 
 class EmbedderActor(Embedder):
@@ -263,10 +262,10 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     handles: list[Any] = [
         cls.options(
-            name=actor_name(settings, "shard", i),
+            name=actor_name(settings.index.name, "shard", i),
             lifetime="detached",
             get_if_exists=True,
-            num_cpus=0,
+            num_cpus=SHARD_CPUS,
             max_concurrency=8,
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
             **_RESTART,
@@ -292,7 +291,9 @@ def release_shards(settings: Settings) -> None:
     call it on an index another command is serving."""
     for i in range(settings.index.n_shards):
         try:
-            ray.kill(ray.get_actor(actor_name(settings, "shard", i), namespace=settings.ray.namespace))
+            ray.kill(
+                ray.get_actor(actor_name(settings.index.name, "shard", i), namespace=settings.ray.namespace)
+            )
         except ValueError:  # not running
             continue
 
@@ -343,19 +344,19 @@ class Pipeline:
         ensure_topics(self.servers, topic_specs(s.kafka.topics), max_message_bytes=s.kafka.max_record_bytes)
         for i in range(s.ingest.sources):
             try:
-                ray.get_actor(actor_name(s, "source", i), namespace=s.ray.namespace)
+                ray.get_actor(actor_name(s.index.name, "source", i), namespace=s.ray.namespace)
             except ValueError:
                 continue
             raise ConfigError(
                 f"an ingest is already running for index {s.index.name!r} (actor "
-                f"{actor_name(s, 'source', i)} exists); stop it first"
+                f"{actor_name(s.index.name, 'source', i)} exists); stop it first"
             )
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
         embedder_cls = ray.remote(EmbedderActor)
         self.embedders = [
             embedder_cls.options(
-                name=actor_name(s, "embedder", i),
+                name=actor_name(s.index.name, "embedder", i),
                 get_if_exists=True,
                 num_cpus=cpus,
                 num_gpus=s.embed.num_gpus,
@@ -370,8 +371,8 @@ class Pipeline:
         source_cls = ray.remote(SourceActor)
         self.sources = [
             source_cls.options(
-                name=actor_name(s, "source", i), num_cpus=LIGHT_CPUS, max_concurrency=4, **_RESTART
-            ).remote(s, self.servers, downstream, actor_name(s, "source", i))
+                name=actor_name(s.index.name, "source", i), num_cpus=LIGHT_CPUS, max_concurrency=4, **_RESTART
+            ).remote(s, self.servers, downstream, actor_name(s.index.name, "source", i))
             for i in range(s.ingest.sources)
         ]
         self._runs = [src.run.remote() for src in self.sources]
@@ -447,7 +448,7 @@ def _await_embedder(
     from cluster.ray_actors import actor_rows, cpu_holders_now
 
     ref = embedder.describe.remote()
-    name = actor_name(settings, "embedder", 0)
+    name = actor_name(settings.index.name, "embedder", 0)
     while True:
         try:
             return dict(ray.get(ref, timeout=patience_s))

@@ -22,15 +22,17 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from cluster.kafka_admin import committed_offsets
-    from cluster.pipeline import Pipeline, actor_name
+    from cluster.pipeline import Pipeline
     from schemas.settings import load_settings
+    from schemas.topology import actor_name
     from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
 
     settings = load_settings(overrides=json.loads(sys.argv[1]))
     n_docs = int(sys.argv[2])
-    # The head can hold the light actors but not the embedder (1 CPU): it goes to the worker.
+    # The head can hold the light actors but not the embedder (2 CPUs): it goes to the worker,
+    # which keeps room for a shard (a shard waits for room on its node rather than go elsewhere).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 << 20})
-    worker = cluster.add_node(num_cpus=2, object_store_memory=100 << 20)
+    worker = cluster.add_node(num_cpus=3, object_store_memory=100 << 20)
     ray.init(address=cluster.address, namespace=settings.ray.namespace, logging_level="WARNING")
     out: dict = {}
     try:
@@ -39,9 +41,12 @@ def main() -> None:
         pipeline = Pipeline(settings)
         pipeline.start()
         shards = [
-            ray.get_actor(actor_name(settings, "shard", i), namespace=settings.ray.namespace) for i in (0, 1)
+            ray.get_actor(actor_name(settings.index.name, "shard", i), namespace=settings.ray.namespace)
+            for i in (0, 1)
         ]
-        embedder = ray.get_actor(actor_name(settings, "embedder", 0), namespace=settings.ray.namespace)
+        embedder = ray.get_actor(
+            actor_name(settings.index.name, "embedder", 0), namespace=settings.ray.namespace
+        )
         worker_id = worker.node_id
         out["shard_nodes"] = [ray.get(s.node.remote()) == worker_id for s in shards]
         out["embedder_on_worker"] = ray.get(embedder.node.remote()) == worker_id
@@ -55,7 +60,7 @@ def main() -> None:
             time.sleep(0.1)
         out["removed_at"] = done / n_docs
         cluster.remove_node(worker, allow_graceful=False)
-        cluster.add_node(num_cpus=2, object_store_memory=100 << 20)
+        cluster.add_node(num_cpus=3, object_store_memory=100 << 20)
         pipeline.wait_idle(timeout_s=600, interval_s=0.5)
         stats = ray.get([s.stats.remote() for s in shards])
         pipeline.stop()

@@ -6,16 +6,18 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 
 import numpy as np
 import ray
 from kafka import KafkaConsumer
 
 from cluster.kafka_admin import committed_offsets
-from cluster.pipeline import EmbedderActor, Pipeline, actor_name, shard_handles
+from cluster.pipeline import EmbedderActor, Pipeline, shard_handles
 from cluster.stats import index_stats
 from schemas.envelope import DocumentEnvelope
 from schemas.ids import chunk_id
+from schemas.topology import actor_name
 from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
 
 
@@ -120,6 +122,25 @@ def test_poison_records_go_to_dead_letters_and_the_rest_is_ingested(pipeline_set
             ).encode(),
             "too_large",
         ),
+        # Poison that passed validation before: each killed the source (and `serve` with it) or
+        # stalled its partition for good.
+        (
+            b"p6",
+            b'{"kind": "document", "id": "p6", "text": "x", "metadata": {"n": 9223372036854775808}}',
+            "invalid_envelope",
+        ),
+        (b"p7", b'{"kind": "document", "id": "p7", "text": "x", "metadata": {"score": NaN}}', "invalid_json"),
+        (
+            b"p8",
+            b'{"kind": "document", "id": "p8", "text": "x", "metadata": {"w": -Infinity}}',
+            "invalid_json",
+        ),
+        (b"p9", b'{"kind": "document", "id": "p9", "title": "\\ud800", "text": "x"}', "invalid_envelope"),
+        (
+            b"p10",
+            b'{"kind": "document", "id": "p10", "text": "x", "metadata": {"\\udfff": 1}}',
+            "invalid_envelope",
+        ),
     ]
     for key, value, _ in poison:
         raw.send(topic, key=key, value=value)
@@ -148,8 +169,8 @@ def test_poison_records_go_to_dead_letters_and_the_rest_is_ingested(pipeline_set
         assert headers["source_topic"] == topic and headers["error"]
         assert int(headers["source_offset"]) >= 0 and headers["source_partition"] in ("0", "1")
     stats = index_stats(s)
-    assert stats["dead_letters"]["total"] == 5
-    assert stats["dead_letters"]["by_reason"] == {r: 1 for _, _, r in poison}
+    assert stats["dead_letters"]["total"] == len(poison)
+    assert stats["dead_letters"]["by_reason"] == dict(Counter(r for _, _, r in poison))
     assert stats["lag"] == 0
 
 
@@ -188,8 +209,8 @@ def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing
     pipeline.start()
     killed_at = None
     try:
-        embedder = ray.get_actor(actor_name(s, "embedder", 0), namespace=s.ray.namespace)
-        shard = ray.get_actor(actor_name(s, "shard", 1), namespace=s.ray.namespace)
+        embedder = ray.get_actor(actor_name(s.index.name, "embedder", 0), namespace=s.ray.namespace)
+        shard = ray.get_actor(actor_name(s.index.name, "shard", 1), namespace=s.ray.namespace)
         shard_pid = _worker_pid(shard)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -213,7 +234,9 @@ def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing
     stored = read_stores(s)
     assert stored.per_document == expected
     assert len(stored.chunks) == sum(expected.values())
-    shards = [ray.get_actor(actor_name(s, "shard", i), namespace=s.ray.namespace) for i in range(2)]
+    shards = [
+        ray.get_actor(actor_name(s.index.name, "shard", i), namespace=s.ray.namespace) for i in range(2)
+    ]
     stats = ray.get([sh.stats.remote() for sh in shards])
     assert [st["vectors"] for st in stats] == [st["chunks"] for st in stats]
 
@@ -231,7 +254,7 @@ def test_vectors_are_normalised_and_match_the_model(pipeline_settings):
     ids = list(read_stores(s).chunks)
     records = []
     for i in range(s.index.n_shards):
-        shard = ray.get_actor(actor_name(s, "shard", i), namespace=s.ray.namespace)
+        shard = ray.get_actor(actor_name(s.index.name, "shard", i), namespace=s.ray.namespace)
         records += [r for r in ray.get(shard.get.remote(ids)) if r is not None]
     assert len(records) == len(ids)
     assert records

@@ -17,9 +17,10 @@ import ray
 
 from cluster.kafka_admin import committed_offsets, ensure_topics, topic_specs
 from cluster.local_kafka import LocalKafka
-from cluster.pipeline import Pipeline, actor_name
+from cluster.pipeline import Pipeline
 from cluster.stats import index_stats
 from schemas.settings import EmbeddedKafkaConfig, load_settings
+from schemas.topology import actor_name
 from tests.integration.conftest import REPO
 from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
 
@@ -46,7 +47,8 @@ def assert_exact(settings, docs) -> None:
     stored = read_stores(settings)  # raises if a chunk id is stored twice
     assert stored.per_document == expected
     shards = [
-        ray.get_actor(actor_name(settings, "shard", i), namespace=settings.ray.namespace) for i in (0, 1)
+        ray.get_actor(actor_name(settings.index.name, "shard", i), namespace=settings.ray.namespace)
+        for i in (0, 1)
     ]
     stats = ray.get([s.stats.remote() for s in shards])
     assert [s["vectors"] for s in stats] == [s["chunks"] for s in stats]
@@ -90,7 +92,7 @@ def test_killing_the_source_actor_mid_stream_loses_and_duplicates_nothing(pipeli
     pipeline = Pipeline(s)
     pipeline.start()
     try:
-        source = ray.get_actor(actor_name(s, "source", 0), namespace=s.ray.namespace)
+        source = ray.get_actor(actor_name(s.index.name, "source", 0), namespace=s.ray.namespace)
         killed_at = wait_for_fraction(pipeline, s, len(docs), 0.2)
         assert killed_at <= 0.8
         os.kill(ray.get(source.ping.remote()), signal.SIGKILL)
@@ -102,7 +104,7 @@ def test_killing_the_source_actor_mid_stream_loses_and_duplicates_nothing(pipeli
 
 def test_losing_the_node_of_a_shard_and_the_embedder_mid_ingest(pipeline_settings):
     overrides = pipeline_settings.model_dump(mode="json")
-    overrides["embed"]["num_cpus"] = 1
+    overrides["embed"]["num_cpus"] = 2  # more than the head has: the embedder goes to the worker
     result = subprocess.run(
         [sys.executable, "-m", "tests.integration.node_loss", json.dumps(overrides), "400"],
         cwd=REPO,
@@ -130,7 +132,9 @@ def test_a_full_shard_disk_stalls_visibly_loses_nothing_and_resumes(pipeline_set
     pipeline = Pipeline(s)
     pipeline.start()
     try:
-        shards = [ray.get_actor(actor_name(s, "shard", i), namespace=s.ray.namespace) for i in (0, 1)]
+        shards = [
+            ray.get_actor(actor_name(s.index.name, "shard", i), namespace=s.ray.namespace) for i in (0, 1)
+        ]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             progress = pipeline.progress()

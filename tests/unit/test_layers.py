@@ -61,13 +61,9 @@ SHARED_NAMES = {
     ),
     "schemas/errors.py": ("DeadLetterReason", "DEAD_LETTER_REASONS"),
 }
-KNOWN_DUPLICATES: set[tuple[str, str]] = {
-    # Copies that predate the shared modules, being replaced by imports as issue 9 lands. Remove an
-    # entry once its copy is gone; never add one.
-    ("actors/index_shard.py", "shard_directory"),
-    ("actors/vector_index.py", "MetadataValue"),
-    ("cluster/pipeline.py", "actor_name"),
-}
+KNOWN_DUPLICATES: set[tuple[str, str]] = set()
+"""Copies of shared names allowed to stay (none: every copy that predated the shared modules is
+gone). Never add one."""
 
 
 def layer_modules() -> Iterator[Path]:
