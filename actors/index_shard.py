@@ -34,6 +34,7 @@ from actors.shard_identity import (
     applied_offsets,
     committed_problem,
     identity_problem,
+    offsets_complete,
     read_identity,
     write_identity,
 )
@@ -82,6 +83,7 @@ class IndexShard:
         self._max_bytes = config.max_shard_bytes
         self._write_problem: str | None = None  # the last write's failure; None once one succeeds
         self._unavailable: str | None = None
+        self._adopt: Offsets | None = None  # committed offsets an upgraded store takes as applied
         if committed is not None:
             self._unavailable = self._committed_problem(committed)
             if self._unavailable:
@@ -105,6 +107,9 @@ class IndexShard:
             if identity is None or identity.store_id != index.store_id:  # a store created just now
                 new = StoreIdentity.new(self.index_name, self.shard, self.model, self.dim, index.store_id)
                 write_identity(self.path, new)
+            if self._adopt is not None:
+                index.apply(ShardWrite(offsets=self._adopt))
+                self._adopt = None
             self._index = index
 
     @property
@@ -251,11 +256,32 @@ class IndexShard:
 
     def _committed_problem(self, committed: Offsets) -> str | None:
         """Why this shard must not open its store given the group's ``committed`` offsets."""
+        store = self.path / DB_NAME
         try:
-            applied = applied_offsets(self.path / DB_NAME)
+            applied = applied_offsets(store)
+            if applied is not None and not offsets_complete(store):
+                # What an older riverbed committed was durable on every shard; it just did not
+                # always say so. The store adopts the committed offsets once it is open.
+                log.warning(
+                    "shard %d (%s): a store from before schema 2 adopts the committed offsets %s",
+                    self.shard,
+                    self.path,
+                    committed,
+                )
+                self._adopt = committed
+                return None
         except sqlite3.DatabaseError as exc:
             return f"shard {self.shard} ({self.path}): cannot read the store's offsets: {exc}"
         return committed_problem(self.index_name, self.shard, self.path, applied, committed)
+
+    def check_committed(self, committed: Offsets) -> None:
+        """Runs the committed-offsets check late (it could not run at construction); an
+        unavailable verdict then closes the shard."""
+        problem = self._committed_problem(committed)
+        if problem is not None:
+            log.error("%s", problem)
+            self.close()
+            self._unavailable = problem
 
     def _snapshot_quietly(self) -> None:
         """A snapshot after a write: its failure does not fail the write, which is durable."""

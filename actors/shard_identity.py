@@ -105,6 +105,21 @@ def applied_offsets(store_file: Path) -> Offsets | None:
         conn.close()
 
 
+def offsets_complete(store_file: Path) -> bool:
+    """Whether the store's applied offsets can be trusted to cover everything committed: true for
+    stores written by schema 2 on, which record every committed batch's offsets on every shard.
+    Older riverbeds committed batches of only dead letters or unchanged documents without telling
+    the shards, so their stores may lag the group's offsets with nothing lost."""
+    conn = sqlite3.connect(f"{store_file.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
+    return row is not None and int(row[0]) >= 2
+
+
 def offsets_behind(applied: Offsets, committed: Offsets) -> Offsets:
     """The committed offsets of the partitions where ``committed`` is ahead of ``applied``
     (a partition missing from ``applied`` is at 0)."""

@@ -177,9 +177,9 @@ class StreamConsumer:
             while not self._stop.is_set():
                 self.step()
             self._drain()
+            return self.stats()
         finally:
             self.close()
-        return self.stats()
 
     def step(self) -> None:
         """One turn: poll a batch if there is room (else keep the membership alive), then write
@@ -273,7 +273,7 @@ class StreamConsumer:
         """What the shards hold of these ids; an id also in a batch still in flight counts as in
         progress (that batch will write it first), so its content is never skipped as unchanged."""
         ids = [item.id for item in items]
-        stored = self._retry(lambda: self.downstream.stored(ids), "reading stored documents")
+        stored = self._retry(lambda: self.downstream.stored(ids), "reading stored documents", isolating=False)
         pending = set().union(*(b.ids for b in self._inflight)) if self._inflight else set()
         for doc_id in pending.intersection(ids):
             stored[doc_id] = StoredDocument(stored[doc_id].row, in_progress=True)
@@ -281,9 +281,8 @@ class StreamConsumer:
 
     def _dead_letter(self, rec: Record, exc: PoisonMessageError) -> None:
         log.warning("%s: dead-lettering %s (%s): %s", self.name, rec.where(), exc.reason, exc)
-        self._dead_letters.send(
-            DeadLetter(exc.reason, str(exc), rec.topic, rec.partition, rec.offset, rec.key, rec.value)
-        )
+        letter = DeadLetter(exc.reason, str(exc), rec.topic, rec.partition, rec.offset, rec.key, rec.value)
+        self._retry(lambda: self._dead_letters.send(letter), "sending a dead letter", isolating=False)
 
     @property
     def _dead_letters(self) -> DeadLetterSink:
@@ -337,23 +336,14 @@ class StreamConsumer:
 
     # WRITE: vectors into units, phase 1, phase 2 with the offsets, dead letters, commit
     def _finish(self, batch: _Batch) -> None:
-        self._enter("embedding")
         try:
-            vectors = self._vectors(batch)
-        except Exception as exc:  # the batch's embedding fails and will again: find the culprits
-            log.warning(
-                "%s: embedding batch %d failed (%r); isolating its records", self.name, batch.seq, exc
-            )
-            units = self._split(batch, batch.units, self._embed_each)
-        else:
-            if vectors is None:
+            units = self._embedded_units(batch)
+            if units is None:
                 return
-            units = self._assign(batch.units, vectors)
-        self._enter("writing")
-        try:
+            self._enter("writing")
             units = self._write(batch, units)
-            self._retry(self._dead_letters.flush, "writing dead letters", batch)
-        except _Dropped:
+            self._retry(self._dead_letters.flush, "writing dead letters", batch, isolating=False)
+        except _Dropped:  # a rebalance while retrying: the batch is read again
             return
         self._inflight.popleft()
         self._enter("committing")
@@ -366,6 +356,23 @@ class StreamConsumer:
         for unit in units:
             self.counters.update(unit.counts)
         self.counters["batches"] += 1
+
+    def _embedded_units(self, batch: _Batch) -> list[Unit] | None:
+        """The batch's units with their vectors (those that cannot be embedded dead-lettered), or
+        None when the embedding was sent again after a transient failure."""
+        self._enter("embedding")
+        try:
+            vectors = self._vectors(batch)
+            if vectors is None:
+                return None
+            return self._assign(batch.units, vectors)
+        except _Dropped:
+            raise
+        except Exception as exc:  # the batch's embedding fails and will again: find the culprits
+            log.warning(
+                "%s: embedding batch %d failed (%r); isolating its records", self.name, batch.seq, exc
+            )
+            return self._split(batch, batch.units, self._embed_each)
 
     def _assign(self, units: list[Unit], vectors: np.ndarray) -> list[Unit]:
         """Gives each unit its rows of ``vectors``; a unit whose vectors are not finite is
@@ -403,9 +410,9 @@ class StreamConsumer:
             raise
         except Exception as exc:  # _retry lets only failures that will recur out
             log.warning("%s: writing batch %d failed (%r); isolating its records", self.name, batch.seq, exc)
-        written = self._split(batch, units, self._write_subset)
+        written = self._split(batch, units, self._write_subset, self._erase)
         offsets = {i: ShardWrite(offsets=batch.offsets) for i in range(self.downstream.n_shards)}
-        self._retry(lambda: self.downstream.write(offsets), "writing offsets", batch)
+        self._retry(lambda: self.downstream.write(offsets), "writing offsets", batch, isolating=False)
         return written
 
     def _write_subset(self, batch: _Batch, units: list[Unit]) -> list[Unit]:
@@ -435,12 +442,16 @@ class StreamConsumer:
             log.info("%s: %d changes were older than what the shards hold; skipped", self.name, stale)
 
     def _isolate(
-        self, batch: _Batch, units: list[Unit], attempt: Callable[[_Batch, list[Unit]], list[Unit]]
+        self,
+        batch: _Batch,
+        units: list[Unit],
+        attempt: Callable[[_Batch, list[Unit]], list[Unit]],
+        on_failure: Callable[[_Batch, Unit], None] | None = None,
     ) -> list[Unit]:
         """Runs ``attempt`` on ``units``; on a failure that will recur, on each half, down to the
-        single units that fail, which are dead-lettered. Returns the units that succeeded.
-        ``attempt`` is idempotent (embedding, or versioned upserts), so doing a half again after
-        part of it was written changes nothing."""
+        single units that fail, which are dead-lettered (and passed to ``on_failure``). Returns
+        the units that succeeded. ``attempt`` is idempotent (embedding, or versioned upserts), so
+        doing a half again after part of it was written changes nothing."""
         if not units:
             return []
         try:
@@ -454,25 +465,55 @@ class StreamConsumer:
                 cause = getattr(exc, "cause", None)
                 kind = type(cause if isinstance(cause, BaseException) else exc).__name__
                 self._processing_error(units[0], f"{kind}: {_brief(exc)}")
+                if on_failure is not None:
+                    on_failure(batch, units[0])
                 return []
-        return self._split(batch, units, attempt)
+        return self._split(batch, units, attempt, on_failure)
 
     def _split(
-        self, batch: _Batch, units: list[Unit], attempt: Callable[[_Batch, list[Unit]], list[Unit]]
+        self,
+        batch: _Batch,
+        units: list[Unit],
+        attempt: Callable[[_Batch, list[Unit]], list[Unit]],
+        on_failure: Callable[[_Batch, Unit], None] | None = None,
     ) -> list[Unit]:
         """:meth:`_isolate` on each half of ``units`` (a single unit: on itself)."""
         if len(units) <= 1:
-            return self._isolate(batch, units, attempt) if units else []
+            return self._isolate(batch, units, attempt, on_failure) if units else []
         self.counters["isolation_splits"] += 1
         half = len(units) // 2
-        return self._isolate(batch, units[:half], attempt) + self._isolate(batch, units[half:], attempt)
+        return self._isolate(batch, units[:half], attempt, on_failure) + self._isolate(
+            batch, units[half:], attempt, on_failure
+        )
+
+    def _erase(self, batch: _Batch, unit: Unit) -> None:
+        """Deletes, at the failed record's version, whatever its phase 1 wrote on the shards that
+        took it before another refused it: the index never holds half of a document. The record
+        itself is in the dead letters, and an older version can never come back."""
+        doc_id, version = unit.item.id, unit.item.record.version
+        erase = {
+            i: ShardWrite(delete_documents=[doc_id], versions={doc_id: version})
+            for i in range(self.downstream.n_shards)
+        }
+        try:
+            self._retry(lambda: self.downstream.write(erase), "erasing a record", batch, isolating=False)
+        except _Dropped:
+            raise
+        except Exception as exc:  # nothing more can be done for it: say so loudly, go on
+            log.error("%s: could not erase %s after it failed: %s", self.name, unit.item.record.where(), exc)
 
     def _processing_error(self, unit: Unit, error: str) -> None:
         self.counters["processing_errors"] += 1
         self._dead_letter(unit.item.record, PoisonMessageError("processing_error", error))
 
     # RETRY: transient failures forever (visibly, keeping the membership), unknown ones 3 times
-    def _retry(self, call: Callable[[], T], what: str, batch: _Batch | None = None) -> T:
+    def _retry(
+        self, call: Callable[[], T], what: str, batch: _Batch | None = None, *, isolating: bool = True
+    ) -> T:
+        """``call()``, retried while it fails transiently; an unknown failure is retried
+        :data:`UNKNOWN_ATTEMPTS` times when ``isolating`` (the caller then narrows it down to a
+        record), else like a transient one: with no record to blame, giving up would only stop the
+        partition."""
         backoff, unknown = Backoff(self.retry_initial_s), 0
         while True:
             try:
@@ -484,7 +525,7 @@ class StreamConsumer:
                 kind = classify(exc)
                 if kind == "permanent":
                     raise
-                if kind == "unknown":
+                if kind == "unknown" and isolating:
                     unknown += 1
                     if unknown >= UNKNOWN_ATTEMPTS:
                         raise

@@ -87,7 +87,7 @@ class TextProcessor:
         docs: list[DocumentEnvelope] = envelopes  # type: ignore[assignment]
         try:
             return {d.id: c for d, c in zip(docs, self.chunker.chunk_batch(docs), strict=True)}
-        except ValueError:
+        except Exception:  # found below, document by document
             pass
         out: dict[str, ChunkedDocument | str] = {}
         for doc in docs:
@@ -95,6 +95,8 @@ class TextProcessor:
                 out[doc.id] = self.chunker.chunk(doc)
             except ValueError as exc:
                 out[doc.id] = f"chunking failed: {exc}"
+            except Exception as exc:  # a tokenizer failing on this text will again: never retry it
+                out[doc.id] = f"chunking failed: {type(exc).__name__}: {exc}"
         return out
 
     # WRITE: phase 1 on every shard, phase 2 on the registry shards

@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas.errors import ConfigError, RiverbedError
 from schemas.settings import Settings, load_settings
+from schemas.topology import SEARCH_MODES
 
 log = logging.getLogger("riverbed")
 
@@ -519,9 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queries", type=int, default=400, help="query, ann, peer: questions sent per measurement"
     )
     bench.add_argument("--k", type=int, default=10, help="query, ann, peer: hits per search")
-    bench.add_argument(
-        "--mode", choices=["vector", "keyword", "hybrid"], default="vector", help="query: mode"
-    )
+    bench.add_argument("--mode", choices=SEARCH_MODES, default="vector", help="query: mode")
     bench.add_argument(
         "--texts", type=int, default=None, help="batching: embed only this many texts of the mix"
     )
@@ -555,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="of the sample")
     evaluate.add_argument(
         "--mode",
-        choices=["vector", "keyword", "hybrid", "all"],
+        choices=[*SEARCH_MODES, "all"],
         default="all",
         help="retrieval: modes to score (all: each); rag: the retrieval mode (all: serve.rag.mode)",
     )
@@ -569,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("query")
     explain.add_argument("--k", type=int, default=5)
-    explain.add_argument("--mode", choices=["vector", "keyword", "hybrid"], default="hybrid")
+    explain.add_argument("--mode", choices=SEARCH_MODES, default="hybrid")
     explain.add_argument("--filter", help='metadata filter as JSON, e.g. \'{"title": "Normans"}\'')
     explain.set_defaults(func=cmd_explain)
 

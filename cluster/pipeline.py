@@ -38,6 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.embedder import Embedder
 from actors.index_shard import IndexShard
 from actors.processor import StoredDocument, merge_stored
+from actors.shard_store import DB_NAME
 from actors.source import document_consumer
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
@@ -89,29 +90,31 @@ class EmbedderActor(Embedder):
 class ShardActor(IndexShard):
     """An index shard as a detached actor. Each (re)start reads the consumer group's committed
     offsets first: a shard whose store holds less than was committed (its data is on another node,
-    or lost) refuses to serve or write instead of silently answering from an empty store."""
+    or lost) refuses to serve or write instead of silently answering from an empty store. When the
+    broker cannot be asked then, an existing store serves reads, but writes wait (retryably) until
+    the check has run, and a missing store is not created until then."""
 
-    def __init__(
-        self,
-        config: IndexConfig,
-        data_dir: Path,
-        shard: int,
-        model: str,
-        dim: int,
-        index: str,
-        servers: str,
-        group: str,
-    ) -> None:
-        super().__init__(
-            config,
-            data_dir,
-            shard,
-            model,
-            dim,
-            index_name=index,
-            committed=_committed_or_none(servers, group),
-        )
-        self.warm_up()
+    def __init__(self, config: IndexConfig, data_dir: Path, shard: int, model: str, dim: int,
+                 index: str, servers: str, group: str) -> None:  # fmt: skip
+        committed = _committed_or_none(servers, group)
+        super().__init__(config, data_dir, shard, model, dim, index_name=index, committed=committed)
+        self._servers, self._group = servers, group
+        self._checked = committed is not None
+        if self._checked or (self.path / DB_NAME).exists():
+            self.warm_up()
+
+    def apply(self, write: ShardWrite) -> WriteResult:
+        if not self._checked:
+            committed = _committed_or_none(self._servers, self._group, timeout_s=5)
+            if committed is None:
+                raise RetryableError(
+                    f"shard {self.shard}: its store is not checked against the committed offsets yet "
+                    "(the broker did not answer); writes wait until it is"
+                )
+            self.check_committed(committed)
+            self._checked = True
+            self.warm_up()
+        return super().apply(write)
 
     def ping(self) -> int:
         return os.getpid()
@@ -120,11 +123,11 @@ class ShardActor(IndexShard):
         return str(ray.get_runtime_context().get_node_id())
 
 
-def _committed_or_none(servers: str, group: str) -> Offsets | None:
+def _committed_or_none(servers: str, group: str, timeout_s: float = 30.0) -> Offsets | None:
     """The group's committed offsets, or None when the broker cannot be asked now (then the shard
     opens without the check, and says so)."""
     try:
-        return committed_offsets(servers, group, timeout_s=30)
+        return committed_offsets(servers, group, timeout_s=timeout_s)
     except Exception as exc:  # any broker trouble: serving what the store holds beats not serving
         log.warning("committed offsets of %s unavailable (%s): shard opens unchecked", group, exc)
         return None

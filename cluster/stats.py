@@ -9,6 +9,7 @@ from actors.dead_letters import read_dead_letter_counts
 from actors.shard_store import DB_NAME, ShardStore
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets
 from schemas.settings import Settings
+from schemas.topology import lag
 
 
 def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
@@ -46,7 +47,5 @@ def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
             t: {str(p): o for p, o in parts.items()} for t, parts in committed.items()
         }
         ends = end_offsets(servers, [topics.documents])
-        out["lag"] = sum(
-            max(0, e - committed.get(t, {}).get(p, 0)) for t, ps in ends.items() for p, e in ps.items()
-        )
+        out["lag"] = lag(ends, committed)
     return out

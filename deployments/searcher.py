@@ -29,6 +29,7 @@ from deployments.fusion import Ranked, fuse, merge_shards, ranked_keyword, ranke
 from schemas.errors import InvalidRequestError
 from schemas.filters import MetadataFilter
 from schemas.settings import SearchConfig
+from schemas.topology import SEARCH_MODES
 
 
 class Shards(Protocol):
@@ -139,7 +140,7 @@ class Searcher:
         searches of hybrid queries run concurrently; each contributes ``max(k, config.candidates)``
         candidates to the fusion."""
         await self.check_filter(filter)
-        if mode not in ("vector", "keyword", "hybrid"):
+        if mode not in SEARCH_MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}: use vector, keyword or hybrid", param="mode")
         if mode == "keyword":
             return [ranked_keyword(hits) for hits in await self._keyword(list(queries), k, filter)]

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from schemas.errors import ConfigError
+from schemas.topology import SearchMode, consumer_group
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -256,7 +257,7 @@ class RagConfig(_Section):
     # and 25 % with k 4 (`riverbed eval rag --split tune --sample 40 --set serve.rag.k=N`); larger models
     # read more passages well, so raise it with them.
     k: PositiveInt = Field(1, description="passages given to the generator")
-    mode: Literal["vector", "keyword", "hybrid"] = "hybrid"
+    mode: SearchMode = "hybrid"
     min_score: Annotated[float, Field(ge=-1, le=1)] = Field(
         0.3, description="abstain without generating when the best passage's vector score is below this"
     )
@@ -332,7 +333,7 @@ class Settings(BaseSettings):
 
     @property
     def consumer_group(self) -> str:
-        return f"riverbed.{self.index.name}"
+        return consumer_group(self.index.name)
 
     @classmethod
     def settings_customise_sources(

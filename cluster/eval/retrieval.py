@@ -34,10 +34,11 @@ from schemas.envelope import DocumentEnvelope
 from schemas.errors import ConfigError
 from schemas.ids import in_tune_split
 from schemas.settings import Settings, load_settings
+from schemas.topology import SEARCH_MODES
 
 log = logging.getLogger(__name__)
 
-MODES = ("vector", "keyword", "hybrid")
+MODES = SEARCH_MODES
 CHUNKS_PER_QUERY = 60  # enough chunks that 20 distinct documents remain after collapsing
 
 

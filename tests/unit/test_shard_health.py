@@ -174,3 +174,17 @@ def test_a_store_that_cannot_be_read_is_unavailable(data_dir: Path) -> None:
     shard = open_shard(data_dir, committed={"docs": {0: 1}})
     assert shard.health()["status"] == "unavailable"
     assert "cannot read the store's offsets" in shard.health()["problem"]
+
+
+def test_a_store_from_before_schema_2_behind_the_committed_offsets_still_opens(data_dir: Path) -> None:
+    # An older riverbed committed batches of only dead letters or unchanged documents without
+    # recording their offsets on the shards: such a store may lag the group with nothing lost.
+    from tests.unit.test_shard_store import write_v1_store
+
+    write_v1_store(shard_directory(data_dir, 1), make_corpus(seed=5, n_docs=4))
+    shard = open_shard(data_dir, committed={"docs": {0: 100}})
+    assert shard.health()["status"] == "ok" and shard.count() > 0
+    shard.close()
+    again = open_shard(data_dir, committed={"docs": {0: 100}})  # upgraded: it took the offsets
+    assert again.health()["status"] == "ok" and again.stats()["offsets"] == {"docs": {0: 100}}
+    again.close()

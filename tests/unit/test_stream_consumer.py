@@ -9,6 +9,7 @@ partition, pause/resume, seek, commit, and rebalance callbacks run inside ``poll
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections import Counter, namedtuple
@@ -136,6 +137,7 @@ class Downstream:
 
     def __init__(self) -> None:
         self.written: list[str] = []
+        self.erased: list[str] = []
         self.offsets: list[dict] = []
         self.fail_writes: list[BaseException] = []  # raised by the next write calls, in order
         self.poison: set[str] = set()  # ids whose write always fails
@@ -143,12 +145,16 @@ class Downstream:
         self.nan: set[str] = set()  # texts embedded to NaN
         self.embed_calls: list[list[str]] = []
         self.embed_future: Future | None = None  # a test-controlled (slow) future
+        self.embed_errors: list[BaseException] = []  # the next embed calls fail with these, in order
 
     def embed(self, texts):
         self.embed_calls.append(list(texts))
         if self.embed_future is not None:
             return self.embed_future
         future: Future = Future()
+        if self.embed_errors:
+            future.set_exception(self.embed_errors.pop(0))
+            return future
         vectors = np.ones((len(texts), 4), np.float32)
         for i, t in enumerate(texts):
             if t in self.nan:
@@ -169,6 +175,7 @@ class Downstream:
                 raise self.poison_error(f"cannot bind {sorted(self.poison & set(write.delete_chunks))}")
         for write in writes.values():
             self.written += list(write.delete_chunks)
+            self.erased += list(write.delete_documents)
             if write.offsets:
                 self.offsets.append({t: dict(p) for t, p in write.offsets.items()})
         return {i: WriteResult(0, 0, 0) for i in writes}
@@ -250,6 +257,7 @@ def test_a_record_that_cannot_be_written_is_isolated_and_the_batch_commits():
     assert "cannot bind" in letters.sent[0].error
     assert consumer.counters["processing_errors"] == 1 and consumer.counters["documents"] == 7
     assert down.offsets[-1] == {TOPIC: {0: 8}}  # the offsets are still written after isolating
+    assert down.erased == ["d5", "d5"]  # what a shard may have taken of it is erased on every shard
 
 
 def test_transient_failures_are_retried_visibly_and_nothing_is_dead_lettered():
@@ -313,6 +321,19 @@ def test_a_rebalance_drops_in_flight_batches_and_rewinds_to_them():
     assert sorted(down.written) == sorted(f"d{i}" for i in range(8))  # each once: read again from 0
 
 
+def test_a_rebalance_while_isolating_an_embedding_failure_drops_the_batch_without_crashing():
+    log = {0: [envelope(f"d{i}") for i in range(4)]}
+    down = Downstream()
+    # The batch's embedding fails for good, so its halves are embedded alone; the first half's
+    # call fails transiently, and a rebalance arrives while the consumer waits to retry it.
+    down.embed_errors = [ValueError("tokenizer broke"), RetryableError("embedder restarting")]
+    consumer, stub, down, letters = make(log, down)
+    stub.rebalance_on_poll = 2  # the first poll reads the batch; the next one is the wait's
+    run_until(consumer, stub, all_committed(stub))
+    assert sorted(down.written) == sorted(f"d{i}" for i in range(4)) and not letters.sent
+    assert consumer.counters["reread_after_rebalance"] == 4
+
+
 def test_a_failed_commit_drops_what_is_in_flight_and_the_records_are_read_again():
     log = {0: [envelope(f"d{i}") for i in range(4)]}
     consumer, stub, down, _ = make(log)
@@ -366,6 +387,8 @@ def test_an_id_in_a_batch_still_in_flight_is_in_progress_for_the_next_batch():
         (ValueError("x"), "permanent"),
         (UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"), "permanent"),
         (ProcessingError("x"), "permanent"),
+        (sqlite3.OperationalError("database is locked"), "transient"),
+        (sqlite3.IntegrityError("UNIQUE constraint failed"), "permanent"),
         (RuntimeError("x"), "unknown"),
     ],
 )
