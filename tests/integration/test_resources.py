@@ -1,0 +1,48 @@
+"""What an index holds of Ray's logical CPUs once its work has ended, and what happens when a new
+embedder cannot be placed: idle indexes must not crowd out the next one, and a command must never
+wait forever for CPUs that another index holds."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import pytest
+import ray
+
+from cluster.pipeline import EmbedderActor, _await_embedder, shard_handles
+from schemas.errors import ConfigError
+from schemas.settings import load_settings
+from schemas.topology import actor_name
+
+
+def test_the_idle_shards_of_many_indexes_hold_almost_no_cpu(pipeline_settings):
+    before = ray.available_resources().get("CPU", 0.0)
+    names = []
+    try:
+        for _ in range(10):  # ten idle indexes of two shards each (before: 0.05 CPU per shard)
+            dump = pipeline_settings.model_dump(mode="json")
+            dump["index"]["name"] = f"idle{uuid.uuid4().hex[:8]}"
+            s = load_settings(overrides=dump)
+            shard_handles(s, "sentence-transformers/all-MiniLM-L6-v2", 384)
+            names += [actor_name(s.index.name, "shard", i) for i in range(2)]
+        held = before - ray.available_resources().get("CPU", 0.0)
+        assert 0 < held <= 0.05, f"20 idle shards hold {held} CPUs"
+    finally:
+        for name in names:
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=pipeline_settings.ray.namespace))
+
+
+def test_an_embedder_that_cannot_be_placed_is_refused_naming_who_holds_the_cpus(pipeline_settings):
+    s = pipeline_settings
+    cpus = ray.cluster_resources().get("CPU", 0.0) + 1  # more than the whole session's Ray
+    embedder = (
+        ray.remote(EmbedderActor)
+        .options(name=actor_name(s.index.name, "embedder", 0), num_cpus=cpus)
+        .remote(s.embed.model_copy(update={"num_cpus": cpus}))
+    )
+    with pytest.raises(ConfigError) as refused:
+        _await_embedder(s, embedder, cpus, patience_s=3.0)
+    message = str(refused.value)
+    assert f"index {s.index.name!r} needs {cpus:g} logical CPUs" in message and "held by" in message
