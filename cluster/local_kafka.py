@@ -65,6 +65,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _cluster_id() -> str:
+    """A random KRaft cluster id (a UUID in URL-safe base64), never starting with "-": the storage
+    tool would read such an id as an option and refuse to format (1 start in 64 failed so)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _port_free(port: int) -> bool:
     """Whether the broker could listen on ``port`` now. SO_REUSEADDR as the JVM's server sockets
     set it: a port left in TIME_WAIT by the broker that just stopped is free to it (without the
@@ -277,7 +286,7 @@ class LocalKafka:
     def _format(self, java: str, config_path: Path) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster_id = _cluster_id()
         cmd = self._jvm(java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config_path))
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

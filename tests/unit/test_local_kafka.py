@@ -74,3 +74,11 @@ def test_old_java_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(KafkaSetupError, match="Java 11"):
         make(tmp_path).start()
+
+
+def test_cluster_ids_never_look_like_an_option():
+    from cluster.local_kafka import _cluster_id
+
+    ids = [_cluster_id() for _ in range(2000)]  # about 31 of 2,000 random ids start with "-"
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
