@@ -1,5 +1,6 @@
 """`riverbed serve`: the Serve app against the index's shard actors, with or without ingest.
 
+# EXPOSURE: no keys on a non-loopback serve.host is refused before anything starts
 # BROKER: the configured or embedded Kafka (documents posted over HTTP go there)
 # RAY: the configured cluster or the local head
 # SHARDS: the running ones; or opened from the data directory (model and dim are in the stores)
@@ -22,7 +23,7 @@ from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, shard_handles
 from cluster.ray_runtime import connect
 from schemas.errors import ConfigError, RetryableError
-from schemas.settings import Settings
+from schemas.settings import Settings, check_exposure
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
 
     from deployments.app import APP_NAME, build_app
 
+    check_exposure(settings.serve)  # before anything starts: an open app only on loopback
     # BROKER
     servers = bootstrap_servers(settings)
     ensure_topics(

@@ -33,9 +33,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class ApiError(Exception):
     """Raised by a handler to answer ``status`` with an error body."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -48,8 +56,10 @@ def _encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, param), status_code=status)
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -117,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param)
+        return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import ray
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.routing import Match
 
+from deployments.edge import EdgeGuard, configure, require, require_metrics
 from deployments.fusion import Ranked, matched_terms
 from deployments.generator import ABSTAIN_POOL
 from deployments.http_errors import (
@@ -57,7 +58,7 @@ from schemas.api import (
 from schemas.envelope import DocumentEnvelope, ImageEnvelope, encode_envelope, validate_envelope
 from schemas.errors import PoisonMessageError, RetryableError
 from schemas.metadata import loads_json
-from schemas.settings import Settings
+from schemas.settings import Settings, check_exposure
 from schemas.topology import actor_name
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,14 @@ SOURCE_STATS_TIMEOUT_S = 5.0
 """A running source whose ``stats()`` takes longer is reported as a problem by ``/healthz``."""
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "bad input: the field (`param`) and the reason"},
+    401: {"model": ErrorResponse, "description": "no API key, or one this app does not know"},
+    403: {"model": ErrorResponse, "description": "the API key lacks the route's scope"},
     413: {"model": ErrorResponse, "description": "body too large"},
+    415: {"model": ErrorResponse, "description": "the body is not application/json"},
     503: {"model": ErrorResponse, "description": "the index is not ready or a shard is unavailable"},
 }
+READ = [Depends(require("read"))]
+WRITE = [Depends(require("write"))]
 
 app = FastAPI(
     title="Riverbed",
@@ -82,6 +88,7 @@ app = FastAPI(
 )
 install_error_handlers(app)
 app.add_middleware(BodyLimit)  # its limit: serve.max_body_bytes, set by the replica
+app.add_middleware(EdgeGuard)  # Host and Content-Type, before the body is read; keys: READ, WRITE
 
 
 @app.middleware("http")
@@ -154,13 +161,15 @@ class Ingress:
         self.generator = generator
         self.search_config = settings.serve.search
         self.rag_config = settings.serve.rag
+        check_exposure(settings.serve)  # an open app on a public address is refused here too
+        configure(settings.serve)
         set_max_body_bytes(settings.serve.max_body_bytes)
         self._producer: Any = None
         self._producer_lock = asyncio.Lock()
         self._model: dict[str, Any] | None = None
 
     # SEARCH
-    @app.post("/v1/search", response_model=SearchResponse, responses=_ERRORS)
+    @app.post("/v1/search", response_model=SearchResponse, responses=_ERRORS, dependencies=READ)
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Vector, keyword (BM25) or hybrid (reciprocal rank fusion) search over the index."""
         start = time.perf_counter()
@@ -181,7 +190,7 @@ class Ingress:
         )
 
     # RAG
-    @app.post("/v1/rag", response_model=RagResponse, responses=_ERRORS)
+    @app.post("/v1/rag", response_model=RagResponse, responses=_ERRORS, dependencies=READ)
     async def rag(self, request: RagRequest) -> RagResponse:
         """Answers from the index's passages, citing them; abstains when they do not hold the answer."""
         start = time.perf_counter()
@@ -211,7 +220,7 @@ class Ingress:
         )
 
     # EMBEDDINGS (OpenAI-compatible)
-    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS)
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, dependencies=READ)
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI's embeddings API: `input` is a string or a list of strings."""
         texts = [request.input] if isinstance(request.input, str) else list(request.input)
@@ -259,7 +268,13 @@ class Ingress:
         )
 
     # DOCUMENTS
-    @app.post("/v1/documents", status_code=202, response_model=DocumentsResponse, responses=_ERRORS)
+    @app.post(
+        "/v1/documents",
+        status_code=202,
+        response_model=DocumentsResponse,
+        responses=_ERRORS,
+        dependencies=WRITE,
+    )
     async def post_documents(self, request: Request) -> DocumentsResponse:
         """Produces envelopes (one, a list, or `{"documents": [...]}`) onto their topic, keyed by id."""
         try:  # strict: NaN and Infinity are not JSON, and no store could hold them
@@ -288,7 +303,13 @@ class Ingress:
             envelopes.append(envelope)
         return DocumentsResponse(records=await self._produce(envelopes))
 
-    @app.delete("/v1/documents/{document_id:path}", status_code=202, response_model=DocumentsResponse)
+    @app.delete(
+        "/v1/documents/{document_id:path}",
+        status_code=202,
+        response_model=DocumentsResponse,
+        responses=_ERRORS,
+        dependencies=WRITE,
+    )
     async def delete_document(self, document_id: str) -> DocumentsResponse:
         """Produces a delete for the document: every chunk of it goes, everywhere."""
         try:
@@ -297,7 +318,12 @@ class Ingress:
             raise ApiError(400, "invalid_request", f"document id: {exc}", "document_id") from exc
         return DocumentsResponse(records=await self._produce([envelope]))
 
-    @app.get("/v1/documents/{document_id:path}", response_model=DocumentStatus, responses=_ERRORS)
+    @app.get(
+        "/v1/documents/{document_id:path}",
+        response_model=DocumentStatus,
+        responses=_ERRORS,
+        dependencies=READ,
+    )
     async def get_document(self, document_id: str) -> DocumentStatus:
         """Whether the document is indexed, its chunk count and the record its content came from."""
         info = await self._call(self.retriever.document.remote(document_id))
@@ -324,7 +350,7 @@ class Ingress:
         status, body = health_report(self.settings.index.name, shards, sources, source_problems)
         return JSONResponse(body, status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_metrics)])
     async def metrics(self) -> Response:
         """Prometheus text: requests and latency per route, consumer lag, per-shard chunks, vectors
         and health, and the sources' counters, retries by phase and stalls."""

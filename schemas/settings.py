@@ -8,6 +8,7 @@ slices (``settings.kafka``, ``settings.embed``...); nothing else reads the envir
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -264,15 +265,153 @@ class RagConfig(_Section):
     max_context_tokens: PositiveInt = Field(1536, description="prompt budget for the passages")
 
 
+Scope = Literal["read", "write"]
+"""``read``: search, RAG, embeddings, image and graph queries, GET documents (and ``/metrics``
+unless ``serve.auth.metrics`` is ``open``). ``write``: POST and DELETE of documents and images."""
+SCOPES: tuple[Scope, ...] = ("read", "write")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class ApiKey(_Section):
+    """One API key. The key is a secret: no error, log line or metric ever prints it."""
+
+    key: SecretStr = Field(description="the secret clients send as `Authorization: Bearer KEY`")
+    scopes: list[Scope] = Field(description='what the key may do: ["read"], ["write"] or both')
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = Field(
+        None, description="a label for logs (never the key)"
+    )
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr) -> SecretStr:
+        secret = v.get_secret_value()
+        if len(secret) < 16:
+            raise ValueError("a key must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        if secret != secret.strip() or any(c.isspace() or not c.isprintable() for c in secret):
+            raise ValueError("a key must be printable with no whitespace (it travels in an HTTP header)")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: list[Scope]) -> list[Scope]:
+        if not v:
+            raise ValueError('a key needs at least one scope: "read", "write"')
+        return sorted(set(v), key=SCOPES.index)
+
+
+class AuthConfig(_Section):
+    """API keys of the HTTP app. None configured: every route is open, which ``riverbed serve``
+    allows only on a loopback ``serve.host``."""
+
+    keys: list[ApiKey] = Field(
+        default_factory=list,
+        description='[{"key": SECRET, "scopes": ["read", "write"]}]; env: RIVERBED_SERVE__AUTH__KEYS as JSON',
+    )
+    keys_file: Path | None = Field(
+        None, description="a YAML or JSON file holding more keys (a list like `keys`, or {keys: [...]})"
+    )
+    metrics: Literal["read", "open"] = Field(
+        "read", description="with keys: /metrics needs the read scope (read) or answers anyone (open)"
+    )
+
+    @model_validator(mode="after")
+    def _load_keys_file(self) -> AuthConfig:
+        if self.keys_file is None:
+            return self
+        extra = _read_keys_file(self.keys_file.expanduser())
+        keys = [*self.keys, *extra]
+        _check_unique_keys(keys)
+        object.__setattr__(self, "keys", keys)  # frozen: the file's keys join once, at load
+        object.__setattr__(self, "keys_file", None)  # so a copy of these settings never reads it twice
+        return self
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, v: list[ApiKey]) -> list[ApiKey]:
+        _check_unique_keys(v)
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+def _check_unique_keys(keys: list[ApiKey]) -> None:
+    seen: set[str] = set()
+    for i, k in enumerate(keys):
+        secret = k.key.get_secret_value()
+        if secret in seen:
+            raise ValueError(f"keys[{i}] repeats an earlier key (give one key all its scopes)")
+        seen.add(secret)
+
+
+def _read_keys_file(path: Path) -> list[ApiKey]:
+    """The keys a keys file holds. Errors name the file and the entry, never a key."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"keys_file {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"keys_file {path}: not YAML or JSON{where}") from None
+    if isinstance(loaded, dict) and set(loaded) == {"keys"}:
+        loaded = loaded["keys"]
+    if not isinstance(loaded, list):
+        raise ValueError(f"keys_file {path}: expected a list of keys (or {{keys: [...]}})")
+    keys = []
+    for i, entry in enumerate(loaded):
+        try:
+            keys.append(ApiKey.model_validate(entry))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ValueError(f"keys_file {path}: keys[{i}]: {problems}") from None
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the port on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class EmbeddingsConfig(_Section):
+    """Budgets of ``POST /v1/embeddings``: one request's inputs and tokens."""
+
+    max_inputs: PositiveInt = Field(2048, description="inputs per request (OpenAI's limit)")
+    max_request_tokens: PositiveInt = Field(
+        65_536,
+        description="tokens per request, counted by the model's tokenizer over all inputs (larger: 400)",
+    )
+
+
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="bind address; anything but loopback needs serve.auth.keys")
     port: Port = 8000
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names the app answers (DNS rebinding guard); unset: loopback names, plus "
+        "serve.host when it is a name or address, or any host when bound to 0.0.0.0 / :: with keys",
+    )
+    auth: AuthConfig = AuthConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
     max_body_bytes: PositiveInt = Field(1024 * 1024, description="larger request bodies get 413")
     ingest: bool = Field(True, description="`riverbed serve` also runs the ingest pipeline")
     # Fractions of a CPU: on a small machine the ingest embedder holds the cores (its torch
     # threads), and the whole app must still fit in what it leaves.
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=256)
     embedder: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=128)
+    bulk_embedder: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=0.05, max_ongoing_requests=4),
+        description="replicas serving /v1/embeddings: bulk embedding runs apart from search queries, "
+        "at a lower CPU priority, so that it cannot starve them",
+    )
     retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=128)
     generator: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=8)
     search: SearchConfig = SearchConfig()
@@ -351,12 +490,66 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+_SECRET_FIELDS = frozenset({"key", "api_key", "keys", "password", "token", "secret"})
+_REDACTED = "**********"
+
+
+def _redact(value: Any) -> Any:
+    """``value`` with every secret-named field's content replaced (what an error quotes as input)."""
+    if isinstance(value, dict):
+        return {k: _REDACTED if str(k).lower() in _SECRET_FIELDS else _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    if isinstance(value, SecretStr):
+        return _REDACTED
+    return value
+
+
 def _describe(exc: ValidationError) -> str:
+    """One line per problem, naming the field and what was given, except under a secret-named
+    field (``serve.auth.keys``, ``serve.llm.api_key``...), whose input is never printed."""
     lines = []
     for err in exc.errors(include_url=False):
-        field = ".".join(str(p) for p in err["loc"]) or "settings"
-        lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+        loc = [str(p) for p in err["loc"]]
+        field = ".".join(loc) or "settings"
+        secret = any(part.lower() in _SECRET_FIELDS for part in loc)
+        got = _REDACTED if secret else repr(_redact(err.get("input")))
+        lines.append(f"{field}: {err['msg']} (got {got})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error without the snippet of the file it quotes (the line may hold a secret)."""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def check_exposure(serve: ServeConfig) -> None:
+    """Refuses an app that would answer anyone: no ``serve.auth.keys`` on a non-loopback
+    ``serve.host``. Raises :class:`ConfigError` naming both settings."""
+    if not serve.auth.enabled and not is_loopback(serve.host):
+        raise ConfigError(
+            f"serve.host is {serve.host!r} (not loopback) and serve.auth.keys is empty: anyone who can reach "
+            "the port could write and delete documents. Configure keys (serve.auth.keys, "
+            "RIVERBED_SERVE__AUTH__KEYS or serve.auth.keys_file) or bind 127.0.0.1"
+        )
+
+
+def trusted_hosts(serve: ServeConfig) -> list[str]:
+    """The Host header names the app answers: ``serve.allowed_hosts`` when set; otherwise the
+    loopback names, plus ``serve.host`` when it names one host, or ``*`` when it binds every
+    interface (then only keys protect the app, and a rebound name cannot supply a key)."""
+    if serve.allowed_hosts:
+        return list(serve.allowed_hosts)
+    if serve.host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    names = ["127.0.0.1", "localhost", "[::1]", "::1"]
+    host = serve.host.strip("[]")
+    if host not in names:
+        names.append(f"[{host}]" if ":" in host else host)
+    return names
 
 
 def load_settings(
@@ -379,7 +572,9 @@ def load_settings(
         return Settings(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from exc
-    except (ValueError, yaml.YAMLError) as exc:  # a malformed env value or YAML file
-        raise ConfigError(f"invalid configuration ({path or 'environment'}): {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid configuration ({path}): not YAML: {_yaml_problem(exc)}") from None
+    except ValueError as exc:  # a malformed environment value: pydantic-settings names the field
+        raise ConfigError(f"invalid configuration ({path or 'environment'}): {exc}") from None
     finally:
         _yaml_path.reset(token)
