@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -31,7 +30,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from deployments.http_errors import ApiError, ASGIApp, Receive, Scope, Send, error_body
+from deployments.http_errors import ApiError, ASGIApp, Receive, Scope, Send, send_error
 from schemas.settings import Scope as KeyScope
 from schemas.settings import ServeConfig, trusted_hosts
 
@@ -168,15 +167,15 @@ class EdgeGuard:
         headers = {k.lower(): v for k, v in (scope.get("headers") or [])}
         host = headers.get(b"host", b"").decode("latin-1")
         if not _host_allowed(host, self.hosts()):
-            await _reject(send, 400, "invalid_host", f"the Host header {host!r} is not one this app serves "
-                          "(serve.allowed_hosts)")  # fmt: skip
+            message = f"the Host header {host!r} is not one this app serves (serve.allowed_hosts)"
+            await send_error(send, 400, "invalid_host", message)
             return
         if scope.get("method") in _JSON_METHODS and _has_body(headers):
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             if not _is_json(content_type):
                 got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
                 message = f"send the body as application/json (got {got})"
-                await _reject(send, 415, "unsupported_media_type", message)
+                await send_error(send, 415, "unsupported_media_type", message)
                 return
         await self.app(scope, receive, send)
 
@@ -186,15 +185,3 @@ def _has_body(headers: dict[bytes, bytes]) -> bool:
     if length is not None:
         return length.strip() not in (b"", b"0")
     return b"transfer-encoding" in headers
-
-
-async def _reject(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps(error_body(code, message)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

@@ -204,11 +204,16 @@ class _TooLarge(StarletteHTTPException):
 
 
 async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(error_body("body_too_large", f"the request body exceeds {limit} bytes")).encode()
+    await send_error(send, 413, "body_too_large", f"the request body exceeds {limit} bytes")
+
+
+async def send_error(send: Send, status: int, code: str, message: str) -> None:
+    """Answers an error in the shape, straight from ASGI middleware (before any handler runs)."""
+    body = json.dumps(error_body(code, message)).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
         }
     )
