@@ -45,7 +45,12 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw else raw
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError as exc:  # the value may be a secret: name the setting, never the value
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"--set {key.strip()}: the value is not a YAML scalar or list{where}") from None
     return overrides
 
 

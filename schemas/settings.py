@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import json
 import os
 import re
 from pathlib import Path
@@ -505,6 +506,29 @@ def _redact(value: Any) -> Any:
     return value
 
 
+def _secret_input(loc: list[str], value: Any) -> bool:
+    """Whether an error at ``loc`` quotes a secret whole: a secret-named field, or a list of keys
+    (or one entry of it) given as a bare string instead of ``{"key", "scopes"}``."""
+    lowered = [part.lower() for part in loc]
+    if any(part in _SECRET_FIELDS - {"keys"} for part in lowered):
+        return True
+    if "keys" in lowered and not isinstance(value, dict | list):
+        return len(lowered) - lowered.index("keys") <= 2  # keys or keys.N, not keys.N.scopes
+    return False
+
+
+def _env_problem(exc: ValueError) -> str:
+    """What is wrong with the environment: the variable whose JSON does not parse (pydantic-settings
+    names only the section), else the error; never a variable's value."""
+    for name, value in sorted(os.environ.items()):
+        if name.startswith("RIVERBED_") and value.lstrip()[:1] in ("[", "{"):
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as bad:
+                return f"{name} is not valid JSON ({bad.msg} at character {bad.pos})"
+    return str(exc)
+
+
 def _describe(exc: ValidationError) -> str:
     """One line per problem, naming the field and what was given, except under a secret-named
     field (``serve.auth.keys``, ``serve.llm.api_key``...), whose input is never printed."""
@@ -512,8 +536,7 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc) or "settings"
-        secret = any(part.lower() in _SECRET_FIELDS for part in loc)
-        got = _REDACTED if secret else repr(_redact(err.get("input")))
+        got = _REDACTED if _secret_input(loc, err.get("input")) else repr(_redact(err.get("input")))
         lines.append(f"{field}: {err['msg']} (got {got})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -574,7 +597,7 @@ def load_settings(
         raise ConfigError(_describe(exc)) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid configuration ({path}): not YAML: {_yaml_problem(exc)}") from None
-    except ValueError as exc:  # a malformed environment value: pydantic-settings names the field
-        raise ConfigError(f"invalid configuration ({path or 'environment'}): {exc}") from None
+    except ValueError as exc:  # a malformed environment value: pydantic-settings names the section
+        raise ConfigError(f"invalid configuration (environment): {_env_problem(exc)}") from None
     finally:
         _yaml_path.reset(token)

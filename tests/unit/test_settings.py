@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from schemas.errors import ConfigError
-from schemas.settings import Settings, load_settings
+from schemas.settings import Settings, check_exposure, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +90,66 @@ def test_frozen():
 def test_bootstrap_servers_list():
     s = load_settings(overrides={"kafka": {"bootstrap_servers": "a:9092, b.example:9093"}})
     assert s.kafka.bootstrap_servers == "a:9092, b.example:9093"
+
+
+KEY = {"key": "k" * 20, "scopes": ["read"]}
+
+
+def test_keys_from_yaml_env_and_a_keys_file_join(tmp_path, monkeypatch):
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("keys:\n  - key: " + "f" * 20 + "\n    scopes: [write, read]\n    name: ops\n")
+    monkeypatch.setenv("RIVERBED_SERVE__AUTH__KEYS", json.dumps([KEY]))
+    s = load_settings(overrides={"serve": {"auth": {"keys_file": str(keys_file)}}})
+    keys = [(k.key.get_secret_value(), k.scopes, k.name) for k in s.serve.auth.keys]
+    assert keys == [("k" * 20, ["read"], None), ("f" * 20, ["read", "write"], "ops")]
+    assert s.serve.auth.keys_file is None  # read once: a copy of the settings never reads it again
+    again = Settings.model_validate(s.model_dump())  # as a Serve replica rebuilds them
+    assert len(again.serve.auth.keys) == 2
+
+
+@pytest.mark.parametrize(
+    ("keys", "words"),
+    [
+        ([{"key": "short", "scopes": ["read"]}], "at least 16"),
+        ([{"key": "k" * 20, "scopes": []}], "at least one scope"),
+        ([{"key": "k" * 20, "scopes": ["admin"]}], "'read' or 'write'"),
+        ([KEY, {**KEY, "scopes": ["write"]}], "repeats an earlier key"),
+        ([{"key": "k" * 20 + "\t", "scopes": ["read"]}], "no whitespace"),
+    ],
+)
+def test_bad_keys_are_refused_naming_the_entry(keys, words):
+    with pytest.raises(ConfigError, match=r"serve\.auth\.keys") as info:
+        load_settings(overrides={"serve": {"auth": {"keys": keys}}})
+    assert words in str(info.value)
+
+
+def test_a_bad_keys_file_is_named(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"nope": []}))
+    with pytest.raises(ConfigError, match=r"keys_file .*keys.json: expected a list"):
+        load_settings(overrides={"serve": {"auth": {"keys_file": str(path)}}})
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_settings(overrides={"serve": {"auth": {"keys_file": str(tmp_path / "missing.yaml")}}})
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "refused"),
+    [
+        ("127.0.0.1", [], False),
+        ("127.0.0.2", [], False),
+        ("localhost", [], False),
+        ("::1", [], False),
+        ("0.0.0.0", [], True),
+        ("::", [], True),
+        ("10.0.0.5", [], True),
+        ("search.example.com", [], True),
+        ("0.0.0.0", [KEY], False),
+    ],
+)
+def test_an_open_app_is_allowed_only_on_loopback(host, keys, refused):
+    serve = load_settings(overrides={"serve": {"host": host, "auth": {"keys": keys}}}).serve
+    if refused:
+        with pytest.raises(ConfigError, match=r"serve\.host .*serve\.auth\.keys"):
+            check_exposure(serve)
+    else:
+        check_exposure(serve)
