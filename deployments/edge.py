@@ -19,8 +19,8 @@
 The replica calls :func:`configure` with its settings (one ingress per process).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the dependencies' annotations at run
+# time, and Serve ships this module's functions by value (string annotations would not resolve).
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
@@ -54,7 +54,7 @@ class Keyring:
     metrics_open: bool = False
 
     @classmethod
-    def from_config(cls, serve: ServeConfig) -> Keyring:
+    def from_config(cls, serve: ServeConfig) -> "Keyring":
         scopes: dict[bytes, frozenset[str]] = {}
         labels: dict[bytes, str] = {}
         for i, key in enumerate(serve.auth.keys):
