@@ -7,8 +7,17 @@ for cutting and for readers); ends stripped.
 Spans (``Chunk.start``, ``Chunk.end``) are code-point offsets into the document's ``text`` exactly
 as the producer sent it, so citations point at the producer's text. They are conservative:
 ``clean_text(text[start:end])`` always contains ``chunk.text``, and equals it unless a chunk edge
-falls inside a cluster (a base character and its marks) that NFC rewrote; then the slice holds at
-most the rest of that cluster.
+falls inside a cluster (a base character and its marks) that NFC rewrote and that cannot be cut
+there; then the slice holds at most the rest of that cluster.
+
+Each chunk also carries its alignment (``Chunk.alignment``, :mod:`actors.alignment`): the same map
+for every position of its text, so that any range of it (a word a query matched) maps back into
+the original text. A range ``[a, b)`` of ``chunk.text`` maps to ``[s, e)`` with
+``clean_text(text[s:e]) == chunk.text[a:b]`` whenever ``a`` and ``b`` lie at whitespace or word
+edges, with one exception: an edge inside a cluster that NFC rewrote so that no part of the
+original is the part before the edge (``"é\u0323"`` becomes ``"ẹ\u0301"``: no code point of it is
+the ``ẹ`` alone), or inside such a cluster of more than 32 code points. Then the range takes the
+whole cluster, and its cleaning holds the marks that follow.
 """
 
 from __future__ import annotations
@@ -16,13 +25,13 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
+from actors.alignment import Alignment
 from actors.models import resolve_model
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import ConfigError
@@ -33,8 +42,9 @@ if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
 
 # Part of every content hash: bump it when cleaning or cutting rules change, so that chunks stored
-# under older rules count as changed and get rewritten.
-CHUNKER_VERSION = 1
+# under older rules count as changed and get rewritten. 2: chunks carry their alignment, and
+# clusters NFC rewrote are cut finer where that maps exactly (spans may move).
+CHUNKER_VERSION = 2
 
 # Whitespace, C0/C1 controls and lone surrogates (JSON allows them; UTF-8 and tokenizers do not).
 _JUNK = r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
@@ -48,6 +58,7 @@ _SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]}\u00bb\u201d\u
 _CJK_STOPS = "\u3002\uff01\uff1f"  # end a sentence with no space after them
 _BOUNDARY_ZONE = 0.2  # a window looks for a nice place to end in its last 20%
 _MAX_SNAP = 8  # tokens a window's start may move back so that it begins at a word
+_MAX_SPLIT = 32  # code points of a cluster NFC rewrote beyond which it is not cut finer
 # Probes whether a tokenizer tokenizes a piece cut out at word edges as it did in context.
 _PROBE = "Riverbed keeps a memory. Don't panic: 42 naïve cafés, 日本語 too!\n\nNext (paragraph)."
 
@@ -65,6 +76,9 @@ class Chunk:
     end: int
     n_tokens: int
     """Tokens of ``text`` alone by the model's tokenizer, no special tokens; ``<= max_tokens``."""
+    alignment: str
+    """Where each code point of ``text`` lies in the original ``text``, relative to ``start``: ``""``
+    (position ``i`` is ``start + i``) or JSON pieces (see :mod:`actors.alignment`)."""
 
 
 @dataclass(frozen=True)
@@ -76,36 +90,7 @@ class ChunkedDocument:
     chunks: list[Chunk]
 
 
-class _Alignment:
-    """Maps positions of a derived string back to its source, piece by piece. A linear piece maps
-    code point ``i`` to ``i``; an opaque one (collapsed whitespace, a cluster NFC rewrote) maps
-    to its whole source range, which is what keeps spans conservative."""
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []  # derived start of each piece, increasing
-        self._pieces: list[tuple[int, int, bool]] = []  # (source start, source end, linear)
-
-    def add(self, derived: int, src_start: int, src_end: int, linear: bool) -> None:
-        if linear and self._pieces and self._pieces[-1][2] and self._pieces[-1][1] == src_start:
-            self._pieces[-1] = (self._pieces[-1][0], src_end, True)  # fewer pieces, faster bisect
-            return
-        self._starts.append(derived)
-        self._pieces.append((src_start, src_end, linear))
-
-    def start(self, pos: int) -> int:
-        """Source position where derived code point ``pos`` begins."""
-        i = bisect_right(self._starts, pos) - 1
-        src_start, _, linear = self._pieces[i]
-        return src_start + pos - self._starts[i] if linear else src_start
-
-    def end(self, pos: int) -> int:
-        """Source position where derived code point ``pos - 1`` ends (an exclusive end)."""
-        i = bisect_right(self._starts, pos - 1) - 1
-        src_start, src_end, linear = self._pieces[i]
-        return src_start + pos - self._starts[i] if linear else src_end
-
-
-def _nfc(text: str) -> tuple[str, _Alignment | None]:
+def _nfc(text: str) -> tuple[str, Alignment | None]:
     """NFC, with an alignment only when it changed something (rare: most text arrives NFC)."""
     if text.isascii() or unicodedata.is_normalized("NFC", text):
         return text, None
@@ -123,18 +108,41 @@ def _nfc(text: str) -> tuple[str, _Alignment | None]:
         cuts.append(match.end())
     cuts.append(len(text))
     out: list[str] = []
-    align, length = _Alignment(), 0
+    align, length = Alignment(), 0
     for src_start, src_end in pairwise(cuts):
-        if src_end > src_start:
-            piece = text[src_start:src_end]
-            normal = unicodedata.normalize("NFC", piece)
-            align.add(length, src_start, src_end, linear=normal == piece)
-            out.append(normal)
-            length += len(normal)
+        if src_end == src_start:
+            continue
+        piece = text[src_start:src_end]
+        normal = unicodedata.normalize("NFC", piece)
+        parts = [(len(piece), normal)] if normal == piece else _exact_parts(piece, normal)
+        for size, part in parts:
+            align.add(length, src_start, src_start + size, linear=part == text[src_start : src_start + size])
+            out.append(part)
+            length += len(part)
+            src_start += size
     return "".join(out), align
 
 
-def _collapse(text: str) -> tuple[str, _Alignment]:
+def _exact_parts(cluster: str, normal: str) -> list[tuple[int, str]]:
+    """``cluster``, which NFC rewrote into ``normal``, as parts ``(code points, their NFC)`` cut
+    wherever both sides normalise apart ("q" + reordered marks, "é" + a mark left over), so that
+    positions there map exactly. One part when there is no such cut, or the cluster is longer
+    than :data:`_MAX_SPLIT` (the search is quadratic)."""
+    if len(cluster) > _MAX_SPLIT:
+        return [(len(cluster), normal)]
+    parts: list[tuple[int, str]] = []
+    lo, done = 0, 0  # code points of cluster and of normal taken so far
+    for cut in range(1, len(cluster)):
+        left = unicodedata.normalize("NFC", cluster[lo:cut])
+        rest = normal[done + len(left) :]
+        if normal.startswith(left, done) and unicodedata.normalize("NFC", cluster[cut:]) == rest:
+            parts.append((cut - lo, left))
+            lo, done = cut, done + len(left)
+    parts.append((len(cluster) - lo, normal[done:]))
+    return parts
+
+
+def _collapse(text: str) -> tuple[str, Alignment]:
     """The whitespace and control part of cleaning, with its alignment."""
     lo, hi = 0, len(text)
     while lo < hi and _JUNK_CHAR.match(text, lo):
@@ -142,7 +150,7 @@ def _collapse(text: str) -> tuple[str, _Alignment]:
     while hi > lo and _JUNK_CHAR.match(text, hi - 1):
         hi -= 1
     out: list[str] = []
-    align, length, done = _Alignment(), 0, lo
+    align, length, done = Alignment(), 0, lo
     for match in _CHANGED_JUNK.finditer(text, lo, hi):
         run = match.group()
         # Controls alone join their neighbours ("ab\x00cd" -> "abcd"); whitespace separates.
@@ -257,7 +265,7 @@ class Chunker:
             for document, clean, encoding in zip(documents, cleaned, encodings, strict=True)
         ]
 
-    def _clean(self, document: DocumentEnvelope) -> tuple[str, _Alignment | None, _Alignment]:
+    def _clean(self, document: DocumentEnvelope) -> tuple[str, Alignment | None, Alignment]:
         if document.op != "upsert":
             raise ValueError(f"document {document.id!r}: cannot chunk a {document.op!r} envelope")
         nfc_text, nfc = _nfc(document.text or "")
@@ -340,25 +348,24 @@ class Chunker:
         self,
         document: DocumentEnvelope,
         text: str,
-        nfc: _Alignment | None,
-        collapse: _Alignment,
+        nfc: Alignment | None,
+        collapse: Alignment,
         encoding: Encoding,
     ) -> ChunkedDocument:
         offsets = encoding.offsets
         if not offsets:
             raise ValueError(f"document {document.id!r}: the tokenizer finds no tokens in its text")
         chunks: list[Chunk] = []
-        bounds: list[tuple[int, int, int, int]] = []
+        bounds: list[tuple[int, int, int, int, str]] = []
         for number, (first, end, n_tokens) in enumerate(self._windows(text, offsets, encoding.word_ids)):
             c0, c1 = _region(text, offsets, first, end)
-            start, stop = collapse.start(c0), collapse.end(c1)
-            if nfc is not None:
-                start, stop = nfc.start(start), nfc.end(stop)
+            align = collapse.then(nfc, c0, c1)
+            start, stop, stored = align.start(0), align.end(c1 - c0), align.dumps()
             cid = chunk_id(document.id, number)
-            chunks.append(Chunk(cid, document.id, number, text[c0:c1], start, stop, n_tokens))
-            bounds.append((c0, c1, start, stop))
-        # Spans are stored with the chunks, so an edit of the original text that moves them but
-        # leaves the cleaned text alone (whitespace) changes the hash too.
+            chunks.append(Chunk(cid, document.id, number, text[c0:c1], start, stop, n_tokens, stored))
+            bounds.append((c0, c1, start, stop, stored))
+        # Spans and alignments are stored with the chunks, so an edit of the original text that
+        # moves them but leaves the cleaned text alone (whitespace) changes the hash too.
         payload = {
             "chunker": CHUNKER_VERSION,
             "model": self._model,

@@ -47,7 +47,7 @@ import numpy as np
 from actors import store_schema
 from actors.store_schema import SCHEMA_VERSION
 from actors.store_write import (
-    COLUMNS,
+    CONTENT,
     SOURCE,
     StoreChanges,
     apply_write,
@@ -96,6 +96,9 @@ class ShardStore:
         self.model, self.dim = meta["model"], int(meta["dim"])
         self.store_id = meta.get("store_id", "")
         self._schema = store_schema.schema_version(meta)
+        # A read-only store from before schema 3 has no alignments: every chunk's is not known.
+        self._alignment = "alignment" if self._schema >= 3 else "NULL"
+        self._columns = f"{CONTENT}, {self._alignment}"
         self._seq = int(meta["seq"])
         if max_bytes is not None:
             self.set_max_bytes(max_bytes)
@@ -161,10 +164,12 @@ class ShardStore:
         found: dict[str, ChunkRecord] = {}
         with self._lock:
             for batch in batches(list(chunk_ids)):
-                sql = f"SELECT chunk_id, {COLUMNS} FROM chunks WHERE chunk_id IN ({marks(len(batch))})"
-                for cid, doc, n, text, title, start, end, meta, vec in self._conn.execute(sql, batch):
+                sql = f"SELECT chunk_id, {self._columns} FROM chunks WHERE chunk_id IN ({marks(len(batch))})"
+                for cid, doc, n, text, title, start, end, meta, vec, align in self._conn.execute(sql, batch):
                     vector = np.frombuffer(vec, "<f4").astype(np.float32)
-                    found[cid] = ChunkRecord(cid, doc, n, text, title, start, end, json.loads(meta), vector)
+                    found[cid] = ChunkRecord(
+                        cid, doc, n, text, title, start, end, json.loads(meta), vector, align
+                    )
         return [found.get(c) for c in chunk_ids]
 
     def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[list[Hit]]:
@@ -176,7 +181,7 @@ class ShardStore:
             for batch in batches(wanted):
                 sql = (
                     "SELECT id, chunk_id, document_id, number, text, title, span_start, span_end,"
-                    f" metadata FROM chunks WHERE id IN ({marks(len(batch))})"
+                    f" metadata, {self._alignment} FROM chunks WHERE id IN ({marks(len(batch))})"
                 )
                 rows.update((r[0], r[1:]) for r in self._conn.execute(sql, batch))
         result: list[list[Hit]] = []
@@ -184,8 +189,9 @@ class ShardStore:
             hits: list[Hit] = []
             for i, score in zip(row_ids, row_scores, strict=True):
                 if (row := rows.get(i)) is not None:
-                    cid, doc, number, text, title, start, end, meta = row
-                    hits.append(Hit(cid, doc, number, text, title, start, end, json.loads(meta), score))
+                    cid, doc, number, text, title, start, end, meta, align = row
+                    metadata = json.loads(meta)
+                    hits.append(Hit(cid, doc, number, text, title, start, end, metadata, score, align))
             result.append(hits)
         return result
 
@@ -285,15 +291,15 @@ class ShardStore:
         where, params = (filter or MetadataFilter()).to_sql("c.metadata")
         sql = (
             "SELECT c.chunk_id, c.document_id, c.number, c.text, c.title, c.span_start, c.span_end,"
-            " c.metadata, -bm25(chunks_fts, 1.0, ?) AS score"
+            f" c.metadata, {self._alignment}, -bm25(chunks_fts, 1.0, ?) AS score"
             " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid"
             f" WHERE chunks_fts MATCH ? AND {where} ORDER BY score DESC, c.id LIMIT ?"
         )
         with self._lock:
             rows = self._conn.execute(sql, [float(title_weight), match, *params, int(k)]).fetchall()
         return [
-            Hit(cid, doc, number, text, title, start, end, json.loads(meta), float(score))
-            for cid, doc, number, text, title, start, end, meta, score in rows
+            Hit(cid, doc, number, text, title, start, end, json.loads(meta), float(score), align)
+            for cid, doc, number, text, title, start, end, meta, align, score in rows
         ]
 
     def metadata_fields(self) -> set[str]:

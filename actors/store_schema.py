@@ -8,9 +8,13 @@ Schema versions:
   (``doc_versions``), and counters kept by triggers in the same transaction as the rows they count
   (``counters``: live chunks and document rows; ``metadata_keys``: live chunks per metadata key),
   so every figure health and metrics ask for is one row read, never a scan.
+- 3: adds each chunk's alignment to its document's text (``chunks.alignment``, see
+  :mod:`actors.alignment`). Rows written before stay NULL ("not known"): their documents' text is
+  not stored, so it cannot be derived here; a chunk gets one when its document is written again
+  (the chunker's content hash changed with it, so that rewrite is never skipped as unchanged).
 
-An upgrade is additive (columns and tables are added, nothing is dropped) and runs in the same
-transaction that opens the store, so a crash mid-way leaves the store as it was.
+An upgrade is additive (columns and tables are added, nothing is dropped, no row is rewritten) and
+runs in the same transaction that opens the store, so a crash mid-way leaves the store as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from schemas.errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,7 +38,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     vector BLOB NOT NULL,    -- little-endian float32 x dim
     seq INTEGER NOT NULL,    -- the write that inserted the row
     -- the record that wrote the row (NULL: an unversioned write)
-    source_topic TEXT, source_partition INTEGER, source_offset INTEGER
+    source_topic TEXT, source_partition INTEGER, source_offset INTEGER,
+    alignment TEXT  -- text positions in the document's text (NULL: written before schema 3)
 );
 CREATE INDEX IF NOT EXISTS chunks_document ON chunks (document_id, number);
 CREATE INDEX IF NOT EXISTS chunks_seq ON chunks (seq);
@@ -86,7 +91,12 @@ END;
 # Columns later versions added to tables that stores of version 1 already have.
 _ADDED_COLUMNS = {
     "documents": (("source_topic", "TEXT"), ("source_partition", "INTEGER"), ("source_offset", "INTEGER")),
-    "chunks": (("source_topic", "TEXT"), ("source_partition", "INTEGER"), ("source_offset", "INTEGER")),
+    "chunks": (
+        ("source_topic", "TEXT"),
+        ("source_partition", "INTEGER"),
+        ("source_offset", "INTEGER"),
+        ("alignment", "TEXT"),
+    ),
 }
 _COUNT_ROWS = (
     "INSERT OR REPLACE INTO counters VALUES"
@@ -163,6 +173,7 @@ def upgrade(cur: sqlite3.Cursor, meta: dict[str, str]) -> dict[str, str]:
         cur.execute("DELETE FROM metadata_keys")
         cur.execute(_COUNT_KEYS)
         cur.execute(_VERSIONS_FROM_DOCUMENTS)
+    if version < SCHEMA_VERSION:
         updates["schema_version"] = str(SCHEMA_VERSION)
     if "keyword_index" not in meta:  # a store from before the keyword index: index what it holds
         cur.execute("INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild')")

@@ -26,7 +26,10 @@ from schemas.ids import split_chunk_id
 from schemas.topology import Version, is_older
 
 BATCH = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter limit
-COLUMNS = "document_id, number, text, title, span_start, span_end, metadata, vector"
+# A record's stored columns, in ChunkRecord's field order: its content, then its alignment (a
+# column since schema 3).
+CONTENT = "document_id, number, text, title, span_start, span_end, metadata, vector"
+COLUMNS = f"{CONTENT}, alignment"
 SOURCE = "source_topic, source_partition, source_offset"
 _UPSERT_DOCUMENT = (
     "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (document_id) DO UPDATE SET"
@@ -231,7 +234,7 @@ class _Write:
         if old is not None:
             self.replaced += self._delete("id = ?", [old.id])
         self.cur.execute(
-            f"INSERT INTO chunks (chunk_id, {COLUMNS}, seq, {SOURCE}) VALUES ({marks(13)})",
+            f"INSERT INTO chunks (chunk_id, {COLUMNS}, seq, {SOURCE}) VALUES ({marks(14)})",
             (record.chunk_id, *row, self.seq, *(version or _NO_SOURCE)),
         )
         self.added.append((int(self.cur.lastrowid or 0), i))
@@ -274,7 +277,7 @@ def _row(record: ChunkRecord, vector: np.ndarray) -> tuple[Any, ...]:
     """The stored columns of a record, as SQLite returns them (for the equality check)."""
     metadata = json.dumps(record.metadata, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return (record.document_id, record.number, record.text, record.title, record.start,
-            record.end, metadata, vector.astype("<f4").tobytes())  # fmt: skip
+            record.end, metadata, vector.astype("<f4").tobytes(), record.alignment)  # fmt: skip
 
 
 def _document_of(chunk_id: str) -> str | None:

@@ -141,7 +141,16 @@ def _records(payload: _Upsert, unit: Unit) -> list[ChunkRecord]:
         raise ValueError(f"document {doc.document_id!r}: {len(doc.chunks)} chunks but {got} vectors")
     return [
         ChunkRecord(
-            c.chunk_id, doc.document_id, c.number, c.text, env.title, c.start, c.end, env.metadata, vectors[i]
+            c.chunk_id,
+            doc.document_id,
+            c.number,
+            c.text,
+            env.title,
+            c.start,
+            c.end,
+            env.metadata,
+            vectors[i],
+            alignment=c.alignment,
         )
         for i, c in enumerate(doc.chunks)
     ]

@@ -44,6 +44,10 @@ class ChunkRecord:
 
     ``start``/``end``: code-point span of the chunk in the document's ``text``.
     ``vector``: float32, shape ``(dim,)``, L2-normalised by the embedder (not re-checked here).
+    ``alignment``: where each code point of ``text`` lies in the document's text, as the chunker
+    stores it (plain text, see :mod:`actors.alignment`): ``""`` when position ``i`` is ``start +
+    i``, JSON pieces otherwise, None when not known (a chunk stored before alignments were).
+    Backends store and return it as it is.
     """
 
     chunk_id: str
@@ -55,12 +59,15 @@ class ChunkRecord:
     end: int
     metadata: Mapping[str, MetadataValue]
     vector: np.ndarray
+    alignment: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_id != make_chunk_id(self.document_id, self.number):
             raise ValueError(f"chunk_id {self.chunk_id!r} is not chunk {self.number} of {self.document_id!r}")
         if not 0 <= self.start <= self.end:
             raise ValueError(f"chunk {self.chunk_id!r}: bad span [{self.start}, {self.end})")
+        if self.alignment is not None and not isinstance(self.alignment, str):
+            raise ValueError(f"chunk {self.chunk_id!r}: alignment must be a str or None")
         # The one definition of what metadata may hold: anything else would make SQL filters
         # disagree with MetadataFilter.matches, or could not be stored at all.
         if (problem := metadata_problem(self.metadata)) is not None:
@@ -78,12 +85,13 @@ class ChunkRecord:
 
     def without_vector(self) -> tuple[object, ...]:
         return (self.chunk_id, self.document_id, self.number, self.text, self.title,
-                self.start, self.end, self.metadata)  # fmt: skip
+                self.start, self.end, self.metadata, self.alignment)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result. ``score``: inner product with the query; higher is better."""
+    """One search result. ``score``: inner product with the query (or BM25); higher is better.
+    ``alignment``: the chunk's, as written (see :class:`ChunkRecord`)."""
 
     chunk_id: str
     document_id: str
@@ -94,6 +102,7 @@ class Hit:
     end: int
     metadata: Mapping[str, MetadataValue]
     score: float
+    alignment: str | None = None
 
     @property
     def span(self) -> tuple[int, int]:

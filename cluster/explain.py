@@ -51,15 +51,16 @@ def format_explanation(answer: dict[str, Any]) -> str:
         elif answer["mode"] != "vector":
             parts.append("keyword: no match in its candidates")
         lines.append(f"\n{i}. {hit['chunk_id']}  [{hit['title']}]  " + ", ".join(parts))
-        lines.append("   " + _marked(hit["text"], hit["span"][0], ex.get("matched_terms", [])))
+        lines.append("   " + _marked(hit["text"], ex.get("matched_terms", [])))
     return "\n".join(lines)
 
 
-def _marked(text: str, start: int, terms: list[dict[str, Any]], width: int = 400) -> str:
-    """``text`` with each matched term bracketed (term offsets are in document coordinates)."""
+def _marked(text: str, terms: list[dict[str, Any]], width: int = 400) -> str:
+    """``text`` with each matched term bracketed (``text_start``/``text_end``: offsets in the hit's
+    text; ``start``/``end`` are the document's)."""
     out, last = [], 0
-    for term in sorted(terms, key=lambda t: t["start"]):
-        a, b = term["start"] - start, term["end"] - start
+    for term in sorted(terms, key=lambda t: t["text_start"]):
+        a, b = term["text_start"], term["text_end"]
         if a < last or b > len(text):
             continue
         out.append(text[last:a] + "[" + text[a:b] + "]")

@@ -15,6 +15,7 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from actors.alignment import chunk_alignment
 from actors.vector_index import Hit
 
 
@@ -101,13 +102,22 @@ def _fold(word: str) -> str:
 
 
 def matched_terms(query: str, hit: Hit) -> list[dict[str, object]]:
-    """The query's words found in the chunk's text: ``{"term", "start", "end"}`` with offsets in
-    the DOCUMENT's text (the chunk starts at ``hit.start``), in text order."""
+    """The query's words found in the chunk's text, in text order: ``{"term", "start", "end",
+    "text_start", "text_end"}``.
+
+    ``start``/``end`` are code points of the DOCUMENT's text as its producer sent it, mapped
+    through the chunk's alignment, so ``document[start:end]`` is the word as written (cleaning
+    that slice gives ``term``; see :mod:`actors.chunker` for the one exception, an edge inside
+    a cluster NFC rewrote). Both are None when the chunk's alignment is not known (stored before
+    alignments, and not plain ASCII as long as its span). ``text_start``/``text_end`` are
+    offsets in the hit's ``text``.
+    """
     wanted = {_fold(w) for w in _WORD.findall(query)}
+    align = chunk_alignment(hit.alignment, hit.text, hit.span)
     found: list[dict[str, object]] = []
     for match in _WORD.finditer(hit.text):
         if _fold(match.group()) in wanted:
-            found.append(
-                {"term": match.group(), "start": hit.start + match.start(), "end": hit.start + match.end()}
-            )
+            a, b = match.span()
+            start, end = (align.start(a), align.end(b)) if align is not None else (None, None)
+            found.append({"term": match.group(), "start": start, "end": end, "text_start": a, "text_end": b})
     return found

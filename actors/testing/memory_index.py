@@ -176,4 +176,5 @@ def _hit(record: ChunkRecord, score: float) -> Hit:
         end=record.end,
         metadata=dict(record.metadata),
         score=score,
+        alignment=record.alignment,
     )

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
+import unicodedata
 
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from actors.alignment import chunk_alignment
 from actors.chunker import Chunk, ChunkedDocument, Chunker, clean_text
 from actors.models import resolve_model
 from schemas.envelope import DocumentEnvelope
@@ -23,6 +26,8 @@ VOCABULARY = (
     "extraordinary riverbed kafka partition offset replay"
 )
 WORDS = VOCABULARY.split()
+WORD = re.compile(r"\w+")
+JUNK = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +87,29 @@ def check_spans(
                 c.start <= previous.end or count(tokenizer, clean_text(original[previous.end : c.start])) == 0
             )
         previous = c
+        check_words(original, c)
+
+
+def word_spans(original: str, chunk: Chunk) -> list[tuple[str, str]]:
+    """Each word of the chunk's text, with the slice of ``original`` its alignment maps it to."""
+    align = chunk_alignment(chunk.alignment, chunk.text, (chunk.start, chunk.end))
+    assert align is not None
+    assert (align.start(0), align.end(len(chunk.text))) == (chunk.start, chunk.end)
+    return [
+        (m.group(), original[align.start(m.start()) : align.end(m.end())]) for m in WORD.finditer(chunk.text)
+    ]
+
+
+def check_words(original: str, chunk: Chunk) -> None:
+    """Every word of a chunk maps to the words as the producer wrote them: the slice begins and
+    ends with the word, and cleans to it; or, the one exception (an edge inside a cluster NFC
+    rewrote so that no part of the original is the word's end), cleans to it plus marks."""
+    for word, written in word_spans(original, chunk):
+        assert not JUNK.match(written[0]) and not JUNK.match(written[-1]), (word, written)
+        cleaned = clean_text(written)
+        if cleaned != word:
+            rest = cleaned.removeprefix(word)
+            assert rest != cleaned and all(unicodedata.category(c).startswith("M") for c in rest)
 
 
 def test_short_document_is_one_chunk_covering_the_text(chunker: Chunker, reference) -> None:
@@ -89,7 +117,7 @@ def test_short_document_is_one_chunk_covering_the_text(chunker: Chunker, referen
     chunked = chunker.chunk(doc(text))
     assert chunked.document_id == "doc"
     assert chunked.chunks == [
-        Chunk("doc#0", "doc", 0, text, 0, len(text), count(reference, text)),
+        Chunk("doc#0", "doc", 0, text, 0, len(text), count(reference, text), alignment=""),
     ]
 
 
@@ -139,6 +167,50 @@ def test_spans_of_many_chunks_in_messy_text(small: Chunker, reference) -> None:
         assert clean_text(original[c.start : c.end]) == c.text
 
 
+def test_words_map_back_to_the_words_as_the_producer_wrote_them(chunker: Chunker) -> None:
+    """Whitespace runs, CRLF, NFD that NFC composes, controls inside and between words: each
+    word's mapped offsets slice the original to that word as written."""
+    original = (
+        "  Cafe\u0301\t\tau   lait.\r\n\r\nSecond\x00 para\x00graph,\x07  cre\u0300me\r\n"
+        "bru\u0302le\u0301e   and A\u030angstro\u0308m.\n"
+    )
+    [c] = chunker.chunk(doc(original)).chunks
+    assert c.text == "Café au lait.\n\nSecond paragraph, crème brûlée and Ångström."
+    assert c.alignment != ""
+    as_written = dict(word_spans(original, c))
+    assert as_written == {
+        "Café": "Cafe\u0301",
+        "au": "au",
+        "lait": "lait",
+        "Second": "Second",
+        "paragraph": "para\x00graph",
+        "crème": "cre\u0300me",
+        "brûlée": "bru\u0302le\u0301e",
+        "and": "and",
+        "Ångström": "A\u030angstro\u0308m",
+    }
+    for word, written in as_written.items():
+        assert clean_text(written) == word
+        assert unicodedata.normalize("NFC", written.replace("\x00", "")) == word
+
+
+def test_clusters_nfc_rewrote_are_cut_where_that_maps_exactly(chunker: Chunker) -> None:
+    # NFC reorders the marks after q and composes the first acute into é, leaving the second:
+    # the letters alone still map to themselves.
+    original = "q\u0301\u0323 e\u0301\u0301 x"
+    [c] = chunker.chunk(doc(original)).chunks
+    assert c.text == "q\u0323\u0301 \u00e9\u0301 x"
+    assert word_spans(original, c) == [("q", "q"), ("\u00e9", "e\u0301"), ("x", "x")]
+    # No part of "é" + dot below is the "ẹ" that NFC makes of it: the word takes the cluster.
+    [c] = chunker.chunk(doc("caf\u00e9\u0323 ok")).chunks
+    assert word_spans("caf\u00e9\u0323 ok", c) == [("caf\u1eb9", "caf\u00e9\u0323"), ("ok", "ok")]
+
+
+def test_clean_text_has_the_identity_alignment(chunker: Chunker) -> None:
+    for text in ("Plain text, one space each.", "Line one\nline two\ttabbed.", "Déjà vu, naïve café."):
+        assert [c.alignment for c in chunker.chunk(doc(text)).chunks] == [""]
+
+
 def test_cleaning_rules() -> None:
     assert clean_text("a  b\tc\nd") == "a b c d"
     assert clean_text("a\n \nb\r\n\r\nc\n\n\n\nd") == "a\n\nb\n\nc\n\nd"
@@ -155,6 +227,7 @@ def test_content_hash_is_stable_and_tracks_what_chunks_depend_on(chunker: Chunke
     changes = [
         {"text": "Some other text here."},
         {"text": "Some  text here."},  # same cleaned text, but the stored spans move
+        {"text": "Some text  here."},  # the same spans as above, but another alignment
         {"title": "U"},
         {"title": None},
         {"metadata": {"lang": "de"}},

@@ -1,11 +1,22 @@
-"""Merging shard results and reciprocal rank fusion."""
+"""Merging shard results, reciprocal rank fusion, and the matched terms explain reports."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
+from actors.chunker import clean_text
+from actors.faiss_index import FaissIndex
+from actors.processor import Item, Record
+from actors.testing import HashEmbedder
+from actors.testing.downstream import LocalDownstream
+from actors.text_processor import TextProcessor
 from actors.vector_index import Hit
 from deployments.fusion import fuse, matched_terms, merge_shards
+from schemas.envelope import DocumentEnvelope
+from schemas.settings import ChunkConfig, FaissConfig
+from tests.unit.test_vector_index_contract import scratch_dir
 
 
 def hit(cid: str, score: float, text: str = "t", start: int = 0) -> Hit:
@@ -57,3 +68,106 @@ def test_matched_terms_are_in_document_coordinates():
     assert [f["term"] for f in found] == ["Cats", "sleeping", "cat", "sleeps"]
     first = found[0]
     assert (first["start"], first["end"]) == (100, 104)
+
+
+# -- matched terms in the document's own text ---------------------------------------------------
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DIM = 16
+MESSY = (
+    "  The Cafe\u0301   au lait\r\nof Ro\u0308ntgen\x00 street\t\t(since 1901),\r\n\r\n"
+    "served\x07 every\u00a0 morning; the ca\x00fe\u0301 opens   early.  "
+)
+
+
+@pytest.fixture(scope="module")
+def processor() -> TextProcessor:
+    processor = TextProcessor(ChunkConfig(), MODEL)
+    processor.warm_up()
+    return processor
+
+
+@pytest.fixture
+def index() -> Iterator[FaissIndex]:
+    with scratch_dir() as directory:
+        index = FaissIndex(directory / "shard-000", MODEL, DIM, FaissConfig(kind="flat", omp_threads=1))
+        yield index
+        index.close()
+
+
+def ingest(processor: TextProcessor, index: FaissIndex, offset: int, **fields: object) -> int:
+    """Writes one document through the processor as the consumer would; returns its chunks written."""
+    downstream = LocalDownstream(HashEmbedder(dim=DIM), [index])
+    envelope = DocumentEnvelope.model_validate({"kind": "document", **fields})
+    item = Item(Record("docs", 0, offset, None, None), envelope)
+    units, failed = processor.prepare([item], downstream.stored([envelope.id]))
+    assert not failed
+    for unit in units:
+        unit.vectors = downstream.embed(unit.texts).result()
+    writes = processor.writes(units, 1)
+    written = downstream.write(writes.phase1)[0].upserted
+    downstream.write(writes.phase2)
+    return written
+
+
+def test_matched_terms_slice_the_document_to_the_words_as_written(processor, index) -> None:
+    ingest(processor, index, 0, id="messy", text=MESSY)
+    [hit] = index.keyword_search(["cafe roentgen street lait since morning opens"], 5)[0]
+    assert hit.alignment and hit.text.startswith("The Café au lait of Röntgen street")
+    found = matched_terms("café röntgen street lait since morning opens", hit)
+    assert [f["term"] for f in found] == [
+        "Café",
+        "lait",
+        "Röntgen",
+        "street",
+        "since",
+        "morning",
+        "café",
+        "opens",
+    ]
+    written = [MESSY[f["start"] : f["end"]] for f in found]  # type: ignore[misc]
+    assert written == [
+        "Cafe\u0301",
+        "lait",
+        "Ro\u0308ntgen",
+        "street",
+        "since",
+        "morning",
+        "ca\x00fe\u0301",
+        "opens",
+    ]
+    for f, as_written in zip(found, written, strict=True):
+        assert clean_text(as_written) == f["term"] == hit.text[f["text_start"] : f["text_end"]]  # type: ignore[misc]
+    # The vector side returns the same chunk with the same alignment.
+    [vector_hit] = index.search(HashEmbedder(dim=DIM).embed([hit.text]), 1)[0]
+    assert vector_hit.alignment == hit.alignment
+
+
+def test_a_whitespace_edit_that_keeps_the_cleaned_text_moves_the_terms(processor, index) -> None:
+    assert ingest(processor, index, 0, id="d", text="Some  text here.") == 1
+    assert ingest(processor, index, 1, id="d", text="Some text  here.") == 1  # not skipped as unchanged
+    [hit] = index.keyword_search(["here"], 1)[0]
+    [term] = matched_terms("here", hit)
+    assert (term["start"], term["end"]) == (11, 15)
+
+
+def test_matched_terms_of_a_chunk_with_no_alignment_have_offsets_only_where_exact() -> None:
+    plain = Hit("a#0", "a", 0, "cat naps", None, 10, 18, {}, 1.0, alignment=None)
+    assert [(f["start"], f["end"]) for f in matched_terms("cat", plain)] == [(10, 13)]
+    accented = Hit("b#0", "b", 0, "café naps", None, 10, 20, {}, 1.0, alignment=None)
+    [term] = matched_terms("café", accented)
+    assert (term["term"], term["start"], term["end"], term["text_start"], term["text_end"]) == (
+        "café",
+        None,
+        None,
+        0,
+        4,
+    )
+
+
+def test_matched_terms_follow_a_stored_alignment() -> None:
+    # "a cat" from "a \r\n cat": the run "\r\n " (source 1..5) became one space
+    h = hit("d#0", 1.0, text="a cat", start=20)
+    aligned = Hit(**{**h.__dict__, "end": 27, "alignment": "[[0,0],[1,1,4],[2,4]]"})
+    [term] = matched_terms("cats", aligned)
+    assert (term["start"], term["end"], term["text_start"]) == (24, 27, 2)

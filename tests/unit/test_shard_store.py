@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 from actors.faiss_index import FaissIndex
 from actors.shard_store import DB_NAME, SCHEMA_VERSION, ShardStore
 from actors.store_write import classify
-from actors.vector_index import ChunkRecord, DocumentRow, ShardWrite
+from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite
+from deployments.fusion import matched_terms
 from schemas.errors import ConfigError, ProcessingError, RetryableError, StorageFullError
 from schemas.settings import FaissConfig
 from tests.unit.test_vector_index_contract import DIM, MODEL, make_corpus, make_document, scratch_dir
@@ -220,7 +222,7 @@ def write_v1_store(directory: Path, records: list[ChunkRecord]) -> None:
 
 
 def test_a_version_1_store_is_upgraded_in_place(shard_dir: Path) -> None:
-    corpus = make_corpus(seed=33, n_docs=20)
+    corpus = [replace(r, alignment=None) for r in make_corpus(seed=33, n_docs=20)]  # none stored then
     write_v1_store(shard_dir, corpus)
     reader = ShardStore.read_only(shard_dir)  # before any writer opened it: read as it is
     assert (reader.count(), reader.document_count(), reader.get_document_versions(["doc-0"])) == (
@@ -231,8 +233,8 @@ def test_a_version_1_store_is_upgraded_in_place(shard_dir: Path) -> None:
     reader.close()
     index = FaissIndex(shard_dir, MODEL, DIM, FLAT)
     store = index._open()
-    assert store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
-    assert SCHEMA_VERSION == 2 and len(store.store_id) == 32
+    assert store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert SCHEMA_VERSION == 3 and len(store.store_id) == 32
     keys = {k for r in corpus for k in r.metadata}
     assert (index.count(), index.document_count(), index.metadata_fields()) == (len(corpus), 2, keys)
     assert index.vector_count() == len(corpus)
@@ -260,10 +262,65 @@ def test_a_version_1_store_is_upgraded_in_place(shard_dir: Path) -> None:
 def test_a_store_of_a_newer_schema_is_refused(shard_dir: Path) -> None:
     ShardStore(shard_dir, MODEL, DIM).close()
     conn = sqlite3.connect(shard_dir / DB_NAME)
-    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(ConfigError, match="store schema 3, written by a newer riverbed"):
+    with pytest.raises(ConfigError, match="store schema 4, written by a newer riverbed"):
         ShardStore(shard_dir, MODEL, DIM)
-    with pytest.raises(ConfigError, match="store schema 3"):
+    with pytest.raises(ConfigError, match="store schema 4"):
         ShardStore.read_only(shard_dir)
+
+
+def write_v2_store(directory: Path, records: list[ChunkRecord]) -> None:
+    """A store of schema version 2 holding ``records``: today's tables less the alignment column,
+    which is all that version 3 added."""
+    store = ShardStore(directory, MODEL, DIM)
+    store.apply(ShardWrite(upserts=records, documents={"old": DocumentRow("h-old", len(records))}))
+    store.close()
+    conn = sqlite3.connect(directory / DB_NAME)
+    conn.execute("ALTER TABLE chunks DROP COLUMN alignment")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_2_store_migrates_and_its_chunks_answer_with_offsets_only_where_exact(
+    shard_dir: Path,
+) -> None:
+    vectors = make_document(np.random.default_rng(34), "old", 2)
+    # Chunk 0: ASCII text as long as its span. Chunk 1: its document said "Cafe\u0301  crème".
+    old = [
+        ChunkRecord("old#0", "old", 0, "plain words here", None, 0, 16, {}, vectors[0].vector),
+        ChunkRecord("old#1", "old", 1, "Café crème", None, 17, 29, {}, vectors[1].vector),
+    ]
+    write_v2_store(shard_dir, old)
+    reader = ShardStore.read_only(shard_dir)  # not upgraded: read as it is, no alignments
+    assert [h.alignment for h in reader.keyword_search("words crème", 5)] == [None, None]
+    reader.close()
+    index = FaissIndex(shard_dir, MODEL, DIM, FLAT)
+    store = index._open()
+    assert store._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert index.get(["old#0", "old#1"]) == old and index.document_count() == 1
+    plain, accented = (index.search(r.vector[None], 1)[0][0] for r in old)
+    assert (plain.chunk_id, plain.alignment, accented.chunk_id, accented.alignment) == (
+        "old#0",
+        None,
+        "old#1",
+        None,
+    )
+    [words] = matched_terms("words", plain)
+    assert (words["start"], words["end"]) == (6, 11)
+    [creme] = matched_terms("creme", accented)
+    assert (creme["term"], creme["start"], creme["end"], creme["text_start"]) == ("crème", None, None, 5)
+    # Written again (the chunker's hash changed with alignments), the chunk gets its alignment.
+    realigned = replace(old[1], alignment="[[0,0],[3,3,5],[4,5,7],[5,7]]")
+    assert index.upsert([realigned]).upserted == 1
+    [hit] = index.keyword_search(["crème"], 1)[0]
+    assert isinstance(hit, Hit) and hit.alignment == realigned.alignment
+    document = "plain words here Cafe\u0301  crème"
+    [creme] = matched_terms("creme", hit)
+    assert document[creme["start"] : creme["end"]] == "crème"  # type: ignore[misc]
+    index.close()
+    reopened = ShardStore.read_only(shard_dir)
+    assert reopened.get(["old#1"]) == [realigned]
+    reopened.close()

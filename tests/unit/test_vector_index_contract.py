@@ -19,7 +19,15 @@ import pytest
 
 from actors.faiss_index import FaissIndex
 from actors.testing import InMemoryIndex
-from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, VectorIndex, WriteResult
+from actors.vector_index import (
+    ChunkRecord,
+    DocumentRow,
+    Hit,
+    KeywordSearch,
+    ShardWrite,
+    VectorIndex,
+    WriteResult,
+)
 from schemas.errors import ConfigError
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id
@@ -70,6 +78,10 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+# Alignments as the chunker writes them: the identity, pieces, and none (a chunk from an old store).
+ALIGNMENTS = ("", "[[0,0],[4,4,6],[5,6]]", None)
+
+
 def make_document(rng: np.random.Generator, doc: str, n_chunks: int, text: str = "body") -> list[ChunkRecord]:
     meta: dict[str, str | int | float | bool] = {
         "lang": str(rng.choice(["en", "de", "fr"])),
@@ -89,6 +101,7 @@ def make_document(rng: np.random.Generator, doc: str, n_chunks: int, text: str =
             10 * i + 9,
             meta,
             vectors[i],
+            ALIGNMENTS[i % len(ALIGNMENTS)],
         )
         for i in range(n_chunks)
     ]
@@ -212,6 +225,26 @@ class TestVectorIndexContract:
         assert ids(index.search(new_vector[None], 5, MetadataFilter.parse({"lang": "xx"}))[0]) == [
             old.chunk_id
         ]
+
+    def test_alignments_are_kept_as_written_and_a_new_one_replaces_the_chunk(
+        self, make: Callable[..., VectorIndex], corpus: list[ChunkRecord]
+    ) -> None:
+        index = make()
+        index.upsert(corpus)
+        sample = [next(r for r in corpus if r.number == n) for n in range(len(ALIGNMENTS))]
+        assert [r.alignment for r in index.get([r.chunk_id for r in sample])] == list(ALIGNMENTS)
+        for record in sample:
+            [top] = index.search(record.vector[None], 1)[0]
+            assert (top.chunk_id, top.alignment) == (record.chunk_id, record.alignment)
+        realigned = ChunkRecord(**{**sample[2].__dict__, "alignment": ""})  # re-chunked: now known
+        assert index.upsert([realigned]).upserted == 1
+        assert index.get([realigned.chunk_id]) == [realigned]
+        assert index.search(realigned.vector[None], 1)[0][0].alignment == ""
+        if isinstance(index, KeywordSearch):
+            hits = index.keyword_search([sample[1].text], 50)[0]
+            assert {h.chunk_id: h.alignment for h in hits}[sample[1].chunk_id] == ALIGNMENTS[1]
+        with pytest.raises(ValueError, match="alignment must be a str"):
+            ChunkRecord(**{**sample[0].__dict__, "alignment": [[0, 0]]})
 
     def test_truncate_removes_only_the_stale_tail(self, make: Callable[..., VectorIndex]) -> None:
         rng = np.random.default_rng(1)
