@@ -108,6 +108,15 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _unreadable(parse_error: BaseException) -> str:
+    """Why FastAPI's JSON parser failed other than by a syntax error (it answers those with a bare
+    400 that chains the parser's exception): nesting deeper than Python recurses, or bytes that
+    are not UTF-8."""
+    if isinstance(parse_error, RecursionError):
+        return "the body is not JSON we can read: nested too deeply"
+    return f"the body is not valid JSON: {type(parse_error).__name__}: {_first_line(parse_error)}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -131,6 +140,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            return error_response(400, "invalid_json", _unreadable(exc.__cause__))
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 

@@ -16,9 +16,11 @@ and answer whatever state the shards and sources are in.
 import asyncio
 import base64
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import ray
@@ -55,8 +57,13 @@ from schemas.api import (
     SearchRequest,
     SearchResponse,
 )
-from schemas.envelope import DocumentEnvelope, ImageEnvelope, encode_envelope, validate_envelope
-from schemas.errors import PoisonMessageError, RetryableError
+from schemas.envelope import (
+    DocumentEnvelope,
+    ImageEnvelope,
+    InvalidEnvelopeError,
+    encode_envelope,
+    validate_envelope,
+)
 from schemas.metadata import loads_json
 from schemas.settings import Settings, check_exposure
 from schemas.topology import actor_name
@@ -69,6 +76,11 @@ HEALTH_TIMEOUT_S = 10.0
 """``/healthz`` and ``/metrics`` wait this long for the shards' figures."""
 SOURCE_STATS_TIMEOUT_S = 5.0
 """A running source whose ``stats()`` takes longer is reported as a problem by ``/healthz``."""
+BROKER_WAIT_S = 5.0
+"""How long producing documents waits for the broker, at each step: to connect (a new producer),
+for a topic's metadata or buffer space (``max_block_ms``), and for the acknowledgements. Past it
+the request answers 503 ``broker_unavailable``; its records may still land later, and posting the
+same envelopes again is safe (an upsert replaces its id's document, a delete of a gone id is none)."""
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "bad input: the field (`param`) and the reason"},
     401: {"model": ErrorResponse, "description": "no API key, or one this app does not know"},
@@ -148,6 +160,24 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
+_Record = tuple[DocumentEnvelope | ImageEnvelope, str, bytes, bytes]
+"""An envelope as produced: (envelope, topic, key, value)."""
+
+
+def _check_path_utf8(request: Request, param: str) -> None:
+    """400 naming ``param`` when the request's path is not UTF-8 once percent-decoded
+    (``%ED%A0%80`` is a lone surrogate's bytes): the server decodes such bytes to U+FFFD, so the
+    handler would act on an id the client never sent."""
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return  # a server that does not pass the raw path: nothing more to check
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = f"{param} is not UTF-8 once percent-decoded ({exc.reason} at byte {exc.start})"
+        raise ApiError(400, "invalid_request", message, param) from exc
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -164,8 +194,7 @@ class Ingress:
         check_exposure(settings.serve)  # an open app on a public address is refused here too
         configure(settings.serve)
         set_max_body_bytes(settings.serve.max_body_bytes)
-        self._producer: Any = None
-        self._producer_lock = asyncio.Lock()
+        self._producer: asyncio.Future[Any] | None = None  # its build: see _producer_build
         self._model: dict[str, Any] | None = None
 
     # SEARCH
@@ -295,12 +324,12 @@ class Ingress:
             raise ApiError(400, "invalid_request", message, "documents")
         envelopes = []
         for i, item in enumerate(items):
-            try:
-                envelope = validate_envelope(item)
-                encode_envelope(envelope)  # what cannot be encoded (a lone surrogate) is bad input too
-            except (PoisonMessageError, UnicodeError, ValueError) as exc:
-                raise ApiError(400, "invalid_envelope", f"documents[{i}]: {exc}", f"documents[{i}]") from exc
-            envelopes.append(envelope)
+            try:  # a valid envelope can be encoded and stored: its strings and numbers are checked
+                envelopes.append(validate_envelope(item))
+            except InvalidEnvelopeError as exc:
+                where = f"documents[{i}]"
+                param = f"{where}.{exc.field}" if exc.field else where
+                raise ApiError(400, "invalid_envelope", f"{where}: {exc}", param) from exc
         return DocumentsResponse(records=await self._produce(envelopes))
 
     @app.delete(
@@ -310,8 +339,9 @@ class Ingress:
         responses=_ERRORS,
         dependencies=WRITE,
     )
-    async def delete_document(self, document_id: str) -> DocumentsResponse:
+    async def delete_document(self, document_id: str, request: Request) -> DocumentsResponse:
         """Produces a delete for the document: every chunk of it goes, everywhere."""
+        _check_path_utf8(request, "document_id")
         try:
             envelope = DocumentEnvelope(id=document_id, op="delete")
         except ValueError as exc:
@@ -324,8 +354,9 @@ class Ingress:
         responses=_ERRORS,
         dependencies=READ,
     )
-    async def get_document(self, document_id: str) -> DocumentStatus:
+    async def get_document(self, document_id: str, request: Request) -> DocumentStatus:
         """Whether the document is indexed, its chunk count and the record its content came from."""
+        _check_path_utf8(request, "document_id")
         info = await self._call(self.retriever.document.remote(document_id))
         source = info.get("source")
         return DocumentStatus(
@@ -398,17 +429,56 @@ class Ingress:
         return self._model
 
     async def _produce(self, envelopes: list[DocumentEnvelope | ImageEnvelope]) -> list[ProducedRecord]:
-        async with self._producer_lock:
-            if self._producer is None:
-                self._producer = await asyncio.to_thread(self._make_producer)
+        """Produces ``envelopes`` and says where each landed. Sizes are checked before anything is
+        sent (a 413 produces none of them). A broker that is down or does not answer within
+        :data:`BROKER_WAIT_S` is a 503 ``broker_unavailable``; the producer that failed is dropped,
+        so the next request builds a fresh one."""
+        from kafka.errors import KafkaError
+
+        records = [self._record(i, env) for i, env in enumerate(envelopes)]
+        build = self._producer_build()
         try:
-            return await asyncio.to_thread(self._produce_blocking, envelopes)
-        except RetryableError as exc:
-            raise ApiError(503, "broker_unavailable", str(exc)) from exc
+            producer = await asyncio.shield(build)  # one client leaving does not cancel others' build
+            return await asyncio.to_thread(self._produce_blocking, producer, records)
+        except KafkaError as exc:
+            self._drop_producer(build)
+            message = f"the broker ({self.servers}) did not take the documents: {type(exc).__name__}: {exc}"
+            raise ApiError(503, "broker_unavailable", f"{message}; retry shortly") from exc
+
+    def _record(self, i: int, env: DocumentEnvelope | ImageEnvelope) -> _Record:
+        """``env`` as (envelope, topic, key, value); 413 naming it when it is over the record limit."""
+        key, value = encode_envelope(env)
+        limit = self.settings.kafka.max_record_bytes
+        if len(value) > limit:
+            message = f"document {env.id!r} is {len(value)} bytes encoded; the limit is {limit}"
+            raise ApiError(413, "body_too_large", message, f"documents[{i}]")
+        topics = self.settings.kafka.topics
+        return env, topics.images if isinstance(env, ImageEnvelope) else topics.documents, key, value
+
+    def _producer_build(self) -> asyncio.Future[Any]:
+        """The build of this replica's producer, started on first use and again after one failed:
+        concurrent requests share a build, so a dead broker costs each of them one wait, not one
+        per request ahead of it. Called on the event loop only (no await between check and set)."""
+        build = self._producer
+        if build is None or (build.done() and (build.cancelled() or build.exception() is not None)):
+            build = self._producer = asyncio.ensure_future(asyncio.to_thread(self._make_producer))
+        return build
+
+    def _drop_producer(self, build: asyncio.Future[Any]) -> None:
+        """Forgets a producer whose send failed and closes it in the background, leaving other
+        requests' sends on it :data:`BROKER_WAIT_S` to finish."""
+        if self._producer is build:
+            self._producer = None
+        if build.done() and not build.cancelled() and build.exception() is None:
+            threading.Thread(target=build.result().close, args=(BROKER_WAIT_S,), daemon=True).start()
 
     def _make_producer(self) -> Any:
+        """A producer that waits at most :data:`BROKER_WAIT_S` for the broker at each step (its
+        defaults wait 30 s to connect and 60 s for metadata); raises ``KafkaTimeoutError`` when the
+        broker cannot be reached in that time."""
         from kafka import KafkaProducer
 
+        wait_ms = int(BROKER_WAIT_S * 1000)
         return KafkaProducer(
             bootstrap_servers=self.servers,
             client_id=f"riverbed-http-{self.settings.index.name}",
@@ -416,34 +486,22 @@ class Ingress:
             enable_idempotence=True,
             linger_ms=5,
             max_request_size=self.settings.kafka.max_record_bytes + 64 * 1024,
+            bootstrap_timeout_ms=wait_ms,
+            max_block_ms=wait_ms,
         )
 
-    def _produce_blocking(self, envelopes: list[DocumentEnvelope | ImageEnvelope]) -> list[ProducedRecord]:
-        from kafka.errors import KafkaError
-
-        topics = self.settings.kafka.topics
-        sent = []
-        for env in envelopes:
-            key, value = encode_envelope(env)
-            if len(value) > self.settings.kafka.max_record_bytes:
-                raise ApiError(
-                    413, "body_too_large", f"document {env.id!r} is {len(value)} bytes encoded; "
-                    f"the limit is {self.settings.kafka.max_record_bytes}", "documents",
-                )  # fmt: skip
-            topic = topics.images if isinstance(env, ImageEnvelope) else topics.documents
-            sent.append((env, topic, self._producer.send(topic, key=key, value=value)))
-        try:
-            records = []
-            for env, topic, future in sent:
-                meta = future.get(timeout=30)
-                records.append(
-                    ProducedRecord(
-                        id=env.id, op=env.op, topic=topic, partition=meta.partition, offset=meta.offset
-                    )
-                )
-            return records
-        except KafkaError as exc:
-            raise RetryableError(f"producing to {self.servers} failed: {exc}") from exc
+    def _produce_blocking(self, producer: Any, records: list[_Record]) -> list[ProducedRecord]:
+        """Sends every record, then waits for their acknowledgements, all within
+        :data:`BROKER_WAIT_S` of the last send; raises ``KafkaError`` (``KafkaTimeoutError`` when
+        time runs out)."""
+        sent = [(env, topic, producer.send(topic, key=k, value=v)) for env, topic, k, v in records]
+        deadline = time.monotonic() + BROKER_WAIT_S
+        produced = []
+        for env, topic, future in sent:
+            meta = future.get(timeout=max(0.0, deadline - time.monotonic()))
+            where = {"topic": topic, "partition": meta.partition, "offset": meta.offset}
+            produced.append(ProducedRecord(id=env.id, op=env.op, **where))
+        return produced
 
     async def _shard_health(self) -> list[dict[str, Any]]:
         """Every shard's health; all ``unavailable`` when the retriever itself cannot answer."""

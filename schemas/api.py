@@ -2,21 +2,22 @@
 
 Requests forbid unknown fields (a misspelt ``fliter`` is an error, not a silently ignored
 option), except the OpenAI-compatible embeddings request, which OpenAI clients send with extra
-fields. Limits that depend on the configuration (``k``'s maximum, the query length) are checked by
-the ingress, which names the field in its error. Request strings hold no lone surrogate (like an
-envelope's, see :mod:`schemas.envelope`): the tokenizer and the stores cannot take one, so it is a
-400 naming the field, not a failure deeper in.
+fields. Types are strict: ``k`` is a JSON integer (``true``, ``5.0`` and ``"5"`` are refused, not
+read as 1 and 5) and ``explain`` a JSON boolean. Limits that depend on the configuration (``k``'s
+maximum, the query length) are checked by the ingress, which names the field in its error. Request
+strings hold no lone surrogate (like an envelope's, see :mod:`schemas.envelope`): the tokenizer and
+the stores cannot take one, so it is a 400 naming the field, not a failure deeper in.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from schemas.envelope import StorableStr
 from schemas.filters import MetadataFilter
-from schemas.metadata import MetadataValue
+from schemas.metadata import MetadataValue, string_problem
 from schemas.topology import SearchMode
 
 Text = Annotated[StorableStr, Field(min_length=1)]
@@ -34,12 +35,12 @@ def _not_blank(value: str, field: str) -> str:
 
 class SearchRequest(_Request):
     query: Text
-    k: int | None = Field(None, description="hits to return (default: serve.search.default_k)")
+    k: StrictInt | None = Field(None, description="hits to return (default: serve.search.default_k)")
     filter: MetadataFilter | None = Field(
         None, description='metadata conditions, e.g. {"lang": "en", "year": {"gte": 2000}}'
     )
     mode: SearchMode = "hybrid"
-    explain: bool = Field(False, description="add each hit's score breakdown")
+    explain: StrictBool = Field(False, description="add each hit's score breakdown")
 
     @field_validator("query")
     @classmethod
@@ -49,10 +50,10 @@ class SearchRequest(_Request):
 
 class RagRequest(_Request):
     question: Text
-    k: int | None = Field(None, description="passages given to the generator (default: serve.rag.k)")
+    k: StrictInt | None = Field(None, description="passages given to the generator (default: serve.rag.k)")
     filter: MetadataFilter | None = None
     mode: SearchMode | None = Field(None, description="retrieval mode (default: serve.rag.mode)")
-    explain: bool = False
+    explain: StrictBool = False
 
     @field_validator("question")
     @classmethod
@@ -69,7 +70,10 @@ class Explanation(BaseModel):
     keyword_score: float | None = None
     fused_score: float | None = None
     matched_terms: list[dict[str, Any]] = Field(
-        default_factory=list, description="query words found in the chunk: {term, start, end} in the document"
+        default_factory=list,
+        description="query words found in the chunk: {term, start, end, text_start, text_end}; the document's"
+        " text[start:end] is the word as sent (null when the chunk predates alignments), text[text_start:"
+        "text_end] the word in the hit's text",
     )
 
 
@@ -113,25 +117,41 @@ class RagResponse(BaseModel):
 
 class EmbeddingsRequest(BaseModel):
     """OpenAI's ``POST /v1/embeddings`` body. Token-id input is refused: ids from another tokenizer
-    (OpenAI's) mean nothing to this model."""
+    (OpenAI's) mean nothing to this model. Unknown fields are kept (OpenAI clients send more than
+    this server reads); the known ones are as strict as every other request's."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     input: StorableStr | list[StorableStr]
-    model: StrictStr | None = None
+    model: StorableStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
+    dimensions: StrictInt | None = None
+    user: StorableStr | None = None
 
     @field_validator("input", mode="before")
     @classmethod
-    def _no_token_ids(cls, v: Any) -> Any:
+    def _strings_only(cls, v: Any) -> Any:
+        """Checked before the type so that an error names the item (``input[2]``) rather than
+        each branch of ``str | list[str]`` that failed."""
         if isinstance(v, list) and v and all(isinstance(x, int | list) for x in v):
             raise ValueError(
                 "token-id input is not supported (ids of another tokenizer mean nothing to this model): "
                 "send strings (LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False))"
             )
+        items = enumerate(v) if isinstance(v, list) else [(None, v)]
+        for i, item in items:
+            where = "input" if i is None else f"input[{i}]"
+            if not isinstance(item, str):
+                raise ValueError(f"{where} must be a string, got {_json_type(item)}")
+            if (problem := string_problem(item)) is not None:
+                raise ValueError(f"{where} {problem}")
         return v
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "an array"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 class EmbeddingData(BaseModel):

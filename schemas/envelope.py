@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -37,6 +38,13 @@ def _storable_string(value: str) -> str:
     return value
 
 
+def _exact_int(value: object) -> object:
+    # Literal[1] takes True and 1.0 (both equal 1); a JSON boolean or float is not a version.
+    if isinstance(value, bool | float):
+        raise ValueError(f"must be the integer {SCHEMA_VERSION}, got {value!r}")
+    return value
+
+
 def _storable_value(value: object) -> MetadataValue:
     # A plain validator: the exact types and bounds are schemas.metadata's, applied with no
     # coercion (the string "1" stays a string, True stays a boolean and is not the integer 1).
@@ -56,10 +64,22 @@ DocumentId = Annotated[
 """1 to 512 characters, no control characters: it is the Kafka key and every chunk id's prefix."""
 
 
+class InvalidEnvelopeError(PoisonMessageError):
+    """An envelope that fails validation (reason ``invalid_envelope``). ``field`` is the JSON path of
+    the first bad field (``metadata.year``), or None when the envelope as a whole is wrong."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__("invalid_envelope", message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[type[InvalidEnvelopeError], tuple[str, str | None]]:
+        return type(self), (str(self), self.field)  # survives pickling (Ray, multiprocessing)
+
+
 class _Envelope(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Annotated[Literal[1], BeforeValidator(_exact_int)] = SCHEMA_VERSION
     id: DocumentId
     op: Literal["upsert", "delete"] = "upsert"
     metadata: dict[StorableStr, StorableMetadataValue] = Field(default_factory=dict)
@@ -114,36 +134,37 @@ Envelope = Annotated[DocumentEnvelope | ImageEnvelope, Field(discriminator="kind
 _ENVELOPE = TypeAdapter(Envelope)
 
 
-def _describe(exc: ValidationError) -> str:
-    """One ``<field path>: <problem>`` per error, the path as in the JSON (``metadata.year``);
-    a bad metadata key is named by its own (escaped) text."""
-    parts = []
+def _invalid(exc: ValidationError) -> InvalidEnvelopeError:
+    """The error naming every problem (``<field path>: <problem>``, the path as in the JSON:
+    ``metadata.year``), its ``field`` the first problem's path. A bad metadata key is named by its
+    own (escaped) text, its field being ``metadata``."""
+    parts, fields = [], []
     for err in exc.errors(include_url=False):
         loc = list(err["loc"])
         if loc and loc[0] in ("document", "image"):
             loc = loc[1:]  # the discriminated union's tag: the kind, not a field of the JSON
         if loc and loc[-1] == "[key]" and isinstance(err["input"], str):
             # pydantic renders an unencodable key with replacement characters; name the real one
-            path = ".".join(str(p) for p in loc[:-2]) + f" key {err['input']!r}"
+            loc = loc[:-2]
+            where = ".".join(str(p) for p in loc) + f" key {err['input']!r}"
         else:
-            path = ".".join(str(p) for p in loc) or "envelope"
+            where = ".".join(str(p) for p in loc) or "envelope"
+        fields.append(".".join(str(p) for p in loc) or None)
         message = err["msg"].removeprefix("Value error, ")
-        parts.append(printable(f"{path}: {message}"))
-    return "; ".join(parts)
+        parts.append(printable(f"{where}: {message}"))
+    return InvalidEnvelopeError("; ".join(parts), fields[0] if fields else None)
 
 
 def validate_envelope(data: object) -> DocumentEnvelope | ImageEnvelope:
-    """Validates a decoded JSON value; raises :class:`PoisonMessageError` (``invalid_envelope``)."""
+    """Validates a decoded JSON value; raises :class:`InvalidEnvelopeError` naming the field."""
     if not isinstance(data, dict):
-        raise PoisonMessageError(
-            "invalid_envelope", f"envelope must be a JSON object, got {type(data).__name__}"
-        )
+        raise InvalidEnvelopeError(f"envelope must be a JSON object, got {type(data).__name__}")
     if "kind" not in data:
-        raise PoisonMessageError("invalid_envelope", "kind: field required ('document' or 'image')")
+        raise InvalidEnvelopeError("kind: field required ('document' or 'image')", "kind")
     try:
         return _ENVELOPE.validate_python(data)
     except ValidationError as exc:
-        raise PoisonMessageError("invalid_envelope", _describe(exc)) from exc
+        raise _invalid(exc) from exc
 
 
 def decode_record(

@@ -10,6 +10,9 @@ Semantics, identical in :meth:`MetadataFilter.matches` and :meth:`MetadataFilter
 - Values are of three kinds: strings, numbers (int and float compare numerically, ``1 == 1.0``)
   and booleans. A condition only holds between values of the same kind: ``{"year": 2000}`` does
   not match ``"year": "2000"``, and ``true`` is not ``1``. Strings order by code point.
+- A value is what a record's metadata may hold (:mod:`schemas.metadata`): a string without a lone
+  surrogate, an integer within int64, a finite float, a boolean. Anything else is refused naming the
+  field, since no store could compare it.
 - A missing field (or one of another kind) fails ``eq gt gte lt lte in``.
 - ``ne`` is exactly ``not eq`` and ``nin`` is exactly ``not in``: so they *match* a document that
   lacks the field ("not in English" is true of a document with no ``lang``), as in MongoDB.
@@ -17,7 +20,6 @@ Semantics, identical in :meth:`MetadataFilter.matches` and :meth:`MetadataFilter
 
 from __future__ import annotations
 
-import math
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -32,6 +34,8 @@ from pydantic import (
     StrictStr,
     model_validator,
 )
+
+from schemas.metadata import value_problem
 
 Scalar = str | int | float | bool
 StrictScalar = StrictStr | StrictBool | StrictInt | StrictFloat
@@ -54,7 +58,6 @@ _COLUMN_PATTERN = re.compile(
     r"^([A-Za-z_][A-Za-z0-9_]{0,63}\.)?[A-Za-z_][A-Za-z0-9_]{0,63}$"
 )  # [table.]column
 MAX_IN_VALUES = 1024  # far below SQLite's bound-parameter limit (32766)
-_INT64 = 2**63 - 1  # SQLite JSON integers are 64-bit; larger ones would silently become reals
 
 
 def kind_of(value: object) -> Kind | None:
@@ -250,8 +253,6 @@ def _check_scalar(where: str, value: object) -> Scalar:
         hint = " (use {'in': [...]} for a list)" if isinstance(value, list | tuple) else ""
         got = "null" if value is None else type(value).__name__
         raise ValueError(f"{where}: needs a string, number or boolean, got {got}{hint}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where}: {value!r} is not a finite number")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64:
-        raise ValueError(f"{where}: {value} is outside the 64-bit integer range")
+    if (problem := value_problem(value)) is not None:  # a value no record's metadata can hold
+        raise ValueError(f"{where}: {problem}")
     return value

@@ -80,15 +80,16 @@ def test_filters_equality_range_and_in(app, http):
     assert {h["metadata"]["title"] for h in r.json()["hits"]} <= set(titles)
 
 
-def test_explain_gives_the_score_breakdown(http):
+def test_explain_gives_the_score_breakdown(app, http):
     r = http.post("/v1/search", json={"query": QUESTION, "k": 3, "mode": "hybrid", "explain": True})
     top = r.json()["hits"][0]
     ex = top["explanation"]
     assert ex["fused_score"] == pytest.approx(top["score"])
     assert ex["vector_rank"] is not None or ex["keyword_rank"] is not None
+    assert ex["matched_terms"]
     for term in ex["matched_terms"]:
-        start, end = term["start"] - top["span"][0], term["end"] - top["span"][0]
-        assert top["text"][start:end] == term["term"]
+        assert app.docs[top["document_id"]].text[term["start"] : term["end"]] == term["term"]
+        assert top["text"][term["text_start"] : term["text_end"]] == term["term"]
 
 
 def test_rag_answers_with_citations_that_point_at_real_text(app, http):
@@ -232,17 +233,18 @@ UNSTORABLE = [
     ("Infinity literal", _json(_doc(metadata={"score": -math.inf})), "invalid_json", None, ["Infinity"]),
     ("overflowing float", b'{"kind": "document", "id": "n", "text": "x", "metadata": {"score": 1e999}}',
      "invalid_json", None, ["1e999"]),
-    ("int over int64", _json(_doc(metadata={"huge_count": 2**63})), "invalid_envelope", "documents[0]",
-     ["huge_count", str(2**63)]),
+    ("int over int64", _json(_doc(metadata={"huge_count": 2**63})), "invalid_envelope",
+     "documents[0].metadata.huge_count", ["huge_count", str(2**63)]),
     ("int under int64", _json([_doc(id="ok"), _doc(metadata={"low": -(2**63) - 1})]), "invalid_envelope",
-     "documents[1]", ["low"]),
-    ("surrogate in title", _json(_doc(title="bad \ud800 title")), "invalid_envelope", "documents[0]",
+     "documents[1].metadata.low", ["low"]),
+    ("surrogate in title", _json(_doc(title="bad \ud800 title")), "invalid_envelope", "documents[0].title",
      ["title", "surrogate"]),
-    ("surrogate in text", _json(_doc(text="x \udc00 y")), "invalid_envelope", "documents[0]",
+    ("surrogate in text", _json(_doc(text="x \udc00 y")), "invalid_envelope", "documents[0].text",
      ["text", "surrogate"]),
-    ("surrogate in metadata", _json(_doc(metadata={"tag": "\ud83d"})), "invalid_envelope", "documents[0]",
-     ["tag", "surrogate"]),
-    ("surrogate in id", _json(_doc(id="s\ud800")), "invalid_envelope", "documents[0]", ["id", "surrogate"]),
+    ("surrogate in metadata", _json(_doc(metadata={"tag": "\ud83d"})), "invalid_envelope",
+     "documents[0].metadata.tag", ["tag", "surrogate"]),
+    ("surrogate in id", _json(_doc(id="s\ud800")), "invalid_envelope", "documents[0].id",
+     ["id", "surrogate"]),
 ]  # fmt: skip
 
 
@@ -331,3 +333,64 @@ def test_riverbed_explain_without_an_app_says_how_to_start_one(app, capsys):
 
     assert main(["--set", "serve.port=1", "explain", "anything"]) == 1
     assert "riverbed serve" in capsys.readouterr().err
+
+
+def test_explained_terms_of_a_messy_posted_document_point_at_its_own_text(http):
+    """CRLF, whitespace runs, NFD accents and a control inside a word: the chunk's text is cleaned,
+    yet each matched term's offsets slice the posted text to that word as it was sent."""
+    doc_id = f"messy-{uuid.uuid4().hex[:6]}"
+    text = "Le  cafe\u0301\r\n\r\nde   la\tplace:  un   wombat\u00a0 et\r\nun quok\x07ka   ve\u0301ritable."
+    r = http.post("/v1/documents", json={"kind": "document", "id": doc_id, "text": text})
+    assert r.status_code == 202, r.text
+    _wait_for(http, doc_id, indexed=True)
+    body = {"query": "café wombat quokka véritable", "k": 5, "mode": "keyword", "explain": True}
+    hits = http.post("/v1/search", json=body).json()["hits"]
+    [hit] = [h for h in hits if h["document_id"] == doc_id]
+    assert hit["text"] == "Le café\n\nde la place: un wombat et un quokka véritable."
+    terms = hit["explanation"]["matched_terms"]
+    written = {t["term"]: text[t["start"] : t["end"]] for t in terms}
+    assert written == {
+        "café": "cafe\u0301",
+        "wombat": "wombat",
+        "quokka": "quok\x07ka",
+        "véritable": "ve\u0301ritable",
+    }
+    assert all(hit["text"][t["text_start"] : t["text_end"]] == t["term"] for t in terms)
+    assert http.delete(f"/v1/documents/{doc_id}").status_code == 202
+
+
+LAX_OR_UNSTORABLE = [  # each was read as something else, or reached a shard and failed there
+    ("k true", "/v1/search", b'{"query": "x", "k": true}', "k"),
+    ("k a string", "/v1/search", b'{"query": "x", "k": "5"}', "k"),
+    ("explain a number", "/v1/search", b'{"query": "x", "explain": 1}', "explain"),
+    ("rag k true", "/v1/rag", b'{"question": "why", "k": true}', "k"),
+    ("dimensions a string", "/v1/embeddings", b'{"input": "x", "dimensions": "384"}', "dimensions"),
+    ("surrogate in a filter value", "/v1/search", b'{"query": "x", "filter": {"title": "\\ud800"}}',
+     "filter"),
+    ("filter int over int64", "/v1/search", b'{"query": "x", "filter": {"position": 9223372036854775808}}',
+     "filter"),
+    ("filter NaN", "/v1/search", b'{"query": "x", "filter": {"position": {"gt": NaN}}}', "filter"),
+    ("surrogate in an input", "/v1/embeddings", b'{"input": ["ok", "\\udc00"]}', "input"),
+    ("nested too deeply", "/v1/search", b"[" * 60_000, None),  # under serve.max_body_bytes
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,path,body,param", LAX_OR_UNSTORABLE, ids=[b[0] for b in LAX_OR_UNSTORABLE])
+def test_lax_or_unstorable_request_values_are_400_naming_the_field(http, name, path, body, param):
+    r = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    expected_code = "invalid_json" if param is None else "invalid_request"
+    assert error["param"] == param and error["code"] == expected_code, error
+
+
+def test_a_path_id_that_is_not_utf8_is_refused_not_replaced(http):
+    # %ED%A0%80 are a lone surrogate's bytes; decoded leniently they become U+FFFD x 3, an id the
+    # client never sent, whose delete would be produced with a 202.
+    for method in ("DELETE", "GET"):
+        r = http.request(method, "/v1/documents/%ED%A0%80")
+        assert r.status_code == 400, (method, r.text)
+        error = r.json()["error"]
+        assert error["param"] == "document_id" and "not UTF-8" in error["message"], error
+    r = http.delete("/v1/documents/ok%00id")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "document_id", r.text

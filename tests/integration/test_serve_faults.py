@@ -1,7 +1,8 @@
 """Serving through shard failures. Four clients search over HTTP while a shard actor's process is
 SIGKILLed: every answer must be a 200 or a 503 naming the shard (a shard in trouble is never a
 500), and once the shard is back the same queries must give the same results as before the kill.
-A shard killed for good answers 503 naming it on every route until it is created again.
+A shard killed for good answers 503 naming it on every route until it is created again. With the
+broker down, posting documents answers 503 within seconds, and works again once it is back.
 
 The index is small (its own, filled by the real pipeline, served by the real app) so the test
 stays within a couple of minutes on two cores."""
@@ -19,6 +20,9 @@ import httpx
 import pytest
 import ray
 
+from cluster.local_kafka import LocalKafka
+from deployments.ingress import BROKER_WAIT_S
+from schemas.settings import EmbeddedKafkaConfig
 from schemas.topology import actor_name
 from tests.integration.conftest import ServedIndex, served_index
 
@@ -38,8 +42,19 @@ QUERIES = [
 
 
 @pytest.fixture(scope="module")
-def app(broker, ray_session, tmp_path_factory) -> Iterator[ServedIndex]:
-    with served_index(broker, tmp_path_factory, N_DOCS, prefix="faults") as served:
+def kafka(cache_dir, tmp_path_factory) -> Iterator[LocalKafka]:
+    """The module's own broker, which a test may stop and start again (on the same port)."""
+    own = LocalKafka(EmbeddedKafkaConfig(), cache_dir, tmp_path_factory.mktemp("faults-kafka"))
+    try:
+        own.start()
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture(scope="module")
+def app(kafka, ray_session, tmp_path_factory) -> Iterator[ServedIndex]:
+    with served_index(kafka.start(), tmp_path_factory, N_DOCS, prefix="faults") as served:
         yield served
 
 
@@ -187,3 +202,49 @@ def test_a_shard_killed_for_good_is_a_503_naming_it_until_it_is_created_again(ap
         app.serving.pipeline.shards = handles  # the pipeline snapshots these when it stops
         wait_healthy(http)
         assert results(http) == before
+
+
+def post_until_accepted(http: httpx.Client, body: dict, timeout_s: float = 120) -> httpx.Response:
+    """Posts ``body`` until it is accepted; every answer before that must be a 503
+    ``broker_unavailable`` (the broker just came back: its partitions may have no leader yet)."""
+    deadline = time.monotonic() + timeout_s
+    r = http.post("/v1/documents", json=body)
+    while r.status_code != 202 and time.monotonic() < deadline:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable", r.text
+        time.sleep(0.5)
+        r = http.post("/v1/documents", json=body)
+    assert r.status_code == 202, r.text
+    return r
+
+
+def test_posting_documents_with_the_broker_down_is_a_503_within_seconds_then_works_again(app, kafka):
+    """Both ways a producer meets a dead broker: building one (the first post of this app), and
+    sending on one already connected. Each answers 503 ``broker_unavailable`` well within the
+    client's timeout (a few times :data:`BROKER_WAIT_S`, where the producer's own defaults block for
+    60 s); the producer that failed is rebuilt, and the last post becomes searchable."""
+
+    def doc(n: int) -> dict:
+        return {"kind": "document", "id": f"broker-down-{n}", "text": f"Wombat number {n} digs a burrow."}
+
+    with httpx.Client(base_url=app.url, timeout=4 * BROKER_WAIT_S) as http:
+        kafka.stop()
+        try:
+            r = http.post("/v1/documents", json=doc(1))  # no producer yet: building one fails
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "broker_unavailable" and "retry shortly" in error["message"], error
+        finally:
+            kafka.start()
+        post_until_accepted(http, doc(2))
+        kafka.stop()
+        try:
+            for r in (http.post("/v1/documents", json=doc(3)), http.delete("/v1/documents/broker-down-2")):
+                assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable", r.text
+        finally:
+            kafka.start()
+        [record] = post_until_accepted(http, doc(4)).json()["records"]
+        deadline = time.monotonic() + 120
+        while not http.get("/v1/documents/broker-down-4").json()["indexed"]:
+            assert time.monotonic() < deadline, "the document posted after the restart was never indexed"
+            time.sleep(0.5)
+    assert record["id"] == "broker-down-4" and record["offset"] >= 0

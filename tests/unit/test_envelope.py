@@ -1,10 +1,12 @@
 import json
+import pickle
 
 import pytest
 
 from schemas.envelope import (
     DocumentEnvelope,
     ImageEnvelope,
+    InvalidEnvelopeError,
     decode_record,
     encode_envelope,
     validate_envelope,
@@ -322,3 +324,33 @@ def test_characters_beyond_the_bmp_are_kept_everywhere(ensure_ascii):
 def test_json_nested_too_deeply_is_refused_not_a_crash():
     error = rejection("[" * 100_000 + "]" * 100_000)
     assert error.reason == "invalid_json"
+
+
+@pytest.mark.parametrize("version", ["true", "1.0", '"1"'])
+def test_schema_version_is_the_json_integer_1_not_something_equal_to_it(version):
+    error = rejection('{"schema_version": ' + version + ', "kind": "document", "id": "a", "text": "x"}')
+    assert error.reason == "invalid_envelope" and str(error).startswith("schema_version:")
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"metadata": {"year": 2**64}}, "metadata.year"),
+        ({"metadata": {"score": float("inf")}}, "metadata.score"),
+        ({"metadata": {"la\ud800ng": "en"}}, "metadata"),
+        ({"title": "bad \ud800"}, "title"),
+        ({"id": "s\udc00"}, "id"),
+        ({"text": " "}, None),  # the envelope as a whole: text is required for an upsert
+    ],
+)
+def test_an_invalid_envelope_names_its_first_bad_field_as_a_json_path(fields, field):
+    with pytest.raises(InvalidEnvelopeError) as info:
+        validate_envelope({**DOCUMENT, **fields})
+    assert info.value.field == field and info.value.reason == "invalid_envelope"
+
+
+def test_an_invalid_envelope_error_survives_pickling_with_its_field():
+    with pytest.raises(InvalidEnvelopeError) as info:
+        validate_envelope({**DOCUMENT, "metadata": {"year": 2**64}})
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (copy.field, copy.reason, str(copy)) == ("metadata.year", "invalid_envelope", str(info.value))

@@ -106,6 +106,9 @@ def test_pydantic_validation_and_round_trips() -> None:
         ({"year": {"gt": True}}, r"'year', operator 'gt': needs a number or a string"),
         ({"year": {"gt": float("nan")}}, r"not a finite number"),
         ({"year": 2**64}, r"outside the 64-bit"),
+        ({"year": {"gte": -(2**63) - 1}}, r"'year', operator 'gte': .*outside the 64-bit"),
+        ({"lang": "e\ud800n"}, r"'lang', operator 'eq': holds a lone surrogate \(U\+D800\)"),
+        ({"lang": {"in": ["en", "\udc00"]}}, r"'lang', operator 'in': holds a lone surrogate"),
         ({"a.b": 1}, r"filter field 'a.b': names must match"),
         ({'x") OR 1=1 --': 1}, r"names must match"),
         ({"": 1}, r"names must match"),
@@ -116,6 +119,14 @@ def test_bad_filters_name_field_and_reason(raw: dict[str, object], message: str)
         MetadataFilter.parse(raw)
     with pytest.raises(ValueError, match=message):  # pydantic's ValidationError is a ValueError
         MetadataFilter.model_validate(raw)
+
+
+def test_the_int64_bounds_themselves_are_filter_values() -> None:
+    # A record may hold -2**63 (schemas.metadata), so a filter must be able to name it.
+    low, high = -(2**63), 2**63 - 1
+    parsed = MetadataFilter.parse({"n": {"gte": low, "lte": high}})
+    assert [c.value for c in parsed.conditions] == [low, high]
+    assert parsed.matches({"n": low}) and parsed.matches({"n": high})
 
 
 def test_condition_built_directly_is_validated() -> None:

@@ -150,3 +150,11 @@ def test_an_error_quoting_a_lone_surrogate_can_still_be_sent():
 
     response = error_response(400, "invalid_envelope", "title: 'bad \ud800'", "documents[0]")
     assert b"bad \\\\ud800" in response.body
+
+
+def test_a_body_fastapi_cannot_parse_is_400_invalid_json_saying_why(client):
+    # FastAPI answers it with a bare 400 ("There was an error parsing the body"), chaining the cause;
+    # JSON nested too deeply is the other such case (tests/unit/test_api_requests.py).
+    r = client.post("/search", content=b'{"query": "\xff"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error(r)["code"] == "invalid_json"
+    assert "UnicodeDecodeError" in error(r)["message"]

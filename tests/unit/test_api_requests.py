@@ -1,0 +1,127 @@
+"""The HTTP request bodies as the ingress receives them: strict types, storable strings and finite,
+int64 filter values, each refused with a 400 naming the field (a small FastAPI app with the
+ingress's error handlers; no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from deployments.http_errors import install_error_handlers
+from schemas.api import EmbeddingsRequest, RagRequest, SearchRequest
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/search")
+    async def search(request: SearchRequest) -> dict:
+        return {"k": request.k, "explain": request.explain}
+
+    @app.post("/v1/rag")
+    async def rag(request: RagRequest) -> dict:
+        return {"k": request.k, "explain": request.explain}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: EmbeddingsRequest) -> dict:
+        return {"inputs": 1 if isinstance(request.input, str) else len(request.input)}
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def post(client: TestClient, path: str, raw: str) -> tuple[int, dict]:
+    """Posts ``raw`` exactly as written (JSON escapes such as ``\\ud800`` stay escapes)."""
+    r = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    return r.status_code, r.json()
+
+
+LAX = [  # values a lax parser reads as another type: each is a 400 naming the field
+    ("/v1/search", '{"query": "x", "k": true}', "k"),
+    ("/v1/search", '{"query": "x", "k": "5"}', "k"),
+    ("/v1/search", '{"query": "x", "k": 5.0}', "k"),
+    ("/v1/search", '{"query": "x", "k": 1e400}', "k"),
+    ("/v1/search", '{"query": "x", "explain": 1}', "explain"),
+    ("/v1/search", '{"query": "x", "explain": "true"}', "explain"),
+    ("/v1/rag", '{"question": "x", "k": true}', "k"),
+    ("/v1/rag", '{"question": "x", "k": "3"}', "k"),
+    ("/v1/rag", '{"question": "x", "explain": "yes"}', "explain"),
+    ("/v1/embeddings", '{"input": "x", "dimensions": "384"}', "dimensions"),
+    ("/v1/embeddings", '{"input": "x", "dimensions": true}', "dimensions"),
+    ("/v1/embeddings", '{"input": "x", "user": 5}', "user"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), LAX, ids=[f"{p} {r}" for p, r, _ in LAX])
+def test_lax_values_are_refused_naming_the_field(client, path, raw, param):
+    status, body = post(client, path, raw)
+    assert status == 400, body
+    assert body["error"]["code"] == "invalid_request" and body["error"]["param"] == param
+    assert body["error"]["message"].startswith(f"{param}: ")
+
+
+def test_integers_and_booleans_of_the_right_type_pass(client):
+    assert post(client, "/v1/search", '{"query": "x", "k": 5, "explain": true}') == (
+        200,
+        {"k": 5, "explain": True},
+    )
+    assert post(client, "/v1/rag", '{"question": "x", "k": 2}')[0] == 200
+    assert post(client, "/v1/embeddings", '{"input": "x", "dimensions": 384, "user": "u"}')[0] == 200
+
+
+def test_the_embeddings_request_keeps_tolerating_unknown_fields(client):
+    assert post(client, "/v1/embeddings", '{"input": ["a", "b"], "x_vendor": {"any": [1]}}') == (
+        200,
+        {"inputs": 2},
+    )
+
+
+SURROGATES = [  # a lone surrogate in any string field: a 400 naming it, never a 500 further in
+    ("/v1/search", '{"query": "a \\ud800"}', "query", "query"),
+    ("/v1/rag", '{"question": "\\udc00"}', "question", "question"),
+    ("/v1/search", '{"query": "x", "filter": {"lang": "e\\ud800n"}}', "filter", "'lang'"),
+    ("/v1/search", '{"query": "x", "filter": {"lang": {"in": ["en", "\\udfff"]}}}', "filter", "'lang'"),
+    ("/v1/embeddings", '{"input": "\\ud800"}', "input", "input"),
+    ("/v1/embeddings", '{"input": ["ok", "x\\udc00"]}', "input", "input[1]"),
+    ("/v1/embeddings", '{"input": "x", "model": "\\ud800"}', "model", "model"),
+    ("/v1/embeddings", '{"input": "x", "user": "\\ud800"}', "user", "user"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param", "named"), SURROGATES, ids=[s[1] for s in SURROGATES])
+def test_a_lone_surrogate_in_any_string_is_a_400_naming_the_field(client, path, raw, param, named):
+    status, body = post(client, path, raw)
+    assert status == 400, body
+    error = body["error"]
+    assert error["param"] == param and named in error["message"] and "lone surrogate" in error["message"]
+
+
+def test_embeddings_input_errors_name_the_item_not_pydantics_union_branches(client):
+    status, body = post(client, "/v1/embeddings", '{"input": ["ok", 7]}')
+    assert status == 400 and body["error"]["param"] == "input"
+    assert body["error"]["message"] == "input: input[1] must be a string, got a number"
+    status, body = post(client, "/v1/embeddings", '{"input": {"text": "x"}}')
+    assert status == 400 and body["error"]["message"] == "input: input must be a string, got an object"
+
+
+NOT_STORABLE = [  # filter values no record could hold: JSON NaN/Infinity parse, then are refused
+    ('{"lang": NaN}', "not a finite number"),
+    ('{"score": {"gte": Infinity}}', "not a finite number"),
+    ('{"score": {"lt": 1e400}}', "not a finite number"),
+    ('{"n": 9223372036854775808}', "64-bit range"),
+    ('{"n": {"in": [1, -9223372036854775809]}}', "64-bit range"),
+]
+
+
+@pytest.mark.parametrize(("raw", "needle"), NOT_STORABLE, ids=[n[0] for n in NOT_STORABLE])
+def test_filter_values_no_record_could_hold_are_refused(client, raw, needle):
+    status, body = post(client, "/v1/search", '{"query": "x", "filter": ' + raw + "}")
+    assert status == 400 and body["error"]["param"] == "filter" and needle in body["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/v1/rag", "/v1/embeddings"])
+def test_json_nested_too_deeply_is_a_400_not_a_crash(client, path):
+    status, body = post(client, path, "[" * 100_000 + "]" * 100_000)
+    assert status == 400 and body["error"]["code"] == "invalid_json", body
