@@ -321,7 +321,18 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     elif args.which == "freshness":
         from cluster.bench.freshness import bench_freshness
 
-        result = bench_freshness(settings, args.rate, args.seconds, out)
+        result = bench_freshness(settings, args.rate, 60.0 if args.seconds is None else args.seconds, out)
+        text = result["summary"]
+    elif args.which == "load":
+        from cluster.bench.load import bench_load
+
+        seconds = 30.0 if args.seconds is None else args.seconds
+        result = bench_load(settings, Path(args.dataset), seconds, args.requests, args.mode, args.k, out)
+        text = result["summary"]
+    elif args.which == "fuzz":
+        from cluster.bench.fuzz import bench_fuzz
+
+        result = bench_fuzz(settings, Path(args.dataset), args.examples, args.seed, out)
         text = result["summary"]
     elif args.which == "ann":
         from cluster.bench.ann import bench_ann
@@ -503,17 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks, measured side by side (ingest, query, batching, freshness, ann, peer)",
+        help="benchmarks, measured side by side (ingest, query, batching, freshness, ann, peer, load, fuzz)",
         parents=[common],
     )
-    bench.add_argument("which", choices=["ingest", "query", "batching", "freshness", "ann", "peer"])
+    bench.add_argument(
+        "which", choices=["ingest", "query", "batching", "freshness", "ann", "peer", "load", "fuzz"]
+    )
     bench.add_argument(
         "--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="ingest: documents to ingest"
     )
     bench.add_argument(
         "--dataset",
         default="data/squad-v1.1-dev",
-        help="query, batching, ann, peer: BEIR-layout corpus and queries",
+        help="query, batching, ann, peer, load, fuzz: BEIR-layout corpus and queries",
     )
     bench.add_argument(
         "--repeat",
@@ -524,13 +537,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--queries", type=int, default=400, help="query, ann, peer: questions sent per measurement"
     )
-    bench.add_argument("--k", type=int, default=10, help="query, ann, peer: hits per search")
-    bench.add_argument("--mode", choices=SEARCH_MODES, default="vector", help="query: mode")
+    bench.add_argument("--k", type=int, default=10, help="query, ann, peer, load: hits per search")
+    bench.add_argument("--mode", choices=SEARCH_MODES, default="vector", help="query, load: search mode")
     bench.add_argument(
         "--texts", type=int, default=None, help="batching: embed only this many texts of the mix"
     )
     bench.add_argument("--rate", type=float, default=20.0, help="freshness: documents produced per second")
-    bench.add_argument("--seconds", type=float, default=60.0, help="freshness: how long to produce")
+    bench.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="freshness: how long to produce (60); load: how long each concurrency level runs (30)",
+    )
+    bench.add_argument("--requests", type=int, default=3000, help="load: most requests per concurrency level")
+    bench.add_argument(
+        "--examples", type=int, default=100, help="fuzz: most examples per route in each schemathesis phase"
+    )
+    bench.add_argument("--seed", type=int, default=0, help="fuzz: schemathesis' seed (a run repeats with it)")
     bench.add_argument("--out", default="out/bench", help="where JSON, PNG and markdown reports go")
     bench.set_defaults(func=cmd_bench)
 

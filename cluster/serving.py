@@ -23,7 +23,7 @@ from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, shard_handles
 from cluster.ray_runtime import connect
 from schemas.errors import ConfigError, RetryableError
-from schemas.settings import Settings, check_exposure
+from schemas.settings import DeploymentConfig, ServeConfig, Settings, check_exposure
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +105,15 @@ def check_resources(settings: Settings) -> None:
 
     from deployments.app import APP_NAME
 
-    sv = settings.serve
-    parts = {
-        "ingress": sv.ingress,
-        "embedder": sv.embedder,
-        "retriever": sv.retriever,
-        "generator": sv.generator,
-    }
-    needed = sum(
-        c.num_cpus * (c.min_replicas if c.num_replicas == "auto" else c.num_replicas) for c in parts.values()
-    )
     if APP_NAME in serve.status().applications:
         return  # a redeploy reuses the running replicas' resources
+    needed = app_cpus(settings.serve)
     free = ray.available_resources().get("CPU", 0.0)
     if needed > free + 1e-9:
         from cluster.ray_actors import cpu_holders_now
 
-        detail = ", ".join(f"serve.{n}.num_cpus={c.num_cpus:g}" for n, c in parts.items())
+        parts = app_deployments(settings.serve).items()
+        detail = ", ".join(f"serve.{n}.num_cpus={c.num_cpus:g}" for n, c in parts)
         holders = cpu_holders_now(settings.ray.namespace)
         held = f"held by {holders}; `riverbed ps` lists them" if holders else "`riverbed ps` lists holders"
         raise ConfigError(
@@ -130,6 +122,20 @@ def check_resources(settings: Settings) -> None:
             f"lower {detail}, or embed.num_cpus, or give Ray more (ray.num_cpus), or stop the actors of "
             "indexes you are not using"
         )
+
+
+def app_deployments(serve_config: ServeConfig) -> dict[str, DeploymentConfig]:
+    """The settings of each deployment of the app, by name (``serve.<name>``): every
+    :class:`DeploymentConfig` section of ``serve``, so that a new deployment's is never left out."""
+    return {name: value for name, value in serve_config if isinstance(value, DeploymentConfig)}
+
+
+def app_cpus(serve_config: ServeConfig) -> float:
+    """Logical CPUs the app's replicas hold at the least (autoscaled ones at ``min_replicas``)."""
+    return sum(
+        c.num_cpus * (c.min_replicas if c.num_replicas == "auto" else c.num_replicas)
+        for c in app_deployments(serve_config).values()
+    )
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The Serve application: ingress → query embedder, retriever, generator; and how to run it.
+"""The Serve application: ingress → query embedder, bulk embedder, retriever, generator.
 
 Replicas, autoscaling, ``max_ongoing_requests`` and resources of each deployment come from
 ``serve.<deployment>`` in the settings (:class:`schemas.settings.DeploymentConfig`).
@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.bulk_embedder import BulkEmbedder
 from deployments.generator import Generator
 from deployments.ingress import Ingress
 from deployments.query_embedder import QueryEmbedder
@@ -45,12 +46,18 @@ def build_app(settings: Settings, servers: str) -> Application:
         .options(**deployment_options(serve_config.embedder))
         .bind(embed_config, serve_config.search)
     )
+    # /v1/embeddings: its own replicas and queue, so bulk requests never wait in the queries' batches.
+    bulk_embedder = (
+        _serve(BulkEmbedder)
+        .options(**deployment_options(serve_config.bulk_embedder))
+        .bind(embed_config, serve_config.embeddings)
+    )
     retriever = _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings)
     generator = _serve(Generator).options(**deployment_options(serve_config.generator)).bind(settings)
     return (
         _serve(Ingress)
         .options(**deployment_options(serve_config.ingress))
-        .bind(settings, servers, embedder, retriever, generator)
+        .bind(settings, servers, embedder, bulk_embedder, retriever, generator)
     )
 
 

@@ -5,6 +5,9 @@
   KEY``. No key, or one we do not know: 401 ``unauthorized``. A key without the route's scope:
   403 ``forbidden``. Routes declare their scope with :func:`require` (and so in the OpenAPI schema);
   ``/healthz`` needs none, ``/metrics`` needs ``read`` unless ``serve.auth.metrics`` is ``open``.
+  A request with a body and a missing or unknown key is refused 401 before its body is read
+  (:class:`EdgeGuard`; the route still checks the scope): no client without a key gets its body
+  parsed, and it gets 401 whatever the body holds.
   No keys configured: every route is open (``riverbed serve`` allows that only on loopback).
   Keys are compared as SHA-256 digests, so neither a key nor its length leaks through timing, and
   no error or log line names a key.
@@ -70,6 +73,17 @@ class Keyring:
     def check(self, presented: str | None, scope: KeyScope) -> str | None:
         """The key's label when it may use ``scope``; None when no keys are configured. Raises
         :class:`ApiError` 401 for a missing or unknown key, 403 for one without ``scope``."""
+        match = self.identify(presented)
+        if match is None:
+            return None
+        if scope not in self.scopes[match]:
+            have = ", ".join(sorted(self.scopes[match]))
+            raise ApiError(403, "forbidden", f"this key has scope {have}; this route needs {scope}")
+        return self.labels[match]
+
+    def identify(self, presented: str | None) -> bytes | None:
+        """The digest of the configured key ``presented`` is; None when no keys are configured.
+        Raises :class:`ApiError` 401 for a missing or unknown key."""
         if not self.enabled:
             return None
         if not presented:
@@ -83,10 +97,7 @@ class Keyring:
         match = next((d for d in self.scopes if hmac.compare_digest(d, digest)), None)
         if match is None:
             raise ApiError(401, "unauthorized", "the API key is not valid", headers=_CHALLENGE)
-        if scope not in self.scopes[match]:
-            have = ", ".join(sorted(self.scopes[match]))
-            raise ApiError(403, "forbidden", f"this key has scope {have}; this route needs {scope}")
-        return self.labels[match]
+        return match
 
 
 _keyring = Keyring({}, {})
@@ -105,7 +116,11 @@ def keyring() -> Keyring:
 
 
 def require(scope: KeyScope) -> Callable[..., Awaitable[None]]:
-    """A route dependency: the request's key must hold ``scope`` (see the module's doc)."""
+    """A route dependency: the request's key must hold ``scope`` (see the module's doc).
+
+    Serve pickles this closure by value with the app, and a function pickled by value takes a copy
+    of the globals it names: it reads the keys through :func:`keyring` (pickled by reference), so
+    it sees what :func:`configure` set in the replica, not the keys of the process that built it."""
 
     async def check(
         request: Request,
@@ -113,7 +128,7 @@ def require(scope: KeyScope) -> Callable[..., Awaitable[None]]:
         header: HeaderKey,
     ) -> None:
         presented = bearer.credentials if bearer is not None else header
-        label = _keyring.check(presented, scope)
+        label = keyring().check(presented, scope)
         if label is not None:
             request.state.api_key = label
 
@@ -154,7 +169,9 @@ def _host_allowed(host: str, allowed: list[str]) -> bool:
 
 
 class EdgeGuard:
-    """ASGI middleware: 400 for an untrusted Host header, 415 for a body that is not JSON."""
+    """ASGI middleware: 400 for an untrusted Host header, 415 for a body that is not JSON, and 401
+    for a body sent without a known key (every route that takes a body needs one), so that no
+    request without a key gets its body read and parsed; the route's scope is its dependency's."""
 
     def __init__(self, app: ASGIApp, hosts: Callable[[], list[str]] = lambda: _hosts) -> None:
         self.app = app
@@ -177,7 +194,20 @@ class EdgeGuard:
                 message = f"send the body as application/json (got {got})"
                 await send_error(send, 415, "unsupported_media_type", message)
                 return
+            try:
+                keyring().identify(_presented_key(headers))
+            except ApiError as exc:
+                await send_error(send, exc.status, exc.code, exc.message, exc.headers)
+                return
         await self.app(scope, receive, send)
+
+
+def _presented_key(headers: dict[bytes, bytes]) -> str | None:
+    """The key as :func:`require` reads it: ``Authorization: Bearer KEY``, else ``X-API-Key``."""
+    scheme, _, credentials = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    return headers.get(b"x-api-key", b"").decode("latin-1") or None
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:

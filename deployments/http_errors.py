@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError
 
@@ -117,6 +118,17 @@ def _unreadable(parse_error: BaseException) -> str:
     return f"the body is not valid JSON: {type(parse_error).__name__}: {_first_line(parse_error)}"
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at the request's path: Starlette's 405 names only those of
+    the first route whose path matched (GET and DELETE of one path are two routes)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,7 +155,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and exc.__cause__ is not None:
             return error_response(400, "invalid_json", _unreadable(exc.__cause__))
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        code = codes.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})  # kept: a 405 says Allow
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -218,14 +234,21 @@ async def _send_413(send: Send, limit: int) -> None:
     await send_error(send, 413, "body_too_large", f"the request body exceeds {limit} bytes")
 
 
-async def send_error(send: Send, status: int, code: str, message: str) -> None:
+async def send_error(
+    send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
     """Answers an error in the shape, straight from ASGI middleware (before any handler runs)."""
     body = json.dumps(error_body(code, message)).encode()
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

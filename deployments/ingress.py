@@ -1,8 +1,9 @@
 """The HTTP ingress (FastAPI through ``serve.ingress``): the app's whole HTTP surface.
 
-It validates requests, calls the QueryEmbedder, Retriever and Generator deployments, and answers in
-the shapes of ``schemas/api.py``. Documents posted here are produced onto the documents topic (the
-stream stays the source of truth): they become searchable once the pipeline has written them.
+It validates requests, calls the QueryEmbedder (search and RAG queries), BulkEmbedder
+(``/v1/embeddings``), Retriever and Generator deployments, and answers in the shapes of
+``schemas/api.py``. Documents posted here are produced onto the documents topic (the stream
+stays the source of truth): they become searchable once the pipeline has written them.
 OpenAPI docs are at ``/docs``.
 
 Errors keep one shape, ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
@@ -14,7 +15,6 @@ and answer whatever state the shards and sources are in.
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at run
 # time to tell the JSON body (a pydantic model) from query parameters.
 import asyncio
-import base64
 import logging
 import threading
 import time
@@ -22,10 +22,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-import numpy as np
 import ray
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from starlette.routing import Match
 
@@ -40,15 +39,20 @@ from deployments.http_errors import (
     set_max_body_bytes,
 )
 from deployments.metrics import CONTENT_TYPE, health_report, http_metrics
+from deployments.openapi import (
+    BODY_ERRORS,
+    HEALTH_RESPONSES,
+    METRICS_RESPONSES,
+    PATH_ERRORS,
+    documents_body,
+    drop_validation_422,
+)
 from schemas.api import (
     Citation,
     DocumentsResponse,
     DocumentStatus,
-    EmbeddingData,
     EmbeddingsRequest,
     EmbeddingsResponse,
-    EmbeddingsUsage,
-    ErrorResponse,
     Explanation,
     ProducedRecord,
     RagRequest,
@@ -70,7 +74,6 @@ from schemas.topology import actor_name
 
 log = logging.getLogger(__name__)
 
-MAX_EMBEDDING_INPUTS = 2048
 MAX_DOCUMENTS_PER_REQUEST = 1000
 HEALTH_TIMEOUT_S = 10.0
 """``/healthz`` and ``/metrics`` wait this long for the shards' figures."""
@@ -81,14 +84,6 @@ BROKER_WAIT_S = 5.0
 for a topic's metadata or buffer space (``max_block_ms``), and for the acknowledgements. Past it
 the request answers 503 ``broker_unavailable``; its records may still land later, and posting the
 same envelopes again is safe (an upsert replaces its id's document, a delete of a gone id is none)."""
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "bad input: the field (`param`) and the reason"},
-    401: {"model": ErrorResponse, "description": "no API key, or one this app does not know"},
-    403: {"model": ErrorResponse, "description": "the API key lacks the route's scope"},
-    413: {"model": ErrorResponse, "description": "body too large"},
-    415: {"model": ErrorResponse, "description": "the body is not application/json"},
-    503: {"model": ErrorResponse, "description": "the index is not ready or a shard is unavailable"},
-}
 READ = [Depends(require("read"))]
 WRITE = [Depends(require("write"))]
 
@@ -99,6 +94,7 @@ app = FastAPI(
     description='Errors always answer `{"error": {"code", "message", "param"}}`.',
 )
 install_error_handlers(app)
+drop_validation_422(app)  # validation errors are 400s here (deployments/openapi.py)
 app.add_middleware(BodyLimit)  # its limit: serve.max_body_bytes, set by the replica
 app.add_middleware(EdgeGuard)  # Host and Content-Type, before the body is read; keys: READ, WRITE
 
@@ -150,12 +146,6 @@ def _hit(ranked: Ranked, explain_query: str | None) -> SearchHit:
     )
 
 
-def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
-    if encoding == "base64":  # OpenAI's: little-endian float32 bytes, base64
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
-
-
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
@@ -182,11 +172,20 @@ def _check_path_utf8(request: Request, param: str) -> None:
 @serve.ingress(app)
 class Ingress:
     def __init__(
-        self, settings: Settings, servers: str, embedder: Any, retriever: Any, generator: Any
+        self,
+        settings: Settings,
+        servers: str,
+        embedder: Any,
+        bulk_embedder: Any,
+        retriever: Any,
+        generator: Any,
     ) -> None:
         self.settings = settings
         self.servers = servers
         self.embedder = embedder
+        # By reference (an actor call): a response of thousands of vectors is past the 4 MiB
+        # that Serve's gRPC channel between replicas accepts.
+        self.bulk_embedder = bulk_embedder.options(_by_reference=True)
         self.retriever = retriever
         self.generator = generator
         self.search_config = settings.serve.search
@@ -198,7 +197,7 @@ class Ingress:
         self._model: dict[str, Any] | None = None
 
     # SEARCH
-    @app.post("/v1/search", response_model=SearchResponse, responses=_ERRORS, dependencies=READ)
+    @app.post("/v1/search", response_model=SearchResponse, responses=BODY_ERRORS, dependencies=READ)
     async def search(self, request: SearchRequest) -> SearchResponse:
         """Vector, keyword (BM25) or hybrid (reciprocal rank fusion) search over the index."""
         start = time.perf_counter()
@@ -219,7 +218,7 @@ class Ingress:
         )
 
     # RAG
-    @app.post("/v1/rag", response_model=RagResponse, responses=_ERRORS, dependencies=READ)
+    @app.post("/v1/rag", response_model=RagResponse, responses=BODY_ERRORS, dependencies=READ)
     async def rag(self, request: RagRequest) -> RagResponse:
         """Answers from the index's passages, citing them; abstains when they do not hold the answer."""
         start = time.perf_counter()
@@ -249,19 +248,20 @@ class Ingress:
         )
 
     # EMBEDDINGS (OpenAI-compatible)
-    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS, dependencies=READ)
-    async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
-        """OpenAI's embeddings API: `input` is a string or a list of strings."""
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=BODY_ERRORS, dependencies=READ)
+    async def embeddings(self, request: EmbeddingsRequest) -> Response:
+        """OpenAI's embeddings API: `input` is a string or a list of strings, at most
+        `serve.embeddings.max_inputs` of them and `serve.embeddings.max_request_tokens` tokens in
+        all. Served apart from search queries: its own replicas and queue, at a lower CPU priority."""
         texts = [request.input] if isinstance(request.input, str) else list(request.input)
         if not texts:
             raise ApiError(400, "invalid_request", "input must not be an empty list", "input")
-        if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise ApiError(
-                400,
-                "invalid_request",
-                f"input has {len(texts)} items; at most {MAX_EMBEDDING_INPUTS}",
-                "input",
+        limit = self.settings.serve.embeddings.max_inputs
+        if len(texts) > limit:
+            message = (
+                f"input has {len(texts)} items; at most {limit} per request (serve.embeddings.max_inputs)"
             )
+            raise ApiError(400, "invalid_request", message, "input")
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ApiError(400, "invalid_request", f"input[{i}] is empty", "input")
@@ -283,26 +283,18 @@ class Ingress:
                 f"dimensions must be {model['dim']} for {model['model']!r}",
                 "dimensions",
             )
-        vectors, tokens = await asyncio.gather(
-            self._call(self.embedder.embed_many.remote(texts)),
-            self._call(self.embedder.count_tokens.remote(texts)),
-        )
-        data = [
-            EmbeddingData(index=i, embedding=_encode_vector(v, request.encoding_format))
-            for i, v in enumerate(vectors)
-        ]
-        used = int(sum(tokens))
-        return EmbeddingsResponse(
-            data=data, model=model["model"], usage=EmbeddingsUsage(prompt_tokens=used, total_tokens=used)
-        )
+        # The replica answers with the EmbeddingsResponse's JSON: nothing to serialise here.
+        body = await self._call(self.bulk_embedder.embed.remote(texts, request.encoding_format))
+        return Response(body, media_type="application/json")
 
     # DOCUMENTS
     @app.post(
         "/v1/documents",
         status_code=202,
         response_model=DocumentsResponse,
-        responses=_ERRORS,
+        responses=BODY_ERRORS,
         dependencies=WRITE,
+        openapi_extra=documents_body(MAX_DOCUMENTS_PER_REQUEST),  # the handler reads the body raw
     )
     async def post_documents(self, request: Request) -> DocumentsResponse:
         """Produces envelopes (one, a list, or `{"documents": [...]}`) onto their topic, keyed by id."""
@@ -336,7 +328,7 @@ class Ingress:
         "/v1/documents/{document_id:path}",
         status_code=202,
         response_model=DocumentsResponse,
-        responses=_ERRORS,
+        responses=PATH_ERRORS,
         dependencies=WRITE,
     )
     async def delete_document(self, document_id: str, request: Request) -> DocumentsResponse:
@@ -351,7 +343,7 @@ class Ingress:
     @app.get(
         "/v1/documents/{document_id:path}",
         response_model=DocumentStatus,
-        responses=_ERRORS,
+        responses=PATH_ERRORS,
         dependencies=READ,
     )
     async def get_document(self, document_id: str, request: Request) -> DocumentStatus:
@@ -372,7 +364,7 @@ class Ingress:
         )
 
     # OPERATIONS
-    @app.get("/healthz")
+    @app.get("/healthz", responses=HEALTH_RESPONSES)
     async def healthz(self) -> JSONResponse:
         """200 ``{"status": "ok", ...}`` when every shard is ok and no running source is stalled;
         otherwise 503 with ``status`` ``degraded`` or ``unavailable`` and ``problems`` naming each
@@ -381,7 +373,12 @@ class Ingress:
         status, body = health_report(self.settings.index.name, shards, sources, source_problems)
         return JSONResponse(body, status)
 
-    @app.get("/metrics", dependencies=[Depends(require_metrics)])
+    @app.get(
+        "/metrics",
+        dependencies=[Depends(require_metrics)],
+        responses=METRICS_RESPONSES,
+        response_class=PlainTextResponse,
+    )
     async def metrics(self) -> Response:
         """Prometheus text: requests and latency per route, consumer lag, per-shard chunks, vectors
         and health, and the sources' counters, retries by phase and stalls."""

@@ -3,7 +3,8 @@
 Requests that arrive within ``search.embed_batch_wait_s`` of each other share one forward pass
 (``@serve.batch``, up to ``search.embed_batch_size``), which is what keeps throughput up under
 many clients. The forward pass runs on a worker thread, so the replica keeps accepting (and
-batching) requests while the model works.
+batching) requests while the model works. Only single queries come here (search, RAG):
+``/v1/embeddings`` has its own deployment, :class:`deployments.bulk_embedder.BulkEmbedder`.
 """
 
 from __future__ import annotations
@@ -32,14 +33,6 @@ class QueryEmbedder:
         """One vector (``(dim,)`` float32, unit norm) per text; callers pass ONE text each."""
         vectors = await asyncio.to_thread(self.embedder.embed, texts)
         return list(vectors)
-
-    async def embed_many(self, texts: list[str]) -> np.ndarray:
-        """``(len(texts), dim)``: each text joins the shared batches like a single query."""
-        rows = await asyncio.gather(*(self.embed(t) for t in texts))
-        return np.stack(rows) if rows else np.zeros((0, self.embedder.dim), np.float32)
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return self.embedder.count_tokens(texts)
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.embedder.model_name, "dim": self.embedder.dim, "device": self.embedder.device}

@@ -133,9 +133,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served_index(broker: BrokerState, tmp_path_factory: pytest.TempPathFactory, n_docs: int, prefix: str):
+def served_index(
+    broker: BrokerState,
+    tmp_path_factory: pytest.TempPathFactory,
+    n_docs: int,
+    prefix: str,
+    serve_overrides: dict | None = None,
+):
     """Produces ``n_docs`` SQuAD passages to fresh topics, starts `riverbed serve` with ingest for
     a fresh 2-shard index (index ``<prefix><hex>``) and yields once every record is ingested.
+    ``serve_overrides``: more ``serve`` settings (e.g. ``{"auth": {"keys": [...]}}``).
     Afterwards the app, the pipeline and the index's shard actors are gone."""
     import ray
     from ray import serve
@@ -154,7 +161,7 @@ def served_index(broker: BrokerState, tmp_path_factory: pytest.TempPathFactory, 
                 "topics": {**topics, "documents_partitions": 2},
             },
             "index": {"name": name, "n_shards": 2},
-            "serve": {"port": free_port(), "max_body_bytes": 64 * 1024},
+            "serve": {"port": free_port(), "max_body_bytes": 64 * 1024, **(serve_overrides or {})},
         }
     )
     ensure_topics(

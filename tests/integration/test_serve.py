@@ -19,9 +19,15 @@ N_DOCS = 400
 App = ServedIndex
 
 
+# serve.embeddings.max_request_tokens of the app: low enough that a request over it fits in the
+# fixture's 64 KiB bodies, high enough for serve.embeddings.max_inputs one-word inputs.
+EMBEDDING_TOKENS = 8192
+
+
 @pytest.fixture(scope="module")
 def app(broker, ray_session, tmp_path_factory) -> Iterator[App]:
-    with served_index(broker, tmp_path_factory, N_DOCS, prefix="serve") as served:
+    overrides = {"embeddings": {"max_request_tokens": EMBEDDING_TOKENS}}
+    with served_index(broker, tmp_path_factory, N_DOCS, prefix="serve", serve_overrides=overrides) as served:
         yield served
 
 
@@ -394,3 +400,103 @@ def test_a_path_id_that_is_not_utf8_is_refused_not_replaced(http):
         assert error["param"] == "document_id" and "not UTF-8" in error["message"], error
     r = http.delete("/v1/documents/ok%00id")
     assert r.status_code == 400 and r.json()["error"]["param"] == "document_id", r.text
+
+
+# -- /v1/embeddings: its own deployment and budgets ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm(app: App):
+    """The app's model loaded here: an independent path to the vectors the app should answer."""
+    from actors.embedder import Embedder
+
+    embedder = Embedder(app.settings.embed.model_copy(update={"num_cpus": 1}))
+    embedder.warm_up()
+    return embedder
+
+
+def _passages_over(app: App, minilm, tokens: int) -> tuple[list[str], list[int]]:
+    """The ingested passages, in order, up to the first whose tokens take the total past ``tokens``."""
+    texts: list[str] = []
+    for doc in app.docs.values():
+        texts.append(doc.text)
+        counts = minilm.count_tokens(texts)
+        if sum(counts) > tokens:
+            return texts, counts
+    raise AssertionError(f"the corpus holds fewer than {tokens} tokens")
+
+
+def _vectors(body: dict) -> np.ndarray:
+    import base64
+
+    rows = [d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])]
+    if rows and isinstance(rows[0], str):
+        return np.stack([np.frombuffer(base64.b64decode(r), dtype="<f4") for r in rows])
+    return np.array(rows, dtype=np.float32)
+
+
+def _ask(deployment: str, method: str, *calls: tuple) -> list:
+    """``method`` of the app's ``deployment`` called once per argument tuple in ``calls``, through
+    a Serve handle."""
+    from ray import serve
+
+    from deployments.app import APP_NAME
+
+    handle = serve.get_deployment_handle(deployment, app_name=APP_NAME)
+    # Throughput-optimized Serve routes a driver's handle on the caller's event loop; a test has
+    # none, so the router gets its own (Serve's default outside that mode).
+    handle._init(_run_router_in_separate_loop=True)
+    return [getattr(handle, method).remote(*args).result() for args in calls]
+
+
+def test_embeddings_over_the_token_budget_get_a_400_naming_the_setting(app, http, minilm):
+    texts, counts = _passages_over(app, minilm, EMBEDDING_TOKENS)
+    r = http.post("/v1/embeddings", json={"input": texts})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "input", error
+    assert "serve.embeddings.max_request_tokens" in error["message"], error
+    assert f"{sum(counts)} tokens" in error["message"] and f"at most {EMBEDDING_TOKENS}" in error["message"]
+    # One passage fewer is within the budget, and its usage is what the model's tokenizer counts.
+    r = http.post("/v1/embeddings", json={"input": texts[:-1], "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["total_tokens"] == sum(counts[:-1]) <= EMBEDDING_TOKENS
+    np.testing.assert_allclose(_vectors(r.json()), minilm.embed(texts[:-1]), atol=1e-5)
+
+
+def test_embeddings_take_max_inputs_and_refuse_one_more_naming_the_limit(app, http, minilm):
+    limit = app.settings.serve.embeddings.max_inputs
+    r = http.post("/v1/embeddings", json={"input": ["x"] * (limit + 1)})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input" and f"{limit + 1} items; at most {limit}" in error["message"], error
+    assert "serve.embeddings.max_inputs" in error["message"], error
+    # The largest request, as floats: a body of megabytes, past what Serve's gRPC carries by default.
+    r = http.post("/v1/embeddings", json={"input": ["x"] * limit, "encoding_format": "float"})
+    assert r.status_code == 200, r.text[:500]
+    vectors = _vectors(r.json())
+    assert vectors.shape == (limit, minilm.dim)
+    np.testing.assert_allclose(vectors, np.broadcast_to(minilm.embed(["x"]), vectors.shape), atol=1e-5)
+
+
+def test_embeddings_are_the_vectors_search_embeds_queries_with(app, http, minilm):
+    passages, _ = _passages_over(app, minilm, 3000)  # several forward passes of the bulk replica
+    texts = [QUESTION, "Warsaw", *passages]
+    floats = http.post("/v1/embeddings", json={"input": texts, "encoding_format": "float"})
+    packed = http.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64"})
+    assert floats.status_code == packed.status_code == 200, (floats.text[:300], packed.text[:300])
+    got = _vectors(floats.json())
+    np.testing.assert_array_equal(got, _vectors(packed.json()))  # one vector, two encodings
+    np.testing.assert_allclose(got, minilm.embed(texts), atol=1e-5)
+    picked = [0, 1, len(texts) - 1]
+    searched = _ask("QueryEmbedder", "embed", *[(texts[i],) for i in picked])  # what /v1/search embeds
+    np.testing.assert_allclose(got[picked], np.stack(searched), atol=1e-5)
+
+
+def test_the_bulk_embedder_computes_on_one_niced_torch_thread(app):
+    from deployments.bulk_embedder import BULK_NICE
+
+    [described] = _ask("BulkEmbedder", "describe", ())
+    assert described["model"] == app.settings.embed.model
+    assert described["torch_threads"] == app.settings.serve.embedder_threads == 1
+    assert described["worker_nice"] == BULK_NICE

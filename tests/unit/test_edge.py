@@ -180,3 +180,33 @@ def test_keys_are_kept_as_digests_only(configured):
     stored = repr(ring)
     assert all(k not in stored for k in (READER, WRITER, BOTH))
     assert sorted(ring.labels.values()) == ["keys[1]", "keys[2]", "reader"]
+
+
+def test_a_route_dependency_shipped_by_value_checks_the_keys_configured_where_it_runs(configured):
+    # Serve pickles the app, closures included, by value (a copy of the globals they name) and
+    # configures the keys in the replica afterwards: the unpickled check must still see them.
+    from ray import cloudpickle
+
+    configured()  # no keys where the app is built
+    shipped = cloudpickle.loads(cloudpickle.dumps(require("read")))
+    configure(serve_config(auth={"keys": KEYS}))  # as the replica does at start
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_api_route("/read", lambda: {"ok": True}, dependencies=[Depends(shipped)])
+    client = TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    assert client.get("/read").status_code == 401
+    assert client.get("/read", headers=bearer(WRITER)).status_code == 403
+    assert client.get("/read", headers=bearer(READER)).json() == {"ok": True}
+
+
+def test_without_a_known_key_a_body_is_refused_401_before_it_is_parsed(configured):
+    client = configured(auth={"keys": KEYS})
+    broken = {"content-type": "application/json"}
+    for headers in ({}, bearer("n" * 24), {"X-API-Key": "n" * 24}):
+        r = client.post("/read", content=b'{"unfinished": ', headers={**broken, **headers})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    r = client.post("/read", content=b'{"unfinished": ', headers={**broken, **bearer(READER)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = client.post("/read", content=b'{"unfinished": ', headers={**broken, "X-API-Key": WRITER})
+    assert r.status_code == 400, "a known key passes the edge; its scope is the route's to check"

@@ -34,6 +34,14 @@ def client() -> TestClient:
     async def api() -> dict:
         raise ApiError(409, "conflict", "already there", "id")
 
+    @app.delete("/items/{item}")
+    async def delete_item(item: str) -> dict:
+        return {"deleted": item}
+
+    @app.get("/items/{item}")
+    async def get_item(item: str) -> dict:
+        return {"item": item}
+
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -89,6 +97,14 @@ def test_a_bug_is_a_500_that_says_little(client):
 def test_404_and_405_keep_the_shape(client):
     assert error(client.get("/missing"))["code"] == "not_found"
     assert error(client.get("/search"))["code"] == "method_not_allowed"
+
+
+def test_a_405_names_every_method_the_path_allows(client):
+    r = client.request("TRACE", "/search")
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
+    r = client.request("OPTIONS", "/items/7")  # a GET route and a DELETE route share the path
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET", r.headers
+    assert error(r)["code"] == "method_not_allowed"
 
 
 def test_as_api_error_unwraps_ray_task_errors():
