@@ -148,12 +148,23 @@ def _cell(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+def causes(result: Mapping[str, Any]) -> dict[str, int]:
+    """Why requests were not 2xx, over every phase: ``"<route>: <code>"`` -> count."""
+    counted: Counter[str] = Counter()
+    for report in [*result["levels"], result["bulk"]["alone"], result["bulk"]["with_bulk"]]:
+        for route, stats in report["routes"].items():
+            counted.update({f"{route}: {code}": n for code, n in stats["codes"].items()})
+    return dict(counted)
+
+
 def findings(result: Mapping[str, Any]) -> list[str]:
-    """The run's three targets, one sentence each, with their verdicts."""
+    """The run's three targets, one sentence each, with their verdicts (and what failed)."""
     bulk, met = result["bulk"], verdicts(result)
+    why = ", ".join(f"{cause} x{n}" for cause, n in causes(result).items())
     return [
         f"non-2xx other than 429/503: {result['errors']} of {result['requests']} requests "
-        f"(target 0: {_met(met['no_errors'])}); shed (429/503): {result['shed']}",
+        f"(target 0: {_met(met['no_errors'])}); shed (429/503): {result['shed']}"
+        + (f"; not 2xx: {why}" if why else ""),
         f"search p99 at {bulk['clients']} clients: {_cell(bulk['search_p99_alone_ms'])} ms alone, "
         f"{_cell(bulk['search_p99_with_bulk_ms'])} ms while {bulk['inputs']}-input embeddings requests "
         f"run ({bulk['bulk_requests']} of them, p50 {_cell(bulk['bulk_p50_ms'])} ms): {bulk['p99_ratio']}x "
@@ -189,7 +200,7 @@ def write_load_report(out_dir: Path, result: Mapping[str, Any]) -> None:
         "",
         *(f"- {line}" for line in findings(result)),
     ])  # fmt: skip
-    rows = [row for lv in result["levels"] for row in _rows(f"{lv['clients']} clients", lv)]
+    rows = [row for lv in result["levels"] for row in _rows(f"mix, {lv['clients']} client(s)", lv)]
     rows += _rows(f"search alone, {bulk['clients']} clients", bulk["alone"])
     rows += _rows(f"search + bulk, {bulk['clients']} clients", bulk["with_bulk"])
     headers = ["load", "route", "requests", "2xx", "429/503", "errors", "p50 ms", "p99 ms", "2xx/s"]

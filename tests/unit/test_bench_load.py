@@ -23,6 +23,8 @@ from cluster.bench.load import (
 from cluster.bench.load_report import (
     Phase,
     Sample,
+    causes,
+    findings,
     outcome,
     route_stats,
     summarize,
@@ -107,6 +109,12 @@ def test_summary_compares_search_p99_with_and_without_bulk_and_counts_every_phas
     assert result["error_rate"] == pytest.approx(1 / 203)
     assert result["levels"][0]["ok_per_s"] == pytest.approx(0.2)  # 1 answer in 4 s, rounded
     assert result["levels"][0]["clients"] == 1
+    result.update(chunks_before=5, chunks_after=5)
+    assert causes(result) == {"rag: internal_error": 1}
+    assert (
+        "1 of 203 requests (target 0: NOT met); shed (429/503): 0; not 2xx: rag: internal_error x1"
+        in (findings(result)[0])
+    )
 
 
 def test_no_search_answer_leaves_the_ratio_undecided_and_the_target_unmet():
