@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--requests", type=int, default=3000, help="load: most requests per concurrency level")
     bench.add_argument(
-        "--examples", type=int, default=100, help="fuzz: most examples per route in each schemathesis phase"
+        "--examples", type=int, default=200, help="fuzz: most examples per route in each schemathesis phase"
     )
     bench.add_argument("--seed", type=int, default=0, help="fuzz: schemathesis' seed (a run repeats with it)")
     bench.add_argument("--out", default="out/bench", help="where JSON, PNG and markdown reports go")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +18,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError
 
@@ -119,14 +118,24 @@ def _unreadable(parse_error: BaseException) -> str:
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at the request's path: Starlette's 405 names only those of
-    the first route whose path matched (GET and DELETE of one path are two routes)."""
+    """Every method some route serves at the request's path: a 405 names only those of the first
+    route whose path matched (GET and DELETE of one path are two routes)."""
+    return ", ".join(sorted(_methods_at(request.app.router.routes, request.scope["path"])))
+
+
+def _methods_at(routes: Sequence[Any], path: str) -> set[str]:
+    """The methods of ``routes`` whose path matches ``path``, looking into included routers
+    (FastAPI keeps ``include_router``'s routes, and its prefix, on a node of their own)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            prefix = route.include_context.prefix
+            if path.startswith(prefix):
+                methods |= _methods_at(included.routes, path.removeprefix(prefix) or "/")
+        elif getattr(route, "path_regex", None) is not None and route.path_regex.match(path):
             methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    return methods
 
 
 def install_error_handlers(app: FastAPI) -> None:

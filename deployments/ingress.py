@@ -26,6 +26,7 @@ import ray
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.routing import Match
 
 from deployments.edge import EdgeGuard, configure, require, require_metrics
@@ -45,7 +46,7 @@ from deployments.openapi import (
     METRICS_RESPONSES,
     PATH_ERRORS,
     documents_body,
-    drop_validation_422,
+    serve_openapi,
 )
 from schemas.api import (
     Citation,
@@ -94,7 +95,7 @@ app = FastAPI(
     description='Errors always answer `{"error": {"code", "message", "param"}}`.',
 )
 install_error_handlers(app)
-drop_validation_422(app)  # validation errors are 400s here (deployments/openapi.py)
+serve_openapi(app)  # as the app answers: no 422, no 401/403 without keys (deployments/openapi.py)
 app.add_middleware(BodyLimit)  # its limit: serve.max_body_bytes, set by the replica
 app.add_middleware(EdgeGuard)  # Host and Content-Type, before the body is read; keys: READ, WRITE
 
@@ -166,6 +167,16 @@ def _check_path_utf8(request: Request, param: str) -> None:
     except UnicodeDecodeError as exc:
         message = f"{param} is not UTF-8 once percent-decoded ({exc.reason} at byte {exc.start})"
         raise ApiError(400, "invalid_request", message, param) from exc
+
+
+class _AnyPath(PathConvertor):
+    """``:path`` with line breaks: Starlette's ``.*`` stops at one, so an id holding one was a 404
+    (or, at its end, silently dropped it) instead of the handler's 400 naming ``document_id``."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("anypath", _AnyPath())  # before the routes below compile their paths
 
 
 @serve.deployment
@@ -325,7 +336,7 @@ class Ingress:
         return DocumentsResponse(records=await self._produce(envelopes))
 
     @app.delete(
-        "/v1/documents/{document_id:path}",
+        "/v1/documents/{document_id:anypath}",
         status_code=202,
         response_model=DocumentsResponse,
         responses=PATH_ERRORS,
@@ -341,7 +352,7 @@ class Ingress:
         return DocumentsResponse(records=await self._produce([envelope]))
 
     @app.get(
-        "/v1/documents/{document_id:path}",
+        "/v1/documents/{document_id:anypath}",
         response_model=DocumentStatus,
         responses=PATH_ERRORS,
         dependencies=READ,

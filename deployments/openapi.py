@@ -4,8 +4,9 @@ reads the body raw), and the bodies of ``/healthz`` and ``/metrics``.
 
 Client generators and fuzzers read that schema, so it names every status a route can answer and
 no status it never does: FastAPI's own 422 is dropped, since validation errors here are 400s in
-the error shape. Any route may answer 400 (a Host header the app does not serve) and 413 (a body
-over ``serve.max_body_bytes``): the edge middleware answers those before any handler runs.
+the error shape, and an app with no API keys declares no key requirement, 401 or 403. Any route
+may answer 400 (a Host header the app does not serve) and 413 (a body over
+``serve.max_body_bytes``): the edge middleware answers those before any handler runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import TypeAdapter
 
+from deployments.edge import keyring
 from schemas.api import ErrorDetail, ErrorResponse
 from schemas.envelope import Envelope
 
@@ -111,19 +113,28 @@ def documents_body(max_documents: int) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def drop_validation_422(app: FastAPI) -> None:
-    """Makes ``app`` serve its OpenAPI schema without the 422 FastAPI declares on every route with
-    parameters (and the models only that 422 used)."""
+def serve_openapi(app: FastAPI) -> None:
+    """Makes ``app`` serve its OpenAPI schema as it answers: without the 422 FastAPI declares on
+    every route with parameters (and the models only that 422 used); and, when no API keys are
+    configured as the schema is first asked for (the replica configures them at start), without
+    the key requirements, their schemes and the 401 and 403 no route of an open app answers."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
+            drop = {"422", *(() if keyring().enabled else ("401", "403"))}
             for operations in schema.get("paths", {}).values():
                 for operation in operations.values():
-                    operation.get("responses", {}).pop("422", None)
+                    for status in drop:
+                        operation.get("responses", {}).pop(status, None)
+                    if not keyring().enabled:
+                        operation.pop("security", None)
+            components = schema.get("components", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.get("schemas", {}).pop(name, None)
+            if not keyring().enabled:
+                components.pop("securitySchemes", None)
         return app.openapi_schema or build()
 
     app.openapi = openapi  # type: ignore[method-assign]

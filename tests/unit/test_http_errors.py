@@ -4,7 +4,7 @@ ingress installs)."""
 from __future__ import annotations
 
 import pytest
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 
 from deployments.http_errors import ApiError, BodyLimit, as_api_error, install_error_handlers
@@ -41,6 +41,18 @@ def client() -> TestClient:
     @app.get("/items/{item}")
     async def get_item(item: str) -> dict:
         return {"item": item}
+
+    router = APIRouter()  # included, as Serve includes a class's routes into the app
+
+    @router.delete("/nested/{item}")
+    async def delete_nested(item: str) -> dict:
+        return {"deleted": item}
+
+    @router.get("/nested/{item}")
+    async def get_nested(item: str) -> dict:
+        return {"item": item}
+
+    app.include_router(router, prefix="/v1")
 
     return TestClient(app, raise_server_exceptions=False)
 
@@ -102,9 +114,10 @@ def test_404_and_405_keep_the_shape(client):
 def test_a_405_names_every_method_the_path_allows(client):
     r = client.request("TRACE", "/search")
     assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
-    r = client.request("OPTIONS", "/items/7")  # a GET route and a DELETE route share the path
-    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET", r.headers
-    assert error(r)["code"] == "method_not_allowed"
+    for path in ("/items/7", "/v1/nested/7"):  # a GET route and a DELETE route share the path
+        r = client.request("OPTIONS", path)
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET", (path, r.headers)
+        assert error(r)["code"] == "method_not_allowed"
 
 
 def test_as_api_error_unwraps_ray_task_errors():

@@ -1,24 +1,41 @@
 """The app's OpenAPI schema as the ingress declares it (deployments/openapi.py), read from the
-FastAPI app without serving it: the statuses each route declares, the body of POST
-/v1/documents against real envelopes, and the /healthz bodies against ``health_report``'s."""
+FastAPI app without serving it, with API keys configured and without: the statuses each route
+declares, the body of POST /v1/documents against real envelopes, the /healthz bodies against
+``health_report``'s; and the document routes' paths."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from starlette.routing import Match
 
+from deployments.edge import configure
 from deployments.ingress import MAX_DOCUMENTS_PER_REQUEST, app
 from deployments.metrics import health_report
 from deployments.openapi import documents_body
+from schemas.settings import load_settings
 
 ENVELOPE = {"kind": "document", "id": "a", "text": "some text", "metadata": {"year": 2020}}
 
 
+def built(**serve: object) -> dict[str, Any]:
+    """The schema of an app whose replica was configured with ``serve`` settings."""
+    configure(load_settings(overrides={"serve": serve}).serve)
+    app.openapi_schema = None
+    try:
+        return copy.deepcopy(app.openapi())
+    finally:
+        configure(load_settings().serve)  # the process default again: open, loopback
+        app.openapi_schema = None
+
+
 @pytest.fixture(scope="module")
 def schema() -> dict[str, Any]:
-    return app.openapi()
+    return built(auth={"keys": [{"key": "k" * 24, "scopes": ["read", "write"]}]})
 
 
 def operations(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -67,6 +84,14 @@ def test_routes_that_need_a_key_declare_401_and_403_and_only_body_routes_declare
     assert not operations(schema)["GET /healthz"].get("security")
 
 
+def test_an_app_without_keys_declares_no_key_requirement_401_or_403(schema):
+    open_app = built()
+    assert "securitySchemes" not in open_app.get("components", {})
+    for label, op in operations(open_app).items():
+        assert "security" not in op and not {"401", "403"} & set(op["responses"]), label
+    assert operations(open_app).keys() == operations(schema).keys()
+
+
 def test_metrics_is_text_and_its_errors_are_json(schema):
     responses = operations(schema)["GET /metrics"]["responses"]
     assert set(responses["200"]["content"]) == {"text/plain"}
@@ -85,3 +110,22 @@ def test_the_healthz_declaration_matches_what_health_report_answers(schema, shar
     declared = operations(schema)["GET /healthz"]["responses"][str(status)]
     errors = list(Draft202012Validator(declared["content"]["application/json"]["schema"]).iter_errors(body))
     assert not errors, [e.message for e in errors]
+
+
+def app_routes(routes: list[Any]) -> Iterator[Any]:
+    for route in routes:  # Serve includes the class's routes into the app as a router of their own
+        included = getattr(route, "original_router", None)
+        yield from app_routes(included.routes) if included is not None else [route]
+
+
+@pytest.mark.parametrize("document_id", ["abc\n", "a\nb", "a/b c", "\n"])
+def test_the_document_routes_take_any_id_whole_for_the_handler_to_judge(document_id):
+    # Starlette's ``:path`` stops at a line break: "abc\n" was read as "abc" (a DELETE of
+    # another document), "a\nb" matched no route (a 404).
+    routes = [r for r in app_routes(app.router.routes) if "{document_id" in getattr(r, "path", "")]
+    assert {m for r in routes for m in r.methods} == {"GET", "DELETE"}
+    for route in routes:
+        [method] = route.methods
+        scope = {"type": "http", "path": f"/v1/documents/{document_id}", "method": method, "root_path": ""}
+        match, child = route.matches(scope)
+        assert match == Match.FULL and child["path_params"] == {"document_id": document_id}
