@@ -129,6 +129,39 @@ def wait_healthy(http: httpx.Client, timeout_s: float = 120) -> dict:
     raise AssertionError(f"/healthz not 200 within {timeout_s} s: {body}")
 
 
+def test_posting_documents_with_the_broker_down_is_a_503_within_seconds_then_works_again(app, kafka):
+    """Both ways a producer meets a dead broker: building one (the first post of this app), and
+    sending on one already connected. Each answers 503 ``broker_unavailable`` well within the
+    client's timeout (a few times :data:`BROKER_WAIT_S`, where the producer's own defaults block for
+    60 s); the producer that failed is rebuilt, and the last post becomes searchable."""
+
+    def doc(n: int) -> dict:
+        return {"kind": "document", "id": f"broker-down-{n}", "text": f"Wombat number {n} digs a burrow."}
+
+    with httpx.Client(base_url=app.url, timeout=4 * BROKER_WAIT_S) as http:
+        kafka.stop()
+        try:
+            r = http.post("/v1/documents", json=doc(1))  # no producer yet: building one fails
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert error["code"] == "broker_unavailable" and "retry shortly" in error["message"], error
+        finally:
+            kafka.start()
+        post_until_accepted(http, doc(2))
+        kafka.stop()
+        try:
+            for r in (http.post("/v1/documents", json=doc(3)), http.delete("/v1/documents/broker-down-2")):
+                assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable", r.text
+        finally:
+            kafka.start()
+        [record] = post_until_accepted(http, doc(4)).json()["records"]
+        deadline = time.monotonic() + 120
+        while not http.get("/v1/documents/broker-down-4").json()["indexed"]:
+            assert time.monotonic() < deadline, "the document posted after the restart was never indexed"
+            time.sleep(0.5)
+    assert record["id"] == "broker-down-4" and record["offset"] >= 0
+
+
 def test_killing_a_shard_while_4_clients_search_gives_only_200_and_503_then_full_results(app, capsys):
     s = app.settings
     with httpx.Client(base_url=app.url, timeout=120) as http:
@@ -215,36 +248,3 @@ def post_until_accepted(http: httpx.Client, body: dict, timeout_s: float = 120) 
         r = http.post("/v1/documents", json=body)
     assert r.status_code == 202, r.text
     return r
-
-
-def test_posting_documents_with_the_broker_down_is_a_503_within_seconds_then_works_again(app, kafka):
-    """Both ways a producer meets a dead broker: building one (the first post of this app), and
-    sending on one already connected. Each answers 503 ``broker_unavailable`` well within the
-    client's timeout (a few times :data:`BROKER_WAIT_S`, where the producer's own defaults block for
-    60 s); the producer that failed is rebuilt, and the last post becomes searchable."""
-
-    def doc(n: int) -> dict:
-        return {"kind": "document", "id": f"broker-down-{n}", "text": f"Wombat number {n} digs a burrow."}
-
-    with httpx.Client(base_url=app.url, timeout=4 * BROKER_WAIT_S) as http:
-        kafka.stop()
-        try:
-            r = http.post("/v1/documents", json=doc(1))  # no producer yet: building one fails
-            assert r.status_code == 503, r.text
-            error = r.json()["error"]
-            assert error["code"] == "broker_unavailable" and "retry shortly" in error["message"], error
-        finally:
-            kafka.start()
-        post_until_accepted(http, doc(2))
-        kafka.stop()
-        try:
-            for r in (http.post("/v1/documents", json=doc(3)), http.delete("/v1/documents/broker-down-2")):
-                assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable", r.text
-        finally:
-            kafka.start()
-        [record] = post_until_accepted(http, doc(4)).json()["records"]
-        deadline = time.monotonic() + 120
-        while not http.get("/v1/documents/broker-down-4").json()["indexed"]:
-            assert time.monotonic() < deadline, "the document posted after the restart was never indexed"
-            time.sleep(0.5)
-    assert record["id"] == "broker-down-4" and record["offset"] >= 0
