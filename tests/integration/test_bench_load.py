@@ -27,7 +27,7 @@ TEMPLATES = {
     "embeddings": "/v1/embeddings",
     "bulk embeddings": "/v1/embeddings",
     "documents post": "/v1/documents",
-    "documents delete": "/v1/documents/{document_id:path}",
+    "documents delete": "/v1/documents/{document_id:anypath}",
 }
 """The server's label for each of the bench's routes (its route templates)."""
 

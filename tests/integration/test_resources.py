@@ -11,13 +11,22 @@ import pytest
 import ray
 
 from cluster.pipeline import EmbedderActor, _await_embedder, shard_handles
+from cluster.ray_actors import actor_rows
 from schemas.errors import ConfigError
 from schemas.settings import load_settings
 from schemas.topology import actor_name
 
 
+def cpus_held_by(names: list[str], namespace: str) -> float:
+    """The logical CPUs Ray holds for the live actors named ``names``, from each actor's own
+    resource request in the GCS (so work elsewhere in the session cannot move the number)."""
+    alive = [r for r in actor_rows(namespace) if r.state == "ALIVE"]
+    held = {r.name: r.cpus for r in alive if r.name in names}
+    assert set(held) == set(names), f"not alive: {sorted(set(names) - set(held))}"
+    return sum(held.values())
+
+
 def test_the_idle_shards_of_many_indexes_hold_almost_no_cpu(pipeline_settings):
-    before = ray.available_resources().get("CPU", 0.0)
     names = []
     try:
         for _ in range(10):  # ten idle indexes of two shards each (before: 0.05 CPU per shard)
@@ -26,7 +35,7 @@ def test_the_idle_shards_of_many_indexes_hold_almost_no_cpu(pipeline_settings):
             s = load_settings(overrides=dump)
             shard_handles(s, "sentence-transformers/all-MiniLM-L6-v2", 384)
             names += [actor_name(s.index.name, "shard", i) for i in range(2)]
-        held = before - ray.available_resources().get("CPU", 0.0)
+        held = cpus_held_by(names, pipeline_settings.ray.namespace)
         assert 0 < held <= 0.05, f"20 idle shards hold {held} CPUs"
     finally:
         for name in names:
