@@ -5,7 +5,9 @@ Actors, named ``<index>/<role>/<i>`` in the settings' Ray namespace (:mod:`schem
 - ``shard``: detached, so `serve` finds the shards that `ingest` writes; restarted on failure
   (``max_restarts=-1``), on the node that holds its store while that node lives, and their pending
   calls retried (``max_task_retries=-1``): every write is an idempotent, versioned upsert, so a
-  retried call changes nothing twice and a late one never overwrites a newer version.
+  retried call changes nothing twice and a late one never overwrites a newer version. A shard
+  killed for good (``ray.kill`` without restart) is found by name, or created again from its data
+  on disk, by the next write of a running ingest: a dead handle never stalls the stream.
 - ``embedder``: restarted and retried the same way; gets ``embed.num_cpus`` CPUs (its torch
   threads) and ``embed.num_gpus`` GPUs.
 - ``source``: one stream consumer of the documents topic per ``ingest.sources``, members of the
@@ -21,6 +23,7 @@ forever.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.embedder import Embedder
@@ -141,10 +144,16 @@ class RayDownstream:
     error, which is also an instance of its cause's class, and is classified by that cause.
     """
 
-    def __init__(self, embedders: Sequence[Any], shards: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        embedders: Sequence[Any],
+        shards: Sequence[Any],
+        revive_shards: Callable[[], Sequence[Any]] | None = None,
+    ) -> None:
         self.embedders = list(embedders)
         self.shards = list(shards)
         self.n_shards = len(self.shards)
+        self.revive_shards = revive_shards
         self._next = 0
 
     def embed(self, texts: list[str]) -> Future[np.ndarray]:
@@ -182,12 +191,25 @@ class RayDownstream:
         results = self._get([self.shards[i].apply.remote(writes[i]) for i in shards], "shard write")
         return dict(zip(shards, results, strict=True))
 
-    @staticmethod
-    def _get(refs: list[Any], what: str) -> list[Any]:
+    def _get(self, refs: list[Any], what: str) -> list[Any]:
         try:
             return list(ray.get(refs, timeout=SHARD_CALL_TIMEOUT_S))
         except Exception as exc:
+            if isinstance(exc, ActorDiedError):
+                self._revive(exc)
             raise _transport_retryable(exc, what) from exc
+
+    def _revive(self, cause: BaseException) -> None:
+        """A shard actor is dead for good (killed without a restart): its handle never works again,
+        while the retried call would use it forever. Takes fresh handles from ``revive_shards``,
+        which finds the shards by name and creates any that is gone, from its data on disk."""
+        if self.revive_shards is None:
+            return
+        log.warning("a shard actor is dead (%s); finding or re-creating the index's shards", cause)
+        try:
+            self.shards = list(self.revive_shards())
+        except Exception as exc:  # the next retry tries again
+            log.warning("re-creating the shards failed (%s); the write is retried", exc)
 
 
 def _transport_retryable(exc: BaseException, what: str) -> BaseException:
@@ -288,6 +310,18 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     return handles
 
 
+def named_shards(settings: Settings) -> list[Any]:
+    """The index's live shard actors, found by name (raises ``ValueError`` naming one not running)."""
+    handles = []
+    for i in range(settings.index.n_shards):
+        name = actor_name(settings.index.name, "shard", i)
+        try:
+            handles.append(ray.get_actor(name, namespace=settings.ray.namespace))
+        except ValueError:
+            raise ValueError(f"shard actor {name} is not running") from None
+    return handles
+
+
 def release_shards(settings: Settings) -> None:
     """Stops the index's shard actors. They are detached (they outlive the command that started
     them, for `serve`); their data stays on disk and :func:`shard_handles` starts them again. Never
@@ -370,7 +404,9 @@ class Pipeline:
         info = _await_embedder(s, self.embedders[0], cpus)
         log.info("embedder: %s (dim %d) on %s", info["model"], info["dim"], info["device"])
         self.shards = shard_handles(s, info["model"], info["dim"])
-        downstream = RayDownstream(self.embedders, self.shards)
+        downstream = RayDownstream(
+            self.embedders, self.shards, functools.partial(shard_handles, s, info["model"], info["dim"])
+        )
         source_cls = ray.remote(SourceActor)
         self.sources = [
             source_cls.options(
@@ -434,8 +470,8 @@ class Pipeline:
         finally:
             for actor in self.sources + self.embedders:
                 ray.kill(actor, no_restart=True)
-            if self.shards:
-                ray.get([sh.snapshot.remote() for sh in self.shards])
+            if self.shards:  # by name: a source may have re-created a shard (new handle)
+                ray.get([sh.snapshot.remote() for sh in named_shards(self.settings)])
             self.sources, self.embedders, self._runs = [], [], []
         return results
 

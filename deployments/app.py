@@ -23,6 +23,7 @@ APP_NAME = "riverbed"
 def deployment_options(config: DeploymentConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
     }
     if config.num_replicas == "auto":

@@ -3,13 +3,15 @@
 Every error answers ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
 field (``param``) and the reason; an index, shard or replica that cannot answer now (its data is
 unavailable, its actor died or is restarting, a transient failure) is a 503 whose message names
-it; only a bug is a 500.
+it; a deployment whose queue is full (``max_queued_requests``) sheds the request at once with a
+503 ``overloaded`` and ``Retry-After``; only a bug is a 500.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError
@@ -84,6 +87,14 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return exc
     if isinstance(exc, InvalidRequestError):
         return ApiError(400, "invalid_request", str(exc), exc.param)
+    if isinstance(exc, BackPressureError):
+        retry_after = max(1, math.ceil(exc.retry_after_s or 1.0))
+        return ApiError(
+            503,
+            "overloaded",
+            f"the server is at capacity ({_first_line(exc)}); retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+        )
     if isinstance(exc, IndexUnavailableError):
         return ApiError(503, "index_unavailable", str(exc))
     if isinstance(exc, RetryableError):

@@ -2,7 +2,9 @@
 SIGKILLed: every answer must be a 200 or a 503 naming the shard (a shard in trouble is never a
 500), and once the shard is back the same queries must give the same results as before the kill.
 A shard killed for good answers 503 naming it on every route until it is created again. With the
-broker down, posting documents answers 503 within seconds, and works again once it is back.
+broker down, posting documents answers 503 within seconds, and works again once it is back. A
+running ingest re-creates a shard killed for good on its next write. RAG past the generator's
+queue is shed at once (503 ``overloaded``).
 
 The index is small (its own, filled by the real pipeline, served by the real app) so the test
 stays within a couple of minutes on two cores."""
@@ -15,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -22,6 +25,7 @@ import ray
 
 from cluster.local_kafka import LocalKafka
 from deployments.ingress import BROKER_WAIT_S
+from schemas.ids import shard_of
 from schemas.settings import EmbeddedKafkaConfig
 from schemas.topology import actor_name
 from tests.integration.conftest import ServedIndex, served_index
@@ -54,7 +58,9 @@ def kafka(cache_dir, tmp_path_factory) -> Iterator[LocalKafka]:
 
 @pytest.fixture(scope="module")
 def app(kafka, ray_session, tmp_path_factory) -> Iterator[ServedIndex]:
-    with served_index(kafka.start(), tmp_path_factory, N_DOCS, prefix="faults") as served:
+    # One answer at a time and one waiting: the shedding test overloads the generator on purpose.
+    generator = {"max_ongoing_requests": 1, "max_queued_requests": 1}
+    with served_index(kafka.start(), tmp_path_factory, N_DOCS, "faults", {"generator": generator}) as served:
         yield served
 
 
@@ -231,10 +237,38 @@ def test_a_shard_killed_for_good_is_a_503_naming_it_until_it_is_created_again(ap
         assert any(p.startswith("shard 1: unavailable") for p in body["problems"]), body
         assert "riverbed_shard_status" in http.get("/metrics").text
 
-        handles = shard_handles(s, *recorded_model(s))  # what `riverbed serve` does for an index on disk
-        app.serving.pipeline.shards = handles  # the pipeline snapshots these when it stops
+        shard_handles(s, *recorded_model(s))  # what `riverbed serve` does for an index on disk
         wait_healthy(http)
         assert results(http) == before
+
+
+def test_a_shard_killed_for_good_during_ingest_is_created_again_by_the_next_write(app):
+    """The running ingest held the dead shard's handle and retried with it forever (every write of
+    the index stopped). Now a write that finds a shard dead takes fresh handles, creating the shard
+    again from its data on disk: the document is indexed and nothing already there is lost."""
+    s = app.settings
+    with httpx.Client(base_url=app.url, timeout=120) as http:
+        before = results(http)
+        chunks_before = wait_healthy(http)["chunks"]
+        doc_id = "faults/after-a-kill"
+        name = actor_name(s.index.name, "shard", shard_of(doc_id, s.index.n_shards))
+        shard = ray.get_actor(name, namespace=s.ray.namespace)
+        ray.kill(shard, no_restart=True)
+        text = "The quokka of Rottnest Island wombat hopped past the numbat lighthouse."
+        r = http.post("/v1/documents", json={"kind": "document", "id": doc_id, "text": text})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 180
+        r = http.get(f"/v1/documents/{doc_id}")
+        while not (r.status_code == 200 and r.json()["indexed"]) and time.monotonic() < deadline:
+            assert r.status_code in (200, 503), r.text  # 503 while the shard is down
+            time.sleep(1.0)
+            r = http.get(f"/v1/documents/{doc_id}")
+        assert r.status_code == 200 and r.json()["indexed"], r.text
+        health = wait_healthy(http)
+        assert health["chunks"] == chunks_before + r.json()["chunks"], health
+        assert results(http) == before
+        hits = http.post("/v1/search", json={"query": "quokka numbat lighthouse", "mode": "keyword", "k": 1})
+        assert hits.json()["hits"][0]["document_id"] == doc_id, hits.text
 
 
 def post_until_accepted(http: httpx.Client, body: dict, timeout_s: float = 120) -> httpx.Response:
@@ -248,3 +282,27 @@ def post_until_accepted(http: httpx.Client, body: dict, timeout_s: float = 120) 
         r = http.post("/v1/documents", json=body)
     assert r.status_code == 202, r.text
     return r
+
+
+def test_rag_past_the_generators_queue_is_shed_at_once_with_503_overloaded(app):
+    """Eight questions at once to a generator that takes one and queues one: the rest are refused
+    at once with 503 ``overloaded`` and Retry-After, instead of waiting minutes; the others are
+    answered."""
+    question = {"question": "Which NFL team won Super Bowl 50?", "k": 3}
+
+    def ask(_: int) -> tuple[httpx.Response, float]:
+        start = time.monotonic()
+        with httpx.Client(base_url=app.url, timeout=300) as http:
+            r = http.post("/v1/rag", json=question)
+        return r, time.monotonic() - start
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    shed = [(r, s) for r, s in answers if r.status_code == 503]
+    answered = [r for r, _ in answers if r.status_code == 200]
+    assert len(shed) + len(answered) == 8, [r.text for r, _ in answers]
+    assert 1 <= len(answered) <= 7 and len(shed) >= 1, [r.status_code for r, _ in answers]
+    for r, _ in shed:
+        assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1, r.text
+    slowest_answer = max(s for r, s in answers if r.status_code == 200)
+    assert max(s for _, s in shed) < slowest_answer, "a shed request is refused before answers come"

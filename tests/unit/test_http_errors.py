@@ -187,3 +187,22 @@ def test_a_body_fastapi_cannot_parse_is_400_invalid_json_saying_why(client):
     r = client.post("/search", content=b'{"query": "\xff"}', headers={"content-type": "application/json"})
     assert r.status_code == 400 and error(r)["code"] == "invalid_json"
     assert "UnicodeDecodeError" in error(r)["message"]
+
+
+def test_a_full_deployment_queue_is_a_503_overloaded_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    for exc, wait in ((BackPressureError(17, 16), "1"), (BackPressureError(17, 16, retry_after_s=2.2), "3")):
+        known = as_api_error(exc)
+        assert known is not None and (known.status, known.code) == (503, "overloaded"), exc
+        assert known.headers == {"Retry-After": wait} and "max_queued_requests=16" in known.message
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/rag")
+    async def rag() -> None:
+        raise as_api_error(BackPressureError(40, 16)) or AssertionError
+
+    r = TestClient(app).post("/v1/rag", json={})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.headers
+    assert error(r)["code"] == "overloaded"
