@@ -47,6 +47,7 @@ from actors.shard_store import ShardStore
 from actors.store_write import StoreChanges
 from actors.vector_index import (
     ChunkRecord,
+    DocumentEntry,
     DocumentRow,
     Hit,
     ShardWrite,
@@ -195,6 +196,12 @@ class FaissIndex(WriteConveniences):
 
     def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
         return self._open().get_document_versions(document_ids)
+
+    def scan_chunks(self, after: str = "", limit: int = 1000) -> list[ChunkRecord]:
+        return self._open().scan_chunks(after, limit)
+
+    def scan_documents(self, after: str = "", limit: int = 1000) -> list[DocumentEntry]:
+        return self._open().scan_documents(after, limit)
 
     def offsets(self) -> Offsets:
         return self._open().offsets()

@@ -1,9 +1,11 @@
 """IndexShard: the logic of one index shard actor (``<index>/shard/<i>``) around its backend.
 
+- The store is the backend ``index.backend`` names (:mod:`actors.backends`); this class never
+  touches its files.
 - Writes are durable when :meth:`IndexShard.apply` returns (the backend's store committed them).
-  The FAISS structure is snapshotted at most every ``index.snapshot_every_s`` seconds after a
-  write, and on :meth:`IndexShard.close`; a restarted shard loads the snapshot and replays only
-  the store's later writes.
+  The backend is snapshotted at most every ``index.snapshot_every_s`` seconds after a write, and
+  on :meth:`IndexShard.close` (FAISS: its structure, so that a restarted shard loads it and
+  replays only the store's later writes; Milvus: a flush, which keeps searches fast).
 - Availability: given the consumer group's committed offsets, a shard whose store applied less
   than was committed (its data is on another node, or lost) is *unavailable*: it does not create
   or open its store, every read and write raises :class:`IndexUnavailableError` saying why and
@@ -19,7 +21,6 @@ here, so a Ray actor may call any method from several threads.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -28,18 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from actors.faiss_index import FaissIndex
+from actors.backends import ShardBackend, StoreUnreadableError, backend_for
 from actors.shard_identity import (
     StoreIdentity,
-    applied_offsets,
     committed_problem,
     identity_problem,
-    offsets_complete,
     read_identity,
     write_identity,
 )
-from actors.shard_store import DB_NAME
-from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, WriteResult
+from actors.vector_index import ChunkRecord, DocumentEntry, DocumentRow, Hit, ShardWrite, WriteResult
 from schemas.errors import IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.settings import IndexConfig
@@ -75,7 +73,8 @@ class IndexShard:
         self.model = model
         self.dim = dim
         self.index_name = index_name
-        self._index: FaissIndex | None = None
+        self.backend = backend_for(config)
+        self._index: ShardBackend | None = None
         self._lock = threading.Lock()  # the snapshot clock
         self._open_lock = threading.Lock()
         self._last_snapshot = time.monotonic()
@@ -103,7 +102,11 @@ class IndexShard:
                     log.error("%s", self._unavailable)
                     return
             self.path.mkdir(parents=True, exist_ok=True)
-            index = FaissIndex(self.path, self.model, self.dim, self.config.faiss, max_bytes=self._max_bytes)
+            index = self.backend.open(
+                self.config, self.path, self.model, self.dim, index_name=self.index_name, shard=self.shard
+            )
+            if self._max_bytes != self.config.max_shard_bytes:  # set at run time since
+                index.set_max_bytes(self._max_bytes)
             if identity is None or identity.store_id != index.store_id:  # a store created just now
                 new = StoreIdentity.new(self.index_name, self.shard, self.model, self.dim, index.store_id)
                 write_identity(self.path, new)
@@ -112,8 +115,24 @@ class IndexShard:
                 self._adopt = None
             self._index = index
 
+    def recorded_model(self) -> tuple[str, int] | None:
+        """``(model, dim)`` of the shard's store, None when it has none yet."""
+        if self._index is None and not self.has_store():
+            return None
+        return self.model, self.dim
+
+    def has_store(self) -> bool:
+        """Whether the shard's store exists (read without creating it)."""
+        try:
+            state = self.backend.stored_state(
+                self.config, self.path, index_name=self.index_name, shard=self.shard
+            )
+        except StoreUnreadableError:
+            return True  # it exists; opening it says what is wrong
+        return state is not None
+
     @property
-    def index(self) -> FaissIndex:
+    def index(self) -> ShardBackend:
         """The open backend; :class:`IndexUnavailableError` when the shard is unavailable or closed."""
         if self._unavailable is not None:
             raise IndexUnavailableError(self._unavailable)
@@ -191,12 +210,21 @@ class IndexShard:
         """The stored version of each id that has one (see :class:`ShardWrite`)."""
         return self.index.get_document_versions(document_ids)
 
+    def scan_chunks(self, after: str = "", limit: int = 1000) -> list[ChunkRecord]:
+        return self.index.scan_chunks(after, limit)
+
+    def scan_documents(self, after: str = "", limit: int = 1000) -> list[DocumentEntry]:
+        return self.index.scan_documents(after, limit)
+
+    def offsets(self) -> Offsets:
+        return self.index.offsets()
+
     def count(self) -> int:
         return self.index.count()
 
     def stats(self) -> dict[str, Any]:
-        """``shard``, ``chunks`` (the store's live chunks), ``vectors`` (the FAISS structure's live
-        vectors, counted by FAISS), ``documents`` (document rows: the documents whose registry
+        """``shard``, ``chunks`` (the store's live chunks), ``vectors`` (the vector structure's live
+        vectors, counted by the structure itself), ``documents`` (document rows: the documents whose registry
         shard this is, so the sum over shards counts each live document once), ``offsets`` and
         ``path``. O(1); raises :class:`IndexUnavailableError` when the shard is unavailable."""
         index = self.index
@@ -227,7 +255,7 @@ class IndexShard:
     # -- lifecycle ------------------------------------------------------------------------
 
     def snapshot(self) -> None:
-        """Snapshots the FAISS structure if a write came since the last one."""
+        """Snapshots the backend if a write came since the last one."""
         with self._lock:
             if not self._dirty:
                 return
@@ -256,22 +284,24 @@ class IndexShard:
 
     def _committed_problem(self, committed: Offsets) -> str | None:
         """Why this shard must not open its store given the group's ``committed`` offsets."""
-        store = self.path / DB_NAME
         try:
-            applied = applied_offsets(store)
-            if applied is not None and not offsets_complete(store):
-                # What an older riverbed committed was durable on every shard; it just did not
-                # always say so. The store adopts the committed offsets once it is open.
-                log.warning(
-                    "shard %d (%s): a store from before schema 2 adopts the committed offsets %s",
-                    self.shard,
-                    self.path,
-                    committed,
-                )
-                self._adopt = committed
-                return None
-        except sqlite3.DatabaseError as exc:
+            state = self.backend.stored_state(
+                self.config, self.path, index_name=self.index_name, shard=self.shard
+            )
+        except StoreUnreadableError as exc:
             return f"shard {self.shard} ({self.path}): cannot read the store's offsets: {exc}"
+        if state is not None and not state.complete:
+            # What an older riverbed committed was durable on every shard; it just did not
+            # always say so. The store adopts the committed offsets once it is open.
+            log.warning(
+                "shard %d (%s): a store from before schema 2 adopts the committed offsets %s",
+                self.shard,
+                self.path,
+                committed,
+            )
+            self._adopt = committed
+            return None
+        applied = None if state is None else state.applied
         return committed_problem(self.index_name, self.shard, self.path, applied, committed)
 
     def check_committed(self, committed: Offsets) -> None:

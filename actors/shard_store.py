@@ -56,7 +56,7 @@ from actors.store_write import (
     marks,
     read_versions,
 )
-from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite, check_records
+from actors.vector_index import ChunkRecord, DocumentEntry, DocumentRow, Hit, ShardWrite, check_records
 from schemas.errors import ConfigError, IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.topology import Offsets, Version
@@ -166,9 +166,8 @@ class ShardStore:
             for batch in batches(list(chunk_ids)):
                 sql = f"SELECT chunk_id, {self._columns} FROM chunks WHERE chunk_id IN ({marks(len(batch))})"
                 for cid, doc, n, text, title, start, end, meta, vec, align in self._conn.execute(sql, batch):
-                    vector = np.frombuffer(vec, "<f4").astype(np.float32)
                     found[cid] = ChunkRecord(
-                        cid, doc, n, text, title, start, end, json.loads(meta), vector, align
+                        cid, doc, n, text, title, start, end, json.loads(meta), _vector(vec), align
                     )
         return [found.get(c) for c in chunk_ids]
 
@@ -273,6 +272,31 @@ class ShardStore:
             return {}
         with self._lock:
             return read_versions(self._conn.cursor(), list(dict.fromkeys(document_ids)))
+
+    def scan_chunks(self, after: str = "", limit: int = 1000) -> list[ChunkRecord]:
+        """Live chunks with ``chunk_id > after``, by ascending chunk id, at most ``limit``."""
+        with self._lock:
+            sql = f"SELECT chunk_id, {self._columns} FROM chunks WHERE chunk_id > ? ORDER BY chunk_id LIMIT ?"
+            rows = self._conn.execute(sql, (after, int(limit))).fetchall()
+        return [
+            ChunkRecord(cid, doc, n, text, title, start, end, json.loads(meta), _vector(vec), align)
+            for cid, doc, n, text, title, start, end, meta, vec, align in rows
+        ]
+
+    def scan_documents(self, after: str = "", limit: int = 1000) -> list[DocumentEntry]:
+        """Documents with a row or a version here and ``document_id > after``, by ascending id, at
+        most ``limit``."""
+        with self._lock:
+            if self._schema < 2:  # a read-only store from before versions
+                ids_sql = "SELECT document_id FROM documents WHERE document_id > ? ORDER BY 1 LIMIT ?"
+            else:
+                ids_sql = (
+                    "SELECT document_id FROM documents WHERE document_id > ?1 UNION SELECT document_id"
+                    " FROM doc_versions WHERE document_id > ?1 ORDER BY 1 LIMIT ?2"
+                )
+            ids = [r[0] for r in self._conn.execute(ids_sql, (after, int(limit)))]
+        rows, versions = self.get_document_rows(ids), self.get_document_versions(ids)
+        return [DocumentEntry(d, rows.get(d), versions.get(d)) for d in ids]
 
     def keyword_search(
         self, query: str, k: int, filter: MetadataFilter | None = None, title_weight: float = 0.5
@@ -387,6 +411,10 @@ def fts_terms(query: str, limit: int = 64) -> list[str]:
     """The distinct words of ``query`` (lowercased, in order, at most ``limit``): what keyword
     search looks up. Each is quoted as an FTS5 string, so none is read as an operator."""
     return list(dict.fromkeys(w.lower() for w in _FTS_TERM.findall(query)))[:limit]
+
+
+def _vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, "<f4").astype(np.float32)
 
 
 def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from schemas.topology import Version
 
 __all__ = [
     "ChunkRecord",
+    "DocumentEntry",
     "DocumentRow",
     "Hit",
     "KeywordSearch",
@@ -129,6 +130,18 @@ class DocumentRow:
 
 
 @dataclass(frozen=True)
+class DocumentEntry:
+    """One document in a shard's ledger, as :meth:`VectorIndex.scan_documents` lists it: its row
+    (None when this is not its registry shard, or it was deleted) and the version last applied to
+    it here (None: never versioned here). A deleted document keeps its version, so that an older
+    change arriving later is refused."""
+
+    document_id: str
+    row: DocumentRow | None
+    version: Version | None
+
+
+@dataclass(frozen=True)
 class ShardWrite:
     """Everything one batch changes in one shard, applied as ONE atomic, durable transaction, in
     this order:
@@ -224,6 +237,10 @@ class VectorIndex(Protocol):
       :meth:`vector_count` (live vectors in the search structure, counted by the structure
       itself, so ``count() == vector_count()`` checks that both agree) are O(1).
       ``document_ids`` scans every chunk: for tools and tests only.
+    - :meth:`scan_chunks` and :meth:`scan_documents` page through everything the shard holds, by
+      ascending id (code point order), strictly after ``after``, at most ``limit`` per call: what
+      copying an index to another backend reads (no re-embedding). Each page is consistent; pages
+      read while writes go on may miss or repeat changes made between them.
     - :meth:`offsets` are the Kafka positions (``{topic: {partition: next_offset}}``) covered by
       durable writes; :meth:`snapshot` only makes :meth:`restore` (run on open) fast.
     - One writer at a time; reads may run on other threads.
@@ -248,6 +265,8 @@ class VectorIndex(Protocol):
     def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]: ...
     def get_document_hashes(self, document_ids: Sequence[str]) -> dict[str, str]: ...
     def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]: ...
+    def scan_chunks(self, after: str = "", limit: int = 1000) -> list[ChunkRecord]: ...
+    def scan_documents(self, after: str = "", limit: int = 1000) -> list[DocumentEntry]: ...
     def offsets(self) -> dict[str, dict[int, int]]: ...
     def snapshot(self) -> None: ...
     def restore(self) -> None: ...

@@ -287,6 +287,33 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_index_copy(args: argparse.Namespace, settings: Settings) -> int:
+    """Copies index ``--from`` into ``--to``; ``--set`` settings apply to the target only (e.g.
+    ``index.backend=milvus``), the rest (``--config``, ``--home``, the broker) to both."""
+    from cluster.index_copy import copy_index
+    from cluster.ray_runtime import connect
+
+    def named(name: str, with_set: bool) -> Settings:
+        overrides = _overrides(argparse.Namespace(**{**vars(args), "set": args.set if with_set else []}))
+        return load_settings(
+            args.config, {**overrides, "index": {**overrides.get("index", {}), "name": name}}
+        )
+
+    source, target = named(args.source, with_set=False), named(args.target, with_set=True)
+    connect(target)
+    report = copy_index(
+        source, target, on_progress=None if args.quiet else lambda m: print(m, file=sys.stderr)
+    )
+    data = report.as_dict()
+    text = (
+        f"copied index {data['from']} to {data['to']} ({data['backend']}): {data['chunks']} chunks "
+        f"{data['chunks_per_shard']}, {data['documents']} documents, offsets {data['committed_offsets']} "
+        f"in {data['seconds']} s"
+    )
+    emit(args, data, text)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out)
     result: dict[str, Any]
@@ -511,6 +538,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--no-broker", action="store_true", help="read only the shard stores")
     stats.set_defaults(func=cmd_stats)
+
+    index = sub.add_parser(
+        "index", help="manage indexes (copy one to another name or backend)", parents=[common]
+    )
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    copy = index_sub.add_parser(
+        "copy",
+        help="copy an index (vectors, text, metadata, document rows, offsets; no re-embedding) to a new "
+        "name; --set settings (e.g. index.backend=milvus) apply to the copy only",
+        parents=[common],
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="INDEX", help="the index to copy")
+    copy.add_argument(
+        "--to", dest="target", required=True, metavar="INDEX", help="the new index (must be empty)"
+    )
+    copy.set_defaults(func=cmd_index_copy)
 
     bench = sub.add_parser(
         "bench",

@@ -41,7 +41,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.embedder import Embedder
 from actors.index_shard import IndexShard
 from actors.processor import StoredDocument, merge_stored
-from actors.shard_store import DB_NAME
 from actors.source import document_consumer
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
@@ -103,7 +102,7 @@ class ShardActor(IndexShard):
         super().__init__(config, data_dir, shard, model, dim, index_name=index, committed=committed)
         self._servers, self._group = servers, group
         self._checked = committed is not None
-        if self._checked or (self.path / DB_NAME).exists():
+        if self._checked or self.has_store():
             self.warm_up()
 
     def apply(self, write: ShardWrite) -> WriteResult:

@@ -17,13 +17,14 @@ from typing import Any
 
 import httpx
 
+from actors.backends import backend_for
 from actors.index_shard import shard_directory
-from actors.shard_store import DB_NAME, ShardStore
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, shard_handles
 from cluster.ray_runtime import connect
 from schemas.errors import ConfigError, RetryableError
 from schemas.settings import DeploymentConfig, ServeConfig, Settings, check_exposure
+from schemas.topology import actor_name
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,31 @@ class Serving:
 
 
 def recorded_model(settings: Settings) -> tuple[str, int] | None:
-    """The model and dim the index's stores were written with (None: no data yet)."""
-    for i in range(settings.index.n_shards):
-        directory = shard_directory(settings.data_dir, i)
-        if (directory / DB_NAME).exists():
-            store = ShardStore.read_only(directory)
-            try:
-                return store.model, store.dim
-            finally:
-                store.close()
+    """The model and dim the index's stores were written with (None: no data yet), asked of each
+    running shard actor, or read through the index's backend where none runs (a store held by a
+    running actor may be locked to its process). Connects to Ray."""
+    import ray
+
+    connect(settings)
+    backend = backend_for(settings.index)
+    for shard in range(settings.index.n_shards):
+        try:
+            actor = ray.get_actor(
+                actor_name(settings.index.name, "shard", shard), namespace=settings.ray.namespace
+            )
+        except ValueError:  # not running
+            state = backend.stored_state(
+                settings.index,
+                shard_directory(settings.data_dir, shard),
+                index_name=settings.index.name,
+                shard=shard,
+            )
+            recorded = None if state is None else (state.model, state.dim)
+        else:
+            answer: Any = ray.get(actor.recorded_model.remote(), timeout=120)
+            recorded = None if answer is None else (str(answer[0]), int(answer[1]))
+        if recorded is not None:
+            return recorded
     return None
 
 

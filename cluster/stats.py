@@ -1,15 +1,18 @@
-"""`riverbed stats`: what an index holds, read from the shard stores and the broker directly, so it
-works when nothing else is running (no Ray, no serving app)."""
+"""`riverbed stats`: what an index holds, read from each shard's store (through its backend, never
+its files) and from the broker, so it works when nothing else is running (no Ray, no serving app).
+A store that another process holds (Milvus Lite: one process per data dir) is asked through its
+running shard actor instead."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from actors.backends import StoreUnreadableError, backend_for
 from actors.dead_letters import read_dead_letter_counts
-from actors.shard_store import DB_NAME, ShardStore
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets
+from schemas.errors import ConfigError
 from schemas.settings import Settings
-from schemas.topology import lag
+from schemas.topology import actor_name, lag, shard_directory
 
 
 def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
@@ -17,18 +20,13 @@ def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
 
     ``documents`` counts distinct live document ids (each has one row, on its registry shard).
     Broker figures need a running broker (the embedded one is started if it is not running)."""
-    shard_dirs = sorted(settings.data_dir.glob("shard-*"))
     documents = 0
     per_shard: dict[str, int] = {}
-    for directory in shard_dirs:
-        if not (directory / DB_NAME).exists():
-            continue
-        store = ShardStore.read_only(directory)
-        try:
-            per_shard[directory.name.removeprefix("shard-").lstrip("0") or "0"] = store.count()
-            documents += store.document_count()  # rows on each id's registry shard: each id once
-        finally:
-            store.close()
+    for shard in range(settings.index.n_shards):
+        figures = shard_figures(settings, shard)
+        if figures is not None:
+            per_shard[str(shard)] = figures[0]
+            documents += figures[1]  # rows on each id's registry shard: each id once
     out: dict[str, Any] = {
         "index": settings.index.name,
         "documents": documents,
@@ -49,3 +47,36 @@ def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
         ends = end_offsets(servers, [topics.documents])
         out["lag"] = lag(ends, committed)
     return out
+
+
+def shard_figures(settings: Settings, shard: int) -> tuple[int, int] | None:
+    """``(chunks, documents)`` of one shard's store, None when it has none yet."""
+    try:
+        state = backend_for(settings.index).stored_state(
+            settings.index,
+            shard_directory(settings.data_dir, shard),
+            index_name=settings.index.name,
+            shard=shard,
+        )
+    except StoreUnreadableError as exc:
+        live = _live_shard_stats(settings, shard)
+        if live is None:
+            raise ConfigError(f"index {settings.index.name!r}, shard {shard}: {exc}") from exc
+        return int(live["chunks"]), int(live["documents"])
+    return None if state is None else (state.chunks, state.documents)
+
+
+def _live_shard_stats(settings: Settings, shard: int) -> dict[str, Any] | None:
+    """The running shard actor's own figures, or None when no Ray cluster or no such actor runs."""
+    import ray
+
+    from cluster.ray_runtime import connect
+
+    try:
+        connect(settings, start=False)
+        actor = ray.get_actor(
+            actor_name(settings.index.name, "shard", shard), namespace=settings.ray.namespace
+        )
+    except Exception:  # no cluster to ask, or no such actor: the caller reports the store's error
+        return None
+    return dict(ray.get(actor.stats.remote(), timeout=60))

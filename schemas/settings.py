@@ -149,17 +149,61 @@ class FaissConfig(_Section):
     )
 
 
+class MilvusConfig(_Section):
+    """The ``milvus`` backend: each shard is a collection of chunks (vectors, text, metadata and
+    BM25 keyword vectors) and one of its ledger (document rows, versions, applied offsets)."""
+
+    uri: str | None = Field(
+        None,
+        description="a Milvus server (``http://host:19530``); unset: Milvus Lite embedded in each shard's "
+        "process, one data dir per shard (node-local, like FAISS)",
+    )
+    token: SecretStr | None = Field(
+        None, description="the server's ``user:password`` or API key (never printed)"
+    )
+    db_name: str = Field("", description="the server's database; empty: its default database")
+    collection_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")] = Field(
+        "riverbed",
+        description="collections are named ``<prefix>_<index>_<shard>_chunks`` and ``..._ledger`` "
+        "(``-`` in index names becomes ``_``)",
+    )
+    index_type: Literal["FLAT", "HNSW", "IVF_FLAT"] = "FLAT"
+    hnsw_m: PositiveInt = 32
+    hnsw_ef_construction: PositiveInt = 80
+    hnsw_ef_search: PositiveInt = 64
+    ivf_nlist: PositiveInt = 256
+    ivf_nprobe: PositiveInt = 16
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Strong", description="reads see every write acknowledged before them only with Strong"
+    )
+    timeout_s: Annotated[float, Field(gt=0)] = Field(30.0, description="each call to Milvus")
+
+
 class IndexConfig(_Section):
     name: IndexName = "default"
     n_shards: PositiveInt = 2
-    backend: Literal["faiss"] = "faiss"
+    backend: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="faiss: FAISS structure + SQLite store in each shard's directory; milvus: Milvus Lite "
+        "embedded, or a Milvus server (index.milvus.uri)",
+    )
     faiss: FaissConfig = FaissConfig()
+    milvus: MilvusConfig = MilvusConfig()
     snapshot_every_s: Annotated[float, Field(gt=0)] = 60.0
     max_shard_bytes: PositiveInt | None = Field(
         None,
         description="quota of each shard's SQLite store, in bytes: a write that needs more waits (retried, "
         "health degraded) until space is made or the quota raised; unset: only the disk limits it",
     )
+
+    @model_validator(mode="after")
+    def _quota_is_faiss_only(self) -> IndexConfig:
+        if self.max_shard_bytes is not None and self.backend != "faiss":
+            raise ValueError(
+                f"index.max_shard_bytes is a quota of the faiss backend's SQLite store; the {self.backend} "
+                "backend has none (unset it)"
+            )
+        return self
 
 
 class IngestConfig(_Section):

@@ -14,6 +14,7 @@ import numpy as np
 
 from actors.vector_index import (
     ChunkRecord,
+    DocumentEntry,
     DocumentRow,
     Hit,
     ShardWrite,
@@ -139,6 +140,15 @@ class InMemoryIndex(WriteConveniences):
     def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
         with self._lock:
             return {d: self._versions[d] for d in document_ids if d in self._versions}
+
+    def scan_chunks(self, after: str = "", limit: int = 1000) -> list[ChunkRecord]:
+        with self._lock:
+            return [self._records[c] for c in sorted(c for c in self._records if c > after)[:limit]]
+
+    def scan_documents(self, after: str = "", limit: int = 1000) -> list[DocumentEntry]:
+        with self._lock:
+            ids = sorted(d for d in {*self._documents, *self._versions} if d > after)[:limit]
+            return [DocumentEntry(d, self._documents.get(d), self._versions.get(d)) for d in ids]
 
     def offsets(self) -> dict[str, dict[int, int]]:
         with self._lock:

@@ -6,6 +6,8 @@ Each test gets fresh topics (``topic_name``), so tests never see each other's re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +187,47 @@ def served_index(
             for i in range(settings.index.n_shards):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(f"{name}/shard/{i}", namespace=settings.ray.namespace))
+
+
+# MILVUS BY URI: a real gRPC server (Milvus Lite's `milvus-lite server`), one per session.
+@dataclasses.dataclass(frozen=True)
+class MilvusServer:
+    uri: str
+    data_dir: Path
+    process: subprocess.Popen
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    """`milvus-lite server` on 127.0.0.1 and a free port, listening before the fixture yields;
+    terminated at the end. (A Milvus standalone cannot run on this machine: no container runtime.)"""
+    import socket
+    import sys
+    import time
+
+    data_dir = tmp_path_factory.mktemp("milvus-server") / "data"
+    port = free_port()
+    log = (data_dir.parent / "server.log").open("wb")
+    command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir)]
+    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"milvus-lite server exited {process.returncode}: {data_dir.parent}/server.log"
+                )
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"milvus-lite server not listening on {port} after 120 s")
+            time.sleep(0.2)
+        yield MilvusServer(f"http://127.0.0.1:{port}", data_dir, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

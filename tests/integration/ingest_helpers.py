@@ -6,9 +6,9 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import ray
+
 from actors.chunker import Chunker
-from actors.index_shard import shard_directory
-from actors.shard_store import ShardStore
 from cluster.producer import EnvelopeProducer
 from schemas.envelope import DocumentEnvelope
 from schemas.settings import Settings
@@ -61,18 +61,23 @@ class StoredIndex:
 
 
 def read_stores(settings: Settings) -> StoredIndex:
-    """Every chunk in every shard store of the index, read directly from SQLite."""
+    """Every chunk in every shard of the index, paged through each shard actor's own
+    ``scan_chunks`` (whatever its backend; the actors are found, or started, by name)."""
+    from cluster.pipeline import shard_handles
+    from cluster.serving import recorded_model
+
     chunks: dict[str, str] = {}
     texts: dict[str, str] = {}
-    for i in range(settings.index.n_shards):
-        store = ShardStore.read_only(shard_directory(settings.data_dir, i))
-        try:
-            for cid, doc, text in store._conn.execute("SELECT chunk_id, document_id, text FROM chunks"):
-                assert cid not in chunks, f"chunk {cid} stored twice"
-                chunks[cid] = doc
-                texts[cid] = text
-        finally:
-            store.close()
+    recorded = recorded_model(settings)
+    shards = [] if recorded is None else shard_handles(settings, *recorded)
+    for shard in shards:
+        after = ""
+        while page := ray.get(shard.scan_chunks.remote(after, 2000)):
+            for record in page:
+                assert record.chunk_id not in chunks, f"chunk {record.chunk_id} stored twice"
+                chunks[record.chunk_id] = record.document_id
+                texts[record.chunk_id] = record.text
+            after = page[-1].chunk_id
     per_document: dict[str, int] = {}
     for doc in chunks.values():
         per_document[doc] = per_document.get(doc, 0) + 1
