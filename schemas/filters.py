@@ -5,7 +5,8 @@
 Every top-level key is a metadata field; a bare value means ``eq``; a dict holds one or more
 operators (``eq ne gt gte lt lte in nin``), all of which must hold. Conditions are ANDed.
 
-Semantics, identical in :meth:`MetadataFilter.matches` and :meth:`MetadataFilter.to_sql`:
+Semantics, identical in :meth:`MetadataFilter.matches`, :meth:`MetadataFilter.to_sql` (SQLite JSON)
+and :meth:`MetadataFilter.to_milvus` (a Milvus boolean expression):
 
 - Values are of three kinds: strings, numbers (int and float compare numerically, ``1 == 1.0``)
   and booleans. A condition only holds between values of the same kind: ``{"year": 2000}`` does
@@ -16,6 +17,10 @@ Semantics, identical in :meth:`MetadataFilter.matches` and :meth:`MetadataFilter
 - A missing field (or one of another kind) fails ``eq gt gte lt lte in``.
 - ``ne`` is exactly ``not eq`` and ``nin`` is exactly ``not in``: so they *match* a document that
   lacks the field ("not in English" is true of a document with no ``lang``), as in MongoDB.
+
+Milvus's own rules differ from these (a missing key is NULL and NULL survives ``not``; ``true == 1``
+holds; ``in`` takes no JSON path in Milvus Lite), so its translation leans on a second JSON field
+written beside the metadata, :func:`milvus_kinds`; :meth:`MetadataFilter.to_milvus` says how.
 """
 
 from __future__ import annotations
@@ -58,6 +63,15 @@ _COLUMN_PATTERN = re.compile(
     r"^([A-Za-z_][A-Za-z0-9_]{0,63}\.)?[A-Za-z_][A-Za-z0-9_]{0,63}$"
 )  # [table.]column
 MAX_IN_VALUES = 1024  # far below SQLite's bound-parameter limit (32766)
+_MILVUS_KINDS: dict[Kind, str] = {"str": "s", "num": "n", "bool": "b"}
+_MILVUS_OPS = {"eq": "==", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+_MILVUS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+# Words the expression lexer reads as keywords or literals, in any case: never a field name.
+_MILVUS_RESERVED = frozenset(
+    {"and", "or", "not", "in", "like", "is", "null", "exists", "iso", "interval", "true", "false"}
+)
+# In a string literal a raw line break is a syntax error, and a quote or backslash would end or escape it.
+_MILVUS_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
 
 
 def kind_of(value: object) -> Kind | None:
@@ -69,6 +83,15 @@ def kind_of(value: object) -> Kind | None:
     if isinstance(value, str):
         return "str"
     return None
+
+
+def milvus_kinds(metadata: Mapping[str, object]) -> dict[str, str]:
+    """The ``kinds`` JSON a Milvus row carries beside its ``metadata``: for each key, the kind of its
+    value, ``"s"`` (string), ``"n"`` (number, int or float) or ``"b"`` (boolean). A key whose value
+    is no scalar is left out, so that every condition treats it as missing, as :meth:`matches` does
+    (its kind never equals a condition's)."""
+    kinds = {key: kind_of(value) for key, value in metadata.items()}
+    return {key: _MILVUS_KINDS[kind] for key, kind in kinds.items() if kind is not None}
 
 
 def _scalar_kind(value: Scalar) -> Kind:
@@ -130,6 +153,23 @@ class Condition(BaseModel):
         sql = f"({json_type} IN ({_marks(len(types))}) AND {value_sql})"
         return sql, [path, *types, path, *self.values]
 
+    def to_milvus(self, column: str = "metadata", kinds: str = "kinds") -> str:
+        """A parenthesised Milvus expression that is true or false, never NULL, on every row whose
+        ``kinds`` was written by :func:`milvus_kinds` from its ``column`` (see
+        :meth:`MetadataFilter.to_milvus`)."""
+        _check_milvus_names(column, kinds)
+        if self.op in ("ne", "nin"):
+            return f"(not {self._negated().to_milvus(column, kinds)})"
+        key = _milvus_literal(self.field)
+        kind = _milvus_literal(_MILVUS_KINDS[_scalar_kind(self.values[0])])
+        path = f"{column}[{key}]"
+        if self.op == "in":  # Milvus Lite refuses a JSON path left of ``in``
+            test = " or ".join(f"{path} == {_milvus_literal(v)}" for v in self.values)
+            test = f"({test})" if len(self.values) > 1 else test
+        else:
+            test = f"{path} {_MILVUS_OPS[self.op]} {_milvus_literal(self.values[0])}"
+        return f"(exists {kinds}[{key}] and {kinds}[{key}] == {kind} and {test})"
+
     def _negated(self) -> Condition:
         """The condition that ``ne``/``nin`` negate (built unvalidated: self is already valid)."""
         op: Op = "eq" if self.op == "ne" else "in"
@@ -189,6 +229,38 @@ class MetadataFilter(BaseModel):
             params.extend(p)
         return " AND ".join(parts), params
 
+    def to_milvus(self, column: str = "metadata", kinds: str = "kinds") -> str:
+        """A Milvus boolean expression selecting exactly the rows whose JSON field ``column`` holds
+        metadata that :meth:`matches`, or ``""`` for an empty filter (pass no filter then). Every
+        row must also hold the JSON field ``kinds``, written by :func:`milvus_kinds` from the same
+        metadata. Conditions are ANDed, each in parentheses. ``column`` and ``kinds`` must be plain
+        field names; field names and values come from a validated filter and are written as
+        escaped literals, so no value can change the expression's structure.
+
+        Milvus's expression dialect (checked against Milvus Lite 3.2.2) differs from the semantics
+        above in four ways, each handled here:
+
+        - *A missing JSON key is NULL*, and NULL survives ``not``: ``not (metadata["lang"] ==
+          "en")`` leaves out a document without ``lang``, which ``ne`` must select. So each
+          condition opens with ``exists kinds["f"]``, which is plainly false for a missing key;
+          with it every condition is two-valued, and ``ne``/``nin`` are exactly ``not (eq)`` and
+          ``not (in)``.
+        - *Kinds blur*: ``true == 1`` holds, and an ordering against another kind yields NULL. Each
+          condition tests ``kinds["f"] == "s"`` (or ``"n"``, ``"b"``) before the value, so it only
+          compares values of one kind, as :meth:`matches` does. Numbers compare exactly across int
+          and float (``1 == 1.0``; ``2**63 - 1 < 9.223372036854776e18``) and strings by code point,
+          as in Python.
+        - *No ``in`` on a JSON path* (a parse error in Milvus Lite): ``in`` becomes ``==`` tests
+          joined by ``or``.
+        - *No filter templates* in Milvus Lite, so values are literals: strings in double quotes
+          with ``\\``, ``"``, line feed and carriage return escaped (the lexer takes every other
+          character as it is, and refuses a raw line break); floats by ``repr`` (exact round trip),
+          integers in decimal, booleans as ``true``/``false``. Keys are written the same way, as
+          ``metadata["my-key"]``.
+        """
+        _check_milvus_names(column, kinds)
+        return " and ".join(c.to_milvus(column, kinds) for c in self.conditions)
+
     def to_raw(self) -> dict[str, Any]:
         """The filter back in the raw syntax (``parse(f.to_raw()) == f``)."""
         raw: dict[str, dict[str, Any]] = {}
@@ -213,6 +285,25 @@ def _parse(raw: Mapping[Any, Any]) -> tuple[Condition, ...]:
 
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
+
+
+def _check_milvus_names(column: str, kinds: str) -> None:
+    for name in (column, kinds):
+        if not _MILVUS_NAME.match(name) or name.lower() in _MILVUS_RESERVED:
+            raise ValueError(
+                f"unsafe Milvus field name {name!r} (letters, digits and '_', no leading digit, no keyword)"
+            )
+    if column == kinds:
+        raise ValueError(f"the metadata and kinds fields must differ, both are {column!r}")
+
+
+def _milvus_literal(value: Scalar) -> str:
+    """``value`` as a literal of the Milvus expression language (see MetadataFilter.to_milvus)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.translate(_MILVUS_ESCAPES) + '"'
+    return repr(value)  # int: decimal; float: shortest text that reads back as the same float
 
 
 def _check_field(field: object) -> None:

@@ -1,13 +1,14 @@
-"""MetadataFilter: parsing, errors, and the same answer from matches() and from SQL."""
+"""MetadataFilter: parsing, errors, the same answer from matches() and from SQL, and the Milvus text."""
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import pytest
 
-from schemas.filters import Condition, MetadataFilter
+from schemas.filters import Condition, MetadataFilter, milvus_kinds
 
 DESIGN_EXAMPLE: dict[str, object] = {
     "lang": "en",
@@ -146,3 +147,79 @@ def test_sql_binds_values_never_interpolates() -> None:
 
 def test_empty_filter_is_true_in_sql() -> None:
     assert MetadataFilter.parse({}).to_sql() == ("1", [])
+
+
+def test_empty_filter_is_no_milvus_expression() -> None:
+    assert MetadataFilter.parse({}).to_milvus() == ""
+
+
+def test_milvus_expression_guards_every_condition_with_the_kinds_field() -> None:
+    f = MetadataFilter.parse({"lang": "en", "my-key": {"nin": [1, 2.5]}, "flag": {"in": [True]}})
+    assert f.to_milvus() == (
+        '(exists kinds["lang"] and kinds["lang"] == "s" and metadata["lang"] == "en")'
+        ' and (not (exists kinds["my-key"] and kinds["my-key"] == "n"'
+        ' and (metadata["my-key"] == 1 or metadata["my-key"] == 2.5)))'
+        ' and (exists kinds["flag"] and kinds["flag"] == "b" and metadata["flag"] == true)'
+    )
+    assert MetadataFilter.parse({"y": {"gte": 1, "lt": 2}}).to_milvus("m", "k") == (
+        '(exists k["y"] and k["y"] == "n" and m["y"] >= 1)'
+        ' and (exists k["y"] and k["y"] == "n" and m["y"] < 2)'
+    )
+
+
+def test_milvus_string_literals_escape_quotes_backslashes_and_line_breaks() -> None:
+    expr = MetadataFilter.parse({"lang": 'en" or 1==1 or "\\\n\r\t\x00é'}).to_milvus()
+    assert expr.endswith(' == "en\\" or 1==1 or \\"\\\\\\n\\r\t\x00é")')
+    assert "\n" not in expr and "\r" not in expr
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (True, "true"),
+        (False, "false"),
+        (0, "0"),
+        (2**63 - 1, "9223372036854775807"),
+        (-(2**63), "-9223372036854775808"),
+        (2.0, "2.0"),
+        (-0.0, "-0.0"),
+        (0.1, "0.1"),
+        (0.30000000000000004, "0.30000000000000004"),
+        (1e16, "1e+16"),
+        (5e-324, "5e-324"),
+        (-1.7976931348623157e308, "-1.7976931348623157e+308"),
+    ],
+)
+def test_milvus_number_literals_read_back_exactly(value: bool | int | float, text: str) -> None:
+    expr = MetadataFilter.parse({"x": value}).to_milvus()
+    assert expr.endswith(f'metadata["x"] == {text})')
+    if not isinstance(value, bool):
+        back = type(value)(text)
+        assert back == value and str(back) == str(value)  # the same type, and -0.0 stays -0.0
+
+
+def test_milvus_kinds_names_each_scalar_kind_and_skips_the_rest() -> None:
+    metadata: dict[str, object] = {"a": "x", "b": 1, "c": 1.5, "d": True, "e": False, "f": [1], "g": None}
+    assert milvus_kinds(metadata) == {"a": "s", "b": "n", "c": "n", "d": "b", "e": "b"}
+    assert milvus_kinds({}) == {}
+
+
+@pytest.mark.parametrize(
+    ("column", "kinds", "message"),
+    [
+        ("meta data", "kinds", "unsafe Milvus field name 'meta data'"),
+        ('metadata["x"]', "kinds", "unsafe Milvus field name"),
+        ("metadata", "1kinds", "unsafe Milvus field name '1kinds'"),
+        ("not", "kinds", "unsafe Milvus field name 'not'"),
+        ("metadata", "NULL", "unsafe Milvus field name 'NULL'"),
+        ("True", "kinds", "unsafe Milvus field name 'True'"),
+        ("", "kinds", "unsafe Milvus field name ''"),
+        ("m" * 256, "kinds", "unsafe Milvus field name 'mmm"),
+        ("metadata", "metadata", "must differ, both are 'metadata'"),
+    ],
+)
+def test_unsafe_milvus_field_names_are_refused(column: str, kinds: str, message: str) -> None:
+    f = MetadataFilter.parse({"a": 1})
+    for call in (f.to_milvus, MetadataFilter.parse({}).to_milvus, f.conditions[0].to_milvus):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call(column, kinds)
