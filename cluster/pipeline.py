@@ -495,6 +495,12 @@ def _await_embedder(
             waiting = any(r.name == name and r.state == "PENDING_CREATION" for r in rows)
             if not waiting or settings.ray.address:
                 continue
+            # PENDING_CREATION also covers an embedder whose CPUs are granted while its worker
+            # process starts (slow on a loaded machine): refuse only when the others' actors
+            # leave too few CPUs for it, or the head never had enough.
+            others = sum(r.cpus for r in rows if r.holds and r.name != name)
+            if ray.cluster_resources().get("CPU", 0.0) - others >= cpus:
+                continue
             ray.kill(embedder)
             free = ray.available_resources().get("CPU", 0.0)
             raise ConfigError(

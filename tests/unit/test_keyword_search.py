@@ -1,20 +1,23 @@
-"""Keyword (BM25) search in the FAISS shard's store: SQLite FTS5, kept in step with every write."""
+"""Keyword (BM25) search, kept in step with every write, on every backend that offers it: the FAISS
+shard's store (SQLite FTS5) and Milvus (its BM25 over the same FTS5 words)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from actors.faiss_index import FaissIndex
+from actors.milvus_index import MilvusIndex
 from actors.shard_store import DB_NAME, fts_terms
 from actors.vector_index import ChunkRecord, DocumentRow, KeywordSearch, ShardWrite
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id
-from schemas.settings import FaissConfig
+from schemas.settings import FaissConfig, MilvusConfig
 from tests.unit.test_vector_index_contract import scratch_dir
 
 DIM = 8
@@ -37,10 +40,22 @@ def record(doc: str, text: str, number: int = 0, **meta: str | int) -> ChunkReco
     )
 
 
+# Each backend opened on a shard directory (Milvus: Lite embedded in it).
+OPENERS: dict[str, Callable[[Path], Any]] = {
+    "faiss": lambda path: FaissIndex(path, MODEL, DIM, FaissConfig(omp_threads=1)),
+    "milvus-lite": lambda path: MilvusIndex(path, MODEL, DIM, MilvusConfig()),
+}
+
+
+@pytest.fixture(params=sorted(OPENERS))
+def opener(request: pytest.FixtureRequest) -> Callable[[Path], Any]:
+    return OPENERS[request.param]
+
+
 @pytest.fixture
-def index() -> Iterator[FaissIndex]:
+def index(opener: Callable[[Path], Any]) -> Iterator[Any]:
     with scratch_dir() as d:
-        idx = FaissIndex(d / "shard", MODEL, DIM, FaissConfig(omp_threads=1))
+        idx = opener(d / "shard")
         idx.upsert([record(doc, text, lang="en" if doc != "paris" else "fr") for doc, text in TEXTS.items()])
         yield idx
         idx.close()
@@ -50,7 +65,7 @@ def ids(hits) -> list[str]:
     return [h.document_id for h in hits]
 
 
-def test_the_faiss_backend_offers_keyword_search(index):
+def test_the_backend_offers_keyword_search(index):
     assert isinstance(index, KeywordSearch)
 
 
@@ -103,10 +118,10 @@ def test_updates_deletes_and_truncation_reach_the_keyword_index(index):
     assert ids(index.keyword_search(["alpha"], 5)[0]) == ["long"]
 
 
-def test_keyword_index_survives_reopen(index):
+def test_keyword_index_survives_reopen(index, opener):
     path = index.path
     index.close()
-    reopened = FaissIndex(path, MODEL, DIM, FaissConfig(omp_threads=1))
+    reopened = opener(path)
     try:
         assert ids(reopened.keyword_search(["eiffel"], 5)[0]) == ["paris"]
     finally:

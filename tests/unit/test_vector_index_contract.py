@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from actors.faiss_index import FaissIndex
+from actors.milvus_index import MilvusIndex
 from actors.testing import InMemoryIndex
 from actors.vector_index import (
     ChunkRecord,
@@ -31,7 +32,7 @@ from actors.vector_index import (
 from schemas.errors import ConfigError
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id
-from schemas.settings import FaissConfig
+from schemas.settings import FaissConfig, MilvusConfig
 
 DIM = 32
 MODEL = "test/model-a"
@@ -61,6 +62,14 @@ BACKENDS = [
     # nlist 4 trains at 156 vectors, so the corpus below is searched by IVF, approximately
     faiss_backend(FaissConfig(kind="ivf", ivf_nlist=4, ivf_nprobe=3, omp_threads=1), exact=False),
     faiss_backend(FaissConfig(kind="hnsw", hnsw_m=16, omp_threads=1), exact=False),
+    # Milvus Lite, embedded in this process, in the shard directory; FLAT is exact
+    Backend(
+        "milvus-lite",
+        lambda path, model, dim: MilvusIndex(path, model, dim, MilvusConfig()),
+        persistent=True,
+        exact=True,
+        exact_filters=True,
+    ),
 ]
 
 
