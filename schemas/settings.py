@@ -463,10 +463,11 @@ class ServeConfig(_Section):
         "at a lower CPU priority, so that it cannot starve them",
     )
     retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=128)
-    # A RAG answer takes seconds of CPU: past 8 running and 16 waiting, a request is shed at once
-    # (measured: with no bound, 64 clients waited up to 113 s for an answer).
+    # A replica generates one answer at a time, seconds each on CPU: past 2 at the replica and 6
+    # waiting, a request is shed at once (measured with no bound: 64 clients waited up to 113 s;
+    # with 8 + 16, 111 s).
     generator: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.25, max_ongoing_requests=8, max_queued_requests=16
+        num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=6
     )
     search: SearchConfig = SearchConfig()
     rag: RagConfig = RagConfig()
