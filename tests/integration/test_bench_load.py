@@ -106,3 +106,15 @@ def test_a_short_run_counts_what_the_server_counted_and_leaves_the_index_as_it_w
         timeout=60,
     )
     assert status.status_code == 200 and status.json()["indexed"] is False
+
+
+def test_the_official_openai_client_sends_its_api_key_as_the_bearer_key(app):
+    import openai
+
+    texts = ["The Broncos won Super Bowl 50.", "Warsaw is the capital of Poland."]
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key=KEY, max_retries=0)
+    response = client.embeddings.create(model=app.settings.embed.model, input=texts)
+    assert [d.index for d in response.data] == [0, 1] and len(response.data[0].embedding) == 384
+    stranger = openai.OpenAI(base_url=f"{app.url}/v1", api_key="not-the-key-" + KEY, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.embeddings.create(model=app.settings.embed.model, input=texts)
