@@ -182,7 +182,8 @@ class IndexShard:
         return self.index.keyword_search(queries, k, filter, title_weight)
 
     def metadata_fields(self) -> set[str]:
-        """Every metadata key some live chunk has; O(number of keys)."""
+        """Every metadata key some live chunk has: O(keys) with FAISS, O(chunks) with Milvus
+        (it keeps no catalogue of JSON keys), so callers cache it."""
         return self.index.metadata_fields()
 
     def documents(self, document_ids: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The vector index contract shared by every backend: one protocol, one contract test for all.
 
-Backends: :class:`actors.faiss_index.FaissIndex` (a shard: SQLite store + FAISS structure) and
-:class:`actors.testing.InMemoryIndex` (numpy reference for unit tests); Milvus joins later. One
-contract test class (``tests/unit/test_vector_index_contract.py``) runs on all of them.
+Backends: :class:`actors.faiss_index.FaissIndex` (a shard: SQLite store + FAISS structure),
+:class:`actors.milvus_index.MilvusIndex` (Milvus Lite embedded, or a Milvus server) and
+:class:`actors.testing.InMemoryIndex` (numpy reference for unit tests). One contract test class
+(``tests/unit/test_vector_index_contract.py``) runs on all of them.
 
 Scores are inner products: cosine similarity for the L2-normalised vectors the embedder writes.
 Higher is better.
@@ -235,8 +236,10 @@ class VectorIndex(Protocol):
       answers the stored version of each id that has one.
     - :meth:`count` (live chunks), :meth:`document_count` (document rows) and
       :meth:`vector_count` (live vectors in the search structure, counted by the structure
-      itself, so ``count() == vector_count()`` checks that both agree) are O(1).
-      ``document_ids`` scans every chunk: for tools and tests only.
+      itself, so ``count() == vector_count()`` checks that both agree) are cheap enough for
+      health checks: O(1) counters (Milvus counts again, O(chunks), once after a failed write).
+      ``document_ids`` scans every chunk: for tools and tests only; ``metadata_fields`` is
+      O(keys) with FAISS, O(chunks) with Milvus (no catalogue of JSON keys): callers cache it.
     - :meth:`scan_chunks` and :meth:`scan_documents` page through everything the shard holds, by
       ascending id (code point order), strictly after ``after``, at most ``limit`` per call: what
       copying an index to another backend reads (no re-embedding). Each page is consistent; pages

@@ -160,14 +160,14 @@ class Condition(BaseModel):
         _check_milvus_names(column, kinds)
         if self.op in ("ne", "nin"):
             return f"(not {self._negated().to_milvus(column, kinds)})"
-        key = _milvus_literal(self.field)
-        kind = _milvus_literal(_MILVUS_KINDS[_scalar_kind(self.values[0])])
+        key = milvus_literal(self.field)
+        kind = milvus_literal(_MILVUS_KINDS[_scalar_kind(self.values[0])])
         path = f"{column}[{key}]"
         if self.op == "in":  # Milvus Lite refuses a JSON path left of ``in``
-            test = " or ".join(f"{path} == {_milvus_literal(v)}" for v in self.values)
+            test = " or ".join(f"{path} == {milvus_literal(v)}" for v in self.values)
             test = f"({test})" if len(self.values) > 1 else test
         else:
-            test = f"{path} {_MILVUS_OPS[self.op]} {_milvus_literal(self.values[0])}"
+            test = f"{path} {_MILVUS_OPS[self.op]} {milvus_literal(self.values[0])}"
         return f"(exists {kinds}[{key}] and {kinds}[{key}] == {kind} and {test})"
 
     def _negated(self) -> Condition:
@@ -297,7 +297,7 @@ def _check_milvus_names(column: str, kinds: str) -> None:
         raise ValueError(f"the metadata and kinds fields must differ, both are {column!r}")
 
 
-def _milvus_literal(value: Scalar) -> str:
+def milvus_literal(value: Scalar) -> str:
     """``value`` as a literal of the Milvus expression language (see MetadataFilter.to_milvus)."""
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -165,7 +165,7 @@ class MilvusConfig(_Section):
     collection_prefix: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")] = Field(
         "riverbed",
         description="collections are named ``<prefix>_<index>_<shard>_chunks`` and ``..._ledger`` "
-        "(``-`` in index names becomes ``_``)",
+        "(``_`` in index names is written ``__`` and ``-`` ``_h``: distinct names never share collections)",
     )
     index_type: Literal["FLAT", "HNSW", "IVF_FLAT"] = "FLAT"
     hnsw_m: PositiveInt = 32

@@ -61,7 +61,7 @@ def search_all(settings: Settings, vectors: np.ndarray) -> list[list[tuple[str, 
     return merged
 
 
-@pytest.mark.parametrize("backend", ["faiss"])
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
 def test_a_copy_holds_and_answers_what_the_original_does_and_ingest_resumes(original: Settings, backend):
     s = original
     target = renamed(s, f"{s.index.name}-{backend}", backend=backend)

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import numpy as np
+import pytest
 import ray
 from kafka import KafkaConsumer
 
@@ -17,6 +18,7 @@ from cluster.pipeline import EmbedderActor, Pipeline, shard_handles
 from cluster.stats import index_stats
 from schemas.envelope import DocumentEnvelope
 from schemas.ids import chunk_id
+from schemas.settings import Settings, load_settings
 from schemas.topology import actor_name
 from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
 
@@ -35,10 +37,18 @@ def total(results: list[dict], key: str) -> int:
     return sum(r.get(key, 0) for r in results)
 
 
-def test_ingest_2000_update_and_delete(pipeline_settings):
-    s = pipeline_settings.model_copy(
-        update={"ingest": pipeline_settings.ingest.model_copy(update={"sources": 2})}
-    )
+def on_backend(settings: Settings, backend: str, **changes: object) -> Settings:
+    """``settings`` with ``index.backend`` (and any other top-level sections) changed."""
+    dump = settings.model_dump(mode="json")
+    dump["index"]["backend"] = backend
+    for section, values in changes.items():
+        dump[section].update(values)
+    return load_settings(overrides=dump)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_ingest_2000_update_and_delete(pipeline_settings, backend):
+    s = on_backend(pipeline_settings, backend, ingest={"sources": 2})
     docs = squad_documents(2000)
     expected = expected_chunks(s, docs)
     assert produce(s, docs) == 2000
@@ -97,7 +107,7 @@ def test_ingest_2000_update_and_delete(pipeline_settings):
     assert stats["chunks"] == sum(want.values())
     assert stats["lag"] == 0 and stats["dead_letters"]["total"] == 0
     shard_stats = ray.get([sh.stats.remote() for sh in shards])
-    assert all(st["vectors"] == st["chunks"] for st in shard_stats)  # FAISS mirrors the store exactly
+    assert all(st["vectors"] == st["chunks"] for st in shard_stats)  # the structure mirrors the store
 
 
 def test_poison_records_go_to_dead_letters_and_the_rest_is_ingested(pipeline_settings):
@@ -200,8 +210,9 @@ def _worker_pid(handle) -> int:
     return ray.get(handle.ping.remote())
 
 
-def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing(pipeline_settings):
-    s = pipeline_settings
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing(pipeline_settings, backend):
+    s = on_backend(pipeline_settings, backend)
     docs = squad_documents(1500)
     expected = expected_chunks(s, docs)
     produce(s, docs)

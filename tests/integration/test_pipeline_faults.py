@@ -123,6 +123,35 @@ def test_losing_the_node_of_a_shard_and_the_embedder_mid_ingest(pipeline_setting
     assert out["vectors"] == out["store_chunks"], out
 
 
+def test_losing_nodes_and_their_disks_loses_nothing_on_milvus_by_uri(pipeline_settings, milvus_server):
+    """With a Milvus server as the store a shard keeps nothing on its node: the node running every
+    shard and the embedder goes mid-ingest, its disk with it (the index's data directory is
+    deleted), and the shards restart on a new node with everything; then the new node goes too,
+    mid-query, and every answer is the full one or an error, never a partial result."""
+    overrides = pipeline_settings.model_dump(mode="json")
+    overrides["embed"]["num_cpus"] = 2
+    overrides["index"].update(backend="milvus", milvus={"uri": milvus_server.uri})
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.integration.node_loss", json.dumps(overrides), "300", "--lose-disk"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result (exit {result.returncode}):\n{result.stderr[-4000:]}"
+    out = json.loads(lines[-1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert out["embedder_on_worker"] and out["shard_nodes"] == [True, True], out
+    assert 0.2 <= out["removed_at"] < 1.0, out
+    assert out["per_document_matches"] and out["chunks"] == out["expected_chunks"], out
+    assert out["vectors"] == out["store_chunks"], out
+    queries = out["query_loss"]
+    assert queries["shards_on_node"] == [True, True] and queries["partial"] == [], queries
+    assert queries["unavailable"] >= 1 and queries["last_is_full"], queries
+
+
 def test_a_full_shard_disk_stalls_visibly_loses_nothing_and_resumes(pipeline_settings):
     dump = pipeline_settings.model_dump(mode="json")
     dump["index"]["max_shard_bytes"] = 400_000  # room for a few dozen chunks

@@ -1,26 +1,45 @@
 """What only the Milvus backend has to get right (the shared contract runs in
-test_vector_index_contract): a write cut off at any call is completed by applying it again, ids
-that a Milvus expression must escape, Milvus going away, values too long for Milvus, BM25 with a
-title weight, the approximate index types once flushed, ``stored_state``, and the embedded data dir
-handed back on close. All on a real Milvus Lite, embedded in the shard directory."""
+test_vector_index_contract): a write or an opening cut off at any call is completed by doing it
+again, ids that a Milvus expression must escape, Milvus going away, values too long for Milvus,
+Strong reads for what a write decides by, counts kept in step, fsyncs of Milvus Lite's files, one
+writer at a time, collection names per index and shard, what each Milvus failure is raised as,
+BM25 with a title weight, the approximate index types once flushed, ``stored_state``, and the
+embedded data dir handed back on close. On a real Milvus Lite, embedded in the shard directory or
+served over gRPC as a server is (``milvus_server``)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import json
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from pymilvus.exceptions import MilvusException, ParamError
+from pymilvus.grpc_gen.common_pb2 import Status
 
-from actors.milvus_index import DB_NAME, MAX_VARCHAR_BYTES, MilvusIndex, collection_names, stored_state
+from actors.failures import classify
+from actors.milvus_client import error_class
+from actors.milvus_index import DB_NAME, MilvusIndex, collection_names, stored_state
+from actors.milvus_layout import BATCH, MAX_VARCHAR_BYTES, sized_batches
+from actors.milvus_words import analyzer
 from actors.testing import InMemoryIndex
 from actors.vector_index import ChunkRecord, DocumentRow, KeywordSearch, ShardWrite, VectorIndex
-from schemas.errors import ConfigError, ProcessingError, RetryableError
+from schemas.errors import (
+    ConfigError,
+    IndexUnavailableError,
+    ProcessingError,
+    RetryableError,
+    StorageFullError,
+)
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id
 from schemas.settings import MilvusConfig
@@ -197,7 +216,7 @@ def test_milvus_going_away_under_an_open_shard_is_retryable_and_loses_nothing(
     index.apply(ShardWrite(upserts=corpus, offsets={"docs": {0: 5}}))
     server_manager_instance.release_server(str((shard / DB_NAME).absolute()))  # as if Milvus died
     with pytest.raises(RetryableError, match="riverbed_0_chunks"):
-        index.count()
+        index.get([corpus[0].chunk_id])
     with pytest.raises(RetryableError):
         index.apply(ShardWrite(offsets={"docs": {0: 6}}))
     index.close()
@@ -397,12 +416,17 @@ def test_one_process_at_a_time_and_close_hands_the_data_dir_over(
     assert json.loads(out.splitlines()[-1]) == [MODEL, count, {"docs": {"0": 3}}]
 
 
-def test_objects_sharing_a_data_dir_in_one_process(opened: Callable[..., MilvusIndex]) -> None:
-    first, second = opened(), opened()
+def test_objects_sharing_a_data_dir_in_one_process(opened: Callable[..., MilvusIndex], shard: Path) -> None:
+    first = opened()
     first.upsert(make_corpus(n_docs=2))
-    assert second.count() == first.count() and second.store_id == first.store_id
-    first.close()
-    assert second.count() > 0  # the embedded server stays up while one object still uses it
+    # Another spelling of the same data dir shares the same embedded server and its user count.
+    second = MilvusIndex(shard.parent / "elsewhere" / ".." / shard.name, MODEL, DIM, MilvusConfig())
+    try:
+        assert second.store_id == first.store_id and second.count() == first.count() > 0
+        first.close()
+        assert second.get([chunk_id("doc-0", 0)])[0] is not None  # the server stays up for the other
+    finally:
+        second.close()
 
 
 def test_store_identity_quota_and_names(opened: Callable[..., MilvusIndex], shard: Path) -> None:
@@ -415,5 +439,476 @@ def test_store_identity_quota_and_names(opened: Callable[..., MilvusIndex], shar
     assert opened().store_id == store_id
     assert opened(collection_prefix="fresh").store_id != store_id  # other collections, another store
     config = MilvusConfig(collection_prefix="rb")
-    assert collection_names(config, "my-index", 3) == ("rb_my_index_3_chunks", "rb_my_index_3_ledger")
+    assert collection_names(config, "my-index", 3) == ("rb_my_hindex_3_chunks", "rb_my_hindex_3_ledger")
+    assert collection_names(config, "my_index", 3) == ("rb_my__index_3_chunks", "rb_my__index_3_ledger")
     assert collection_names(config, "", 0) == ("rb_0_chunks", "rb_0_ledger")
+
+
+def test_distinct_index_names_never_share_collections() -> None:
+    config = MilvusConfig(collection_prefix="rb")
+    names = ["".join(p) for n in range(5) for p in itertools.product("a0_-", repeat=n)]
+    seen: dict[str, tuple[str, int]] = {}
+    for name in names:
+        for shard in range(3):
+            chunks, ledger = collection_names(config, name, shard)
+            assert ledger == chunks.removesuffix("_chunks") + "_ledger"
+            assert seen.setdefault(chunks, (name, shard)) == (name, shard)
+
+
+def test_a_store_of_another_index_or_shard_is_refused(
+    opened: Callable[..., MilvusIndex], shard: Path
+) -> None:
+    config = MilvusConfig(collection_prefix="x")
+    first = MilvusIndex(shard, MODEL, DIM, config, index_name="a", shard=0)
+    try:
+        first.upsert(make_corpus(n_docs=1))
+    finally:
+        first.close()
+    # prefix "x_a" and no index name reach the same collections, x_a_0_chunks and x_a_0_ledger
+    with pytest.raises(ConfigError, match=r"belongs to index 'a' shard 0, not index '' shard 0"):
+        opened(collection_prefix="x_a")
+    other = MilvusIndex(shard, MODEL, DIM, config, index_name="a-b", shard=0)
+    try:
+        assert other.count() == 0  # my-index and my_index, a-b and a_b: separate stores
+    finally:
+        other.close()
+
+
+class CutOff:
+    """The real pymilvus client, except that its ``fail_at``-th call that creates, loads or writes
+    something (collections, indexes, rows) raises as a dropped connection does."""
+
+    CALLS = (
+        "create_collection",
+        "create_index",
+        "load_collection",
+        "release_collection",
+        "drop_index",
+        "upsert",
+    )
+
+    def __init__(self, client: Any, fail_at: int) -> None:
+        self.client, self.fail_at, self.calls = client, fail_at, 0
+
+    def _counted(self, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise ConnectionError("connection reset (injected)")
+            return method(*args, **kwargs)
+
+        return call
+
+    def _get_connection(self) -> Any:
+        connection = self.client._get_connection()
+        cut = self
+
+        class Connection:
+            def __getattr__(self, name: str) -> Any:
+                method = getattr(connection, name)
+                return cut._counted(method) if name in CutOff.CALLS else method
+
+        return Connection()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.client, name)
+        return self._counted(method) if name in self.CALLS else method
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"index_type": "IVF_FLAT", "ivf_nlist": 2}],
+    ids=["new-store", "changed-index-type"],
+)
+def test_an_opening_cut_off_at_any_call_is_completed_by_the_next(
+    shard: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, Any]
+) -> None:
+    """A new store (collections, four indexes, meta row), or an existing one whose vector index
+    the config rebuilds, opened with a connection that drops at its n-th creating call: the next
+    opening completes it."""
+    from actors import milvus_index
+
+    corpus = make_corpus(seed=47, n_docs=6)
+    real_connect, cut = milvus_index.connect, CutOff(None, 0)
+
+    def cut_connect(path: Path, milvus: MilvusConfig, where: str) -> tuple[Any, str | None]:
+        client, lite = real_connect(path, milvus, where)
+        cut.client = client
+        return cut, lite
+
+    fail_at = 1
+    while True:
+        prefix = f"cut{fail_at}"
+        if config:  # an existing store, first opened with the default (FLAT) index
+            index = MilvusIndex(shard, MODEL, DIM, MilvusConfig(collection_prefix=prefix))
+            index.upsert(corpus)
+            index.close()
+        cut.fail_at, cut.calls = fail_at, 0
+        monkeypatch.setattr(milvus_index, "connect", cut_connect)
+        try:
+            MilvusIndex(shard, MODEL, DIM, MilvusConfig(collection_prefix=prefix, **config)).close()
+            break  # no call left to cut
+        except RetryableError as exc:
+            assert "connection reset (injected)" in str(exc)
+        finally:
+            monkeypatch.undo()
+        index = MilvusIndex(shard, MODEL, DIM, MilvusConfig(collection_prefix=prefix, **config))
+        try:
+            client = index._milvus()
+            for collection, field in [(index._chunks, f) for f in ("vector", "text_bm25", "title_bm25")] + [
+                (index._ledger, "placeholder")
+            ]:
+                assert client.describe_index(collection, field) is not None, (fail_at, field)
+            info = client.describe_index(index._chunks, "vector")
+            assert info["index_type"] == config.get("index_type", "FLAT"), fail_at
+            index.upsert(corpus[:3])
+            [[top]] = index.search(corpus[1].vector[None], 1)
+            assert top.chunk_id == corpus[1].chunk_id
+            assert index.keyword_search(["body"], 1)[0]
+            assert index.count() == (len(corpus) if config else 3)
+        finally:
+            index.close()
+        fail_at += 1
+    assert fail_at > (4 if config else 8)  # every call was cut once
+
+
+class Recording:
+    """The real pymilvus client, recording each call's name and consistency level."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.calls = client, []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, kwargs.get("consistency_level")))
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_the_reads_a_write_decides_by_are_strong(opened: Callable[..., MilvusIndex]) -> None:
+    first, second = two_writes()
+    index = opened(consistency_level="Eventually")
+    index.apply(first)
+    recording = Recording(index._client)
+    index._client = recording
+    index.apply(second)
+    reads = [level for name, level in recording.calls if name in ("query", "search", "get")]
+    assert reads and set(reads) == {"Strong"}
+    recording.calls.clear()
+    index.search(unit(np.random.default_rng(48), 1), 3)
+    index.keyword_search(["body"], 3)
+    index.get(["a#0"])
+    index.get_document_rows(["a"])
+    index.scan_chunks()
+    reads = [level for name, level in recording.calls if name in ("query", "search", "get")]
+    assert reads and set(reads) == {"Eventually"}
+
+
+def test_counts_follow_the_writes_and_equal_what_milvus_counts(
+    opened: Callable[..., MilvusIndex], shard: Path
+) -> None:
+    first, second = two_writes()
+    reference = InMemoryIndex(MODEL, DIM)
+    index = opened()
+
+    def milvus_counts(index: MilvusIndex) -> tuple[int, int]:
+        client = index._milvus()
+        [chunks] = client.query(index._chunks, filter="", output_fields=["count(*)"])
+        [documents] = client.query(index._ledger, filter='kind == "document"', output_fields=["count(*)"])
+        return int(chunks["count(*)"]), int(documents["count(*)"])
+
+    def check(index: MilvusIndex) -> None:
+        want = (reference.count(), reference.document_count())
+        recording = Recording(index._client)
+        index._client = recording
+        counted = (index.count(), index.document_count(), index.vector_count(), index.offsets())
+        index._client = recording.client
+        assert recording.calls == []  # kept in the object: health checks cost nothing
+        assert counted == (*want, want[0], reference.offsets())
+        assert milvus_counts(index) == want
+
+    later = ShardWrite(
+        upserts=make_document(np.random.default_rng(49), "f", 3),
+        delete_documents=["e"],
+        delete_chunks=["a#1", "f#2"],  # f#2 comes in this same write: deletions go first
+        versions={"e": ("docs", 1, 4)},
+        offsets={"docs": {1: 5}},
+    )
+    for write in (first, second, later, second):  # the last one again: nothing changes
+        reference.apply(write)
+        index.apply(write)
+        check(index)
+    cut = ShardWrite(
+        upserts=make_document(np.random.default_rng(50), "g", 2), documents={"g": DocumentRow("h", 2)}
+    )
+    index._client = FailingClient(index._client, fail_at=2)  # the chunks are stored, the row is not
+    with pytest.raises(RetryableError):
+        index.apply(cut)
+    index._client = index._client.client
+    assert index.count() == milvus_counts(index)[0] == reference.count() + 2  # counted again
+    assert index.offsets() == reference.offsets()  # read again
+    reference.apply(cut)
+    index.apply(cut)
+    check(index)
+    index.close()
+    check(opened())
+
+
+def test_kinds_longer_than_milvus_stores_are_refused_before_writing(
+    opened: Callable[..., MilvusIndex],
+) -> None:
+    """5,000 numbers: their metadata is under Milvus's JSON limit, their kinds (``"n"`` each) over."""
+    index = opened()
+    metadata: dict[str, str | int | float | bool] = dict.fromkeys((f"k{i:04d}" for i in range(5000)), 0)
+    [v] = unit(np.random.default_rng(51), 1)
+    record = ChunkRecord("d#0", "d", 0, "text", None, 0, 4, metadata, v)
+    with pytest.raises(
+        ProcessingError, match=r"chunk 'd#0': kinds is \d+ bytes as JSON, over Milvus's 65536"
+    ):
+        index.apply(ShardWrite(upserts=[record], offsets={"docs": {0: 1}}))
+    assert (index.count(), index.offsets()) == (0, {})
+
+
+def test_upserts_are_split_by_bytes_as_well_as_rows() -> None:
+    sizes = [10, 10, 30, 5, 45, 1, 1]
+    assert list(sized_batches(list(range(7)), sizes, max_bytes=40)) == [[0, 1], [2, 3], [4], [5, 6]]
+    many = list(range(BATCH + 3))
+    assert [len(b) for b in sized_batches(many, [1] * len(many))] == [BATCH, 3]
+    assert list(sized_batches([], [])) == []
+
+
+def test_a_stale_record_too_long_for_milvus_is_skipped(opened: Callable[..., MilvusIndex]) -> None:
+    index = opened()
+    [v, w] = unit(np.random.default_rng(52), 2)
+    index.apply(
+        ShardWrite(
+            upserts=[ChunkRecord("d#0", "d", 0, "new", None, 0, 3, {}, v)], versions={"d": ("docs", 0, 9)}
+        )
+    )
+    too_long = ChunkRecord("d#0", "d", 0, "é" * 40000, None, 0, 40000, {}, w)
+    result = index.apply(
+        ShardWrite(upserts=[too_long], versions={"d": ("docs", 0, 3)}, offsets={"docs": {0: 4}})
+    )
+    assert result.stale == 1 and result.upserted == 0
+    assert index.get(["d#0"])[0].text == "new" and index.offsets() == {"docs": {0: 4}}
+
+
+def test_a_write_is_fsynced_when_apply_returns(
+    opened: Callable[..., MilvusIndex], shard: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Milvus Lite fsyncs its log only when a flush retires it: every file and directory of both
+    collections must have been fsynced, as it is now, before apply returns (and after a snapshot)."""
+    fsynced: dict[str, tuple[int, int]] = {}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        status = os.fstat(fd)
+        fsynced[os.readlink(f"/proc/self/fd/{fd}")] = (status.st_size, status.st_mtime_ns)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    index = opened()
+    first, second = two_writes()
+    root = shard / DB_NAME / "collections"
+
+    def unsynced() -> list[str]:
+        paths = [root] + [
+            p for name in (index._chunks, index._ledger) for p in [root / name, *(root / name).rglob("*")]
+        ]
+        return [str(p) for p in paths if fsynced.get(str(p)) != (p.stat().st_size, p.stat().st_mtime_ns)]
+
+    for write in (first, second):
+        index.apply(write)
+        assert not unsynced()
+    assert any("wal_data" in p for p in fsynced) and any("wal_delta" in p for p in fsynced)
+    index.snapshot()
+    assert not unsynced() and any(p.endswith(".parquet") for p in fsynced)
+
+
+def test_a_writer_whose_store_another_opened_writes_no_more(opened: Callable[..., MilvusIndex]) -> None:
+    old = opened()
+    first, second = two_writes()
+    old.apply(first)
+    new = opened()  # a replacement (on a server, possibly on another node)
+    with pytest.raises(IndexUnavailableError, match="another writer opened this store since"):
+        old.apply(second)
+    assert new.offsets() == {"docs": {0: 4}} and new.count() == len(first.upserts)  # nothing written
+    assert old.get([first.upserts[0].chunk_id]) == [first.upserts[0]]  # it still reads
+    new.apply(second)
+    assert new.offsets() == {"docs": {0: 12, 1: 3}}
+
+
+def test_reading_stored_state_leaves_no_connection_open(
+    opened: Callable[..., MilvusIndex], shard: Path
+) -> None:
+    from pymilvus.client.connection_manager import ConnectionManager
+
+    opened().close()
+    manager = ConnectionManager.get_instance()
+    before = manager.get_stats()["total_connections"]
+    for _ in range(3):  # each one starts Milvus Lite on a new port
+        assert stored_state(shard, MilvusConfig(), index_name="", shard=0) is not None
+    assert manager.get_stats()["total_connections"] == before
+
+
+@pytest.mark.parametrize(
+    ("exc", "error", "failure"),
+    [
+        (
+            MilvusException.from_status(Status(code=7, reason="disk limit exceeded")),
+            StorageFullError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(Status(code=3, reason="memory limit exceeded")),
+            StorageFullError,
+            "transient",
+        ),
+        (MilvusException.from_status(Status(code=9, reason="quota exceeded")), StorageFullError, "transient"),
+        (
+            MilvusException.from_status(Status(error_code=48, reason="force deny")),
+            StorageFullError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(Status(code=1, reason="not ready", retriable=True)),
+            RetryableError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(Status(code=2, reason="service unavailable")),
+            RetryableError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(Status(code=4, reason="too many requests")),
+            RetryableError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(Status(code=101, reason="collection not loaded")),
+            RetryableError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(Status(code=503, reason="channel not available")),
+            RetryableError,
+            "transient",
+        ),
+        (
+            MilvusException(code=8, message="[upsert] Retry timeout: 30s, message=rate limit"),
+            RetryableError,
+            "transient",
+        ),
+        (
+            MilvusException.from_status(
+                Status(code=1100, reason="invalid parameter", extra_info={"is_input_error": "true"})
+            ),
+            ProcessingError,
+            "permanent",
+        ),
+        (MilvusException.from_status(Status(code=1, reason="unexpected error")), None, "unknown"),
+        (ParamError(message="wrong type"), None, "unknown"),  # pymilvus's own, code 1 too
+    ],
+    ids=lambda p: p.message if isinstance(p, MilvusException) else getattr(p, "__name__", str(p)),
+)
+def test_milvus_failures_are_raised_as_what_the_caller_does(
+    exc: Exception, error: type[Exception] | None, failure: str
+) -> None:
+    assert error_class(exc) is error
+    wrapped = MilvusException(code=exc.code, message="[query] Retry timeout: 1s")  # as pymilvus chains them
+    wrapped.__cause__ = exc
+    assert error_class(wrapped) is (error or RetryableError)  # a cause that says more wins
+    assert classify(error("x") if error is not None else exc) == failure
+
+
+def test_a_message_over_the_servers_size_limit_is_not_retried(shard: Path) -> None:
+    """A Milvus (here Lite's gRPC service) that receives at most 1 MiB: a batch over it is refused
+    for good (ProcessingError, which the stream isolates record by record), not retried forever."""
+    import grpc
+    from milvus_lite.adapter.grpc.servicer import MilvusServicer
+    from milvus_lite.db import MilvusLite
+    from pymilvus.grpc_gen import milvus_pb2_grpc
+
+    db = MilvusLite(str(shard.parent / "server.db"))
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", 1 << 20)],
+    )
+    milvus_pb2_grpc.add_MilvusServiceServicer_to_server(MilvusServicer(db), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    index = None
+    try:
+        index = MilvusIndex(shard, MODEL, DIM, MilvusConfig(uri=f"http://127.0.0.1:{port}", timeout_s=10))
+        rng = np.random.default_rng(53)
+        records = [replace(r, text="word " * 10000) for r in make_document(rng, "big", 40)]
+        with pytest.raises(ProcessingError, match=r"(?s)upsert chunks failed.*larger than max") as raised:
+            index.upsert(records)
+        assert classify(raised.value) == "permanent"
+        index.upsert(records[:2])  # each record alone passes
+        assert index.count() == 2
+    finally:
+        if index is not None:
+            index.close()
+        server.stop(grace=0)
+        db.close()
+
+
+@pytest.fixture
+def milvus_server() -> Iterator[str]:
+    """Milvus Lite served over gRPC on a free port, as a Milvus server is reached (by uri)."""
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
+    with scratch_dir() as directory:
+        server, db, port = start_server_in_thread(str(directory / "server.db"))
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop(grace=0)
+            db.close()
+
+
+def test_a_server_database_holds_the_collections_and_their_indexes(milvus_server: str, shard: Path) -> None:
+    from pymilvus import MilvusClient
+
+    admin = MilvusClient(uri=milvus_server, dedicated=True)
+    admin.create_database("riverbed_test")
+    config = MilvusConfig(uri=milvus_server, db_name="riverbed_test")
+    index = MilvusIndex(shard, MODEL, DIM, config, index_name="ix", shard=1)
+    try:
+        corpus = make_corpus(seed=54, n_docs=4)
+        index.upsert(corpus)
+        recording = Recording(index._client)
+        index._client = recording
+        index.snapshot()  # a server flushes by itself
+        assert recording.calls == []
+        index._client = recording.client
+        [[top]] = index.search(corpus[2].vector[None], 1)
+        assert top.chunk_id == corpus[2].chunk_id
+    finally:
+        index.close()
+    chunks, ledger = collection_names(config, "ix", 1)
+    assert chunks not in admin.list_collections()  # not in the default database
+    admin.use_database("riverbed_test")
+    for collection, field in [
+        (chunks, "vector"),
+        (chunks, "text_bm25"),
+        (chunks, "title_bm25"),
+        (ledger, "placeholder"),
+    ]:
+        assert admin.describe_index(collection, field) is not None
+    # Split on spaces only: "whitespace" on a Milvus server; Milvus Lite (served here) has no such
+    # tokenizer, and its "standard" one splits FTS5 words nowhere.
+    fields = {f["name"]: f["params"] for f in admin.describe_collection(chunks)["fields"]}
+    assert json.loads(fields["text_words"]["analyzer_params"]) == analyzer(milvus_lite=True)
+    assert analyzer(milvus_lite=False) == {"tokenizer": "whitespace"}
+    state = stored_state(shard, config, index_name="ix", shard=1)
+    assert state is not None and state.chunks == len(corpus)
+    admin.close()
+    assert not shard.exists()
