@@ -124,18 +124,20 @@ def lose_a_node_mid_query(settings, cluster, node) -> dict:
     full = ask()
     answers: list = []
     start = time.monotonic()
-    removed = False
+    removed_at: int | None = None
     while time.monotonic() - start < 60:
         answers.append(ask())
-        if not removed and time.monotonic() - start > 2:
+        if removed_at is None and time.monotonic() - start > 2:
             cluster.remove_node(node, allow_graceful=False)
             shutil.rmtree(settings.data_dir, ignore_errors=True)
             cluster.add_node(num_cpus=3, object_store_memory=100 << 20)
-            removed = True
-        if removed and answers[-1] == full and len(answers) > 20:
+            removed_at = len(answers)
+        if removed_at is not None and answers[-1] == full and len(answers) > removed_at + 20:
             break
     return {
         "shards_on_node": on_node,
+        "shards_moved": [ray.get(s.node.remote()) != node.node_id for s in shards],
+        "answers_after_loss": 0 if removed_at is None else len(answers) - removed_at,
         "answers": len(answers),
         "full": sum(a == full for a in answers),
         "unavailable": sum(isinstance(a, str) for a in answers),

@@ -147,9 +147,10 @@ def test_losing_nodes_and_their_disks_loses_nothing_on_milvus_by_uri(pipeline_se
     assert 0.2 <= out["removed_at"] < 1.0, out
     assert out["per_document_matches"] and out["chunks"] == out["expected_chunks"], out
     assert out["vectors"] == out["store_chunks"], out
-    queries = out["query_loss"]
-    assert queries["shards_on_node"] == [True, True] and queries["partial"] == [], queries
-    assert queries["unavailable"] >= 1 and queries["last_is_full"], queries
+    queries = out["query_loss"]  # (calls to a lost shard are retried once it restarts: most just wait)
+    assert queries["shards_on_node"] == [True, True] and queries["shards_moved"] == [True, True], queries
+    assert queries["answers_after_loss"] > 20 and queries["partial"] == [], queries
+    assert queries["full"] + queries["unavailable"] == queries["answers"] and queries["last_is_full"], queries
 
 
 def test_a_full_shard_disk_stalls_visibly_loses_nothing_and_resumes(pipeline_settings):
