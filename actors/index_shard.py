@@ -83,6 +83,7 @@ class IndexShard:
         self._write_problem: str | None = None  # the last write's failure; None once one succeeds
         self._unavailable: str | None = None
         self._adopt: Offsets | None = None  # committed offsets an upgraded store takes as applied
+        self._store_seen = False  # the store was seen to exist (see has_store)
         if committed is not None:
             self._unavailable = self._committed_problem(committed)
             if self._unavailable:
@@ -122,14 +123,19 @@ class IndexShard:
         return self.model, self.dim
 
     def has_store(self) -> bool:
-        """Whether the shard's store exists (read without creating it)."""
+        """Whether the shard's store exists (read without creating it). A store seen once is not
+        read again: a shard never deletes its store, and reading one may be costly (Milvus Lite
+        starts a server for it)."""
+        if self._index is not None or self._store_seen:
+            return True
         try:
             state = self.backend.stored_state(
                 self.config, self.path, index_name=self.index_name, shard=self.shard
             )
         except StoreUnreadableError:
             return True  # it exists; opening it says what is wrong
-        return state is not None
+        self._store_seen = state is not None
+        return self._store_seen
 
     @property
     def index(self) -> ShardBackend:
@@ -291,6 +297,7 @@ class IndexShard:
             )
         except StoreUnreadableError as exc:
             return f"shard {self.shard} ({self.path}): cannot read the store's offsets: {exc}"
+        self._store_seen = self._store_seen or state is not None
         if state is not None and not state.complete:
             # What an older riverbed committed was durable on every shard; it just did not
             # always say so. The store adopts the committed offsets once it is open.
