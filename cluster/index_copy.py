@@ -32,11 +32,11 @@ import ray
 
 from actors.vector_index import ShardWrite
 from cluster.kafka_admin import bootstrap_servers, committed_offsets
-from cluster.pipeline import shard_handles
+from cluster.pipeline import running_source, shard_handles
 from cluster.serving import recorded_model
 from schemas.errors import ConfigError
 from schemas.settings import Settings
-from schemas.topology import Offsets, actor_name
+from schemas.topology import Offsets
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def copy_index(
             f"{b.n_shards} (index.n_shards); resharding is not supported"
         )
     servers = bootstrap_servers(source)
-    _refuse_running_ingest(source)
+    if running_source(source) is not None:
+        raise ConfigError(f"an ingest is running for index {a.name!r}: stop it before copying the index")
     recorded = recorded_model(source)
     if recorded is None:
         raise ConfigError(f"index {a.name!r} holds no data under {source.data_dir}: nothing to copy")
@@ -156,17 +157,6 @@ def _check_same(sources: list[Any], targets: list[Any], report: CopyReport) -> N
                 f"shard {shard} of {report.target!r}: {t['vectors']} vectors for {t['chunks']} chunks"
             )
     report.documents = [int(t["documents"]) for t in dst_stats]
-
-
-def _refuse_running_ingest(settings: Settings) -> None:
-    for i in range(settings.ingest.sources):
-        try:
-            ray.get_actor(actor_name(settings.index.name, "source", i), namespace=settings.ray.namespace)
-        except ValueError:
-            continue
-        raise ConfigError(
-            f"an ingest is running for index {settings.index.name!r}: stop it before copying the index"
-        )
 
 
 def _commit_group_offsets(servers: str, group: str, offsets: Offsets) -> None:

@@ -309,6 +309,18 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     return handles
 
 
+def running_source(settings: Settings) -> str | None:
+    """The name of a live source actor of the index (an ingest is running), or None."""
+    for i in range(settings.ingest.sources):
+        name = actor_name(settings.index.name, "source", i)
+        try:
+            ray.get_actor(name, namespace=settings.ray.namespace)
+        except ValueError:
+            continue
+        return name
+    return None
+
+
 def named_shards(settings: Settings) -> list[Any]:
     """The index's live shard actors, found by name (raises ``ValueError`` naming one not running)."""
     handles = []
@@ -378,14 +390,11 @@ class Pipeline:
         connect(s)
         self.servers = bootstrap_servers(s)
         ensure_topics(self.servers, topic_specs(s.kafka.topics), max_message_bytes=s.kafka.max_record_bytes)
-        for i in range(s.ingest.sources):
-            try:
-                ray.get_actor(actor_name(s.index.name, "source", i), namespace=s.ray.namespace)
-            except ValueError:
-                continue
+        source = running_source(s)
+        if source is not None:
             raise ConfigError(
-                f"an ingest is already running for index {s.index.name!r} (actor "
-                f"{actor_name(s.index.name, 'source', i)} exists); stop it first"
+                f"an ingest is already running for index {s.index.name!r} (actor {source} exists); "
+                "stop it first"
             )
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
