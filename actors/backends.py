@@ -19,6 +19,7 @@ by adding a :class:`Backend` to :data:`BACKENDS` and passing the contract tests.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,11 @@ class Backend(Protocol):
         but cannot be read."""
         ...
 
+    def drop(self, config: IndexConfig, path: Path, *, index_name: str, shard: int) -> None:
+        """Deletes the shard's store and everything in ``path`` (a throwaway index); nothing when
+        there is none. The shard must be closed."""
+        ...
+
 
 class StoreUnreadableError(Exception):
     """A store exists but cannot be read (corrupt, locked by another process, server down)."""
@@ -118,6 +124,9 @@ class FaissBackend:
         except sqlite3.DatabaseError as exc:
             raise StoreUnreadableError(f"cannot read the store {store_file}: {exc}") from exc
 
+    def drop(self, config: IndexConfig, path: Path, *, index_name: str, shard: int) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
 
 class MilvusBackend:
     name = "milvus"
@@ -138,6 +147,13 @@ class MilvusBackend:
         from actors.milvus_index import stored_state
 
         return stored_state(path, config.milvus, index_name=index_name, shard=shard)
+
+    def drop(self, config: IndexConfig, path: Path, *, index_name: str, shard: int) -> None:
+        from actors.milvus_index import drop_store
+
+        if config.milvus.uri is not None:
+            drop_store(path, config.milvus, index_name=index_name, shard=shard)
+        shutil.rmtree(path, ignore_errors=True)  # Milvus Lite's data dir, or nothing on a server
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (FaissBackend(), MilvusBackend())}

@@ -823,3 +823,20 @@ def stored_state(path: Path, config: MilvusConfig, *, index_name: str, shard: in
             client.close()
         if lite is not None and release_lite(lite):
             LiteFiles(lite).sync([chunks, ledger])  # stopping Lite flushed its log into segments
+
+
+def drop_store(path: Path, config: MilvusConfig, *, index_name: str, shard: int) -> None:
+    """Drops shard ``shard``'s collections (a throwaway index), those that exist. Milvus Lite's
+    data dir is left to the caller, who deletes the directory."""
+    names = collection_names(config, index_name, shard)
+    where = f"milvus shard {shard} ({names[0]} at {config.uri or path / DB_NAME})"
+    client, lite = connect(path, config, where)
+    try:
+        for name in names:
+            if client.has_collection(name, timeout=config.timeout_s):
+                client.drop_collection(name, timeout=config.timeout_s)
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
+        if lite is not None:
+            release_lite(lite)

@@ -1,9 +1,31 @@
-"""The vector index contract shared by every backend: one protocol, one contract test for all.
+"""The contract of an index shard, as three roles a backend fills or shares, plus their composition.
 
-Backends: :class:`actors.faiss_index.FaissIndex` (a shard: SQLite store + FAISS structure),
-:class:`actors.milvus_index.MilvusIndex` (Milvus Lite embedded, or a Milvus server) and
-:class:`actors.testing.InMemoryIndex` (numpy reference for unit tests). One contract test class
-(``tests/unit/test_vector_index_contract.py``) runs on all of them.
+- :class:`Ledger`: the shard's truth. Chunk rows (text, span, metadata, vector), document rows,
+  per-document versions and the applied Kafka offsets; every write goes through it.
+- :class:`VectorSearch`: the vector structure, searched by inner product under a metadata filter.
+- :class:`KeywordSearch`: BM25 over the chunks' text and titles, under the same filter.
+
+:class:`VectorIndex` is ``Ledger`` + ``VectorSearch`` (every backend); keyword search is optional.
+Which part of each backend fills which role:
+
+- :class:`actors.faiss_index.FaissIndex`: ledger = the SQLite :class:`actors.shard_store.ShardStore`
+  in the shard directory; keyword = FTS5 in that same SQLite file, kept in step by triggers inside
+  the write's transaction; vector search = a FAISS structure (flat, IVF or HNSW) in memory, derived
+  from the store's vectors and always rebuildable from them (a snapshot only speeds up restarts).
+- :class:`actors.milvus_index.MilvusIndex` (Milvus Lite embedded, or a server reached by uri; see
+  :mod:`actors.milvus_layout`): ledger = the ``chunks`` collection's rows plus the ``ledger``
+  collection (document rows, versions, offsets, the store's identity and writer); vector search =
+  the vector index on ``chunks.vector`` (FLAT, HNSW or IVF_FLAT); keyword = BM25 sparse indexes on
+  ``chunks`` (``text_bm25``, ``title_bm25``) that Milvus derives from the chunk's words on upsert.
+- :class:`actors.testing.InMemoryIndex`: ledger = dicts; vector search = numpy brute force (exact,
+  with :meth:`MetadataFilter.matches` as its filter: the contract tests' oracle); no keyword search.
+
+So FAISS shares one SQLite file between the ledger and the keyword index, and Milvus one
+collection between chunk rows, vectors and keyword vectors: in both, one write updates all three.
+
+The contract tests state each role as a mixin (``tests/contract/``: write, ledger, search,
+filter, keyword, persistence); each backend's test class combines the ones it fills
+(``tests/unit/test_backend_*.py``).
 
 Scores are inner products: cosine similarity for the L2-normalised vectors the embedder writes.
 Higher is better.
@@ -28,9 +50,11 @@ __all__ = [
     "DocumentRow",
     "Hit",
     "KeywordSearch",
+    "Ledger",
     "MetadataValue",
     "ShardWrite",
     "VectorIndex",
+    "VectorSearch",
     "WriteConveniences",
     "WriteResult",
     "check_queries",
@@ -221,47 +245,35 @@ class WriteConveniences:
 
 
 @runtime_checkable
-class VectorIndex(Protocol):
-    """A vector index shard, for one embedding ``model`` and ``dim``.
+class Ledger(Protocol):
+    """The shard's truth: chunk rows, document rows, versions and applied offsets.
 
     - Writes go through :meth:`apply` (``upsert``/``delete`` are shorthands): one atomic write,
       durable when it returns (persistent backends), idempotent (re-applying a :class:`ShardWrite`
-      leaves the same state). Wrong vectors raise ``ValueError`` and write nothing.
-    - :meth:`search` takes ``(n, dim)`` float32 queries and returns one list per row, best first,
-      at most ``k`` hits (fewer when fewer chunks match). Every hit satisfies the filter;
-      approximate structures (IVF, HNSW) may miss near neighbours, never return a wrong one.
+      leaves the same state). Wrong vectors raise ``ValueError`` and write nothing. The roles that
+      derive from the chunk rows (vector structure, keyword index) see each write once it returns.
     - :meth:`get` answers in the order asked, None for unknown ids; ``document_chunk_counts`` has
       every id asked (0 when absent); ``get_document_rows``/``get_document_hashes`` only known ones.
     - Writes are versioned per document (see :class:`ShardWrite`); ``get_document_versions``
       answers the stored version of each id that has one.
-    - :meth:`count` (live chunks), :meth:`document_count` (document rows) and
-      :meth:`vector_count` (live vectors in the search structure, counted by the structure
-      itself, so ``count() == vector_count()`` checks that both agree) are cheap enough for
+    - :meth:`count` (live chunks) and :meth:`document_count` (document rows) are cheap enough for
       health checks: O(1) counters (Milvus counts again, O(chunks), once after a failed write).
-      ``document_ids`` scans every chunk: for tools and tests only; ``metadata_fields`` is
-      O(keys) with FAISS, O(chunks) with Milvus (no catalogue of JSON keys): callers cache it.
+      ``document_ids`` scans every chunk: for tools and tests only.
     - :meth:`scan_chunks` and :meth:`scan_documents` page through everything the shard holds, by
       ascending id (code point order), strictly after ``after``, at most ``limit`` per call: what
       copying an index to another backend reads (no re-embedding). Each page is consistent; pages
       read while writes go on may miss or repeat changes made between them.
     - :meth:`offsets` are the Kafka positions (``{topic: {partition: next_offset}}``) covered by
-      durable writes; :meth:`snapshot` only makes :meth:`restore` (run on open) fast.
-    - One writer at a time; reads may run on other threads.
+      durable writes, max-merged: an older batch never moves them back.
+    - One writer at a time; reads may run on other threads. :meth:`close` releases the store
+      (and its lock); a closed shard refuses every call.
     """
 
-    @property
-    def model(self) -> str: ...
-    @property
-    def dim(self) -> int: ...
     def apply(self, write: ShardWrite) -> WriteResult: ...
     def upsert(self, records: Sequence[ChunkRecord]) -> WriteResult: ...
     def delete(self, chunk_ids: Sequence[str]) -> int: ...
-    def search(
-        self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None
-    ) -> list[list[Hit]]: ...
     def get(self, chunk_ids: Sequence[str]) -> list[ChunkRecord | None]: ...
     def count(self) -> int: ...
-    def vector_count(self) -> int: ...
     def document_count(self) -> int: ...
     def document_ids(self) -> set[str]: ...
     def document_chunk_counts(self, document_ids: Sequence[str]) -> dict[str, int]: ...
@@ -271,18 +283,56 @@ class VectorIndex(Protocol):
     def scan_chunks(self, after: str = "", limit: int = 1000) -> list[ChunkRecord]: ...
     def scan_documents(self, after: str = "", limit: int = 1000) -> list[DocumentEntry]: ...
     def offsets(self) -> dict[str, dict[int, int]]: ...
-    def snapshot(self) -> None: ...
-    def restore(self) -> None: ...
     def close(self) -> None: ...
 
 
 @runtime_checkable
+class VectorSearch(Protocol):
+    """The vector structure over the ledger's chunks, for one embedding ``model`` and ``dim``.
+
+    - :meth:`search` takes ``(n, dim)`` float32 queries and returns one list per row, best first,
+      at most ``k`` hits (fewer when fewer chunks match). Every hit satisfies the filter, with
+      exactly :meth:`MetadataFilter.matches`'s semantics whatever the backend translates it to
+      (SQL, a Milvus expression). Approximate structures (IVF, HNSW) may miss near neighbours,
+      never return a wrong one. Bad queries (``k < 1``, wrong dtype or shape) raise ``ValueError``.
+    - :meth:`vector_count`: live vectors in the structure, counted by the structure itself, so
+      ``count() == vector_count()`` checks that it agrees with the ledger. O(1).
+    - :meth:`snapshot` only makes :meth:`restore` (run on open) fast: the structure can always be
+      rebuilt from the ledger.
+    """
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+    def search(
+        self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None
+    ) -> list[list[Hit]]: ...
+    def vector_count(self) -> int: ...
+    def snapshot(self) -> None: ...
+    def restore(self) -> None: ...
+
+
+@runtime_checkable
+class VectorIndex(Ledger, VectorSearch, Protocol):
+    """A vector index shard: a :class:`Ledger` and the :class:`VectorSearch` over it, for one
+    embedding ``model`` and ``dim``. What every backend implements (keyword search is optional:
+    :class:`KeywordSearch`)."""
+
+
+@runtime_checkable
 class KeywordSearch(Protocol):
-    """BM25 keyword search beside the vectors (the FAISS backend: SQLite FTS5 in its store).
+    """BM25 keyword search beside the vectors (FAISS: SQLite FTS5 in its store; Milvus: BM25 on
+    its chunks collection; the in-memory reference has none).
 
     ``keyword_search`` returns one list per query string, best first, at most ``k`` hits, every
     one satisfying ``filter``; ``score`` is BM25 (higher is better; comparable within a shard).
-    It sees exactly the chunks the vector search sees: both are updated by the same writes.
+    ``title_weight`` (>= 0) weighs matches in the title against those in the text (weight 1). It
+    sees exactly the chunks the vector search sees: both are updated by the same writes.
+
+    ``metadata_fields``: the metadata keys some live chunk holds (what a filter may name), for the
+    search API's checks. O(keys) with FAISS, O(chunks) with Milvus (no catalogue of JSON keys):
+    callers cache it.
     """
 
     def keyword_search(

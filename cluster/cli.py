@@ -333,11 +333,16 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         )
     elif args.which == "ingest":
         from cluster.bench.ingest import bench_ingest
+        from cluster.bench.report import parse_backends
 
-        result = bench_ingest(settings, Path(args.corpus), args.repeat or 1, out)
+        backends = parse_backends(args.backend or settings.index.backend)
+        result = bench_ingest(settings, Path(args.corpus), args.repeat or 1, out, backends)
+        runs = ", ".join(
+            f"{name} {run['pipeline_chunks_per_s']} chunks/s (ratio {run['ratio']})"
+            for name, run in result["backends"].items()
+        )
         text = (
-            f"ingest: pipeline {result['pipeline_chunks_per_s']} chunks/s, raw encode "
-            f"{result['raw_chunks_per_s']} chunks/s, ratio {result['ratio']} "
+            f"ingest: raw encode {result['raw_chunks_per_s']} chunks/s; pipeline {runs} "
             f"({result['chunks']} chunks; report in {out}/ingest.md)"
         )
     elif args.which == "batching":
@@ -363,8 +368,18 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         text = result["summary"]
     elif args.which == "ann":
         from cluster.bench.ann import bench_ann
+        from cluster.bench.report import parse_backends
 
-        result = bench_ann(settings, Path(args.dataset), args.repeat or 1, args.queries, args.k, out)
+        result = bench_ann(
+            settings,
+            Path(args.dataset),
+            args.repeat or 1,
+            args.queries,
+            args.k,
+            out,
+            backends=parse_backends(args.backend or settings.index.backend),
+            synthetic=args.synthetic,
+        )
         text = result["summary"]
     else:
         from cluster.bench.peer import bench_peer
@@ -581,6 +596,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--queries", type=int, default=400, help="query, ann, peer: questions sent per measurement"
     )
     bench.add_argument("--k", type=int, default=10, help="query, ann, peer, load: hits per search")
+    bench.add_argument(
+        "--backend",
+        default=None,
+        help="ann: index backends side by side, comma-separated (faiss,milvus); ingest: one backend; "
+        "default index.backend",
+    )
+    bench.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="ann: this many random unit vectors (and random queries) instead of the dataset's",
+    )
     bench.add_argument("--mode", choices=SEARCH_MODES, default="vector", help="query, load: search mode")
     bench.add_argument(
         "--texts", type=int, default=None, help="batching: embed only this many texts of the mix"

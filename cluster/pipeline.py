@@ -38,6 +38,7 @@ import ray
 from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.backends import backend_for
 from actors.embedder import Embedder
 from actors.index_shard import IndexShard
 from actors.processor import StoredDocument, merge_stored
@@ -46,7 +47,7 @@ from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
 from cluster.ray_runtime import connect
 from schemas import topology
-from schemas.errors import ConfigError, RetryableError
+from schemas.errors import ConfigError, RetryableError, RiverbedError
 from schemas.ids import shard_of
 from schemas.settings import EmbedConfig, IndexConfig, Settings
 from schemas.topology import Offsets, actor_name
@@ -355,6 +356,13 @@ def drop_index(settings: Settings, topics: Sequence[str]) -> None:
     from kafka.errors import KafkaError
 
     release_shards(settings)
+    backend = backend_for(settings.index)
+    for shard in range(settings.index.n_shards):
+        path = topology.shard_directory(settings.data_dir, shard)
+        try:
+            backend.drop(settings.index, path, index_name=settings.index.name, shard=shard)
+        except RiverbedError as exc:  # a server out of reach: its collections stay
+            log.warning("shard %d of index %s not dropped: %s", shard, settings.index.name, exc)
     shutil.rmtree(settings.data_dir, ignore_errors=True)
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings), client_id="riverbed-admin")

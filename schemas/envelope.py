@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from schemas.errors import PoisonMessageError
-from schemas.metadata import MetadataValue, loads_json, printable, string_problem, value_problem
+from schemas.metadata import MetadataValue, key_problem, loads_json, printable, string_problem, value_problem
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_ID_CHARS = 512
@@ -34,6 +34,12 @@ MAX_ID_CHARS = 512
 
 def _storable_string(value: str) -> str:
     if (problem := string_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _metadata_key(value: str) -> str:
+    if (problem := key_problem(value)) is not None:
         raise ValueError(problem)
     return value
 
@@ -55,6 +61,8 @@ def _storable_value(value: object) -> MetadataValue:
 
 StorableStr = Annotated[StrictStr, AfterValidator(_storable_string)]
 """A string that any store, tokenizer and producer can take: no lone surrogate."""
+MetadataKey = Annotated[StrictStr, AfterValidator(_metadata_key)]
+"""A metadata key: storable, and no NUL (see :mod:`schemas.metadata`)."""
 StorableMetadataValue = Annotated[
     MetadataValue, PlainValidator(_storable_value, json_schema_input_type=MetadataValue)
 ]
@@ -82,7 +90,7 @@ class _Envelope(BaseModel):
     schema_version: Annotated[Literal[1], BeforeValidator(_exact_int)] = SCHEMA_VERSION
     id: DocumentId
     op: Literal["upsert", "delete"] = "upsert"
-    metadata: dict[StorableStr, StorableMetadataValue] = Field(default_factory=dict)
+    metadata: dict[MetadataKey, StorableMetadataValue] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod

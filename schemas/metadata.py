@@ -5,6 +5,9 @@
   NaN breaks ordering and JSON).
 - No string anywhere holds a lone surrogate (``"\\ud800"``): it cannot be encoded as UTF-8, so no
   store, tokenizer or Kafka producer can take it. JSON allows it as an escape; we refuse it.
+- No metadata key or string value holds NUL (U+0000): SQLite's JSON functions, which the FAISS
+  backend's filters run on, end a string there, so a filter would see another value than the one
+  stored. Text and titles may hold it.
 - JSON is parsed strictly: ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON, though Python's
   parser accepts them.
 """
@@ -41,8 +44,18 @@ def value_problem(value: object) -> str | None:
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{value} is not a finite number"
     if isinstance(value, str):
-        return string_problem(value)
+        return string_problem(value) or _nul_problem(value)
     return f"must be a string, number or boolean, got {type(value).__name__}"
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a metadata key, or None."""
+    return string_problem(key) or _nul_problem(key)
+
+
+def _nul_problem(value: str) -> str | None:
+    at = value.find("\x00")
+    return None if at < 0 else f"holds NUL (U+0000) at position {at}, which metadata cannot store"
 
 
 def _abbreviated(value: int) -> str:
@@ -56,7 +69,7 @@ def metadata_problem(metadata: Mapping[Any, object]) -> str | None:
     for key, value in metadata.items():
         if not isinstance(key, str):
             return f"metadata key {key!r} must be a string"
-        if (problem := string_problem(key)) is not None:
+        if (problem := key_problem(key)) is not None:
             return f"metadata key {key!r} {problem}"
         if (problem := value_problem(value)) is not None:
             return f"metadata.{key}: {problem}"

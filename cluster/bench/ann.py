@@ -1,24 +1,32 @@
-"""`riverbed bench ann`: recall@k against exact search, and speed, of the FAISS structures a shard
-can use (``index.faiss.kind``: flat, ivf, hnsw), side by side on the same vectors and queries.
+"""`riverbed bench ann`: recall@k against exact search, and speed, of every vector structure a
+shard can use, on every backend named (``--backend faiss,milvus``), side by side on the same
+vectors and queries.
 
 # VECTORS: the dataset's passages chunked by the real chunker and embedded by the real Embedder
 #   (normalised float32); cached as .npy under ``<cache_dir>/bench/ann``, keyed by the model and
 #   a hash of the exact texts (a chunker or corpus change is a new key; the device is not part
-#   of it: CPU and CUDA vectors of one model differ only by rounding)
+#   of it: CPU and CUDA vectors of one model differ only by rounding). ``--synthetic N``: N random
+#   unit vectors of the model's dim instead, and random unit queries: the structure-only figure
+#   at a size no sample corpus reaches (no text structure, so the hardest case for ANN)
 # QUERIES: the same seeded sample of questions as `bench query`, embedded the same way
 # TRUTH: exact inner-product top-k of every query (``IndexFlatIP``, one batched call)
-# STRUCTURES: built by :func:`actors.faiss_index.build_structure`, the function a shard builds
-#   its own with, searched with the parameters a shard passes (``efSearch`` at least k):
-#   flat; IVF with ``nlist`` fitted to the corpus (:func:`fit_nlist`) and nprobe 1, 4, 16, 64;
-#   HNSW with the configured M and efConstruction and efSearch 16 to 256
-# SPEED: one query per call on 1 FAISS thread (latency p50/p99, single QPS), then every query in
-#   one call on all FAISS threads (batched QPS); each the fastest of 3 passes; recall comes from
-#   the batched call
+# SHARDS: one shard of each backend and structure, opened as a shard opens its store
+#   (:func:`actors.backends.backend_for`), filled by its own writes of WRITE_BATCH chunks, then
+#   snapshotted (Milvus Lite: flushed into indexed segments) and reopened once per search setting.
+#   FAISS flat / ivf / hnsw and Milvus FLAT / IVF_FLAT / HNSW; IVF with ``nlist`` fitted to the
+#   corpus (:func:`fit_nlist`, the same for both) and nprobe 1, 4, 16, 64; HNSW with each
+#   backend's configured M and efConstruction and efSearch 16 to 256 (at least k). Milvus is
+#   Milvus Lite in a scratch directory, or the server ``index.milvus.uri`` names (collections of
+#   a throwaway index, dropped at the end)
+# SPEED: through the shard's own ``search``, which returns hits with their text and metadata as
+#   serving gets them: one query per call on 1 FAISS thread over the first SINGLE_QUERIES queries
+#   (latency p50/p99, single QPS), then every query in calls of BATCH on all FAISS threads
+#   (batched QPS); each the fastest of RUNS passes; recall comes from the batched calls
 
-One structure holds the whole corpus, as a single shard would; with ``index.n_shards`` shards each
-holds a part and the searcher merges their top-k. ``--repeat`` must be 1: copies of the corpus are
-copies of its vectors, exact ties that make "the" exact top-k, and so recall, ill-defined. For a
-larger measurement pass a larger ``--dataset``.
+One shard holds the whole corpus; with ``index.n_shards`` shards each holds a part and the
+searcher merges their top-k. ``--repeat`` must be 1: copies of the corpus are copies of its
+vectors, exact ties that make "the" exact top-k, and so recall, ill-defined. For a larger
+measurement pass a larger ``--dataset`` or ``--synthetic N``.
 """
 
 from __future__ import annotations
@@ -27,8 +35,11 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,20 +47,27 @@ from typing import Any
 import faiss
 import numpy as np
 
+from actors.backends import BACKENDS, ShardBackend
 from actors.chunker import Chunker
 from actors.embedder import Embedder, TextEmbedder
-from actors.faiss_index import IVF_MIN_PER_LIST, build_structure
+from actors.faiss_index import IVF_MIN_PER_LIST
+from actors.vector_index import ChunkRecord
 from cluster.bench.ingest import load_corpus
 from cluster.bench.query import load_queries, percentile
 from cluster.bench.report import machine, write_plot, write_table
 from schemas.errors import ConfigError
-from schemas.settings import FaissConfig, Settings
-
-_faiss: Any = faiss  # faiss-cpu's bundled stubs lack the SearchParameters classes and their arguments
+from schemas.ids import chunk_id
+from schemas.settings import IndexConfig, Settings
+from schemas.topology import shard_directory
 
 NPROBES = (1, 4, 16, 64)
 EF_SEARCHES = (16, 32, 64, 128, 256)
 RUNS = 3  # passes per setting, the fastest kept: other processes share the cores
+SINGLE_QUERIES = 200  # queries timed one per call (Milvus Lite answers one in tens of ms)
+BATCH = 256  # queries per batched call (a Milvus search takes at most 16,384; replies stay small)
+WRITE_BATCH = 2000  # chunks per shard write while filling
+KINDS = ("flat", "ivf", "hnsw")
+MILVUS_TYPES = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 
 
 def _say(message: str) -> None:
@@ -60,6 +78,7 @@ def _say(message: str) -> None:
 class Point:
     """One measured setting. ``param`` is nprobe (ivf), efSearch in force (hnsw), or None (flat)."""
 
+    backend: str
     kind: str
     setting: str
     param: int | None
@@ -130,26 +149,27 @@ def embed_cached(
     return vectors, False
 
 
-def measure(
-    index: Any, params: Any, queries: np.ndarray, truth: np.ndarray, k: int, threads: int
-) -> dict[str, float]:
-    """Recall and speed of ``index.search(..., params=params)``, each speed from the fastest of
-    :data:`RUNS` passes (latencies from the fastest single-query pass); leaves FAISS on ``threads``."""
+Search = Callable[[np.ndarray], np.ndarray]  # queries -> row ids (n, k), -1 where short
+
+
+def measure(search: Search, queries: np.ndarray, truth: np.ndarray, k: int, threads: int) -> dict[str, float]:
+    """Recall and speed of ``search``, each speed from the fastest of :data:`RUNS` passes
+    (latencies from the fastest single-query pass); leaves FAISS on ``threads``."""
     try:
         faiss.omp_set_num_threads(threads)
-        index.search(queries[:8], k, params=params)  # warm-up: first calls allocate
+        search(queries[:8])  # warm-up: first calls allocate
         runs = []
         for _ in range(RUNS):
             t0 = time.perf_counter()
-            _, ids = index.search(queries, k, params=params)
+            ids = np.concatenate([search(queries[s : s + BATCH]) for s in range(0, len(queries), BATCH)])
             runs.append(time.perf_counter() - t0)
         faiss.omp_set_num_threads(1)
         passes = []
         for _ in range(RUNS):
             latencies = []
-            for i in range(len(queries)):
+            for i in range(min(len(queries), SINGLE_QUERIES)):
                 t0 = time.perf_counter()
-                index.search(queries[i : i + 1], k, params=params)
+                search(queries[i : i + 1])
                 latencies.append(time.perf_counter() - t0)
             passes.append(latencies)
         latencies = min(passes, key=sum)
@@ -157,121 +177,274 @@ def measure(
         faiss.omp_set_num_threads(threads)
     return {
         "recall": recall_at_k(ids, truth, k),
-        "single_qps": len(queries) / sum(latencies),
+        "single_qps": len(latencies) / sum(latencies),
         "batched_qps": len(queries) / min(runs),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
     }
 
 
-def _build(config: FaissConfig, vectors: np.ndarray) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    index = build_structure(config, vectors.shape[1], vectors)
-    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
-    return index, time.perf_counter() - t0
+def shard_config(
+    index: IndexConfig, backend: str, kind: str, nlist: int | None, param: int | None
+) -> IndexConfig:
+    """``index`` set to one shard of ``backend`` with structure ``kind``, IVF lists ``nlist`` and the
+    search setting ``param`` (nprobe or efSearch; None: as configured); FAISS threads left to the
+    benchmark."""
+    update: dict[str, Any] = {"ivf_nlist": nlist} if kind == "ivf" else {}
+    if param is not None:  # None: the configured one
+        update[{"ivf": "ivf_nprobe", "hnsw": "hnsw_ef_search"}[kind]] = param
+    if backend == "faiss":
+        faiss_config = index.faiss.model_copy(update={**update, "kind": kind, "omp_threads": None})
+        return index.model_copy(update={"backend": backend, "faiss": faiss_config, "max_shard_bytes": None})
+    milvus_config = index.milvus.model_copy(update={**update, "index_type": MILVUS_TYPES[kind]})
+    return index.model_copy(update={"backend": backend, "milvus": milvus_config, "max_shard_bytes": None})
+
+
+def settings_of(
+    index: IndexConfig, backend: str, kind: str, nlist: int | None, k: int
+) -> list[tuple[str, int | None]]:
+    """``(label, param)`` of every search setting to measure for ``kind`` on ``backend``."""
+    if kind == "flat":
+        return [("exact", None)]
+    if kind == "ivf":
+        assert nlist is not None
+        configured = index.faiss.ivf_nprobe if backend == "faiss" else index.milvus.ivf_nprobe
+        return [(f"nlist {nlist} nprobe {p}", p) for p in nprobes_for(nlist, configured)]
+    m, ef = (
+        (index.faiss.hnsw_m, index.faiss.hnsw_ef_search)
+        if backend == "faiss"
+        else (index.milvus.hnsw_m, index.milvus.hnsw_ef_search)
+    )
+    return [(f"M {m} ef {e}", e) for e in ef_searches_for(k, ef)]
+
+
+class ShardBench:
+    """Shards of one backend in a scratch directory (Milvus by uri: a throwaway index's
+    collections on that server), dropped on :meth:`close`."""
+
+    def __init__(
+        self, index: IndexConfig, backend: str, records: list[ChunkRecord], model: str, dim: int
+    ) -> None:
+        self.index, self.backend, self.records, self.model, self.dim = index, backend, records, model, dim
+        base = (
+            "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        )  # as a shard's disk, minus its fsync cost
+        self._scratch = Path(tempfile.mkdtemp(prefix="riverbed-ann-", dir=base))
+        self._name = f"bench-ann-{uuid.uuid4().hex[:8]}"
+        self._made: list[tuple[IndexConfig, int]] = []
+        self.row_of = {r.chunk_id: i for i, r in enumerate(records)}
+
+    def build(self, config: IndexConfig, shard: int) -> float:
+        """Fills shard ``shard`` (one per structure) with every record and snapshots it: seconds."""
+        path = shard_directory(self._scratch, shard)
+        self._made.append((config, shard))
+        t0 = time.perf_counter()
+        store = BACKENDS[self.backend].open(
+            config, path, self.model, self.dim, index_name=self._name, shard=shard
+        )
+        try:
+            for s in range(0, len(self.records), WRITE_BATCH):
+                store.upsert(self.records[s : s + WRITE_BATCH])
+            store.snapshot()
+        finally:
+            store.close()
+        return time.perf_counter() - t0
+
+    @contextmanager
+    def opened(self, config: IndexConfig, shard: int, k: int) -> Iterator[Search]:
+        """Shard ``shard`` reopened with ``config``'s search settings, as a search function."""
+        path = shard_directory(self._scratch, shard)
+        store: ShardBackend = BACKENDS[self.backend].open(
+            config, path, self.model, self.dim, index_name=self._name, shard=shard
+        )
+        row_of = self.row_of
+
+        def search(queries: np.ndarray) -> np.ndarray:
+            out = np.full((len(queries), k), -1, dtype=np.int64)
+            for i, hits in enumerate(store.search(queries, k)):
+                out[i, : len(hits)] = [row_of[h.chunk_id] for h in hits[:k]]
+            return out
+
+        try:
+            yield search
+        finally:
+            store.close()
+
+    def close(self) -> None:
+        backend = BACKENDS[self.backend]
+        for config, shard in self._made:
+            path = shard_directory(self._scratch, shard)
+            backend.drop(config, path, index_name=self._name, shard=shard)
+        import shutil
+
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def sweep(
-    config: FaissConfig, vectors: np.ndarray, queries: np.ndarray, k: int, threads: int
+    index: IndexConfig,
+    backends: Sequence[str],
+    records: list[ChunkRecord],
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    threads: int,
+    model: str,
 ) -> tuple[list[Point], dict[str, Any]]:
-    """Every setting of flat, IVF and HNSW on ``vectors``: (points, what was chosen and why)."""
+    """Every structure and search setting of every backend on ``vectors``: (points, what was
+    chosen and why)."""
     kk = min(k, len(vectors))
     truth_index = faiss.IndexFlatIP(vectors.shape[1])
     truth_index.add(vectors)
     faiss.omp_set_num_threads(threads)
     _, truth = truth_index.search(queries, kk)
-    points: list[Point] = []
-
-    def run(kind: str, setting: str, param: int | None, index: Any, params: Any, build_s: float) -> None:
-        m = measure(index, params, queries, truth, kk, threads)
-        points.append(Point(kind, setting, param, build_s=build_s, **m))
-        _say(
-            f"  {kind} {setting}: recall@{k} {m['recall']:.3f}, {m['single_qps']:,.0f} q/s single, "
-            f"{m['batched_qps']:,.0f} q/s batched, p50 {m['p50_ms']:.2f} ms"
-        )
-
-    # FLAT
-    flat, build_s = _build(config.model_copy(update={"kind": "flat"}), vectors)
-    run("flat", "exact", None, flat, None, build_s)
-
-    # IVF
-    nlist = fit_nlist(len(vectors), config.ivf_nlist)
+    nlist = fit_nlist(len(vectors), index.faiss.ivf_nlist)
     if nlist is None:
         _say(f"  ivf: skipped, {len(vectors)} vectors cannot train one list ({IVF_MIN_PER_LIST} needed)")
-    else:
-        ivf_config = config.model_copy(update={"kind": "ivf", "ivf_nlist": nlist})
-        ivf, build_s = _build(ivf_config, vectors)
-        if not isinstance(ivf, faiss.IndexIVFFlat):  # build_structure fell back to flat
-            raise ConfigError(f"bench ann: nlist {nlist} did not train on {len(vectors)} vectors")
-        for nprobe in nprobes_for(nlist, config.ivf_nprobe):
-            params = _faiss.SearchParametersIVF(nprobe=nprobe)
-            run("ivf", f"nlist {nlist} nprobe {nprobe}", nprobe, ivf, params, build_s)
-
-    # HNSW
-    hnsw, build_s = _build(config.model_copy(update={"kind": "hnsw"}), vectors)
-    for ef in ef_searches_for(kk, config.hnsw_ef_search):
-        params = _faiss.SearchParametersHNSW(efSearch=ef)
-        run("hnsw", f"M {config.hnsw_m} ef {ef}", ef, hnsw, params, build_s)
-
+    points: list[Point] = []
+    for backend in backends:
+        bench = ShardBench(index, backend, records, model, vectors.shape[1])
+        try:
+            for shard, kind in enumerate(KINDS):
+                if kind == "ivf" and nlist is None:
+                    continue
+                build_s = bench.build(shard_config(index, backend, kind, nlist, None), shard)
+                _say(
+                    f"  {backend} {kind}: {len(records):,} chunks written and snapshotted in {build_s:.1f} s"
+                )
+                for setting, param in settings_of(index, backend, kind, nlist, kk):
+                    with bench.opened(shard_config(index, backend, kind, nlist, param), shard, kk) as search:
+                        m = measure(search, queries, truth, kk, threads)
+                    points.append(Point(backend, kind, setting, param, build_s=build_s, **m))
+                    _say(
+                        f"  {backend} {kind} {setting}: recall@{k} {m['recall']:.3f}, "
+                        f"{m['single_qps']:,.0f} q/s single, {m['batched_qps']:,.0f} q/s batched, "
+                        f"p50 {m['p50_ms']:.2f} ms"
+                    )
+        finally:
+            bench.close()
     chosen = {
         "ivf_nlist": nlist,
-        "ivf_nlist_configured": config.ivf_nlist,
-        "ivf_nprobe_configured": min(config.ivf_nprobe, nlist) if nlist else None,
-        "hnsw_m": config.hnsw_m,
-        "hnsw_ef_construction": config.hnsw_ef_construction,
-        "hnsw_ef_search_configured": max(config.hnsw_ef_search, kk),
+        "ivf_nlist_configured": index.faiss.ivf_nlist,
+        "configured": {
+            backend: {
+                "ivf_nprobe": min(ivf_nprobe, nlist) if nlist else None,
+                "hnsw_m": m,
+                "hnsw_ef_construction": efc,
+                "hnsw_ef_search": max(ef, kk),
+            }
+            for backend, (ivf_nprobe, m, efc, ef) in {
+                "faiss": (
+                    index.faiss.ivf_nprobe,
+                    index.faiss.hnsw_m,
+                    index.faiss.hnsw_ef_construction,
+                    index.faiss.hnsw_ef_search,
+                ),
+                "milvus": (
+                    index.milvus.ivf_nprobe,
+                    index.milvus.hnsw_m,
+                    index.milvus.hnsw_ef_construction,
+                    index.milvus.hnsw_ef_search,
+                ),
+            }.items()
+            if backend in backends
+        },
     }
     return points, chosen
 
 
+def corpus_records(
+    settings: Settings, dataset: Path, embedder: TextEmbedder, cache: Path
+) -> tuple[list[ChunkRecord], int, bool]:
+    """The chunk records of the dataset's corpus, as the pipeline writes them (vectors from the
+    cache when it has them), the number of documents, and whether the vectors were cached."""
+    corpus_path = dataset / "corpus.jsonl"
+    docs = load_corpus(corpus_path, 1)
+    chunker = Chunker(settings.chunk, settings.embed.model)
+    chunks = [(d, c) for d, doc in zip(docs, chunker.chunk_batch(docs), strict=True) for c in doc.chunks]
+    if not chunks:
+        raise ConfigError(f"bench ann: {corpus_path} holds no text to index")
+    _say(f"corpus: {len(docs):,} documents → {len(chunks):,} chunks")
+    vectors, cached = embed_cached(embedder, [c.text for _, c in chunks], cache, "chunks")
+    records = [
+        ChunkRecord(c.chunk_id, d.id, c.number, c.text, d.title, c.start, c.end, d.metadata, v, c.alignment)
+        for (d, c), v in zip(chunks, vectors, strict=True)
+    ]
+    return records, len(docs), cached
+
+
 def bench_ann(
-    settings: Settings, dataset: Path, repeat: int, n_queries: int, k: int, out_dir: Path
+    settings: Settings,
+    dataset: Path,
+    repeat: int,
+    n_queries: int,
+    k: int,
+    out_dir: Path,
+    backends: Sequence[str] = ("faiss",),
+    synthetic: int = 0,
 ) -> dict[str, Any]:
     if repeat != 1:
         raise ConfigError(
             f"bench ann: --repeat {repeat} would index identical vectors, ties that leave recall "
-            "ill-defined; pass a larger --dataset instead"
+            "ill-defined; pass a larger --dataset or --synthetic N instead"
         )
-    if k < 1 or n_queries < 1:
-        raise ConfigError(f"bench ann: --k and --queries must be at least 1, got {k} and {n_queries}")
-    corpus_path = dataset / "corpus.jsonl"
-    if not corpus_path.is_file() or not (dataset / "queries.jsonl").is_file():
-        raise ConfigError(f"bench ann: {dataset} needs corpus.jsonl and queries.jsonl (BEIR layout)")
-
-    # VECTORS
-    docs = load_corpus(corpus_path, 1)
-    chunker = Chunker(settings.chunk, settings.embed.model)
-    texts = [c.text for doc in chunker.chunk_batch(docs) for c in doc.chunks]
-    if not texts:
-        raise ConfigError(f"bench ann: {corpus_path} holds no text to index")
-    _say(f"corpus: {len(docs):,} documents → {len(texts):,} chunks")
+    if k < 1 or n_queries < 1 or synthetic < 0:
+        raise ConfigError(
+            f"bench ann: --k and --queries must be at least 1 and --synthetic at least 0, got {k}, "
+            f"{n_queries} and {synthetic}"
+        )
+    backends = list(backends)
     embedder = Embedder(settings.embed)
     cache = settings.cache_dir / "bench" / "ann"
-    vectors, corpus_cached = embed_cached(embedder, texts, cache, "chunks")
+    if synthetic:
+        # VECTORS, QUERIES: random unit vectors of the model's dim
+        embedder.warm_up()
+        rng = np.random.default_rng(0)
+        vectors = _unit(rng.standard_normal((synthetic, embedder.dim), dtype=np.float32))
+        queries = _unit(rng.standard_normal((n_queries, embedder.dim), dtype=np.float32))
+        records = [
+            ChunkRecord(chunk_id(f"v{i}", 0), f"v{i}", 0, f"vector {i}", None, 0, 0, {}, vectors[i])
+            for i in range(synthetic)
+        ]
+        n_docs, n_questions, cached, source = synthetic, n_queries, True, f"{synthetic:,} random unit vectors"
+        _say(f"synthetic: {synthetic:,} random unit vectors, {n_queries} random unit queries")
+    else:
+        corpus_path = dataset / "corpus.jsonl"
+        if not corpus_path.is_file() or not (dataset / "queries.jsonl").is_file():
+            raise ConfigError(f"bench ann: {dataset} needs corpus.jsonl and queries.jsonl (BEIR layout)")
+        # VECTORS
+        records, n_docs, corpus_cached = corpus_records(settings, dataset, embedder, cache)
+        vectors = np.stack([r.vector for r in records])
+        # QUERIES
+        questions = load_queries(dataset, n_queries)
+        queries, queries_cached = embed_cached(embedder, questions, cache, "queries")
+        n_questions, cached, source = len(questions), corpus_cached and queries_cached, f"`{dataset}`"
 
-    # QUERIES
-    questions = load_queries(dataset, n_queries)
-    queries, queries_cached = embed_cached(embedder, questions, cache, "queries")
-
-    # TRUTH, STRUCTURES, SPEED
+    # TRUTH, SHARDS, SPEED
     threads = settings.index.faiss.omp_threads or faiss.omp_get_max_threads()
-    _say(f"sweep: {len(questions)} queries, k={k}, batched on {threads} FAISS threads, single on 1")
-    points, chosen = sweep(settings.index.faiss, vectors, queries, k, threads)
+    _say(f"sweep: {n_questions} queries, k={k}, batched on {threads} FAISS threads, single on 1")
+    points, chosen = sweep(
+        settings.index, backends, records, vectors, queries, k, threads, embedder.model_name
+    )
 
-    summary = _summary(points, chosen, len(texts), len(questions), k, out_dir)
+    summary = _summary(points, chosen, backends, len(records), n_questions, k, out_dir)
     result = {
         "summary": summary,
         "machine": machine(),
-        "dataset": str(dataset),
-        "documents": len(docs),
-        "chunks": len(texts),
-        "queries": len(questions),
+        "dataset": "synthetic" if synthetic else str(dataset),
+        "source": source,
+        "backends": backends,
+        "milvus": "server" if settings.index.milvus.uri else "lite",
+        "documents": n_docs,
+        "chunks": len(records),
+        "queries": n_questions,
         "k": k,
         "model": embedder.model_name,
         "dim": int(vectors.shape[1]),
-        "vectors_cached": corpus_cached and queries_cached,
+        "vectors_cached": cached,
         "faiss_threads_batched": threads,
         "runs": RUNS,
+        "single_queries": min(n_questions, SINGLE_QUERIES),
+        "batch": BATCH,
         **chosen,
         "results": [asdict(p) for p in points],
     }
@@ -279,29 +452,41 @@ def bench_ann(
     return result
 
 
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(matrix / np.linalg.norm(matrix, axis=1, keepdims=True), dtype=np.float32)
+
+
 def _summary(
-    points: list[Point], chosen: dict[str, Any], chunks: int, queries: int, k: int, out: Path
+    points: list[Point],
+    chosen: dict[str, Any],
+    backends: Sequence[str],
+    chunks: int,
+    queries: int,
+    k: int,
+    out: Path,
 ) -> str:
-    def find(kind: str, param: int | None) -> Point | None:
-        return next((p for p in points if p.kind == kind and p.param == param), None)
+    def find(backend: str, kind: str, param: int | None) -> Point | None:
+        return next((p for p in points if (p.backend, p.kind, p.param) == (backend, kind, param)), None)
 
     parts = []
-    for label, point in (
-        ("flat", find("flat", None)),
-        (f"ivf nlist {chosen['ivf_nlist']} nprobe {chosen['ivf_nprobe_configured']}",
-         find("ivf", chosen["ivf_nprobe_configured"])),
-        (f"hnsw ef {chosen['hnsw_ef_search_configured']}", find("hnsw", chosen["hnsw_ef_search_configured"])),
-    ):  # fmt: skip
-        if point is not None:
-            parts.append(f"{label} {point.recall:.3f} recall@{k} at {point.single_qps:,.0f} q/s")
+    for backend in backends:
+        configured = chosen["configured"][backend]
+        for label, point in (
+            ("flat", find(backend, "flat", None)),
+            (f"ivf nprobe {configured['ivf_nprobe']}", find(backend, "ivf", configured["ivf_nprobe"])),
+            (f"hnsw ef {configured['hnsw_ef_search']}", find(backend, "hnsw", configured["hnsw_ef_search"])),
+        ):
+            if point is not None:
+                parts.append(f"{backend} {label} {point.recall:.3f} at {point.single_qps:,.0f} q/s")
     return (
-        f"ann on {chunks:,} chunks, {queries:,} queries (one per call, 1 thread): "
+        f"ann on {chunks:,} chunks, {queries:,} queries, recall@{k} at one query per call: "
         f"{'; '.join(parts)} (report in {out}/ann.md)"
     )
 
 
 def _cells(p: Point) -> list[str]:
     return [
+        p.backend,
         p.kind,
         p.setting,
         f"{p.recall:.3f}",
@@ -309,7 +494,7 @@ def _cells(p: Point) -> list[str]:
         f"{p.batched_qps:,.0f}",
         f"{p.p50_ms:.3f}",
         f"{p.p99_ms:.3f}",
-        f"{p.build_s:.3f}",
+        f"{p.build_s:.2f}",
     ]
 
 
@@ -317,23 +502,34 @@ def _report(out_dir: Path, result: dict[str, Any], points: list[Point]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ann.json").write_text(json.dumps(result, indent=2, default=str))
     k = result["k"]
+    milvus = "a Milvus server" if result["milvus"] == "server" else "Milvus Lite embedded"
     preamble = (
-        f"# FAISS structures: recall@{k} vs exact, and speed\n\n"
-        f"{result['chunks']:,} chunks of `{result['dataset']}` ({result['model']}, {result['dim']}-d, "
-        f"inner product), {result['queries']:,} questions. QPS single: one query per call on 1 FAISS "
-        f"thread (p50/p99 are its latencies); QPS batched: all queries in one call on "
-        f"{result['faiss_threads_batched']} threads. Each the fastest of {result['runs']} passes. IVF nlist "
-        f"{result['ivf_nlist']} (configured {result['ivf_nlist_configured']}; FAISS trains at most "
-        f"1 list per {IVF_MIN_PER_LIST} vectors). Build: train + add, seconds."
+        f"# Vector structures per backend: recall@{k} vs exact, and speed\n\n"
+        f"{result['chunks']:,} chunks of {result['source']} ({result['model']}, {result['dim']}-d, inner "
+        f"product), {result['queries']:,} queries, one shard per backend and structure (milvus: {milvus}), "
+        f"searched through the shard's own `search` (hits with text and metadata). QPS single: one "
+        f"query per call on 1 FAISS thread over the first {result['single_queries']} queries (p50/p99 "
+        f"are its latencies); QPS batched: {result['batch']} queries per call on "
+        f"{result['faiss_threads_batched']} threads. Each the fastest of {result['runs']} passes. IVF "
+        f"nlist {result['ivf_nlist']} (configured {result['ivf_nlist_configured']}; FAISS trains at "
+        f"most 1 list per {IVF_MIN_PER_LIST} vectors; Milvus Lite trains one IVF per segment). Build: "
+        f"the shard's own writes of {WRITE_BATCH:,} chunks, then its snapshot, in seconds."
     )
-    headers = ["kind", "setting", f"recall@{k}", "QPS single", "QPS batched", "p50 ms", "p99 ms", "build s"]
+    headers = [
+        "backend",
+        "kind",
+        "setting",
+        f"recall@{k}",
+        "QPS single",
+        "QPS batched",
+        "p50 ms",
+        "p99 ms",
+        "build s",
+    ]
     write_table(out_dir, "ann", headers, [_cells(p) for p in points], preamble)
     series: dict[str, tuple[list[float], list[float]]] = {}
     for p in points:
-        label = {"ivf": f"ivf nlist {result['ivf_nlist']}", "hnsw": f"hnsw M {result['hnsw_m']}"}.get(
-            p.kind, p.kind
-        )
-        xs, ys = series.setdefault(label, ([], []))
+        xs, ys = series.setdefault(f"{p.backend} {p.kind}", ([], []))
         xs.append(p.recall)
         ys.append(p.single_qps)
     write_plot(

@@ -7,6 +7,18 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from actors.backends import BACKENDS
+from schemas.errors import ConfigError
+
+
+def parse_backends(spec: str) -> list[str]:
+    """``"faiss,milvus"`` → ``["faiss", "milvus"]``, in the order given, each known, none twice."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ConfigError(f"--backend {spec!r} must list distinct backends of {', '.join(sorted(BACKENDS))}")
+    return names
+
 
 def machine() -> dict[str, Any]:
     import os

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from actors.testing import HashEmbedder
+from actors.vector_index import ChunkRecord
 from cluster.bench.ann import (
     bench_ann,
     ef_searches_for,
@@ -16,9 +17,10 @@ from cluster.bench.ann import (
     recall_at_k,
     sweep,
 )
-from cluster.bench.report import write_table
+from cluster.bench.report import parse_backends, write_table
 from schemas.errors import ConfigError
-from schemas.settings import FaissConfig, load_settings
+from schemas.ids import chunk_id
+from schemas.settings import FaissConfig, IndexConfig, MilvusConfig, load_settings
 
 
 def test_recall_counts_shared_ids_per_row_over_k():
@@ -72,25 +74,41 @@ def test_embed_cached_embeds_once_then_loads(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def test_sweep_on_random_vectors_measures_every_kind(capsys):
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+def test_sweep_on_random_vectors_measures_every_kind_through_the_shard(backend, capsys):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((400, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[:20] + 0.1 * rng.standard_normal((20, 16)).astype(np.float32)
-    config = FaissConfig(ivf_nlist=256, hnsw_m=8)
-    points, chosen = sweep(config, vectors, queries, k=10, threads=1)
+    records = [
+        ChunkRecord(chunk_id(f"d{i}", 0), f"d{i}", 0, f"text {i}", None, 0, 6, {}, v)
+        for i, v in enumerate(vectors)
+    ]
+    index = IndexConfig(faiss=FaissConfig(ivf_nlist=256, hnsw_m=8), milvus=MilvusConfig(hnsw_m=8))
+    points, chosen = sweep(index, [backend], records, vectors, queries, k=10, threads=1, model="test/m")
 
     assert chosen["ivf_nlist"] == 8  # 400 // 39 = 10 lists at most
+    assert {p.backend for p in points} == {backend}
     flat = [p for p in points if p.kind == "flat"]
     assert len(flat) == 1 and flat[0].recall == 1.0
     ivf = [p for p in points if p.kind == "ivf"]
     assert [p.param for p in ivf] == [1, 4, 8]
-    assert [p.recall for p in ivf] == sorted(p.recall for p in ivf)
     assert ivf[-1].recall == 1.0  # every list probed: exhaustive
+    assert ivf[0].recall < 1.0  # one list of 8 misses neighbours: the setting reached the search
     hnsw = [p for p in points if p.kind == "hnsw"]
     assert [p.param for p in hnsw] == [16, 32, 64, 128, 256]
+    assert hnsw[-1].recall > 0.95
     for p in points:
         assert 0 <= p.recall <= 1 and p.single_qps > 0 and p.batched_qps > 0 and p.p50_ms <= p.p99_ms
+    assert "written and snapshotted" in capsys.readouterr().err
+
+
+def test_backends_are_parsed_in_order_and_checked():
+    assert parse_backends("faiss,milvus") == ["faiss", "milvus"]
+    assert parse_backends(" milvus ") == ["milvus"]
+    for bad in ("", "faiss,faiss", "faiss,elastic"):
+        with pytest.raises(ConfigError, match="--backend"):
+            parse_backends(bad)
 
 
 def test_repeat_other_than_one_is_refused_before_any_work(tmp_path):

@@ -20,7 +20,7 @@ from actors.vector_index import ChunkRecord, ShardWrite
 from schemas.errors import ConfigError, IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.settings import FaissConfig
-from tests.unit.test_vector_index_contract import (
+from tests.contract.helpers import (
     DIM,
     MODEL,
     assert_same_hits,
@@ -230,7 +230,7 @@ import os, sys
 from pathlib import Path
 from actors.faiss_index import FaissIndex
 from schemas.settings import FaissConfig
-from tests.unit.test_vector_index_contract import DIM, MODEL, make_corpus
+from tests.contract.helpers import DIM, MODEL, make_corpus
 from actors.vector_index import ShardWrite
 index = FaissIndex(Path(sys.argv[1]), MODEL, DIM, FaissConfig(omp_threads=1))
 index.apply(ShardWrite(upserts=make_corpus(seed=11), offsets={"docs": {0: 77}}))

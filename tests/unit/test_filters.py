@@ -168,8 +168,8 @@ def test_milvus_expression_guards_every_condition_with_the_kinds_field() -> None
 
 
 def test_milvus_string_literals_escape_quotes_backslashes_and_line_breaks() -> None:
-    expr = MetadataFilter.parse({"lang": 'en" or 1==1 or "\\\n\r\t\x00é'}).to_milvus()
-    assert expr.endswith(' == "en\\" or 1==1 or \\"\\\\\\n\\r\t\x00é")')
+    expr = MetadataFilter.parse({"lang": 'en" or 1==1 or "\\\n\r\t\x01é'}).to_milvus()
+    assert expr.endswith(' == "en\\" or 1==1 or \\"\\\\\\n\\r\t\x01é")')
     assert "\n" not in expr and "\r" not in expr
 
 

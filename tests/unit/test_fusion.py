@@ -16,7 +16,7 @@ from actors.vector_index import Hit
 from deployments.fusion import fuse, matched_terms, merge_shards
 from schemas.envelope import DocumentEnvelope
 from schemas.settings import ChunkConfig, FaissConfig
-from tests.unit.test_vector_index_contract import scratch_dir
+from tests.contract.helpers import scratch_dir
 
 
 def hit(cid: str, score: float, text: str = "t", start: int = 0) -> Hit:

@@ -61,6 +61,7 @@ def test_values_that_every_backend_stores_and_filters_alike(value):
         (math.inf, "not a finite number"),
         (-math.inf, "not a finite number"),
         ("x\ud800", "lone surrogate"),
+        ("a\x00b", "NUL (U+0000) at position 1"),
         (None, "got NoneType"),
         ([1], "got list"),
         ({"a": 1}, "got dict"),
@@ -78,6 +79,22 @@ def test_metadata_problem_names_the_key():
     assert "metadata key 1" in metadata_problem({1: "x"})
     problem = metadata_problem({"la\ud800": "x"})
     assert "lone surrogate" in problem and printable(problem) == problem  # the key is escaped
+    assert "metadata key 'l\\x00' holds NUL" in metadata_problem({"l\x00": "x"})
+
+
+def test_an_envelope_with_nul_in_metadata_is_refused_naming_the_field():
+    # SQLite's JSON functions (the FAISS backend's filters) end a string at NUL: refused at the edge,
+    # so no backend stores a value its filters would see otherwise. Text may hold NUL.
+    ok = schemas.envelope.validate_envelope(
+        {"kind": "document", "id": "d", "text": "a\x00b", "metadata": {"k": "v"}}
+    )
+    assert ok.text == "a\x00b"
+    for metadata, field in [({"k": "a\x00"}, "metadata.k"), ({"k\x00": "v"}, "metadata")]:
+        with pytest.raises(schemas.envelope.InvalidEnvelopeError, match="NUL") as caught:
+            schemas.envelope.validate_envelope(
+                {"kind": "document", "id": "d", "text": "t", "metadata": metadata}
+            )
+        assert caught.value.field == field
 
 
 def test_printable_escapes_only_lone_surrogates():

@@ -1,6 +1,6 @@
 """What only the Milvus backend has to get right (the shared contract runs in
-test_vector_index_contract): a write or an opening cut off at any call is completed by doing it
-again, ids that a Milvus expression must escape, Milvus going away, values too long for Milvus,
+test_backend_milvus, embedded and by uri): a write or an opening cut off at any call is completed
+by doing it again, ids that a Milvus expression must escape, Milvus going away, values too long for Milvus,
 Strong reads for what a write decides by, counts kept in step, fsyncs of Milvus Lite's files, one
 writer at a time, collection names per index and shard, what each Milvus failure is raised as,
 BM25 with a title weight, the approximate index types once flushed, ``stored_state``, and the
@@ -43,7 +43,15 @@ from schemas.errors import (
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id
 from schemas.settings import MilvusConfig
-from tests.unit.test_vector_index_contract import DIM, MODEL, make_corpus, make_document, scratch_dir, unit
+from tests.contract.helpers import (
+    DIM,
+    MODEL,
+    make_corpus,
+    make_document,
+    milvus_grpc_server,
+    scratch_dir,
+    unit,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -863,15 +871,8 @@ def test_a_message_over_the_servers_size_limit_is_not_retried(shard: Path) -> No
 @pytest.fixture
 def milvus_server() -> Iterator[str]:
     """Milvus Lite served over gRPC on a free port, as a Milvus server is reached (by uri)."""
-    from milvus_lite.adapter.grpc.server import start_server_in_thread
-
-    with scratch_dir() as directory:
-        server, db, port = start_server_in_thread(str(directory / "server.db"))
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.stop(grace=0)
-            db.close()
+    with milvus_grpc_server() as uri:
+        yield uri
 
 
 def test_a_server_database_holds_the_collections_and_their_indexes(milvus_server: str, shard: Path) -> None:

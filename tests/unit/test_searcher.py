@@ -17,7 +17,7 @@ from schemas.errors import IndexUnavailableError, InvalidRequestError
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id, shard_of
 from schemas.settings import FaissConfig, IndexConfig, SearchConfig
-from tests.unit.test_vector_index_contract import scratch_dir
+from tests.contract.helpers import scratch_dir
 
 TEXTS = {
     "bronco": "The Denver Broncos won Super Bowl 50 against the Carolina Panthers.",

@@ -15,7 +15,7 @@ from actors.vector_index import DocumentRow, ShardWrite
 from schemas.errors import IndexUnavailableError, StorageFullError
 from schemas.settings import FaissConfig, IndexConfig
 from schemas.topology import shard_directory
-from tests.unit.test_vector_index_contract import DIM, MODEL, make_corpus, scratch_dir
+from tests.contract.helpers import DIM, MODEL, make_corpus, scratch_dir
 
 CONFIG = IndexConfig(faiss=FaissConfig(kind="flat", omp_threads=1))
 

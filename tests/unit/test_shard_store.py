@@ -18,7 +18,7 @@ from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite
 from deployments.fusion import matched_terms
 from schemas.errors import ConfigError, ProcessingError, RetryableError, StorageFullError
 from schemas.settings import FaissConfig
-from tests.unit.test_vector_index_contract import DIM, MODEL, make_corpus, make_document, scratch_dir
+from tests.contract.helpers import DIM, MODEL, make_corpus, make_document, scratch_dir
 
 FLAT = FaissConfig(kind="flat", omp_threads=1)
 
