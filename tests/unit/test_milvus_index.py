@@ -913,3 +913,37 @@ def test_a_server_database_holds_the_collections_and_their_indexes(milvus_server
     assert state is not None and state.chunks == len(corpus)
     admin.close()
     assert not shard.exists()
+
+
+def test_dropping_a_throwaway_index_removes_its_collections_and_only_them(
+    milvus_server: str, shard: Path
+) -> None:
+    from pymilvus import MilvusClient
+
+    from actors.backends import BACKENDS
+    from schemas.settings import IndexConfig
+
+    config = IndexConfig(backend="milvus", milvus=MilvusConfig(uri=milvus_server))
+    kept, dropped = (
+        MilvusIndex(shard, MODEL, DIM, config.milvus, index_name=n, shard=0) for n in ("kept", "gone")
+    )
+    for index in (kept, dropped):
+        index.upsert(make_corpus(seed=5, n_docs=2))
+        index.close()
+    BACKENDS["milvus"].drop(config, shard, index_name="gone", shard=0)
+    BACKENDS["milvus"].drop(config, shard, index_name="never-made", shard=3)  # nothing to drop: no error
+    names = set(MilvusClient(uri=milvus_server, dedicated=True).list_collections())
+    assert set(collection_names(config.milvus, "kept", 0)) <= names
+    assert not set(collection_names(config.milvus, "gone", 0)) & names
+
+
+def test_dropping_an_embedded_shard_removes_its_directory(shard: Path) -> None:
+    from actors.backends import BACKENDS
+    from schemas.settings import IndexConfig
+
+    index = MilvusIndex(shard, MODEL, DIM, MilvusConfig())
+    index.upsert(make_corpus(seed=6, n_docs=2))
+    index.close()
+    assert (shard / DB_NAME).exists()
+    BACKENDS["milvus"].drop(IndexConfig(backend="milvus"), shard, index_name="", shard=0)
+    assert not shard.exists()
