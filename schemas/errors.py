@@ -21,6 +21,7 @@ DeadLetterReason = Literal[
     "bad_encoding",
     "key_mismatch",
     "processing_error",
+    "invalid_image",
 ]
 DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
 
