@@ -128,19 +128,25 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
         topic_specs(settings.kafka.topics),
         max_message_bytes=settings.kafka.max_record_bytes,
     )
-    topic = args.topic or settings.kafka.topics.documents
+    topics = settings.kafka.topics
     producer = EnvelopeProducer(servers, settings.kafka.max_record_bytes)
-    sent = skipped = 0
+    sent: dict[str, int] = {}
+    skipped = 0
     try:
-        with tqdm(desc=f"produce → {topic}", unit="rec", file=sys.stderr, disable=args.quiet) as bar:
+        desc = f"produce → {args.topic or f'{topics.documents}, {topics.images}'}"
+        with tqdm(desc=desc, unit="rec", file=sys.stderr, disable=args.quiet) as bar:
             for record in read_records(path):
                 if record.envelope is None:
                     skipped += 1
                     log.warning("skipped %s: %s", record.location, record.error)
                 else:
+                    # each kind to its own topic, unless --topic names one for all
+                    topic = args.topic or (
+                        topics.images if record.envelope.kind == "image" else topics.documents
+                    )
                     try:
                         producer.send(topic, record.envelope)
-                        sent += 1
+                        sent[topic] = sent.get(topic, 0) + 1
                     except PoisonMessageError as exc:
                         skipped += 1
                         log.warning("skipped %s: %s", record.location, exc)
@@ -150,10 +156,11 @@ def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
             producer.flush()
     finally:
         producer.close()
+    where = ", ".join(f"{n} → {t}" for t, n in sent.items()) or "nothing"
     emit(
         args,
-        {"topic": topic, "sent": sent, "skipped": skipped},
-        f"sent {sent}, skipped {skipped} → {topic}",
+        {"sent": sum(sent.values()), "topics": sent, "skipped": skipped},
+        f"sent {where}; skipped {skipped}",
     )
     return 1 if (skipped and args.strict) else 0
 
@@ -520,10 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
     kafka.set_defaults(func=cmd_kafka)
 
     produce = sub.add_parser(
-        "produce", help="send documents from files to the documents topic", parents=[common]
+        "produce", help="send documents and images from files to their topics", parents=[common]
     )
-    produce.add_argument("path", help=".jsonl file, .txt/.md file, or a directory of them")
-    produce.add_argument("--topic", help="topic (default: kafka.topics.documents)")
+    produce.add_argument(
+        "path",
+        help=".jsonl file of envelopes or documents, .txt/.md file, image file (.png .jpg .jpeg .webp .gif, "
+        "caption from NAME.txt beside it), or a directory of them",
+    )
+    produce.add_argument(
+        "--topic",
+        help="one topic for every record (default: documents to kafka.topics.documents, images to "
+        "kafka.topics.images)",
+    )
     produce.add_argument("--strict", action="store_true", help="exit 1 if any record was skipped")
     produce.set_defaults(func=cmd_produce)
 

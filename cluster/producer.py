@@ -1,10 +1,14 @@
-"""`riverbed produce`: envelopes from files onto the documents topic, keyed by id.
+"""`riverbed produce`: envelopes from files onto the documents and images topics, keyed by id.
 
 Inputs:
-- a ``.jsonl`` file: one JSON object per line, either a full envelope (it has ``kind``) or a plain
-  document ``{"id" (or "_id"), "text", "title"?, "metadata"?}`` (BEIR corpus lines are such);
+- a ``.jsonl`` file: one JSON object per line, either a full envelope (it has ``kind``: a document
+  or an image) or a plain document ``{"id" (or "_id"), "text", "title"?, "metadata"?}`` (BEIR
+  corpus lines are such);
 - a ``.txt`` / ``.md`` file, or a directory of them: one document per file, id = the path relative
-  to the directory given, title = the first Markdown heading or the file name.
+  to the directory given, title = the first Markdown heading or the file name;
+- an image file (``.png .jpg .jpeg .webp .gif``), or a directory of them: one image envelope per
+  file with the bytes inline, id = the path relative to the directory given, caption = the text of
+  the sidecar ``NAME.txt`` beside it when there is one (a sidecar is a caption, not a document).
 
 Bad records are reported with their location and skipped; nothing is sent for them. Delivery is
 acknowledged by every in-sync replica (``acks=all``) with the idempotent producer, so a retried
@@ -13,6 +17,7 @@ send is never duplicated; :meth:`EnvelopeProducer.flush` raises if any record wa
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -30,6 +35,7 @@ from schemas.errors import PoisonMessageError, RetryableError
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt": "text", ".md": "markdown", ".markdown": "markdown"}
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif"}
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
@@ -97,21 +103,58 @@ def _read_text_file(path: Path, doc_id: str) -> SourceRecord:
         return SourceRecord(doc_id, error=str(exc))
 
 
+def _read_image_file(path: Path, image_id: str) -> SourceRecord:
+    """An image envelope of ``path``'s bytes, its caption from the sidecar ``NAME.txt``. The bytes
+    are not decoded here: the image path decodes them (and dead-letters what it cannot)."""
+    sidecar = path.with_suffix(".txt")
+    caption = None
+    try:
+        if sidecar.is_file():
+            caption = sidecar.read_text(encoding="utf-8").strip() or None
+    except UnicodeDecodeError as exc:
+        return SourceRecord(image_id, error=f"caption {sidecar.name} is not UTF-8: {exc}")
+    data = {
+        "kind": "image",
+        "id": image_id,
+        "image_b64": base64.b64encode(path.read_bytes()).decode("ascii"),
+        "caption": caption,
+        "metadata": {"format": IMAGE_SUFFIXES[path.suffix.lower()], "file": path.name},
+    }
+    try:
+        return SourceRecord(image_id, envelope=validate_envelope(data))
+    except PoisonMessageError as exc:
+        return SourceRecord(image_id, error=str(exc))
+
+
+def _is_caption(file: Path) -> bool:
+    """Whether ``file`` is the caption sidecar of an image beside it."""
+    return file.suffix.lower() == ".txt" and any(
+        file.with_suffix(suffix).is_file() or file.with_suffix(suffix.upper()).is_file()
+        for suffix in IMAGE_SUFFIXES
+    )
+
+
 def read_records(path: Path) -> Iterator[SourceRecord]:
     """Every record under ``path`` in a stable order (files sorted by relative path)."""
     if path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             rel = file.relative_to(path).as_posix()
-            if file.suffix.lower() == ".jsonl":
+            suffix = file.suffix.lower()
+            if suffix == ".jsonl":
                 yield from _read_jsonl(file, rel)
-            elif file.suffix.lower() in TEXT_SUFFIXES:
+            elif suffix in IMAGE_SUFFIXES:
+                yield _read_image_file(file, rel)
+            elif suffix in TEXT_SUFFIXES and not _is_caption(file):
                 yield _read_text_file(file, rel)
     elif path.suffix.lower() in (".jsonl", ".json"):
         yield from _read_jsonl(path, path.name)
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        yield _read_image_file(path, path.name)
     elif path.suffix.lower() in TEXT_SUFFIXES:
         yield _read_text_file(path, path.name)
     elif path.exists():
-        raise ValueError(f"{path}: unsupported file type (use .jsonl, .txt, .md or a directory)")
+        kinds = ", ".join([".jsonl", *TEXT_SUFFIXES, *IMAGE_SUFFIXES])
+        raise ValueError(f"{path}: unsupported file type (use {kinds} or a directory)")
     else:
         raise FileNotFoundError(f"{path}: no such file or directory")
 

@@ -29,6 +29,11 @@ def test_produce_cli_then_consume_every_record_and_key(tmp_path, settings, broke
     lines.insert(10, "{not json")
     lines.insert(20, json.dumps({"kind": "document", "id": "no-text"}))
     lines.append(json.dumps({"kind": "document", "id": "doc-3", "op": "delete"}))
+    # an image envelope goes to the images topic, not the documents topic
+    images = settings.kafka.topics.images
+    lines.append(
+        json.dumps({"kind": "image", "id": "img-1", "image_b64": "iVBORw0KGgo=", "caption": "a cap"})
+    )
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -47,6 +52,8 @@ def test_produce_cli_then_consume_every_record_and_key(tmp_path, settings, broke
             str(settings.home),
             "--set",
             f"kafka.topics.documents={topic}",
+            "--set",
+            f"kafka.topics.images={images}",
         ],
         capture_output=True,
         text=True,
@@ -54,7 +61,7 @@ def test_produce_cli_then_consume_every_record_and_key(tmp_path, settings, broke
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"topic": topic, "sent": 301, "skipped": 2}
+    assert json.loads(proc.stdout) == {"sent": 302, "topics": {topic: 301, images: 1}, "skipped": 2}
     assert "docs.jsonl:11" in proc.stderr and "docs.jsonl:21" in proc.stderr  # bad lines named
 
     group = f"g-{uuid.uuid4().hex[:6]}"
@@ -96,3 +103,15 @@ def test_produce_cli_then_consume_every_record_and_key(tmp_path, settings, broke
     finally:
         probe.close()
     assert committed == {topic: {tp.partition: offset for tp, offset in ends.items()}}
+
+    image_consumer = KafkaConsumer(
+        images,
+        bootstrap_servers=broker.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    try:
+        (image,) = [decode_record(r.key, r.value) for r in image_consumer]
+    finally:
+        image_consumer.close()
+    assert image.kind == "image" and image.id == "img-1" and image.caption == "a cap"

@@ -51,6 +51,40 @@ def test_directory_of_text_and_markdown(tmp_path):
     assert bad.envelope is None and "UTF-8" in bad.error
 
 
+def test_image_files_become_inline_image_envelopes_captioned_by_their_sidecar(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    def png(color: tuple[int, int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (4, 4), color).save(out, format="PNG")
+        return out.getvalue()
+
+    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "red.png").write_bytes(png((255, 0, 0)))
+    (tmp_path / "shapes" / "red.txt").write_text("  a red square\n")  # a caption, not a document
+    (tmp_path / "shapes" / "blue.JPG").write_bytes(b"not even a jpeg")  # decoded (and refused) downstream
+    (tmp_path / "shapes" / "blue.txt").write_bytes(b"\xff bad caption")
+    (tmp_path / "notes.txt").write_text("a document")
+    records = list(read_records(tmp_path))
+    assert [r.location for r in records] == ["notes.txt", "shapes/blue.JPG", "shapes/red.png"]
+    notes, blue, red = records
+    assert notes.envelope.kind == "document"
+    assert blue.envelope is None and "caption blue.txt is not UTF-8" in blue.error
+    assert red.envelope.kind == "image" and red.envelope.id == "shapes/red.png"
+    assert base64.b64decode(red.envelope.image_b64) == png((255, 0, 0))
+    assert red.envelope.caption == "a red square" and red.envelope.uri is None
+    assert red.envelope.metadata == {"format": "png", "file": "red.png"}
+
+    (single,) = read_records(tmp_path / "shapes" / "red.png")
+    assert single.envelope.id == "red.png" and single.envelope.caption == "a red square"
+    (tmp_path / "shapes" / "blue.txt").unlink()
+    (uncaptioned,) = [r for r in read_records(tmp_path / "shapes") if r.location == "blue.JPG"]
+    assert uncaptioned.envelope.caption is None and uncaptioned.envelope.metadata["format"] == "jpeg"
+
+
 def test_missing_and_unsupported(tmp_path):
     with pytest.raises(FileNotFoundError):
         list(read_records(tmp_path / "nope.jsonl"))
