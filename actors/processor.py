@@ -2,14 +2,17 @@
 
 The :class:`~actors.stream_consumer.StreamConsumer` knows Kafka (poll, batch, rebalance, commit,
 dead letters, retries) and nothing of what a record means. A :class:`Processor` knows one kind of
-envelope (``document``; ``image`` next) and nothing of Kafka: it turns the last change of each id
-in a batch into a :class:`Unit` (texts to embed, and what to write once their vectors exist), and
-units into shard writes. The :class:`Downstream` is the embedders and the shards (Ray actors in
-the pipeline, in-process objects in tests).
+envelope (``document``, ``image``) and nothing of Kafka: it turns the last change of each id in a
+batch into a :class:`Unit` (inputs to embed: texts, images; and what to write once their vectors
+exist), and units into shard writes. The :class:`Downstream` is the embedders and the shards of
+that kind (Ray actors in the pipeline, in-process objects in tests): the consumer hands it the
+inputs as the processor made them, and never looks inside.
 
-Failures: a processor raises ``ValueError`` (or :class:`~schemas.errors.ProcessingError`) for data
-that can never be processed; the consumer then isolates the record that causes it and
-dead-letters it alone. :class:`~schemas.errors.RetryableError` means "try again later".
+Failures: a processor reports a record it cannot take in :meth:`Processor.prepare` (with its
+reason), and raises ``ValueError`` (or :class:`~schemas.errors.ProcessingError`) from
+:meth:`Processor.writes` for data that can never be written; the consumer then isolates the record
+that causes it and dead-letters it alone. :class:`~schemas.errors.RetryableError` means "try again
+later".
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ import numpy as np
 
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from schemas.envelope import DocumentEnvelope, ImageEnvelope
+from schemas.errors import PoisonMessageError
 from schemas.topology import Version
+
+Failure = str | PoisonMessageError
+"""Why a record cannot be processed: a message (``processing_error``), or an error with its own
+dead-letter reason (``invalid_image``...)."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,13 @@ class Item:
 
 @dataclass
 class Unit:
-    """A processor's work for one item: ``texts`` to embed (none for deletes and unchanged
-    content), and ``payload``, private to the processor, from which it makes the writes. The
-    consumer sets ``vectors`` (one row per text) before asking for the writes."""
+    """A processor's work for one item: ``inputs`` to embed (texts, images: what its downstream's
+    embedder takes; none for deletes and unchanged content), and ``payload``, private to the
+    processor, from which it makes the writes. The consumer sets ``vectors`` (one row per input)
+    before asking for the writes."""
 
     item: Item
-    texts: list[str]
+    inputs: list[Any]
     payload: Any
     vectors: np.ndarray | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -101,9 +110,10 @@ class Processor(Protocol):
 
     def prepare(
         self, items: Sequence[Item], stored: Mapping[str, StoredDocument]
-    ) -> tuple[list[Unit], list[tuple[Item, str]]]:
-        """One unit per item it can process, in order, and ``(item, error)`` for each it cannot
-        (dead-lettered as ``processing_error`` with ``error``)."""
+    ) -> tuple[list[Unit], list[tuple[Item, Failure]]]:
+        """One unit per item it can process, in order, and ``(item, failure)`` for each it cannot:
+        dead-lettered with the failure's reason (a :class:`PoisonMessageError`), or as
+        ``processing_error`` with the message (a ``str``)."""
         ...
 
     def writes(self, units: Sequence[Unit], n_shards: int) -> Writes:
@@ -117,8 +127,8 @@ class Downstream(Protocol):
 
     n_shards: int
 
-    def embed(self, texts: list[str]) -> Future[np.ndarray]:
-        """Vectors for ``texts`` (same order). The future raises RetryableError when the failure
+    def embed(self, inputs: list[Any]) -> Future[np.ndarray]:
+        """Vectors for ``inputs`` (same order). The future raises RetryableError when the failure
         is transient (an actor died or timed out), any other error when it will recur."""
         ...
 

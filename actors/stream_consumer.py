@@ -80,7 +80,7 @@ class _Batch:
     first: Offsets
     """Per partition, the first offset of this batch: where to rewind if it is dropped."""
     units: list[Unit]
-    texts: list[str]
+    inputs: list[Any]
     vectors: Future[np.ndarray] | None
     embed_started: float = field(default_factory=time.monotonic)
     retry_at: float = 0.0
@@ -245,10 +245,15 @@ class StreamConsumer:
         stored = self._stored(items)
         units, failed = self.processor.prepare(items, stored)
         for item, error in failed:
-            self._dead_letter(item.record, PoisonMessageError("processing_error", error))
-        texts = [t for unit in units for t in unit.texts]
-        vectors = self.downstream.embed(texts) if texts else None
-        return _Batch(self._seq, len(records), offsets, first, units, texts, vectors)
+            poison = (
+                error
+                if isinstance(error, PoisonMessageError)
+                else PoisonMessageError("processing_error", error)
+            )
+            self._dead_letter(item.record, poison)
+        inputs = [x for unit in units for x in unit.inputs]
+        vectors = self.downstream.embed(inputs) if inputs else None
+        return _Batch(self._seq, len(records), offsets, first, units, inputs, vectors)
 
     def _decode(self, rec: Record) -> Item | None:
         try:
@@ -331,7 +336,7 @@ class StreamConsumer:
             )
             batch.retry_at = time.monotonic() + delay
             batch.embed_started = batch.retry_at
-            batch.vectors = self.downstream.embed(batch.texts)
+            batch.vectors = self.downstream.embed(batch.inputs)
             return None
 
     # WRITE: vectors into units, phase 1, phase 2 with the offsets, dead letters, commit
@@ -379,21 +384,21 @@ class StreamConsumer:
         dead-lettered (a model that returns NaN for some input will again)."""
         kept, row = [], 0
         for unit in units:
-            unit.vectors = vectors[row : row + len(unit.texts)]
-            row += len(unit.texts)
-            if len(unit.texts) and not np.isfinite(unit.vectors).all():
+            unit.vectors = vectors[row : row + len(unit.inputs)]
+            row += len(unit.inputs)
+            if len(unit.inputs) and not np.isfinite(unit.vectors).all():
                 self._processing_error(unit, "the embedding holds NaN or infinity")
             else:
                 kept.append(unit)
         if row != len(vectors):
-            raise ProcessingError(f"{self.name}: {len(vectors)} vectors for {row} texts")
+            raise ProcessingError(f"{self.name}: {len(vectors)} vectors for {row} inputs")
         return kept
 
     def _embed_each(self, batch: _Batch, units: list[Unit]) -> list[Unit]:
-        texts = [t for unit in units for t in unit.texts]
-        if not texts:
+        inputs = [x for unit in units for x in unit.inputs]
+        if not inputs:
             return units
-        vectors = self._retry(lambda: self.downstream.embed(texts).result(), "embedding", batch)
+        vectors = self._retry(lambda: self.downstream.embed(inputs).result(), "embedding", batch)
         kept = self._assign(units, vectors)
         if len(kept) != len(units):
             raise _Isolated(kept)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from actors.chunker import ChunkedDocument, Chunker
-from actors.processor import Item, StoredDocument, Unit, Writes
+from actors.processor import Failure, Item, StoredDocument, Unit, Writes
 from actors.vector_index import ChunkRecord, DocumentRow, ShardWrite
 from schemas.envelope import DocumentEnvelope
 from schemas.ids import shard_of
@@ -53,9 +53,9 @@ class TextProcessor:
     # PREPARE: chunk, skip unchanged
     def prepare(
         self, items: Sequence[Item], stored: Mapping[str, StoredDocument]
-    ) -> tuple[list[Unit], list[tuple[Item, str]]]:
+    ) -> tuple[list[Unit], list[tuple[Item, Failure]]]:
         units: list[Unit] = []
-        failed: list[tuple[Item, str]] = []
+        failed: list[tuple[Item, Failure]] = []
         upserts = [item for item in items if not item.envelope.is_delete]
         chunked = self._chunk(upserts)
         for item in items:

@@ -103,7 +103,7 @@ def ingest(processor: TextProcessor, index: FaissIndex, offset: int, **fields: o
     units, failed = processor.prepare([item], downstream.stored([envelope.id]))
     assert not failed
     for unit in units:
-        unit.vectors = downstream.embed(unit.texts).result()
+        unit.vectors = downstream.embed(unit.inputs).result()
     writes = processor.writes(units, 1)
     written = downstream.write(writes.phase1)[0].upserted
     downstream.write(writes.phase2)

@@ -24,7 +24,13 @@ from actors.failures import classify
 from actors.processor import Unit, Writes
 from actors.stream_consumer import StreamConsumer
 from actors.vector_index import ShardWrite, WriteResult
-from schemas.errors import IndexUnavailableError, ProcessingError, RetryableError, StorageFullError
+from schemas.errors import (
+    IndexUnavailableError,
+    PoisonMessageError,
+    ProcessingError,
+    RetryableError,
+    StorageFullError,
+)
 from schemas.settings import IngestConfig, KafkaConfig
 
 TOPIC = "docs"
@@ -121,6 +127,8 @@ class EchoProcessor:
         for item in items:
             if item.envelope.text == "cannot chunk":
                 failed.append((item, "chunking failed: no tokens"))
+            elif item.envelope.text == "bad image":  # a failure with its own reason
+                failed.append((item, PoisonMessageError("invalid_image", "not a PNG image")))
             else:
                 units.append(Unit(item, [item.envelope.text or ""], item.id, counts={"documents": 1}))
         return units, failed
@@ -236,14 +244,15 @@ def test_every_record_is_written_once_and_committed():
 
 def test_bad_records_are_dead_lettered_with_their_reason_and_the_rest_goes_on():
     log = {0: [envelope("a"), (b"x", b"{not json"), envelope("c", "cannot chunk"), (b"k", b'{"a": NaN}'),
-               envelope("d")]}  # fmt: skip
+               envelope("d"), envelope("e", "bad image")]}  # fmt: skip
     consumer, stub, down, letters = make(log)
     run_until(consumer, stub, all_committed(stub))
     assert sorted(down.written) == ["a", "d"]
     assert sorted((x.offset, x.reason) for x in letters.sent) == [
-        (1, "invalid_json"), (2, "processing_error"), (3, "invalid_json")
+        (1, "invalid_json"), (2, "processing_error"), (3, "invalid_json"), (5, "invalid_image")
     ]  # fmt: skip
     assert [x.error for x in letters.sent if x.offset == 2] == ["chunking failed: no tokens"]
+    assert [x.error for x in letters.sent if x.offset == 5] == ["not a PNG image"]
 
 
 def test_a_record_that_cannot_be_written_is_isolated_and_the_batch_commits():
