@@ -122,7 +122,7 @@ class Embedder:
         elif device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("embed.device is 'cuda' but torch sees no CUDA device")
         if device == "cpu":
-            torch.set_num_threads(_cpu_threads(self._config.num_cpus))
+            torch.set_num_threads(cpu_threads(self._config.num_cpus))
         resolved = resolve_model(name)
         try:
             model = SentenceTransformer(resolved.location, device=device)
@@ -230,9 +230,9 @@ def _embed_direct(
     out[np.concatenate([np.asarray(b, dtype=np.int64) for b in plan])] = stacked
 
 
-def _cpu_threads(num_cpus: float | None) -> int:
-    """torch threads for ``embed.num_cpus``: its whole part (at least 1), or every core this
-    process may run on when unset."""
+def cpu_threads(num_cpus: float | None) -> int:
+    """torch threads for a ``num_cpus`` setting (``embed.num_cpus``, ``images.num_cpus``): its
+    whole part (at least 1), or every core this process may run on when unset."""
     if num_cpus is not None:
         return max(1, int(num_cpus))
     # sched_getaffinity honours taskset and cpusets, unlike cpu_count; it is Linux-only.

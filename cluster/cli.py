@@ -495,6 +495,74 @@ def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
+    """Trains Riverbed's LiT image-text model (or finds it in the cache); with ``--evaluate``,
+    scores it zero-shot on the dataset's test split."""
+    from cluster.finetune_image_text import finetune_image_text
+
+    def show(event: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        if event["kind"] == "step":
+            line = (
+                f"[{event['elapsed_s']:6.1f}s] epoch {event['epoch']}/{event['epochs']}  "
+                f"step {event['step']}/{event['steps']}  loss {event['loss']:.3f}"
+            )
+        else:
+            val = event.get("val_caption_accuracy")
+            line = (
+                f"[{event['elapsed_s']:6.1f}s] epoch {event['epoch']}/{event['epochs']} done in "
+                f"{event['epoch_s']:.1f} s: loss {event['loss']:.3f}"
+                + (f", validation accuracy {val:.3f}" if val is not None else "")
+                + (
+                    f", text->image P@10 {event['val_text_to_image_p_at_10']:.3f}"
+                    if "val_text_to_image_p_at_10" in event
+                    else ""
+                )
+            )
+        print(line, file=sys.stderr, flush=True)
+
+    result = finetune_image_text(
+        settings,
+        args.dataset,
+        out=Path(args.out) if args.out else None,
+        limit=args.limit,
+        on_progress=show,
+    )
+    data: dict[str, Any] = {
+        "path": str(result.path),
+        "cached": result.cached,
+        "text_model": result.record.text_model,
+        "dim": result.record.dim,
+        "dataset": result.record.dataset,
+        "train_seconds": result.record.train_seconds,
+        "history": result.record.history,
+    }
+    if args.out:
+        data["out"] = args.out
+    lines = [f"{'found' if result.cached else 'trained'} {result.path}"]
+    if args.evaluate:
+        from actors.image_model import ImageTextModel
+        from cluster.eval.images import evaluate_image_text
+        from cluster.image_datasets import load_image_dataset
+
+        model = ImageTextModel(
+            settings.images.model_copy(update={"model": str(result.path)}),
+            text_model=settings.embed.model,
+            cache_dir=settings.cache_dir,
+        )
+        scores = evaluate_image_text(model, load_image_dataset(args.dataset, args.evaluate))
+        data["evaluation"] = scores
+        lines.append(
+            f"zero-shot on {scores['split']} ({scores['images']} images, {scores['captions']} captions): "
+            f"caption accuracy {scores['caption_accuracy']:.3f} (chance {scores['chance_accuracy']:.3f}), "
+            f"text->image P@10 {scores['text_to_image_p@10']:.3f} R@10 {scores['text_to_image_r@10']:.3f}, "
+            f"image->image P@10 {scores['image_to_image_p@10']:.3f}"
+        )
+    emit(args, data, "\n".join(lines))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import run_demo
 
@@ -684,6 +752,34 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--mode", choices=SEARCH_MODES, default="hybrid")
     explain.add_argument("--filter", help='metadata filter as JSON, e.g. \'{"title": "Normans"}\'')
     explain.set_defaults(func=cmd_explain)
+
+    finetune = sub.add_parser(
+        "finetune", help="train Riverbed's own models (cached by their settings)", parents=[common]
+    )
+    finetune_sub = finetune.add_subparsers(dest="finetune_command", required=True, metavar="MODEL")
+    image_text = finetune_sub.add_parser(
+        "image-text",
+        help="train the LiT image-text model (a ViT into the text embedder's space) on Ray Train; "
+        "settings: images.finetune.*",
+        parents=[common],
+    )
+    image_text.add_argument(
+        "--dataset",
+        required=True,
+        help="easy-vqa (the installed package's data), or a directory of images with NAME.txt captions "
+        "(with train/ and test/ subdirectories, or all of it as train)",
+    )
+    image_text.add_argument("--out", help="also copy the trained model to this directory")
+    image_text.add_argument("--limit", type=int, help="train on the first N captioned images only")
+    image_text.add_argument(
+        "--evaluate",
+        nargs="?",
+        const="test",
+        default=None,
+        metavar="SPLIT",
+        help="then score it zero-shot on this split of the dataset (default: test)",
+    )
+    image_text.set_defaults(func=cmd_finetune)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

@@ -43,3 +43,26 @@ def test_kafka_start_refuses_when_external_broker_configured(capsys):
 def test_produce_missing_path_exits_2(capsys, tmp_path):
     assert main(["produce", str(tmp_path / "missing.jsonl"), "--bootstrap-servers", "127.0.0.1:1"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_finetune_image_text_parses_its_flags():
+    from cluster.cli import build_parser, cmd_finetune
+
+    args = build_parser().parse_args(
+        ["finetune", "image-text", "--dataset", "easy-vqa", "--out", "o", "--limit", "5", "--evaluate"]
+    )
+    assert (args.func, args.dataset, args.out, args.limit, args.evaluate) == (
+        cmd_finetune,
+        "easy-vqa",
+        "o",
+        5,
+        "test",
+    )
+    assert build_parser().parse_args(["finetune", "image-text", "--dataset", "d"]).evaluate is None
+
+
+def test_finetune_of_a_missing_dataset_exits_2(capsys, tmp_path):
+    assert (
+        main(["finetune", "image-text", "--dataset", str(tmp_path / "missing"), "--home", str(tmp_path)]) == 2
+    )
+    assert "neither" in capsys.readouterr().err

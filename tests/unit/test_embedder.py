@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from actors.embedder import DEFAULT_BATCH_LIMITS, Embedder, TextEmbedder, _cpu_threads
+from actors.embedder import DEFAULT_BATCH_LIMITS, Embedder, TextEmbedder, cpu_threads
 from actors.testing.hash_embedder import HashEmbedder
 from schemas.errors import ConfigError
 from schemas.settings import EmbedConfig
@@ -185,9 +185,9 @@ def test_unknown_model_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_cpu_threads_follow_num_cpus() -> None:
-    assert _cpu_threads(3.0) == 3
-    assert _cpu_threads(0.5) == 1  # a fractional CPU still needs one thread
-    assert _cpu_threads(None) >= 1
+    assert cpu_threads(3.0) == 3
+    assert cpu_threads(0.5) == 1  # a fractional CPU still needs one thread
+    assert cpu_threads(None) >= 1
 
 
 # -- the hash embedder ----------------------------------------------------------------------------

@@ -153,3 +153,33 @@ def test_an_open_app_is_allowed_only_on_loopback(host, keys, refused):
             check_exposure(serve)
     else:
         check_exposure(serve)
+
+
+def test_images_defaults_name_the_trained_model():
+    s = load_settings()
+    assert s.images.model == "riverbed/lit-easy-vqa"
+    assert (s.images.finetune.image_size, s.images.finetune.workers) == (64, 1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"images": {"finetune": {"image_size": 64, "patch_size": 7}}}, "images.finetune"),
+        ({"images": {"finetune": {"hidden_size": 100, "num_heads": 3}}}, "images.finetune"),
+        ({"images": {"finetune": {"validation_fraction": 1.0}}}, "images.finetune.validation_fraction"),
+        ({"images": {"finetune": {"batch_size": 1}}}, "images.finetune.batch_size"),
+        ({"images": {"no_such_field": 1}}, "images.no_such_field"),
+        ({"images": {"device": "tpu"}}, "images.device"),
+    ],
+)
+def test_invalid_image_settings_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=overrides)
+    assert field in str(info.value)
+
+
+def test_image_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RIVERBED_IMAGES__FINETUNE__EPOCHS", "3")
+    monkeypatch.setenv("RIVERBED_IMAGES__MODEL", "openai/clip-vit-base-patch32")
+    s = load_settings()
+    assert s.images.finetune.epochs == 3 and s.images.model == "openai/clip-vit-base-patch32"
