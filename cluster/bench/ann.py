@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +58,7 @@ from cluster.bench.query import load_queries, percentile
 from cluster.bench.report import machine, write_plot, write_table
 from schemas.errors import ConfigError
 from schemas.ids import chunk_id
-from schemas.settings import IndexConfig, Settings
+from schemas.settings import FaissConfig, IndexConfig, MilvusConfig, Settings
 from schemas.topology import shard_directory
 
 NPROBES = (1, 4, 16, 64)
@@ -206,16 +207,17 @@ def settings_of(
     """``(label, param)`` of every search setting to measure for ``kind`` on ``backend``."""
     if kind == "flat":
         return [("exact", None)]
+    own = _section(index, backend)
     if kind == "ivf":
         assert nlist is not None
-        configured = index.faiss.ivf_nprobe if backend == "faiss" else index.milvus.ivf_nprobe
-        return [(f"nlist {nlist} nprobe {p}", p) for p in nprobes_for(nlist, configured)]
-    m, ef = (
-        (index.faiss.hnsw_m, index.faiss.hnsw_ef_search)
-        if backend == "faiss"
-        else (index.milvus.hnsw_m, index.milvus.hnsw_ef_search)
-    )
-    return [(f"M {m} ef {e}", e) for e in ef_searches_for(k, ef)]
+        return [(f"nlist {nlist} nprobe {p}", p) for p in nprobes_for(nlist, own.ivf_nprobe)]
+    return [(f"M {own.hnsw_m} ef {e}", e) for e in ef_searches_for(k, own.hnsw_ef_search)]
+
+
+def _section(index: IndexConfig, backend: str) -> FaissConfig | MilvusConfig:
+    """``backend``'s own settings (``index.faiss`` or ``index.milvus``: the same search knobs)."""
+    section: FaissConfig | MilvusConfig = getattr(index, backend)
+    return section
 
 
 class ShardBench:
@@ -275,8 +277,6 @@ class ShardBench:
         for config, shard in self._made:
             path = shard_directory(self._scratch, shard)
             backend.drop(config, path, index_name=self._name, shard=shard)
-        import shutil
-
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 
@@ -327,26 +327,12 @@ def sweep(
         "ivf_nlist_configured": index.faiss.ivf_nlist,
         "configured": {
             backend: {
-                "ivf_nprobe": min(ivf_nprobe, nlist) if nlist else None,
-                "hnsw_m": m,
-                "hnsw_ef_construction": efc,
-                "hnsw_ef_search": max(ef, kk),
+                "ivf_nprobe": min(own.ivf_nprobe, nlist) if nlist else None,
+                "hnsw_m": own.hnsw_m,
+                "hnsw_ef_construction": own.hnsw_ef_construction,
+                "hnsw_ef_search": max(own.hnsw_ef_search, kk),
             }
-            for backend, (ivf_nprobe, m, efc, ef) in {
-                "faiss": (
-                    index.faiss.ivf_nprobe,
-                    index.faiss.hnsw_m,
-                    index.faiss.hnsw_ef_construction,
-                    index.faiss.hnsw_ef_search,
-                ),
-                "milvus": (
-                    index.milvus.ivf_nprobe,
-                    index.milvus.hnsw_m,
-                    index.milvus.hnsw_ef_construction,
-                    index.milvus.hnsw_ef_search,
-                ),
-            }.items()
-            if backend in backends
+            for backend, own in ((b, _section(index, b)) for b in backends)
         },
     }
     return points, chosen
