@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -182,7 +183,7 @@ def _fit_on_ray(
         run_config=RunConfig(name=name, storage_path=storage),
     )
     try:
-        with _relay(queue, on_progress):
+        with _relay(queue, on_progress), _sigint_handler_kept():
             result = trainer.fit()
         if result.checkpoint is None:
             raise RiverbedError(f"training {name} ended without a checkpoint")
@@ -198,6 +199,23 @@ def _fit_on_ray(
         if "://" not in storage:
             shutil.rmtree(Path(storage) / name, ignore_errors=True)
     return weights, list((result.metrics or {}).get("history", []))
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept() -> Iterator[None]:
+    """Puts the process's SIGINT handler back after the block. ``TorchTrainer.fit`` installs
+    one (Ctrl-C aborts the run) and leaves it installed; its closure holds the run's controller
+    actor handle, so without this the finished controller lives as long as the driver (a
+    notebook's, a test session's) and Ctrl-C would later go to a run that is over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray Train installs nothing off the main thread (and signal.signal would raise)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which we cannot restore
+            signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

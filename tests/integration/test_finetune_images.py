@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from actors.image_model import ImageTextModel
@@ -30,6 +31,22 @@ TINY = {
 LIMIT = 960
 
 
+def _train_controllers_alive_after(seconds: float) -> list[int]:
+    """Pids of this machine's Ray Train controller actors still alive once ``seconds`` have
+    passed (or as soon as there are none). An actor's worker process is titled ``ray::<Class>``
+    while it hosts the actor (the session's Ray runs no dashboard for the state API)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = []
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if cmdline and cmdline[0].startswith("ray::TrainController"):
+                alive.append(process.pid)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)
+
+
 def test_a_tiny_training_run_beats_chance_by_far(tmp_path: Path, ray_session: None) -> None:
     settings = load_settings(
         overrides={
@@ -48,6 +65,7 @@ def test_a_tiny_training_run_beats_chance_by_far(tmp_path: Path, ray_session: No
     assert not list((tmp_path / "cache" / "ray-train").glob("*")), (
         "the Ray Train run directory is left behind"
     )
+    assert _train_controllers_alive_after(30) == [], "the finished run's controller actor lives on"
 
     model = ImageTextModel(
         settings.images.model_copy(update={"model": str(result.path)}),
