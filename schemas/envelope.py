@@ -123,6 +123,14 @@ class DocumentEnvelope(_Envelope):
         return self
 
 
+IMAGE_URI_KEY = "_image_uri"
+IMAGE_THUMBNAIL_KEY = "_image_thumbnail_b64"
+IMAGE_METADATA_KEYS = (IMAGE_URI_KEY, IMAGE_THUMBNAIL_KEY)
+"""Metadata keys an image's stored record holds beside the envelope's own metadata: its ``uri``
+(when it came by uri) and a base64 JPEG thumbnail. Refused in an envelope's ``metadata``; search
+hits return them as ``uri`` and ``thumbnail_b64``, not in ``metadata``."""
+
+
 class ImageEnvelope(_Envelope):
     """An image, inline (``image_b64``) or by ``uri``: exactly one of the two for upserts."""
 
@@ -135,6 +143,12 @@ class ImageEnvelope(_Envelope):
     def _one_source(self) -> ImageEnvelope:
         if self.op == "upsert" and (self.image_b64 is None) == (self.uri is None):
             raise ValueError("exactly one of image_b64 and uri is required for op=upsert")
+        taken = sorted(set(self.metadata) & set(IMAGE_METADATA_KEYS))
+        if taken:
+            raise ValueError(
+                f"metadata keys {', '.join(map(repr, taken))} are reserved: Riverbed stores the image's "
+                "uri and thumbnail under them"
+            )
         return self
 
 

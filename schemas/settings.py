@@ -33,7 +33,7 @@ from pydantic_settings import (
 )
 
 from schemas.errors import ConfigError
-from schemas.topology import SearchMode, consumer_group
+from schemas.topology import IMAGES_SUFFIX, SearchMode, consumer_group, images_index
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -240,7 +240,40 @@ class ImagesConfig(_Section):
         None, description="CPUs (= torch threads) of the image model's process; unset: every core"
     )
     batch_size: PositiveInt = Field(64, description="images (or texts) per forward pass")
+    max_batch_pixels: PositiveInt = Field(
+        16_000_000,
+        description="pixels (width x height, summed) per forward pass of the ingest's image embedder; an "
+        "image larger than that by itself is embedded alone",
+    )
+    ingest: bool | Literal["auto"] = Field(
+        "auto",
+        description="whether `riverbed ingest` consumes the images topic; auto: when images.model is "
+        "there (any id or path; Riverbed's own model once trained), else its records wait in Kafka",
+    )
+    uri_roots: tuple[Path, ...] = Field(
+        (),
+        description="directories under which an image envelope's file uri may be read (resolved, links "
+        "followed); none: no file uri is read",
+    )
+    allow_http: bool = Field(True, description="fetch http(s) uris (with max_bytes and fetch_timeout_s)")
+    max_bytes: PositiveInt = Field(20 * 2**20, description="an encoded image, inline or fetched")
+    max_pixels: PositiveInt = Field(
+        40_000_000, description="width x height of an image, checked before decoding it"
+    )
+    fetch_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    thumbnail_size: Annotated[int, Field(ge=16, le=512)] = Field(
+        128, description="the longest side, in pixels, of the JPEG thumbnail stored with each image"
+    )
     finetune: ImageFinetuneConfig = ImageFinetuneConfig()
+
+    @field_validator("uri_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: tuple[Path, ...]) -> tuple[Path, ...]:
+        expanded = tuple(r.expanduser() for r in roots)
+        for root in expanded:
+            if not root.is_absolute():
+                raise ValueError(f"images.uri_roots: {str(root)!r} is not an absolute path")
+        return expanded
 
 
 class FaissConfig(_Section):
@@ -308,6 +341,17 @@ class IndexConfig(_Section):
         description="quota of each shard's SQLite store, in bytes: a write that needs more waits (retried, "
         "health degraded) until space is made or the quota raised; unset: only the disk limits it",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_reserved(cls, name: str) -> str:
+        if name.endswith(IMAGES_SUFFIX):
+            base = name.removesuffix(IMAGES_SUFFIX)
+            raise ValueError(
+                f"names ending in {IMAGES_SUFFIX!r} are reserved for the images of an index (those of "
+                f"{base!r} live in {name!r}); use another name"
+            )
+        return name
 
     @model_validator(mode="after")
     def _quota_is_faiss_only(self) -> IndexConfig:
@@ -629,6 +673,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    def image_side(self) -> Settings:
+        """These settings for the index that holds this index's images
+        (:func:`schemas.topology.images_index`): the same settings, but for ``index.name``, and so
+        its data directory, consumer group and actor names."""
+        index = self.index.model_copy(update={"name": images_index(self.index.name)})
+        return self.model_copy(update={"index": index})
 
     @property
     def data_dir(self) -> Path:

@@ -4,6 +4,9 @@
   finds the actors another command started (``serve`` finds the shards ``ingest`` writes).
 - Shard ``i`` of an index keeps its node-local state in ``<home>/data/<index>/shard-NNN``.
 - The ingest consumer group of an index is ``riverbed.<index>``: each index has its own offsets.
+- The images of an index live in an index beside it, ``<index>-images`` (:func:`images_index`): its
+  own shards, data directory and consumer group (on the images topic), so the image path reuses
+  every piece of the text path's machinery. Index names ending in ``-images`` are reserved.
 - :data:`Offsets` maps ``{topic: {partition: offset}}``; for a consumer group the offset is the
   next one to read, so lag is ``end - committed`` summed over partitions.
 - :data:`Version` is the ``(topic, partition, offset)`` of the record a change comes from. Two
@@ -37,6 +40,14 @@ def shard_directory(data_dir: Path, shard: int) -> Path:
 def consumer_group(index: str) -> str:
     """The ingest consumer group of ``index``."""
     return f"riverbed.{index}"
+
+
+IMAGES_SUFFIX = "-images"
+
+
+def images_index(index: str) -> str:
+    """The index that holds ``index``'s images: ``<index>-images``."""
+    return f"{index}{IMAGES_SUFFIX}"
 
 
 def lag(ends: Offsets, committed: Offsets) -> int:

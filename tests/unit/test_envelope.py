@@ -354,3 +354,11 @@ def test_an_invalid_envelope_error_survives_pickling_with_its_field():
         validate_envelope({**DOCUMENT, "metadata": {"year": 2**64}})
     copy = pickle.loads(pickle.dumps(info.value))
     assert (copy.field, copy.reason, str(copy)) == ("metadata.year", "invalid_envelope", str(info.value))
+
+
+@pytest.mark.parametrize("key", ["_image_uri", "_image_thumbnail_b64"])
+def test_image_metadata_may_not_use_the_keys_that_hold_its_uri_and_thumbnail(key):
+    with pytest.raises(InvalidEnvelopeError, match=f"metadata keys '{key}' are reserved"):
+        validate_envelope({"kind": "image", "id": "i", "image_b64": "AA==", "metadata": {key: "x"}})
+    # documents may use them: only image records store anything under them
+    assert validate_envelope({"kind": "document", "id": "d", "text": "t", "metadata": {key: "x"}}).metadata

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,20 @@ def test_image_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("RIVERBED_IMAGES__MODEL", "openai/clip-vit-base-patch32")
     s = load_settings()
     assert s.images.finetune.epochs == 3 and s.images.model == "openai/clip-vit-base-patch32"
+
+
+def test_index_names_ending_in_images_are_reserved_for_an_index_s_images():
+    with pytest.raises(ConfigError, match=r"index\.name: .*reserved for the images of an index .*'x-images'"):
+        load_settings(overrides={"index": {"name": "x-images"}})
+    settings = load_settings(overrides={"index": {"name": "x", "n_shards": 3}, "home": "/tmp/h"})
+    images = settings.image_side()
+    assert images.index.name == "x-images" and images.index.n_shards == 3
+    assert images.data_dir != settings.data_dir and images.consumer_group != settings.consumer_group
+    assert settings.index.name == "x"  # a copy: the text side is unchanged
+
+
+def test_image_uri_roots_must_be_absolute():
+    with pytest.raises(ConfigError, match=r"images\.uri_roots.*'relative/dir' is not an absolute path"):
+        load_settings(overrides={"images": {"uri_roots": ["relative/dir"]}})
+    roots = load_settings(overrides={"images": {"uri_roots": ["/srv/images"]}}).images.uri_roots
+    assert roots == (Path("/srv/images"),)
