@@ -1,17 +1,19 @@
-"""Token-budget batching: pure logic (no torch), shared by the embedder and the streaming side.
+"""Budget batching: pure logic (no torch), shared by the embedders and the streaming side.
 
-Two tools:
+The tools:
 
 - :func:`plan_batches` groups the texts of one call into batches whose *padded* size fits a token
   budget, so a batch of short texts holds many of them and a batch of long texts few, and texts of
   similar length share a batch (little padding).
+- :func:`plan_pixel_batches` groups the images of one call into batches whose pixels (summed)
+  fit a budget, in input order.
 - :func:`pad_rows` pads one planned batch of token ids into arrays, as a tokenizer's padding
   would, without tokenizing again.
 - :class:`TokenBudgetQueue` is a micro-batcher for a stream: items wait until their tokens fill a
   budget or the oldest of them has waited long enough, whichever comes first.
 
-Units: lengths and budgets are tokens as the embedding model counts them (specials included);
-times are seconds of a monotonic clock.
+Units: lengths and budgets are tokens as the embedding model counts them (specials included), or
+pixels (width times height) for images; times are seconds of a monotonic clock.
 """
 
 from __future__ import annotations
@@ -66,6 +68,42 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
         if not batch:
             longest = lengths[i]
         batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def plan_pixel_batches(pixels: Sequence[int], max_batch_pixels: int, max_batch_size: int) -> list[list[int]]:
+    """Groups image indices into batches for one forward pass each.
+
+    Contract:
+
+    - every index of ``pixels`` appears in exactly one batch, and the batches, read one after the
+      other, list the indices in input order (``[[0, 1], [2], [3, 4]]``);
+    - a batch's pixels (the sum of its items') are at most ``max_batch_pixels``, and it holds at
+      most ``max_batch_size`` items; the one exception is an image over the budget by itself, which
+      gets a batch of its own (never dropped);
+    - deterministic: the same arguments give the same plan.
+
+    No sorting: the model resizes every image to its own input size, so batches cost the same
+    whatever their mix; the budget bounds the memory the images of one batch hold before that.
+    Greedy: a batch is closed when the next image would not fit. Cost: O(n).
+    """
+    _check_positive("max_batch_pixels", max_batch_pixels)
+    _check_positive("max_batch_size", max_batch_size)
+    for i, n in enumerate(pixels):
+        if n < 0:
+            raise ValueError(f"pixels[{i}] is negative ({n})")
+
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    total = 0
+    for i, n in enumerate(pixels):
+        if batch and (len(batch) >= max_batch_size or total + n > max_batch_pixels):
+            batches.append(batch)
+            batch, total = [], 0
+        batch.append(i)
+        total += n
     if batch:
         batches.append(batch)
     return batches

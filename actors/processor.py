@@ -17,16 +17,17 @@ later".
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from actors.vector_index import DocumentRow, ShardWrite, WriteResult
+from actors.vector_index import ChunkRecord, DocumentRow, ShardWrite, WriteResult
 from schemas.envelope import DocumentEnvelope, ImageEnvelope
 from schemas.errors import PoisonMessageError
+from schemas.ids import shard_of
 from schemas.topology import Version
 
 Failure = str | PoisonMessageError
@@ -88,6 +89,11 @@ class StoredDocument:
     row: DocumentRow | None
     in_progress: bool = False
 
+    def holds(self, content_hash: str) -> bool:
+        """Whether the shards hold exactly this content, completely written: an upsert of it needs
+        no embedding (its version is still written)."""
+        return self.row is not None and not self.in_progress and self.row.content_hash == content_hash
+
 
 @dataclass(frozen=True)
 class Writes:
@@ -97,6 +103,56 @@ class Writes:
 
     phase1: dict[int, ShardWrite]
     phase2: dict[int, ShardWrite]
+
+
+@dataclass(frozen=True)
+class Change:
+    """What writing a unit changes of one id, at ``version`` (the record it comes from): with no
+    ``row``, a deletion; else the id's registry row (content hash, chunk count) and its chunks to
+    upsert, none when its content is unchanged (its version, truncation and row are still written,
+    so an older record of it can never land later)."""
+
+    document_id: str
+    version: Version
+    row: DocumentRow | None = None
+    records: Sequence[ChunkRecord] = ()
+
+
+def deletion(item: Item) -> Unit:
+    """The unit of a delete (``op: delete``, or a tombstone): nothing to embed; its payload is its
+    :class:`Change`."""
+    return Unit(item, [], Change(item.id, item.record.version), counts={"deletes": 1})
+
+
+def two_phase_writes(changes: Iterable[Change], n_shards: int) -> Writes:
+    """The :class:`Writes` of ``changes``: phase 1 sends every shard the chunks routed to it
+    (``shard_of(chunk_id)``), every id's truncation (``row.n_chunks``: stale tail chunks of a
+    shorter new version go) or deletion, and every id's version; phase 2 sends each row to the id's
+    registry shard, ``shard_of(document_id)``, with its version."""
+    chunks: dict[int, list[ChunkRecord]] = {i: [] for i in range(n_shards)}
+    truncate: dict[str, int] = {}
+    deletes: list[str] = []
+    versions: dict[str, Version] = {}
+    rows: dict[int, dict[str, DocumentRow]] = {}
+    for change in changes:
+        doc_id = change.document_id
+        versions[doc_id] = change.version
+        if change.row is None:
+            deletes.append(doc_id)
+            continue
+        truncate[doc_id] = change.row.n_chunks
+        for record in change.records:
+            chunks[shard_of(record.chunk_id, n_shards)].append(record)
+        rows.setdefault(shard_of(doc_id, n_shards), {})[doc_id] = change.row
+    phase1 = {
+        i: ShardWrite(upserts=chunks[i], truncate=truncate, delete_documents=deletes, versions=versions)
+        for i in range(n_shards)
+    }
+    phase2 = {
+        i: ShardWrite(documents=r, versions={doc_id: versions[doc_id] for doc_id in r})
+        for i, r in rows.items()
+    }
+    return Writes(phase1, phase2)
 
 
 class Processor(Protocol):

@@ -19,12 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from actors.chunker import ChunkedDocument, Chunker
-from actors.processor import Failure, Item, StoredDocument, Unit, Writes
-from actors.vector_index import ChunkRecord, DocumentRow, ShardWrite
+from actors.processor import Change, Failure, Item, StoredDocument, Unit, Writes, deletion, two_phase_writes
+from actors.vector_index import ChunkRecord, DocumentRow
 from schemas.envelope import DocumentEnvelope
-from schemas.ids import shard_of
 from schemas.settings import ChunkConfig
-from schemas.topology import Version
 
 
 @dataclass(frozen=True)
@@ -32,11 +30,6 @@ class _Upsert:
     envelope: DocumentEnvelope
     document: ChunkedDocument
     unchanged: bool
-
-
-@dataclass(frozen=True)
-class _Delete:
-    document_id: str
 
 
 class TextProcessor:
@@ -60,19 +53,14 @@ class TextProcessor:
         chunked = self._chunk(upserts)
         for item in items:
             if item.envelope.is_delete:
-                units.append(Unit(item, [], _Delete(item.id), counts={"deletes": 1}))
+                units.append(deletion(item))
                 continue
             result = chunked[item.id]
             if isinstance(result, str):
                 failed.append((item, result))
                 continue
             current = stored.get(item.id)
-            unchanged = (
-                current is not None
-                and current.row is not None
-                and not current.in_progress
-                and current.row.content_hash == result.content_hash
-            )
+            unchanged = current is not None and current.holds(result.content_hash)
             assert isinstance(item.envelope, DocumentEnvelope)  # the consumer routes by kind
             texts = [] if unchanged else [c.text for c in result.chunks]
             counts = {"unchanged": 1} if unchanged else {"documents": 1, "chunks": len(texts)}
@@ -101,36 +89,16 @@ class TextProcessor:
 
     # WRITE: phase 1 on every shard, phase 2 on the registry shards
     def writes(self, units: Sequence[Unit], n_shards: int) -> Writes:
-        chunks: dict[int, list[ChunkRecord]] = {i: [] for i in range(n_shards)}
-        truncate: dict[str, int] = {}
-        deletes: list[str] = []
-        versions: dict[str, Version] = {}
-        rows: dict[int, dict[str, DocumentRow]] = {}
-        row_versions: dict[int, dict[str, Version]] = {}
-        for unit in units:
-            version = unit.item.record.version
-            payload = unit.payload
-            if isinstance(payload, _Delete):
-                deletes.append(payload.document_id)
-                versions[payload.document_id] = version
-                continue
-            doc_id = payload.document.document_id
-            versions[doc_id] = version
-            truncate[doc_id] = len(payload.document.chunks)
-            if not payload.unchanged:
-                for record in _records(payload, unit):
-                    chunks[shard_of(record.chunk_id, n_shards)].append(record)
-            registry = shard_of(doc_id, n_shards)
-            rows.setdefault(registry, {})[doc_id] = DocumentRow(
-                payload.document.content_hash, len(payload.document.chunks), version
-            )
-            row_versions.setdefault(registry, {})[doc_id] = version
-        phase1 = {
-            i: ShardWrite(upserts=chunks[i], truncate=truncate, delete_documents=deletes, versions=versions)
-            for i in range(n_shards)
-        }
-        phase2 = {i: ShardWrite(documents=r, versions=row_versions[i]) for i, r in rows.items()}
-        return Writes(phase1, phase2)
+        return two_phase_writes([_change(unit) for unit in units], n_shards)
+
+
+def _change(unit: Unit) -> Change:
+    payload = unit.payload
+    if isinstance(payload, Change):  # a deletion
+        return payload
+    doc, version = payload.document, unit.item.record.version
+    records = [] if payload.unchanged else _records(payload, unit)
+    return Change(doc.document_id, version, DocumentRow(doc.content_hash, len(doc.chunks), version), records)
 
 
 def _records(payload: _Upsert, unit: Unit) -> list[ChunkRecord]:

@@ -243,10 +243,11 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             return
         dt = max(p.elapsed_s - last["t"], 1e-6)
         docs, chunks = p.total("documents"), p.total("chunks")
+        images = f"  images {p.total('images')}" if pipeline.images else ""
         print(
             f"\r[{p.elapsed_s:6.1f}s] docs {docs} ({(docs - last['docs']) / dt:.0f}/s)  chunks {chunks} "
             f"({(chunks - last['chunks']) / dt:.0f}/s)  unchanged {p.total('unchanged')}  "
-            f"deletes {p.total('deletes')}  lag {p.lag}  dead letters {p.dead_letters()}   ",
+            f"deletes {p.total('deletes')}{images}  lag {p.lag}  dead letters {p.dead_letters()}   ",
             end="",
             file=sys.stderr,
             flush=True,
@@ -287,7 +288,8 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     data = index_stats(settings, broker=not args.no_broker)
     text = (
         f"index {data['index']}: {data['documents']} documents, {data['chunks']} chunks "
-        f"{data['chunks_per_shard']}; dead letters {data['dead_letters']['total']} "
+        f"{data['chunks_per_shard']}; {data['images']} images {data['images_per_shard']}; "
+        f"dead letters {data['dead_letters']['total']} "
         f"{data['dead_letters']['by_reason']}; lag {data.get('lag', '?')}"
     )
     emit(args, data, text)

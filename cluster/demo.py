@@ -2,19 +2,25 @@
 
 # BROKER: start (or reuse) the embedded Kafka, create the topics
 # RAY: start (or reuse) the local Ray head
-# PRODUCE: the sample corpus onto the documents topic, keyed by id
-# INGEST: Kafka → chunk → embed → shards until every record is committed
+# IMAGE MODEL: Riverbed's image-text model, trained on easy-vqa's train split when the cache has
+#              none (a few minutes on CPU, progress shown); skipped when images.ingest is false
+# PRODUCE: the sample corpus onto the documents topic, and easy-vqa test images (with their
+#          captions) onto the images topic, keyed by id
+# INGEST: Kafka → chunk → embed → shards until every record is committed (images beside the text)
 # STATS: what the index now holds, read from the shard stores and the broker
 # SERVE: the HTTP app on the same shards (ingest keeps running: posted documents get indexed)
-# QUERIES: three searches and one RAG question over HTTP, printed with their real answers
+# QUERIES: three searches and one RAG question over HTTP, then text → image searches, printed with
+#          their real answers
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from cluster.producer import EnvelopeProducer, read_records
 from cluster.ray_runtime import connect
 from cluster.serving import start_serving
 from cluster.stats import index_stats
+from schemas.envelope import ImageEnvelope
 from schemas.errors import ConfigError
 from schemas.settings import Settings
 
@@ -42,6 +49,13 @@ SAMPLE_SEARCHES: list[dict[str, Any]] = [
     {"query": "Who led the Norman conquest?", "k": 3, "mode": "hybrid", "filter": {"title": "Normans"}},
 ]
 SAMPLE_QUESTION = {"question": "Where did Super Bowl 50 take place?", "k": 3}
+DEMO_IMAGES = 300
+"""easy-vqa test images the demo ingests (never seen in training)."""
+SAMPLE_IMAGE_QUERIES: list[dict[str, Any]] = [
+    {"query": "a red circle", "k": 5},
+    {"query": "a blue triangle", "k": 5},
+    {"query": "a gray rectangle", "k": 5},
+]
 
 
 def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_serving: bool = False) -> int:
@@ -62,9 +76,12 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
 
     _say(f"Ray      {address}  ({ray.cluster_resources().get('CPU', 0):g} logical CPUs)")
 
+    # IMAGE MODEL
+    images = _image_model(settings)
+
     # PRODUCE
     producer = EnvelopeProducer(servers, settings.kafka.max_record_bytes)
-    sent = skipped = 0
+    sent = skipped = images_sent = 0
     try:
         for record in read_records(corpus):
             if record.envelope is None:
@@ -73,10 +90,16 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
                 continue
             producer.send(topics.documents, record.envelope)
             sent += 1
+        if images:
+            for envelope in _demo_images():
+                producer.send(topics.images, envelope)
+                images_sent += 1
         producer.flush()
     finally:
         producer.close()
     _say(f"Produced {sent} documents to {topics.documents}, skipped {skipped}")
+    if images:
+        _say(f"Produced {images_sent} easy-vqa test images to {topics.images}")
 
     # INGEST
     pipeline = Pipeline(settings)
@@ -85,7 +108,9 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
     def show(p: Progress) -> None:
         print(
             f"\r  ingest [{p.elapsed_s:5.1f}s] documents {p.total('documents')}  unchanged "
-            f"{p.total('unchanged')}  chunks {p.total('chunks')}  lag {p.lag}   ",
+            f"{p.total('unchanged')}  chunks {p.total('chunks')}"
+            + (f"  images {p.total('images')}" if pipeline.images else "")
+            + f"  lag {p.lag}   ",
             end="",
             file=sys.stderr,
             flush=True,
@@ -110,10 +135,10 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
     else:
         print(
             f"index {stats['index']}: {stats['documents']} documents, {stats['chunks']} chunks "
-            f"(per shard {stats['chunks_per_shard']}), dead letters {stats['dead_letters']['total']}, "
-            f"lag {stats['lag']}, in {stats['seconds']} s"
+            f"(per shard {stats['chunks_per_shard']}), {stats['images']} images, dead letters "
+            f"{stats['dead_letters']['total']}, lag {stats['lag']}, in {stats['seconds']} s"
         )
-    ok = stats["lag"] == 0 and stats["documents"] >= sent
+    ok = stats["lag"] == 0 and stats["documents"] >= sent and stats["images"] >= images_sent
 
     # SERVE
     serving = start_serving(settings, ingest=True, pipeline=pipeline)
@@ -128,6 +153,11 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
             response = http.post("/v1/rag", json=SAMPLE_QUESTION)
             ok = ok and response.status_code == 200
             _print_rag(SAMPLE_QUESTION, response.json(), json_output)
+            if pipeline.images:
+                for body in SAMPLE_IMAGE_QUERIES:
+                    response = http.post("/v1/images/search", json=body)
+                    ok = ok and response.status_code == 200
+                    _print_image_search(body, response.json(), json_output)
         print(_curl_lines(serving.url))
         if keep_serving:
             _say("Serving until Ctrl-C (ingest keeps running: POST /v1/documents to add more)")
@@ -137,14 +167,68 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
     return 0 if ok else 1
 
 
-def _print_search(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
+def _image_model(settings: Settings) -> bool:
+    """Whether the demo ingests images: not when ``images.ingest`` is false; else Riverbed's own
+    model is trained first when the cache has none (any other model is used as it is)."""
+    from actors.models import TRAINED_MODELS, trained_image_model_dir
+    from cluster.finetune_image_text import finetune_image_text
+
+    if settings.images.ingest is False:
+        return False
+    model = settings.images.model
+    if model not in TRAINED_MODELS:
+        return True
+    if trained_image_model_dir(settings.images, settings.embed.model, settings.cache_dir).is_dir():
+        _say(f"Images   model {model} found in the cache")
+        return True
+    _say(f"Images   training {model} on {TRAINED_MODELS[model]}'s train split (once; cached after)")
+
+    def show(event: dict[str, Any]) -> None:
+        if event["kind"] != "epoch":
+            return
+        val = event.get("val_caption_accuracy")
+        _say(
+            f"  epoch {event['epoch']}/{event['epochs']} in {event['epoch_s']:.0f} s: "
+            f"loss {event['loss']:.3f}"
+            + (f", validation caption accuracy {val:.3f}" if val is not None else "")
+        )
+
+    result = finetune_image_text(settings, TRAINED_MODELS[model], on_progress=show)
+    _say(f"  trained in {result.record.train_seconds:.0f} s: {result.path}")
+    return True
+
+
+def _demo_images() -> Iterator[ImageEnvelope]:
+    """The first :data:`DEMO_IMAGES` captioned easy-vqa test images as inline image envelopes."""
+    from cluster.image_datasets import load_image_dataset
+
+    for item in load_image_dataset("easy-vqa", "test", limit=DEMO_IMAGES).items:
+        yield ImageEnvelope(
+            id=f"easy-vqa-test-{item.id}",
+            image_b64=base64.b64encode(item.path.read_bytes()).decode(),
+            caption=item.caption,
+            metadata={"source": "easy-vqa", "split": "test"},
+        )
+
+
+def _shown(title: str, body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> bool:
+    """Prints the exchange whole (``json_output``), or its title line and any error; True when
+    the caller should print the answer itself."""
     if json_output:
         print(json.dumps({"request": body, "response": answer}, indent=2))
-        return
-    where = f", filter {json.dumps(body['filter'])}" if "filter" in body else ""
-    print(f"\nPOST /v1/search  {body['query']!r}  (mode {body['mode']}{where})")
+        return False
+    print(f"\n{title}")
     if "error" in answer:
         print(f"  error: {answer['error']}")
+        return False
+    return True
+
+
+def _print_search(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
+    where = f", filter {json.dumps(body['filter'])}" if "filter" in body else ""
+    if not _shown(
+        f"POST /v1/search  {body['query']!r}  (mode {body['mode']}{where})", body, answer, json_output
+    ):
         return
     for i, hit in enumerate(answer["hits"], 1):
         snippet = " ".join(hit["text"].split())[:110]
@@ -152,13 +236,18 @@ def _print_search(body: dict[str, Any], answer: dict[str, Any], json_output: boo
     print(f"  ({answer['took_ms']:.0f} ms)")
 
 
-def _print_rag(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
-    if json_output:
-        print(json.dumps({"request": body, "response": answer}, indent=2))
+def _print_image_search(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
+    if not _shown(f"POST /v1/images/search  {body['query']!r}", body, answer, json_output):
         return
-    print(f"\nPOST /v1/rag  {body['question']!r}")
-    if "error" in answer:
-        print(f"  error: {answer['error']}")
+    captions = [hit["caption"] for hit in answer["hits"]]
+    right = sum(c == body["query"] for c in captions)
+    for i, hit in enumerate(answer["hits"], 1):
+        print(f"  {i}. {hit['score']:.3f}  {hit['image_id']}  caption {hit['caption']!r}")
+    print(f"  ({right} of {len(captions)} hits are {body['query']!r}; {answer['took_ms']:.0f} ms)")
+
+
+def _print_rag(body: dict[str, Any], answer: dict[str, Any], json_output: bool) -> None:
+    if not _shown(f"POST /v1/rag  {body['question']!r}", body, answer, json_output):
         return
     print(f"  answer: {answer['answer']}")
     print(f"  abstained: {answer['abstained']}" + (f" ({answer['reason']})" if answer["reason"] else ""))

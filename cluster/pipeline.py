@@ -13,12 +13,21 @@ Actors, named ``<index>/<role>/<i>`` in the settings' Ray namespace (:mod:`schem
 - ``source``: one stream consumer of the documents topic per ``ingest.sources``, members of the
   index's consumer group; they live as long as the ingest run.
 
+Images (when ``images.ingest`` says so, :func:`images_enabled`) take the same path beside the text:
+the index ``<index>-images`` (:meth:`~schemas.settings.Settings.image_side`) gets its own shards (the
+same :class:`ShardActor`), an image embedder (:class:`ImageEmbedderActor`, the image-text model)
+and one source, consuming the images topic in that index's consumer group with the
+:class:`~actors.image_processor.ImageProcessor`. Its offsets, dead letters and restarts are its own:
+a stalled image model never holds back the text, nor the reverse.
+
 Resources: Ray's logical CPUs are a scheduling budget. Sources take a fraction (``LIGHT_CPUS``) so
 that on a small machine they never wait behind the embedder for a whole logical CPU; shards take
 almost none (``SHARD_CPUS``): they are detached and stay up between commands, and 0.05 per shard of
 every index ever ingested added up until a `serve` of another index no longer fit. An embedder that cannot be
 placed on a local head is refused with the names of whoever holds the CPUs, never waited for
-forever.
+forever. The image embedder asks for a fraction too (``IMAGE_EMBED_CPUS``) while running
+``images.num_cpus`` torch threads (every core when unset): on a small machine the two embedders
+share the cores, and each is busy only while its topic has records.
 """
 
 from __future__ import annotations
@@ -39,22 +48,26 @@ from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.backends import backend_for
+from actors.batching import plan_pixel_batches
 from actors.embedder import Embedder
+from actors.image_model import ImageTextModel
 from actors.index_shard import IndexShard
+from actors.models import TRAINED_MODELS, resolve_image_model
 from actors.processor import StoredDocument, merge_stored
-from actors.source import document_consumer
+from actors.source import document_consumer, image_consumer
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
 from cluster.ray_runtime import connect
 from schemas import topology
 from schemas.errors import ConfigError, RetryableError, RiverbedError
 from schemas.ids import shard_of
-from schemas.settings import EmbedConfig, IndexConfig, Settings
+from schemas.settings import EmbedConfig, ImagesConfig, IndexConfig, Settings
 from schemas.topology import Offsets, actor_name
 
 log = logging.getLogger(__name__)
 
 LIGHT_CPUS = 0.05
+IMAGE_EMBED_CPUS = 0.1
 SHARD_CPUS = 0.001
 """Not 0: Ray 2.60 places an actor that requests no resources on the node that creates it, whatever
 its node affinity says (measured with ``ray.cluster_utils.Cluster``). A thousandth, so that the idle
@@ -88,6 +101,58 @@ class EmbedderActor(Embedder):
 
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
+
+
+class ImageEmbedderActor:
+    """The image-text model as the ingest's image embedder: ``embed`` takes the image processor's
+    inputs (RGB pixel arrays, ``(H, W, 3)`` uint8) and returns one unit vector per image, in
+    forward passes of at most ``images.batch_size`` images and ``images.max_batch_pixels`` pixels."""
+
+    def __init__(self, config: ImagesConfig, text_model: str, cache_dir: Path) -> None:
+        self.config = config
+        self.model = ImageTextModel(config, text_model=text_model, cache_dir=cache_dir)
+        self.model.warm_up()
+
+    def embed(self, inputs: list[np.ndarray]) -> np.ndarray:
+        from PIL import Image
+
+        batches = plan_pixel_batches(
+            [int(a.shape[0]) * int(a.shape[1]) for a in inputs],
+            self.config.max_batch_pixels,
+            self.config.batch_size,
+        )
+        out = np.zeros((len(inputs), self.model.dim), dtype=np.float32)
+        for batch in batches:
+            out[batch] = self.model.embed_images([Image.fromarray(inputs[i]) for i in batch])
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """``model``: the identity the image shards record: a trained model's directory name (it
+        holds the hash of the training settings, so another training is another model), else the
+        id as configured."""
+        model = self.model.model_name
+        if model in TRAINED_MODELS:
+            model = Path(self.model.location).name
+        return {"model": model, "dim": self.model.dim, "text_space": self.model.text_space}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def images_enabled(settings: Settings) -> bool:
+    """Whether an ingest consumes the images topic: ``images.ingest``; ``auto`` means when the
+    image model is there (Riverbed's own model once trained; any other id or path always).
+    ConfigError when ``images.ingest`` is true and the model is not there."""
+    if settings.images.ingest is False:
+        return False
+    try:
+        resolve_image_model(settings.images, settings.embed.model, settings.cache_dir)
+    except ConfigError as exc:
+        if settings.images.ingest is True:
+            raise
+        log.warning("images topic not consumed (images.ingest is auto): %s", exc)
+        return False
+    return True
 
 
 class ShardActor(IndexShard):
@@ -156,10 +221,10 @@ class RayDownstream:
         self.revive_shards = revive_shards
         self._next = 0
 
-    def embed(self, texts: list[str]) -> Future[np.ndarray]:
+    def embed(self, inputs: list[Any]) -> Future[np.ndarray]:
         embedder = self.embedders[self._next % len(self.embedders)]
         self._next += 1
-        inner = embedder.embed.remote(texts).future()
+        inner = embedder.embed.remote(inputs).future()
         outer: Future[np.ndarray] = Future()
 
         def done(f: Future[np.ndarray]) -> None:
@@ -222,19 +287,38 @@ def _transport_retryable(exc: BaseException, what: str) -> BaseException:
 
 
 class SourceActor:
-    def __init__(self, settings: Settings, servers: str, downstream: RayDownstream, name: str) -> None:
-        self.source = document_consumer(
-            settings.kafka,
-            settings.ingest,
-            settings.chunk,
-            settings.embed.model,
-            servers,
-            settings.consumer_group,
-            downstream,
-            name=name,
-            max_wait_s=settings.embed.max_wait_ms / 1000,
-            embed_timeout_s=settings.ingest.embed_timeout_s,
-        )
+    """One stream consumer: of the documents topic (``kind`` ``document``, in the index's group), or
+    of the images topic (``image``, in the group of ``settings.image_side()``)."""
+
+    def __init__(
+        self, settings: Settings, servers: str, downstream: RayDownstream, name: str, kind: str = "document"
+    ) -> None:
+        wait_s, timeout_s = settings.embed.max_wait_ms / 1000, settings.ingest.embed_timeout_s
+        if kind == "image":
+            self.source = image_consumer(
+                settings.kafka,
+                settings.ingest,
+                settings.images,
+                servers,
+                settings.image_side().consumer_group,
+                downstream,
+                name=name,
+                max_wait_s=wait_s,
+                embed_timeout_s=timeout_s,
+            )
+        else:
+            self.source = document_consumer(
+                settings.kafka,
+                settings.ingest,
+                settings.chunk,
+                settings.embed.model,
+                servers,
+                settings.consumer_group,
+                downstream,
+                name=name,
+                max_wait_s=wait_s,
+                embed_timeout_s=timeout_s,
+            )
         self.source.warm_up()
 
     def run(self) -> dict[str, Any]:
@@ -389,6 +473,10 @@ class Pipeline:
         self.embedders: list[Any] = []
         self.shards: list[Any] = []
         self.sources: list[Any] = []
+        self.images = False
+        """Whether this run consumes the images topic too (:func:`images_enabled`)."""
+        self.image_embedders: list[Any] = []
+        self.image_shards: list[Any] = []
         self._runs: list[Any] = []
         self._t0 = time.monotonic()
 
@@ -404,6 +492,7 @@ class Pipeline:
                 f"an ingest is already running for index {s.index.name!r} (actor {source} exists); "
                 "stop it first"
             )
+        self.images = images_enabled(s)
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
         embedder_cls = ray.remote(EmbedderActor)
@@ -423,26 +512,63 @@ class Pipeline:
         downstream = RayDownstream(
             self.embedders, self.shards, functools.partial(shard_handles, s, info["model"], info["dim"])
         )
-        source_cls = ray.remote(SourceActor)
         self.sources = [
-            source_cls.options(
-                name=actor_name(s.index.name, "source", i), num_cpus=LIGHT_CPUS, max_concurrency=4, **_RESTART
-            ).remote(s, self.servers, downstream, actor_name(s.index.name, "source", i))
+            self._source(actor_name(s.index.name, "source", i), downstream, "document")
             for i in range(s.ingest.sources)
         ]
+        if self.images:
+            self._start_images()
         self._runs = [src.run.remote() for src in self.sources]
         self._t0 = time.monotonic()
 
+    def _start_images(self) -> None:
+        """The image embedder, the image shards and one source of the images topic."""
+        s, side = self.settings, self.settings.image_side()
+        self.image_embedders = [
+            ray.remote(ImageEmbedderActor)
+            .options(
+                name=actor_name(side.index.name, "embedder", 0),
+                get_if_exists=True,
+                num_cpus=IMAGE_EMBED_CPUS,
+                num_gpus=s.embed.num_gpus,
+                **_RESTART,
+            )
+            .remote(s.images, s.embed.model, s.cache_dir)
+        ]
+        info = _await_embedder(side, self.image_embedders[0], IMAGE_EMBED_CPUS)
+        log.info("image embedder: %s (dim %d)", info["model"], info["dim"])
+        self.image_shards = shard_handles(side, info["model"], info["dim"])
+        downstream = RayDownstream(
+            self.image_embedders,
+            self.image_shards,
+            functools.partial(shard_handles, side, info["model"], info["dim"]),
+        )
+        self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "image"))
+
+    def _source(self, name: str, downstream: RayDownstream, kind: str) -> Any:
+        return (
+            ray.remote(SourceActor)
+            .options(name=name, num_cpus=LIGHT_CPUS, max_concurrency=4, **_RESTART)
+            .remote(self.settings, self.servers, downstream, name, kind)
+        )
+
     # WATCH
     def progress(self) -> Progress:
-        topic = self.settings.kafka.topics.documents
+        """Committed offsets and topic ends of every stream this run consumes (documents; images
+        when on), and each source's counters."""
+        s = self.settings
         try:
             stats = ray.get([src.stats.remote() for src in self.sources], timeout=10)
         except (RayError, TimeoutError):
             stats = []
+        committed = committed_offsets(self.servers, s.consumer_group)
+        topics = [s.kafka.topics.documents]
+        if self.images:
+            committed.update(committed_offsets(self.servers, s.image_side().consumer_group))
+            topics.append(s.kafka.topics.images)
         return Progress(
-            committed=committed_offsets(self.servers, self.settings.consumer_group),
-            ends=end_offsets(self.servers, [topic]),
+            committed=committed,
+            ends=end_offsets(self.servers, topics),
             sources=stats,
             elapsed_s=time.monotonic() - self._t0,
         )
@@ -458,7 +584,7 @@ class Pipeline:
         timeout_s: float | None = None,
         interval_s: float = 1.0,
     ) -> Progress:
-        """Returns once every record on the documents topic is processed and committed."""
+        """Returns once every record on the topics this run consumes is processed and committed."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             self.check_alive()
@@ -484,11 +610,13 @@ class Pipeline:
         try:
             results = ray.get(self._runs, timeout=timeout_s)
         finally:
-            for actor in self.sources + self.embedders:
+            for actor in self.sources + self.embedders + self.image_embedders:
                 ray.kill(actor, no_restart=True)
             if self.shards:  # by name: a source may have re-created a shard (new handle)
                 ray.get([sh.snapshot.remote() for sh in named_shards(self.settings)])
-            self.sources, self.embedders, self._runs = [], [], []
+            if self.image_shards:
+                ray.get([sh.snapshot.remote() for sh in named_shards(self.settings.image_side())])
+            self.sources, self.embedders, self.image_embedders, self._runs = [], [], [], []
         return results
 
 

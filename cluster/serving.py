@@ -3,7 +3,8 @@
 # EXPOSURE: no keys on a non-loopback serve.host is refused before anything starts
 # BROKER: the configured or embedded Kafka (documents posted over HTTP go there)
 # RAY: the configured cluster or the local head
-# SHARDS: the running ones; or opened from the data directory (model and dim are in the stores)
+# SHARDS: the running ones; or opened from the data directory (model and dim are in the stores), the
+#         images index's too when it holds any
 # INGEST: optionally the pipeline too, so posted documents become searchable
 # SERVE: deploy the app, wait until /healthz answers
 """
@@ -104,6 +105,10 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
             log.warning(
                 "index %r holds no data yet: search answers 503 until ingest runs", settings.index.name
             )
+        images = settings.image_side()
+        recorded = recorded_model(images)
+        if recorded is not None:  # no images yet: image searches answer 503 until an ingest stores some
+            shard_handles(images, *recorded)
     # SERVE
     check_resources(settings)
     host, port = settings.serve.host, settings.serve.port

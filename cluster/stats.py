@@ -16,22 +16,23 @@ from schemas.topology import actor_name, lag, shard_directory
 
 
 def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
-    """``{"documents", "chunks", "chunks_per_shard", "dead_letters", "committed_offsets", ...}``.
+    """``{"documents", "chunks", "chunks_per_shard", "images", "images_per_shard", "dead_letters",
+    "committed_offsets", "lag"}``.
 
-    ``documents`` counts distinct live document ids (each has one row, on its registry shard).
-    Broker figures need a running broker (the embedded one is started if it is not running)."""
-    documents = 0
-    per_shard: dict[str, int] = {}
-    for shard in range(settings.index.n_shards):
-        figures = shard_figures(settings, shard)
-        if figures is not None:
-            per_shard[str(shard)] = figures[0]
-            documents += figures[1]  # rows on each id's registry shard: each id once
+    ``documents`` counts distinct live document ids (each has one row, on its registry shard);
+    ``images`` distinct live image ids, from the shards of the index beside it that holds them
+    (:meth:`~schemas.settings.Settings.image_side`). ``committed_offsets`` and ``lag`` cover both
+    consumer groups (the documents topic's and the images topic's). Broker figures need a running
+    broker (the embedded one is started if it is not running)."""
+    documents, per_shard = _count(settings)
+    images, images_per_shard = _count(settings.image_side())
     out: dict[str, Any] = {
         "index": settings.index.name,
         "documents": documents,
         "chunks": sum(per_shard.values()),
         "chunks_per_shard": per_shard,
+        "images": images,
+        "images_per_shard": images_per_shard,
         "dead_letters": {"total": 0, "by_reason": {}},
         "committed_offsets": {},
     }
@@ -41,12 +42,25 @@ def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
         by_reason = read_dead_letter_counts(servers, topics.dead_letter)
         out["dead_letters"] = {"total": sum(by_reason.values()), "by_reason": by_reason}
         committed = committed_offsets(servers, settings.consumer_group)
+        committed.update(committed_offsets(servers, settings.image_side().consumer_group))
         out["committed_offsets"] = {
             t: {str(p): o for p, o in parts.items()} for t, parts in committed.items()
         }
-        ends = end_offsets(servers, [topics.documents])
+        ends = end_offsets(servers, [topics.documents, topics.images])
         out["lag"] = lag(ends, committed)
     return out
+
+
+def _count(settings: Settings) -> tuple[int, dict[str, int]]:
+    """``(distinct ids, records per shard)`` of the index ``settings`` names."""
+    ids = 0
+    per_shard: dict[str, int] = {}
+    for shard in range(settings.index.n_shards):
+        figures = shard_figures(settings, shard)
+        if figures is not None:
+            per_shard[str(shard)] = figures[0]
+            ids += figures[1]  # rows on each id's registry shard: each id once
+    return ids, per_shard
 
 
 def shard_figures(settings: Settings, shard: int) -> tuple[int, int] | None:

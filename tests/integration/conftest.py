@@ -63,6 +63,9 @@ def settings(tmp_path: Path, broker: BrokerState, topic_name: str) -> Settings:
         overrides={
             "home": str(tmp_path / "home"),
             "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topics": topics},
+            # The image path only where a test asks for it: with "auto" it would depend on whether
+            # this machine's cache holds a trained image model.
+            "images": {"ingest": False},
         }
     )
     ensure_topics(
@@ -107,10 +110,12 @@ def pipeline_settings(settings: Settings, ray_session: None) -> Iterator[Setting
         overrides={**_dump(settings), "index": {"name": f"t{uuid.uuid4().hex[:10]}", "n_shards": 2}}
     )
     yield s
-    for role, n in (("shard", s.index.n_shards), ("embedder", s.embed.workers), ("source", s.ingest.sources)):
-        for i in range(n):
-            with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(f"{s.index.name}/{role}/{i}", namespace=s.ray.namespace))
+    roles = (("shard", s.index.n_shards), ("embedder", s.embed.workers), ("source", s.ingest.sources))
+    for index in (s.index.name, s.image_side().index.name):
+        for role, n in roles:
+            for i in range(n):
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(f"{index}/{role}/{i}", namespace=s.ray.namespace))
 
 
 def _dump(s: Settings) -> dict:

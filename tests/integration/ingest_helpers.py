@@ -10,7 +10,7 @@ import ray
 
 from actors.chunker import Chunker
 from cluster.producer import EnvelopeProducer
-from schemas.envelope import DocumentEnvelope
+from schemas.envelope import DocumentEnvelope, ImageEnvelope
 from schemas.settings import Settings
 from tests.integration.conftest import REPO
 
@@ -33,14 +33,22 @@ def squad_documents(n: int | None = None, prefix: str = "") -> list[DocumentEnve
     return docs
 
 
-def produce(settings: Settings, envelopes: Iterable[DocumentEnvelope], tombstones: Iterable[str] = ()) -> int:
+def produce(
+    settings: Settings,
+    envelopes: Iterable[DocumentEnvelope | ImageEnvelope],
+    tombstones: Iterable[str] = (),
+    topic: str | None = None,
+) -> int:
+    """Sends ``envelopes``, then a tombstone per id of ``tombstones``, to ``topic`` (the documents
+    topic by default); returns how many the broker acknowledged."""
     assert settings.kafka.bootstrap_servers
+    topic = topic or settings.kafka.topics.documents
     producer = EnvelopeProducer(settings.kafka.bootstrap_servers, settings.kafka.max_record_bytes)
     try:
         for env in envelopes:
-            producer.send(settings.kafka.topics.documents, env)
+            producer.send(topic, env)
         for doc_id in tombstones:
-            producer.send_tombstone(settings.kafka.topics.documents, doc_id)
+            producer.send_tombstone(topic, doc_id)
         return len(producer.flush())
     finally:
         producer.close()

@@ -1,13 +1,15 @@
-"""plan_batches, pad_rows and TokenBudgetQueue: pure logic, injected clock, no sleeps."""
+"""plan_batches, plan_pixel_batches, pad_rows and TokenBudgetQueue: pure logic, injected clock, no sleeps."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
 import pytest
 
-from actors.batching import TokenBudgetQueue, pad_rows, plan_batches
+from actors.batching import TokenBudgetQueue, pad_rows, plan_batches, plan_pixel_batches
 
 
 def _padded_cost(batch: list[int], lengths: list[int]) -> int:
@@ -67,10 +69,48 @@ def test_plan_empty_and_zero_lengths() -> None:
     assert plan_batches([0, 0, 0], 100, 2) == [[0, 1], [2]]
 
 
-@pytest.mark.parametrize(("lengths", "tokens", "size"), [([1], 0, 1), ([1], 1, 0), ([3, -1], 10, 1)])
-def test_plan_rejects_bad_arguments(lengths: list[int], tokens: int, size: int) -> None:
+@pytest.mark.parametrize("plan", [plan_batches, plan_pixel_batches])
+@pytest.mark.parametrize(("costs", "budget", "size"), [([1], 0, 1), ([1], 1, 0), ([3, -1], 10, 1)])
+def test_plans_reject_bad_arguments(
+    plan: Callable[..., object], costs: list[int], budget: int, size: int
+) -> None:
     with pytest.raises(ValueError):
-        plan_batches(lengths, tokens, size)
+        plan(costs, budget, size)
+
+
+# -- plan_pixel_batches -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pixel_plan_contract_on_random_inputs(seed: int) -> None:
+    rng = random.Random(seed)
+    budget, size = rng.randint(1, 5000), rng.randint(1, 8)
+    pixels = [rng.choice([0, rng.randint(1, budget), rng.randint(budget, 3 * budget)]) for _ in range(200)]
+    plan = plan_pixel_batches(pixels, budget, size)
+    assert [i for batch in plan for i in batch] == list(range(len(pixels)))  # each once, in order
+    for batch in plan:
+        assert 1 <= len(batch) <= size
+        assert sum(pixels[i] for i in batch) <= budget or len(batch) == 1  # over budget: alone
+    for before, after in pairwise(plan):  # greedy: a batch closes only when full
+        assert len(before) == size or sum(pixels[i] for i in before + after[:1]) > budget
+    assert plan_pixel_batches(pixels, budget, size) == plan
+
+
+def test_pixel_plan_packs_small_images_and_keeps_order() -> None:
+    side = 64 * 64
+    assert plan_pixel_batches([side] * 5, 3 * side, 100) == [[0, 1, 2], [3, 4]]
+    assert plan_pixel_batches([10, 90, 5, 5, 90], 100, 100) == [[0, 1], [2, 3, 4]]
+
+
+def test_pixel_plan_an_image_over_budget_gets_its_own_batch() -> None:
+    assert plan_pixel_batches([10, 500, 10, 10], 100, 8) == [[0], [1], [2, 3]]
+    assert plan_pixel_batches([500], 100, 8) == [[0]]
+
+
+def test_pixel_plan_size_cap_empty_and_zero() -> None:
+    assert plan_pixel_batches([1] * 5, 10_000, 2) == [[0, 1], [2, 3], [4]]
+    assert plan_pixel_batches([], 100, 4) == []
+    assert plan_pixel_batches([0, 0, 0], 100, 2) == [[0, 1], [2]]
 
 
 # -- pad_rows -----------------------------------------------------------------------------------

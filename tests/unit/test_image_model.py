@@ -17,6 +17,7 @@ from actors.embedder import Embedder
 from actors.image_model import ImageTextModel
 from actors.lit_model import LitRecord, build_lit_model, image_processor, save_lit_model, vision_tower
 from actors.models import resolve_model
+from actors.testing.tiny_clip import save_tiny_clip
 from schemas.errors import ConfigError
 from schemas.settings import EmbedConfig, ImageFinetuneConfig, ImagesConfig
 
@@ -57,41 +58,7 @@ def quiet() -> Iterator[list[str]]:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised CLIP with small sizes, its image processor (PIL backend) and a
-    tokenizer (the packaged MiniLM's), saved as a hub model would be."""
-    import torch
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    directory = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MINILM).location)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": tokenizer.vocab_size,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 40,
-            "eos_token_id": tokenizer.sep_token_id,  # pools at [SEP], as CLIP at its end token
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=24,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        directory
-    )
-    return directory
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), resolve_model(MINILM).location)
 
 
 def _model(name: str, tmp_path: Path, batch_size: int = 2) -> ImageTextModel:

@@ -1,6 +1,7 @@
 """StreamConsumer with a stub Kafka consumer (no broker): batching, dead letters, the retry
 classification, isolating a record that cannot be processed, rebalance drop and rewind, commit
-failure and redelivery, a slow embedding that is never sent twice.
+failure and redelivery, a slow embedding that is never sent twice; and the ImageProcessor driven
+through it onto in-memory shards.
 
 The stub keeps kafka-python's consumer semantics that the consumer relies on: positions per
 partition, pause/resume, seek, commit, and rebalance callbacks run inside ``poll``.
@@ -8,6 +9,8 @@ partition, pause/resume, seek, commit, and rebalance callbacks run inside ``poll
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import sqlite3
 import threading
@@ -19,11 +22,16 @@ import numpy as np
 import pytest
 from kafka.errors import CommitFailedError
 from kafka.structs import TopicPartition
+from PIL import Image
 
 from actors.failures import classify
+from actors.image_processor import ImageProcessor
 from actors.processor import Unit, Writes
 from actors.stream_consumer import StreamConsumer
+from actors.testing.downstream import LocalDownstream
+from actors.testing.memory_index import InMemoryIndex
 from actors.vector_index import ShardWrite, WriteResult
+from schemas.envelope import IMAGE_THUMBNAIL_KEY
 from schemas.errors import (
     IndexUnavailableError,
     PoisonMessageError,
@@ -31,7 +39,7 @@ from schemas.errors import (
     RetryableError,
     StorageFullError,
 )
-from schemas.settings import IngestConfig, KafkaConfig
+from schemas.settings import ImagesConfig, IngestConfig, KafkaConfig
 
 TOPIC = "docs"
 Rec = namedtuple("Rec", "topic partition offset key value")
@@ -403,3 +411,60 @@ def test_an_id_in_a_batch_still_in_flight_is_in_progress_for_the_next_batch():
 )
 def test_failures_are_classified_by_what_retrying_would_do(exc, kind):
     assert classify(exc) == kind
+
+
+class PixelEmbedder:
+    """Embeds the ImageProcessor's pixel arrays: mean colour and a constant, 4 dimensions."""
+
+    def embed(self, inputs):
+        assert all(isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 for x in inputs)
+        return np.array([[*(x.mean(axis=(0, 1)) / 255), 1.0] for x in inputs], np.float32).reshape(-1, 4)
+
+
+def image_record(image_id: str, color: tuple[int, int, int] | None, caption: str = "") -> tuple[bytes, bytes]:
+    if color is None:
+        data = b"not an image"
+    else:
+        out = io.BytesIO()
+        Image.new("RGB", (20, 10), color).save(out, format="PNG")
+        data = out.getvalue()
+    body = {"kind": "image", "id": image_id, "image_b64": base64.b64encode(data).decode(), "caption": caption}
+    return image_id.encode(), json.dumps(body).encode()
+
+
+def test_images_go_through_the_image_processor_to_the_shards():
+    log = {
+        0: [image_record("a", (255, 0, 0), "red"), image_record("bad", None),  # batch 1
+            image_record("c", (0, 0, 255)), image_record("a", (255, 0, 0), "red"),  # batch 2: a again
+            (b"c", None)],  # batch 3: a tombstone
+    }  # fmt: skip
+    shards = [InMemoryIndex("pixels", 4) for _ in range(2)]
+    letters, holder = Letters(), {}
+
+    def factory(listener):
+        holder["stub"] = StubConsumer(log, listener)
+        return holder["stub"]
+
+    consumer = StreamConsumer(
+        KafkaConfig(topics={"images": TOPIC}),
+        IngestConfig(poll_max_records=2),
+        TOPIC,
+        "stub:9092",
+        "g",
+        ImageProcessor(ImagesConfig(thumbnail_size=16)),
+        LocalDownstream(PixelEmbedder(), shards),
+        max_wait_s=0.0,
+        consumer_factory=factory,
+        dead_letters=letters,
+        retry_initial_s=0.01,
+    )
+    consumer.warm_up()
+    run_until(consumer, holder["stub"], all_committed(holder["stub"]))
+    assert [(x.offset, x.reason) for x in letters.sent] == [(1, "invalid_image")]
+    assert {k: consumer.counters[k] for k in ("images", "unchanged", "deletes")} == {
+        "images": 2, "unchanged": 1, "deletes": 1
+    }  # fmt: skip
+    assert set().union(*(s.document_ids() for s in shards)) == {"a"}
+    (record,) = [r for s in shards for r in s.get(["a#0"]) if r is not None]
+    assert record.text == "red" and IMAGE_THUMBNAIL_KEY in record.metadata
+    assert record.vector[0] > 0.9 and record.vector[2] < 0.1  # the red image's pixels were embedded

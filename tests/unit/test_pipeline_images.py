@@ -1,0 +1,56 @@
+"""The pipeline's image side without Ray: when an ingest consumes the images topic, and the image
+embedder's batching (the actor's class, called in process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.image_model import ImageTextModel
+from actors.models import resolve_model
+from actors.testing.tiny_clip import save_tiny_clip
+from cluster.pipeline import ImageEmbedderActor, images_enabled
+from schemas.errors import ConfigError
+from schemas.settings import ImagesConfig, load_settings
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), resolve_model(MINILM).location)
+
+
+def test_images_are_consumed_when_asked_or_when_the_model_is_there(tmp_path: Path, tiny_clip: Path):
+    def settings(**images: object):
+        return load_settings(overrides={"cache_dir": str(tmp_path / "cache"), "images": images})
+
+    assert images_enabled(settings(ingest="auto", model=str(tiny_clip)))
+    assert not images_enabled(settings(ingest=False, model=str(tiny_clip)))
+    # Riverbed's own model, not trained in this (empty) cache: auto leaves the topic alone...
+    assert not images_enabled(settings(ingest="auto"))
+    # ...and asking for it says how to train it.
+    with pytest.raises(ConfigError, match="riverbed finetune image-text --dataset easy-vqa"):
+        images_enabled(settings(ingest=True))
+
+
+def test_the_image_embedder_batches_by_pixels_and_returns_the_model_s_vectors(
+    tmp_path: Path, tiny_clip: Path
+) -> None:
+    config = ImagesConfig(model=str(tiny_clip), device="cpu", num_cpus=1, batch_size=3, max_batch_pixels=5000)
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (10, 20), (100, 30), (64, 64), (8, 8), (120, 90), (33, 47)]
+    pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+    actor = ImageEmbedderActor(config, MINILM, tmp_path)
+    got = actor.embed(pixels)
+
+    from PIL import Image
+
+    model = ImageTextModel(config, text_model=MINILM, cache_dir=tmp_path)
+    expected = np.stack([model.embed_images([Image.fromarray(p)])[0] for p in pixels])
+    assert got.shape == (len(pixels), model.dim) and got.dtype == np.float32
+    assert np.allclose(got, expected, atol=1e-5)
+    assert actor.describe() == {"model": str(tiny_clip), "dim": model.dim, "text_space": None}
