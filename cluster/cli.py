@@ -354,6 +354,17 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             f"ingest: raw encode {result['raw_chunks_per_s']} chunks/s; pipeline {runs} "
             f"({result['chunks']} chunks; report in {out}/ingest.md)"
         )
+    elif args.which == "images":
+        from cluster.bench.images import bench_images
+
+        result = bench_images(settings, args.images, args.split or "test", args.limit, out)
+        training = result["training_s_per_epoch"]
+        text = (
+            f"images: raw forward {result['raw_images_per_s']} images/s; pipeline "
+            f"{result['pipeline_images_per_s']} images/s (ratio {result['ratio']}); "
+            + (f"training {training} s per epoch; " if training is not None else "")
+            + f"{result['images']} images; report in {out}/images.md"
+        )
     elif args.which == "batching":
         from cluster.bench.batching import bench_batching
 
@@ -431,6 +442,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    if args.what == "images":
+        return _eval_images(args, settings)
+    args.split = args.split or "heldout"
+    if args.split not in ("tune", "heldout", "all"):
+        raise ConfigError(f"--split {args.split!r}: {args.what} takes tune, heldout or all")
     if args.what == "rag":
         return _eval_rag(args, settings)
     from cluster.eval.retrieval import MODES, eval_retrieval
@@ -454,6 +470,22 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             f"  {mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
             f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
         )
+    emit(args, report, "\n".join(lines))
+    return 0
+
+
+def _eval_images(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.eval.images_served import SCORES, eval_images
+
+    report = eval_images(settings, args.dataset, args.split or "test", args.sample, Path(args.out))
+    served, direct = report["served"], report["model_direct"]
+    lines = [
+        f"{report['images']} images, {report['captions']} captions ({report['dataset']} {report['split']}), "
+        f"{report['model']}; through the pipeline and HTTP (model direct):"
+    ]
+    for name in SCORES:
+        lines.append(f"  {name:22s} {served[name]:.3f}  ({direct[name]:.3f})")
+    lines.append(f"  chance accuracy        {served['chance_accuracy']:.3f}")
     emit(args, report, "\n".join(lines))
     return 0
 
@@ -657,11 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks, measured side by side (ingest, query, batching, freshness, ann, peer, load, fuzz)",
+        help="benchmarks, measured side by side (ingest, query, batching, freshness, ann, peer, load, fuzz, "
+        "images)",
         parents=[common],
     )
     bench.add_argument(
-        "which", choices=["ingest", "query", "batching", "freshness", "ann", "peer", "load", "fuzz"]
+        "which", choices=["ingest", "query", "batching", "freshness", "ann", "peer", "load", "fuzz", "images"]
     )
     bench.add_argument(
         "--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="ingest: documents to ingest"
@@ -709,6 +742,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", type=int, default=200, help="fuzz: most examples per route in each schemathesis phase"
     )
     bench.add_argument("--seed", type=int, default=0, help="fuzz: schemathesis' seed (a run repeats with it)")
+    bench.add_argument(
+        "--images",
+        default="easy-vqa",
+        help="images: easy-vqa, or a directory of images with NAME.txt captions",
+    )
+    bench.add_argument("--split", default=None, help="images: the dataset split (test)")
+    bench.add_argument("--limit", type=int, default=None, help="images: only the first N captioned images")
     bench.add_argument("--out", default="out/bench", help="where JSON, PNG and markdown reports go")
     bench.set_defaults(func=cmd_bench)
 
@@ -722,17 +762,25 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="measure retrieval (recall, MRR, nDCG) or answers (EM, F1, citations, abstention) on a "
         "BEIR-layout dataset (with --index NAME: that index as it is; without: the corpus ingested "
-        "into a fresh index)",
+        "into a fresh index); or images (zero-shot caption accuracy, text->image and image->image "
+        "precision) through the pipeline and the app",
         parents=[common],
     )
-    evaluate.add_argument("what", choices=["retrieval", "rag"])
+    evaluate.add_argument("what", choices=["retrieval", "rag", "images"])
     evaluate.add_argument(
-        "--dataset", required=True, help="directory with corpus.jsonl, queries.jsonl, qrels.tsv"
+        "--dataset",
+        required=True,
+        help="directory with corpus.jsonl, queries.jsonl, qrels.tsv; images: easy-vqa, or a directory of "
+        "images with NAME.txt captions",
     )
     evaluate.add_argument("--corpus", help="take the corpus from this dataset instead (cross-lingual runs)")
-    evaluate.add_argument("--split", choices=["tune", "heldout", "all"], default="heldout")
     evaluate.add_argument(
-        "--sample", type=int, help="evaluate this many queries of the split (rag: default 200)"
+        "--split", help="retrieval, rag: tune, heldout (default) or all; images: the dataset's split (test)"
+    )
+    evaluate.add_argument(
+        "--sample",
+        type=int,
+        help="evaluate this many queries of the split (rag: default 200); images: the first N images",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="of the sample")
     evaluate.add_argument(

@@ -158,7 +158,7 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
                     response = http.post("/v1/images/search", json=body)
                     ok = ok and response.status_code == 200
                     _print_image_search(body, response.json(), json_output)
-        print(_curl_lines(serving.url))
+        print(_curl_lines(serving.url, images=pipeline.images))
         if keep_serving:
             _say("Serving until Ctrl-C (ingest keeps running: POST /v1/documents to add more)")
             _wait_for_signal()
@@ -258,12 +258,22 @@ def _print_rag(body: dict[str, Any], answer: dict[str, Any], json_output: bool) 
     print(f"  ({answer['model']}, {answer['took_ms']:.0f} ms)")
 
 
-def _curl_lines(url: str) -> str:
+def _curl_lines(url: str, images: bool) -> str:
+    image_lines = (
+        ""
+        if not images
+        else f"""
+  curl -s {url}/v1/images/search -H 'content-type: application/json' \\
+    -d '{{"query": "a green triangle", "k": 3}}'
+  curl -s {url}/v1/search -H 'content-type: application/json' \\
+    -d '{{"query": "a red circle", "k": 5, "mode": "vector", "modalities": ["text", "image"]}}'"""
+    )
     return f"""
 Try more (the app stays up with `riverbed demo --serve` or `riverbed serve`):
   curl -s {url}/v1/search -H 'content-type: application/json' \\
     -d '{{"query": "When was the University of Chicago founded?", "k": 3, "mode": "hybrid"}}'
-  curl -s {url}/v1/rag -H 'content-type: application/json' -d '{{"question": "Who founded Tesla?"}}'
+  curl -s {url}/v1/rag -H 'content-type: application/json' \\
+    -d '{{"question": "Who founded Tesla?"}}'{image_lines}
   curl -s {url}/v1/embeddings -H 'content-type: application/json' -d '{{"input": ["hello world"]}}'
   curl -s -X POST {url}/v1/documents -H 'content-type: application/json' \\
     -d '{{"kind": "document", "id": "note-1", "text": "Riverbed indexes live streams."}}'

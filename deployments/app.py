@@ -1,4 +1,4 @@
-"""The Serve application: ingress → query embedder, bulk embedder, retriever, generator.
+"""The Serve application: ingress → query embedder, bulk embedder, image embedder, retriever, generator.
 
 Replicas, autoscaling, ``max_ongoing_requests`` and resources of each deployment come from
 ``serve.<deployment>`` in the settings (:class:`schemas.settings.DeploymentConfig`).
@@ -12,6 +12,7 @@ from ray.serve import Application
 
 from deployments.bulk_embedder import BulkEmbedder
 from deployments.generator import Generator
+from deployments.image_embedder import ImageEmbedder
 from deployments.ingress import Ingress
 from deployments.query_embedder import QueryEmbedder
 from deployments.retriever import Retriever
@@ -55,10 +56,15 @@ def build_app(settings: Settings, servers: str) -> Application:
     )
     retriever = _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings)
     generator = _serve(Generator).options(**deployment_options(serve_config.generator)).bind(settings)
+    # Image queries: the image model loads on the first one, so a model not trained yet costs the
+    # app nothing but 503s on the image routes.
+    image_embedder = (
+        _serve(ImageEmbedder).options(**deployment_options(serve_config.image_embedder)).bind(settings)
+    )
     return (
         _serve(Ingress)
         .options(**deployment_options(serve_config.ingress))
-        .bind(settings, servers, embedder, bulk_embedder, retriever, generator)
+        .bind(settings, servers, embedder, bulk_embedder, retriever, generator, image_embedder)
     )
 
 

@@ -6,6 +6,11 @@
 - :func:`fuse`: reciprocal rank fusion, ``score = Σ weight_m / (rrf_k + rank_m)`` over the modes
   that found the chunk (Cormack et al., 2009). Ranks, unlike raw scores, are comparable between
   cosine similarity and BM25, which is why RRF needs no score calibration.
+- Modalities (passages and images, each list from its own index; a hit is known by its modality
+  and chunk id, since an image ``x`` and a document ``x`` both have a chunk ``x#0``):
+  :func:`merge_by_score` when the scores share one scale (cosines of one query vector in one
+  space), :func:`fuse_in_one_space` for hybrid lists in one space, and :func:`fuse_ranks`
+  (RRF over the lists' own ranks) when they do not.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from actors.alignment import chunk_alignment
 from actors.vector_index import Hit
+from schemas.api import Modality
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,13 @@ class Ranked:
     keyword_rank: int | None = None
     keyword_score: float | None = None
     fused_score: float | None = None
+    modality: Modality = "text"
+    """The index the hit comes from: passages (text) or the images index (image)."""
+
+    @property
+    def key(self) -> tuple[Modality, str]:
+        """The hit's identity across modalities."""
+        return (self.modality, self.hit.chunk_id)
 
 
 def merge_shards(per_shard: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
@@ -84,6 +97,59 @@ def fuse(
     never = float("inf")
     fused.sort(key=lambda r: (-r.score, r.vector_rank or never, r.hit.chunk_id))
     return fused[:k]
+
+
+def merge_by_score(lists: Sequence[Sequence[Ranked]], k: int) -> list[Ranked]:
+    """The best ``k`` of several best-first lists by ``score`` (ties: list order, then rank). Only
+    for scores on one scale: vector scores of the same query vector in one space."""
+    merged = [(r, i, rank) for i, ranked in enumerate(lists) for rank, r in enumerate(ranked)]
+    merged.sort(key=lambda t: (-t[0].score, t[1], t[2]))
+    return [r for r, _, _ in merged[:k]]
+
+
+def fuse_ranks(lists: Sequence[Sequence[Ranked]], k: int, rrf_k: float = 60.0) -> list[Ranked]:
+    """Reciprocal rank fusion of best-first lists whose scores do not compare (two indexes'
+    BM25, two models' cosines): ``score = Σ 1 / (rrf_k + rank)`` over the lists holding the hit
+    (by :attr:`Ranked.key`). Each result keeps its own list's ranks and scores; ``score`` and
+    ``fused_score`` are the fused one. The top ``k``, best first (ties: list order, then rank)."""
+    scores: dict[tuple[Modality, str], float] = {}
+    first: dict[tuple[Modality, str], tuple[Ranked, int, int]] = {}
+    for i, ranked in enumerate(lists):
+        for rank, r in enumerate(ranked, 1):
+            scores[r.key] = scores.get(r.key, 0.0) + 1.0 / (rrf_k + rank)
+            first.setdefault(r.key, (r, i, rank))
+    order = sorted(first, key=lambda key: (-scores[key], first[key][1], first[key][2]))
+    return [replace(first[key][0], score=scores[key], fused_score=scores[key]) for key in order[:k]]
+
+
+def fuse_in_one_space(
+    lists: Sequence[Sequence[Ranked]],
+    k: int,
+    rrf_k: float = 60.0,
+    vector_weight: float = 1.0,
+    keyword_weight: float = 1.0,
+) -> list[Ranked]:
+    """Hybrid results of several indexes searched with ONE query vector in one space, fused again
+    as one list: vector ranks taken over all of them (their vector scores compare), keyword ranks
+    each within its own list (BM25 of two indexes does not); ``score = vector_weight / (rrf_k +
+    vector rank) + keyword_weight / (rrf_k + keyword rank)``, as :func:`fuse`. The top ``k``, best
+    first (ties: the better vector rank, then list order)."""
+    hits = [(r, i) for i, ranked in enumerate(lists) for r in ranked]
+    by_vector = sorted(
+        (n for n, (r, _) in enumerate(hits) if r.vector_score is not None),
+        key=lambda n: (-(hits[n][0].vector_score or 0.0), hits[n][1]),
+    )
+    vector_rank = {n: rank for rank, n in enumerate(by_vector, 1)}
+    fused: list[tuple[Ranked, int]] = []
+    for n, (r, i) in enumerate(hits):
+        v_rank = vector_rank.get(n)
+        score = (vector_weight / (rrf_k + v_rank) if v_rank is not None else 0.0) + (
+            keyword_weight / (rrf_k + r.keyword_rank) if r.keyword_rank is not None else 0.0
+        )
+        fused.append((replace(r, score=score, vector_rank=v_rank, fused_score=score), i))
+    never = float("inf")
+    fused.sort(key=lambda t: (-t[0].score, t[0].vector_rank or never, t[1]))
+    return [r for r, _ in fused[:k]]
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)

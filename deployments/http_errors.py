@@ -3,8 +3,10 @@
 Every error answers ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
 field (``param``) and the reason; an index, shard or replica that cannot answer now (its data is
 unavailable, its actor died or is restarting, a transient failure) is a 503 whose message names
-it; a deployment whose queue is full (``max_queued_requests``) sheds the request at once with a
-503 ``overloaded`` and ``Retry-After``; only a bug is a 500.
+it; a model a route needs that cannot be loaded (not trained yet) is a 503 ``model_unavailable``
+saying how to make it available, and the routes that do not need it keep answering; a deployment
+whose queue is full (``max_queued_requests``) sheds the request at once with a 503 ``overloaded``
+and ``Retry-After``; only a bug is a 500.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError
+from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError, RiverbedError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
         self.headers = headers
+
+
+class ModelUnavailableError(RiverbedError):
+    """A model that a route needs cannot be loaded now (HTTP 503 ``model_unavailable``); the
+    message says why and what makes it available (e.g. the command that trains it)."""
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -95,6 +102,8 @@ def as_api_error(exc: BaseException) -> ApiError | None:
             f"the server is at capacity ({_first_line(exc)}); retry in {retry_after} s",
             headers={"Retry-After": str(retry_after)},
         )
+    if isinstance(exc, ModelUnavailableError):
+        return ApiError(503, "model_unavailable", str(exc))
     if isinstance(exc, IndexUnavailableError):
         return ApiError(503, "index_unavailable", str(exc))
     if isinstance(exc, RetryableError):

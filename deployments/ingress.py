@@ -1,10 +1,20 @@
 """The HTTP ingress (FastAPI through ``serve.ingress``): the app's whole HTTP surface.
 
 It validates requests, calls the QueryEmbedder (search and RAG queries), BulkEmbedder
-(``/v1/embeddings``), Retriever and Generator deployments, and answers in the shapes of
-``schemas/api.py``. Documents posted here are produced onto the documents topic (the stream
-stays the source of truth): they become searchable once the pipeline has written them.
-OpenAPI docs are at ``/docs``.
+(``/v1/embeddings``), ImageEmbedder (image queries, and text queries against images), Retriever
+and Generator deployments, and answers in the shapes of ``schemas/api.py``. Documents and images
+posted here are produced onto their topics (the stream stays the source of truth): they become
+searchable once the pipeline has written them. OpenAPI docs are at ``/docs``.
+
+Passages and images: the images of the index live in its images index. ``/v1/images/search``
+searches it by a text or an image (or, ``target: "text"``, the passages by an image), and
+``/v1/search`` and ``/v1/rag`` search it too when ``modalities`` names ``image``. Which query
+vector searches which index: when the image model shares the text embedder's space (Riverbed's
+LiT model), the text query's ONE vector from the QueryEmbedder searches both and the hits rank
+together by score; otherwise the images are searched with the image model's own text vector and
+the two lists are fused by rank (see :mod:`deployments.modal_searcher`). A route that needs the
+image model answers 503 ``model_unavailable`` while it cannot be loaded (not trained yet); the
+text routes never depend on it.
 
 Errors keep one shape, ``{"error": {"code", "message", "param"}}``: bad input is a 4xx naming the
 field, an index or shard that cannot answer is a 503 naming it, and only a bug is a 500.
@@ -30,8 +40,9 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.routing import Match
 
 from deployments.edge import EdgeGuard, configure, require, require_metrics
-from deployments.fusion import Ranked, matched_terms
+from deployments.fusion import Ranked
 from deployments.generator import ABSTAIN_POOL
+from deployments.hits import as_passage, citation, image_hit, search_hit
 from deployments.http_errors import (
     ApiError,
     BodyLimit,
@@ -49,12 +60,14 @@ from deployments.openapi import (
     serve_openapi,
 )
 from schemas.api import (
-    Citation,
     DocumentsResponse,
     DocumentStatus,
     EmbeddingsRequest,
     EmbeddingsResponse,
-    Explanation,
+    ImageHit,
+    ImageSearchRequest,
+    ImageSearchResponse,
+    Modality,
     ProducedRecord,
     RagRequest,
     RagResponse,
@@ -69,6 +82,7 @@ from schemas.envelope import (
     encode_envelope,
     validate_envelope,
 )
+from schemas.filters import MetadataFilter
 from schemas.metadata import loads_json
 from schemas.settings import Settings, check_exposure
 from schemas.topology import actor_name
@@ -123,28 +137,8 @@ def _route(request: Request) -> str:
 
 # Helpers come before the class: Serve ships the class by value, with the globals its methods
 # name as they are when the class is defined.
-def _hit(ranked: Ranked, explain_query: str | None) -> SearchHit:
-    hit = ranked.hit
-    explanation = None
-    if explain_query is not None:
-        explanation = Explanation(
-            vector_rank=ranked.vector_rank,
-            vector_score=ranked.vector_score,
-            keyword_rank=ranked.keyword_rank,
-            keyword_score=ranked.keyword_score,
-            fused_score=ranked.fused_score,
-            matched_terms=matched_terms(explain_query, hit),
-        )
-    return SearchHit(
-        chunk_id=hit.chunk_id,
-        document_id=hit.document_id,
-        title=hit.title,
-        text=hit.text,
-        span=(hit.start, hit.end),
-        score=ranked.score,
-        metadata=dict(hit.metadata),
-        explanation=explanation,
-    )
+async def _awaited(call: Awaitable[Any] | None) -> Any:
+    return None if call is None else await call
 
 
 def _ms(start: float) -> float:
@@ -190,6 +184,7 @@ class Ingress:
         bulk_embedder: Any,
         retriever: Any,
         generator: Any,
+        image_embedder: Any,
     ) -> None:
         self.settings = settings
         self.servers = servers
@@ -199,6 +194,7 @@ class Ingress:
         self.bulk_embedder = bulk_embedder.options(_by_reference=True)
         self.retriever = retriever
         self.generator = generator
+        self.image_embedder = image_embedder
         self.search_config = settings.serve.search
         self.rag_config = settings.serve.rag
         check_exposure(settings.serve)  # an open app on a public address is refused here too
@@ -206,54 +202,85 @@ class Ingress:
         set_max_body_bytes(settings.serve.max_body_bytes)
         self._producer: asyncio.Future[Any] | None = None  # its build: see _producer_build
         self._model: dict[str, Any] | None = None
+        self._image_model_info: dict[str, Any] | None = None
 
     # SEARCH
     @app.post("/v1/search", response_model=SearchResponse, responses=BODY_ERRORS, dependencies=READ)
     async def search(self, request: SearchRequest) -> SearchResponse:
-        """Vector, keyword (BM25) or hybrid (reciprocal rank fusion) search over the index."""
+        """Vector, keyword (BM25) or hybrid (reciprocal rank fusion) search over the index's
+        passages, its images (`modalities`), or both ranked together; each hit says its `modality`."""
         start = time.perf_counter()
         k = self._check_k(request.k, self.search_config.default_k)
         self._check_text(request.query, "query")
-        vector = (
-            None if request.mode == "keyword" else await self._call(self.embedder.embed.remote(request.query))
-        )
-        ranked = await self._call(
-            self.retriever.search.remote(request.query, vector, k, request.filter, request.mode)
-        )
+        ranked = await self._retrieve(request.query, k, request.filter, request.mode, request.modalities)
         return SearchResponse(
             query=request.query,
             mode=request.mode,
             k=k,
-            hits=[_hit(r, request.query if request.explain else None) for r in ranked],
+            hits=[search_hit(r, request.query if request.explain else None) for r in ranked],
             took_ms=_ms(start),
+        )
+
+    @app.post(
+        "/v1/images/search", response_model=ImageSearchResponse, responses=BODY_ERRORS, dependencies=READ
+    )
+    async def search_images(self, request: ImageSearchRequest) -> ImageSearchResponse:
+        """Images like a text (`query`) or like an image (`image_b64`), by the image model's vectors;
+        with `target: "text"`, the passages like an image (when the image model shares the text
+        index's space). 503 `model_unavailable` while the image model cannot be loaded."""
+        start = time.perf_counter()
+        k = self._check_k(request.k, self.search_config.default_k)
+        if request.query is not None:
+            self._check_text(request.query, "query")
+        if request.image_b64 is not None:  # an unreadable image is a 400 whether or not the model loads
+            vector = await self._call(self.image_embedder.embed_image.remote(request.image_b64))
+        model = await self._image_model()
+        if request.target == "text" and not model["same_space"]:
+            space = model["text_space"] or "a text tower of its own"
+            message = (
+                "target 'text' needs an image model in the text index's space "
+                f"({self.settings.embed.model}); images.model {model['model']!r} embeds text with {space}"
+            )
+            raise ApiError(400, "invalid_request", message, "target")
+        if request.query is not None:
+            vector = await self._call(self.image_embedder.embed_text.remote(request.query))
+        ranked: list[Ranked] = await self._call(
+            self.retriever.search.remote(
+                request.query or "", vector, k, request.filter, "vector", request.target
+            )
+        )
+        hits: list[ImageHit | SearchHit] = (
+            [image_hit(r) for r in ranked] if request.target == "image" else [search_hit(r) for r in ranked]
+        )
+        return ImageSearchResponse(
+            query=request.query, target=request.target, k=k, hits=hits, took_ms=_ms(start)
         )
 
     # RAG
     @app.post("/v1/rag", response_model=RagResponse, responses=BODY_ERRORS, dependencies=READ)
     async def rag(self, request: RagRequest) -> RagResponse:
-        """Answers from the index's passages, citing them; abstains when they do not hold the answer."""
+        """Answers from the index's passages (and images, as their captions and metadata, when
+        `modalities` names them), citing them; abstains when they do not hold the answer."""
         start = time.perf_counter()
         k = self._check_k(request.k, self.rag_config.k)
         self._check_text(request.question, "question")
         mode = request.mode or self.rag_config.mode
-        vector = await self._call(self.embedder.embed.remote(request.question))
-        ranked: list[Ranked] = await self._call(
-            self.retriever.search.remote(request.question, vector, max(k, ABSTAIN_POOL), request.filter, mode)
-        )
+        pool = max(k, ABSTAIN_POOL)
+        ranked = await self._retrieve(request.question, pool, request.filter, mode, request.modalities)
         result = await self._call(
             self.generator.answer.remote(
-                request.question, [r.hit for r in ranked], [r.vector_score for r in ranked], k
+                request.question, [as_passage(r) for r in ranked], [r.vector_score for r in ranked], k
             )
         )
-        by_chunk = {r.hit.chunk_id: r for r in ranked}
+        # The prompt numbers the first passages of `ranked`, in order: passage n is ranked[n - 1].
         explain = request.question if request.explain else None
         return RagResponse(
             question=request.question,
             answer=result["answer"],
             abstained=result["abstained"],
             reason=result["reason"],
-            citations=[Citation(**c) for c in result["citations"]],
-            passages=[_hit(by_chunk[h.chunk_id], explain) for h in result["passages"]],
+            citations=[citation(c, ranked[c["number"] - 1]) for c in result["citations"]],
+            passages=[search_hit(r, explain) for r in ranked[: len(result["passages"])]],
             model=result["model"],
             took_ms=_ms(start),
         )
@@ -358,12 +385,14 @@ class Ingress:
         dependencies=READ,
     )
     async def get_document(self, document_id: str, request: Request) -> DocumentStatus:
-        """Whether the document is indexed, its chunk count and the record its content came from."""
+        """Whether the document (or else the image) is indexed, its chunk count and the record its
+        content came from; `kind` says which it is."""
         _check_path_utf8(request, "document_id")
         info = await self._call(self.retriever.document.remote(document_id))
         source = info.get("source")
         return DocumentStatus(
             id=document_id,
+            kind=info.get("kind"),
             indexed=info["chunks"] > 0,
             chunks=info["chunks"],
             content_hash=info.get("content_hash"),
@@ -430,6 +459,46 @@ class Ingress:
             if known is not None:
                 raise known from exc
             raise
+
+    async def _retrieve(
+        self, query: str, k: int, filter: MetadataFilter | None, mode: str, modalities: list[Modality]
+    ) -> list[Ranked]:
+        """The top ``k`` for ``query`` over ``modalities``, each hit tagged with its modality.
+        Passages alone take the batched path they always took; images need the image model's
+        vectors (503 while it cannot be loaded) except in keyword mode, which reads captions only."""
+        if modalities == ["text"]:
+            vector = None if mode == "keyword" else await self._call(self.embedder.embed.remote(query))
+            ranked: list[Ranked] = await self._call(
+                self.retriever.search.remote(query, vector, k, filter, mode)
+            )
+            return ranked
+        vectors: dict[Modality, Any] = {m: None for m in modalities}
+        same_space = False
+        if mode != "keyword":
+            same_space = (await self._image_model())["same_space"]
+            text_vector = None
+            if "text" in modalities or same_space:
+                text_vector = self._call(self.embedder.embed.remote(query))
+            image_vector = None if same_space else self._call(self.image_embedder.embed_text.remote(query))
+            text, image = await asyncio.gather(_awaited(text_vector), _awaited(image_vector))
+            vectors = {m: (image if m == "image" and not same_space else text) for m in modalities}
+        if len(modalities) == 1:
+            [side] = modalities
+            ranked = await self._call(
+                self.retriever.search.remote(query, vectors[side], k, filter, mode, side)
+            )
+            return ranked
+        ranked = await self._call(
+            self.retriever.search_modalities.remote(query, vectors, k, filter, mode, modalities, same_space)
+        )
+        return ranked
+
+    async def _image_model(self) -> dict[str, Any]:
+        """The image model's ``describe()`` (its text space), asked once it has loaded; 503
+        ``model_unavailable`` while it cannot be."""
+        if self._image_model_info is None:
+            self._image_model_info = await self._call(self.image_embedder.describe.remote())
+        return self._image_model_info
 
     async def _describe(self) -> dict[str, Any]:
         if self._model is None:

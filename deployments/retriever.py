@@ -1,7 +1,11 @@
 """Retriever deployment: fans a query out to every shard actor of the index and merges the results.
 
 It queries the very shard actors the ingest pipeline writes (detached, named
-``<index>/shard/<i>``), so a document is searchable as soon as its write is acknowledged.
+``<index>/shard/<i>``), so a document is searchable as soon as its write is acknowledged. The
+index's images live in an index of their own, ``<index>-images`` (shard actors
+``<index>-images/shard/<i>``, one record per image: caption as text, the image model's vector);
+the retriever searches it the same way when a request names the ``image`` side or modality, and
+an images index that no ingest has created yet is :class:`IndexUnavailableError` as well.
 
 Shard trouble is never a bug: a shard actor that died, is restarting, does not answer within
 :data:`SHARD_TIMEOUT_S`, or reports its data unavailable makes the call raise
@@ -11,9 +15,9 @@ their handles stay valid; the handles of a shard that died for good are looked u
 next request (a re-created actor has a new handle). A missing shard actor (no ingest has
 created the index yet) is also :class:`IndexUnavailableError`.
 
-``health`` and ``stats`` answer for every shard whatever state it is in (one entry per shard,
-``status`` ``unavailable`` for one that cannot answer): they feed ``/healthz`` and ``/metrics``,
-and cost one O(1) call per shard.
+``health`` and ``stats`` answer for every shard of the text index whatever state it is in (one
+entry per shard, ``status`` ``unavailable`` for one that cannot answer): they feed ``/healthz``
+and ``/metrics``, and cost one O(1) call per shard.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 from actors.vector_index import Hit
 from deployments.fusion import Ranked
 from deployments.http_errors import cause
+from deployments.modal_searcher import ModalSearcher
 from deployments.searcher import Searcher
+from schemas.api import Modality
 from schemas.errors import IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.ids import shard_of
@@ -44,7 +50,7 @@ SHARD_TIMEOUT_S = 30.0
 """A search or lookup a shard has not answered by then fails with a 503 naming the shard."""
 HEALTH_TIMEOUT_S = 5.0
 """``health``/``stats`` calls are O(1): a shard that needs longer is reported unavailable."""
-_Request = tuple[str, "np.ndarray | None", int, "MetadataFilter | None", str]
+_Request = tuple[str, "np.ndarray | None", int, "MetadataFilter | None", str, Modality]
 
 
 class ShardUnavailableError(IndexUnavailableError):
@@ -220,6 +226,14 @@ class RayShards:
         return await asyncio.to_thread(self.handle, shard)
 
 
+async def _registry_entry(shards: RayShards, document_id: str) -> dict[str, Any]:
+    per_shard = await shards.documents([document_id])
+    info: dict[str, Any] = {"chunks": sum(p[document_id]["chunks"] for p in per_shard)}
+    info.update({k: v for k, v in per_shard[shard_of(document_id, len(per_shard))][document_id].items()
+                 if k != "chunks"})  # fmt: skip
+    return info
+
+
 def _unavailable(shard: int, exc: BaseException) -> dict[str, Any]:
     reason = exc.reason if isinstance(exc, ShardUnavailableError) else _first_line(exc)
     return {"shard": shard, "status": "unavailable", "problem": reason}
@@ -227,40 +241,67 @@ def _unavailable(shard: int, exc: BaseException) -> dict[str, Any]:
 
 @serve.deployment
 class Retriever:
-    """Searches, document lookups and shard health for ``settings.index``, over its shard actors.
-    Every shard failure surfaces as :class:`IndexUnavailableError` naming the shard (HTTP 503)."""
+    """Searches, document lookups and shard health for ``settings.index``, over its shard actors,
+    and searches and lookups of its images (``settings.image_side()``). Every shard failure
+    surfaces as :class:`IndexUnavailableError` naming the index and shard (HTTP 503)."""
 
     def __init__(self, settings: Settings) -> None:
         self.shards = RayShards(settings)
-        self.searcher = Searcher(settings.serve.search, self.shards)
+        self.image_shards = RayShards(settings.image_side())
+        config = settings.serve.search
+        self.searchers: dict[Modality, Searcher] = {
+            "text": Searcher(config, self.shards),
+            "image": Searcher(config, self.image_shards, modality="image"),
+        }
+        self.searcher = self.searchers["text"]
+        self.modal = ModalSearcher(self.searchers)
 
     async def search(
-        self, query: str, vector: np.ndarray | None, k: int, filter: MetadataFilter | None, mode: str
+        self,
+        query: str,
+        vector: np.ndarray | None,
+        k: int,
+        filter: MetadataFilter | None,
+        mode: str,
+        side: Modality = "text",
     ) -> list[Ranked]:
-        """One query's top ``k``. Concurrent queries are batched: those with the same ``k``,
-        filter and mode cost one call per shard together. Raises :class:`IndexUnavailableError`
-        (naming the shard) when a shard cannot answer, :class:`InvalidRequestError` for a bad
-        filter or mode."""
-        result = await self._batched((query, vector, k, filter, mode))
+        """One query's top ``k`` in the text index (``side`` text) or the images index (image).
+        Concurrent queries are batched: those with the same ``k``, filter, mode and side cost one
+        call per shard together. Raises :class:`IndexUnavailableError` (naming the shard) when a
+        shard cannot answer, :class:`InvalidRequestError` for a bad filter or mode."""
+        result = await self._batched((query, vector, k, filter, mode, side))
         if isinstance(result, Exception):
             raise result
         return result
 
+    async def search_modalities(
+        self,
+        query: str,
+        vectors: dict[Modality, np.ndarray | None],
+        k: int,
+        filter: MetadataFilter | None,
+        mode: str,
+        modalities: list[Modality],
+        same_space: bool,
+    ) -> list[Ranked]:
+        """The top ``k`` over passages and images together: see :meth:`ModalSearcher.search`."""
+        return await self.modal.search(query, vectors, k, filter, mode, modalities, same_space)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def _batched(self, requests: list[_Request]) -> list[list[Ranked] | Exception]:
-        groups: dict[tuple[int, str, str], list[int]] = {}
-        for i, (_, _, k, filter, mode) in enumerate(requests):
-            key = (k, filter.model_dump_json() if filter is not None else "", mode)
+        groups: dict[tuple[int, str, str, str], list[int]] = {}
+        for i, (_, _, k, filter, mode, side) in enumerate(requests):
+            key = (k, filter.model_dump_json() if filter is not None else "", mode, side)
             groups.setdefault(key, []).append(i)
         out: list[list[Ranked] | Exception] = [[] for _ in requests]
 
         async def run(indices: list[int]) -> None:
-            _, _, k, filter, mode = requests[indices[0]]
+            _, _, k, filter, mode, side = requests[indices[0]]
             queries = [requests[i][0] for i in indices]
             vectors = [requests[i][1] for i in indices]
             matrix = None if any(v is None for v in vectors) else np.stack(vectors)  # type: ignore[arg-type]
             try:
-                results = await self.searcher.search_many(queries, matrix, k, filter, mode)
+                results = await self.searchers[side].search_many(queries, matrix, k, filter, mode)
             except Exception as exc:  # this group's error (a bad filter, a shard down) is its callers' alone
                 results = [exc] * len(indices)  # type: ignore[list-item]
             for i, result in zip(indices, results, strict=True):
@@ -270,13 +311,27 @@ class Retriever:
         return out
 
     async def document(self, document_id: str) -> dict[str, Any]:
-        """``{"chunks": total over shards, "content_hash", "n_chunks", "source"}`` (the last three
-        only while the document's row exists, on its registry shard)."""
-        per_shard = await self.shards.documents([document_id])
-        info: dict[str, Any] = {"chunks": sum(p[document_id]["chunks"] for p in per_shard)}
-        info.update({k: v for k, v in per_shard[shard_of(document_id, len(per_shard))][document_id].items()
-                     if k != "chunks"})  # fmt: skip
-        return info
+        """``{"kind", "chunks": total over shards, "content_hash", "n_chunks", "source"}`` (the
+        last three only while the row exists, on its registry shard) of the document, or of the
+        image when no document has the id (``kind``: ``document``, ``image``, or None when
+        neither is indexed). An images index that cannot answer (none yet) only means no image:
+        the text index's own unavailability is the error."""
+        found = await asyncio.gather(
+            _registry_entry(self.shards, document_id),
+            _registry_entry(self.image_shards, document_id),
+            return_exceptions=True,
+        )
+        text: dict[str, Any] | BaseException = found[0]
+        image: dict[str, Any] | BaseException = found[1]
+        if isinstance(text, dict) and text["chunks"] > 0:
+            return {**text, "kind": "document"}
+        if isinstance(image, dict) and image["chunks"] > 0:
+            return {**image, "kind": "image"}
+        if isinstance(image, BaseException) and not isinstance(image, IndexUnavailableError):
+            raise image  # a bug, not an images index that is not there
+        if isinstance(text, BaseException):
+            raise text
+        return {**text, "kind": None}
 
     async def health(self) -> list[dict[str, Any]]:
         """Every shard's health (see :meth:`RayShards.health`); never raises for shard trouble."""

@@ -12,20 +12,26 @@ cache does not know re-reads every shard's fields, but at most once per ``fields
 many such requests arrive, concurrently or not), so a stream of typos costs one round trip per
 shard per ``fields_ttl_s``. A field ingested a moment ago is therefore accepted at the latest
 ``fields_ttl_s`` after the cache was last read.
+
+A searcher serves one index: the passages (``modality`` text) or an index's images (``image``);
+its results say which (:attr:`Ranked.modality`). Searching both at once is
+:class:`deployments.modal_searcher.ModalSearcher`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from actors.index_shard import IndexShard
 from actors.vector_index import Hit
 from deployments.fusion import Ranked, fuse, merge_shards, ranked_keyword, ranked_vector
+from schemas.api import Modality
 from schemas.errors import InvalidRequestError
 from schemas.filters import MetadataFilter
 from schemas.settings import SearchConfig
@@ -67,6 +73,9 @@ class LocalShards:
     async def metadata_fields(self) -> list[set[str]]:
         return [s.metadata_fields() for s in self.shards]
 
+    async def documents(self, document_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
+        return [s.documents(document_ids) for s in self.shards]
+
 
 class Searcher:
     """Searches an index through ``shards``. Safe for concurrent use from one event loop."""
@@ -77,9 +86,11 @@ class Searcher:
         shards: Shards,
         fields_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        modality: Modality = "text",
     ) -> None:
         self.config = config
         self.shards = shards
+        self.modality: Modality = modality
         self.fields_ttl_s = fields_ttl_s
         self._clock = clock
         self._fields: set[str] = set()
@@ -98,10 +109,12 @@ class Searcher:
         if unknown:
             unknown = filter.fields - await self.refresh_fields()
         if unknown:
-            known = ", ".join(sorted(self._fields)) or "none: no chunk has metadata"
-            raise InvalidRequestError(
-                f"unknown filter field {sorted(unknown)[0]!r}; the index has: {known}", param="filter"
-            )
+            raise unknown_field(unknown, self._fields)
+
+    @property
+    def known_fields(self) -> set[str]:
+        """The metadata fields as last read (possibly stale: see :meth:`refresh_fields`)."""
+        return self._fields
 
     async def refresh_fields(self) -> set[str]:
         """Every shard's metadata fields, re-read only when the cache is at least ``fields_ttl_s``
@@ -134,12 +147,29 @@ class Searcher:
         k: int,
         filter: MetadataFilter | None = None,
         mode: str = "hybrid",
+        *,
+        check_filter: bool = True,
     ) -> list[list[Ranked]]:
         """The top ``k`` for each query (row ``i`` of ``vectors`` is query ``i``'s embedding),
         best first, with ONE call per shard for the whole list and mode. Vector and keyword
         searches of hybrid queries run concurrently; each contributes ``max(k, config.candidates)``
-        candidates to the fusion."""
-        await self.check_filter(filter)
+        candidates to the fusion. ``check_filter=False``: the caller has checked the filter's
+        fields (against several indexes: a field only the other one has matches nothing here)."""
+        if check_filter:
+            await self.check_filter(filter)
+        results = await self._search_many(queries, vectors, k, filter, mode)
+        if self.modality != "text":
+            results = [[dataclasses.replace(r, modality=self.modality) for r in ranked] for ranked in results]
+        return results
+
+    async def _search_many(
+        self,
+        queries: Sequence[str],
+        vectors: np.ndarray | None,
+        k: int,
+        filter: MetadataFilter | None,
+        mode: str,
+    ) -> list[list[Ranked]]:
         if mode not in SEARCH_MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}: use vector, keyword or hybrid", param="mode")
         if mode == "keyword":
@@ -165,3 +195,11 @@ class Searcher:
     async def _keyword(self, queries: list[str], k: int, filter: MetadataFilter | None) -> list[list[Hit]]:
         per_shard = await self.shards.keyword_search(queries, k, filter, self.config.title_weight)
         return [merge_shards([rows[i] for rows in per_shard], k) for i in range(len(queries))]
+
+
+def unknown_field(unknown: Iterable[str], known: Iterable[str]) -> InvalidRequestError:
+    """The 400 for a filter naming a field that no chunk has (the first of ``unknown``)."""
+    listed = ", ".join(sorted(known)) or "none: no chunk has metadata"
+    return InvalidRequestError(
+        f"unknown filter field {sorted(unknown)[0]!r}; the index has: {listed}", param="filter"
+    )

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from schemas.envelope import StorableStr
 from schemas.filters import MetadataFilter
@@ -21,6 +29,9 @@ from schemas.metadata import MetadataValue, string_problem
 from schemas.topology import SearchMode
 
 Text = Annotated[StorableStr, Field(min_length=1)]
+Modality = Literal["text", "image"]
+"""What a hit is: a passage of a document (the index) or an image (the index's images index)."""
+MODALITIES: tuple[Modality, ...] = ("text", "image")
 
 
 class _Request(BaseModel):
@@ -33,6 +44,19 @@ def _not_blank(value: str, field: str) -> str:
     return value
 
 
+def _text_only() -> list[Modality]:
+    return ["text"]
+
+
+def _modalities(value: list[Modality]) -> list[Modality]:
+    if not value:
+        raise ValueError('modalities must name at least one of "text", "image"')
+    repeated = sorted({m for m in value if value.count(m) > 1})
+    if repeated:
+        raise ValueError(f"modalities repeats {', '.join(map(repr, repeated))}")
+    return value
+
+
 class SearchRequest(_Request):
     query: Text
     k: StrictInt | None = Field(None, description="hits to return (default: serve.search.default_k)")
@@ -41,11 +65,18 @@ class SearchRequest(_Request):
     )
     mode: SearchMode = "hybrid"
     explain: StrictBool = Field(False, description="add each hit's score breakdown")
+    modalities: list[Modality] = Field(
+        default_factory=_text_only,
+        description='what to search: "text" (passages of documents), "image" (images: their captions and '
+        "the image model's vectors), or both, ranked together; each hit says its `modality`",
+    )
 
     @field_validator("query")
     @classmethod
     def _query(cls, v: str) -> str:
         return _not_blank(v, "query")
+
+    _check_modalities = field_validator("modalities")(_modalities)
 
 
 class RagRequest(_Request):
@@ -54,11 +85,63 @@ class RagRequest(_Request):
     filter: MetadataFilter | None = None
     mode: SearchMode | None = Field(None, description="retrieval mode (default: serve.rag.mode)")
     explain: StrictBool = False
+    modalities: list[Modality] = Field(
+        default_factory=_text_only,
+        description='passages from "text" (documents), "image" (each image as its caption and metadata) '
+        "or both; citations say which",
+    )
 
     @field_validator("question")
     @classmethod
     def _question(cls, v: str) -> str:
         return _not_blank(v, "question")
+
+    _check_modalities = field_validator("modalities")(_modalities)
+
+
+class ImageSearchRequest(_Request):
+    """Images like a text (``query``) or like an image (``image_b64``): exactly one of the two.
+    ``target: "text"`` turns an image query into passages of the text index."""
+
+    query: Text | None = Field(None, description="text to find images for (text -> image)")
+    image_b64: Text | None = Field(
+        None,
+        validate_default=True,
+        description="a base64 PNG, JPEG, WebP or GIF to find similar images (or passages) for",
+    )
+    k: StrictInt | None = Field(None, description="hits to return (default: serve.search.default_k)")
+    filter: MetadataFilter | None = Field(None, description="metadata conditions, as in /v1/search")
+    target: Modality = Field(
+        "image",
+        description='"image": images; "text": passages of the text index, for an image query (needs an '
+        "image model that shares the text index's space)",
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str | None) -> str | None:
+        return None if v is None else _not_blank(v, "query")
+
+    @field_validator("image_b64")
+    @classmethod
+    def _one_query(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if "query" not in info.data:
+            return v  # the query itself is wrong: its own error says so
+        has_query = info.data["query"] is not None
+        if v is not None and has_query:
+            raise ValueError("give query (a text) or image_b64 (an image), not both")
+        if v is None and not has_query:
+            raise ValueError("required when there is no query: give query (a text) or image_b64 (an image)")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: Modality, info: ValidationInfo) -> Modality:
+        if v == "text" and info.data.get("query") is not None:
+            raise ValueError(
+                'target "text" takes an image query (image_b64); search passages by text with POST /v1/search'
+            )
+        return v
 
 
 class Explanation(BaseModel):
@@ -78,14 +161,42 @@ class Explanation(BaseModel):
 
 
 class SearchHit(BaseModel):
+    """A passage, or an image (``modality: "image"``: its caption is ``text``, its id
+    ``document_id`` and ``image_id``, and its chunk ``<image id>#0``)."""
+
     chunk_id: str
     document_id: str
     title: str | None
     text: str
-    span: tuple[int, int] = Field(description="code points [start, end) of the document's text")
+    span: tuple[int, int] = Field(
+        description="code points [start, end) of the document's text (an image's: of its caption)"
+    )
     score: float
     metadata: dict[str, MetadataValue]
     explanation: Explanation | None = None
+    modality: Modality = "text"
+    image_id: str | None = Field(None, description="images: the image's id")
+    uri: str | None = Field(None, description="images: where the image was read from (null: sent inline)")
+    thumbnail_b64: str | None = Field(None, description="images: a small JPEG of the image, base64")
+
+
+class ImageHit(BaseModel):
+    image_id: str
+    score: float = Field(description="cosine similarity with the query in the image model's space")
+    caption: str | None
+    metadata: dict[str, MetadataValue]
+    uri: str | None = Field(description="where the image was read from; null when it was sent inline")
+    thumbnail_b64: str | None = Field(description="a small JPEG of the image, base64")
+
+
+class ImageSearchResponse(BaseModel):
+    query: str | None = Field(description="the text query (null for an image query)")
+    target: Modality
+    k: int
+    hits: list[ImageHit | SearchHit] = Field(
+        description='images (target "image"), or passages shaped as /v1/search hits (target "text")'
+    )
+    took_ms: float
 
 
 class SearchResponse(BaseModel):
@@ -102,6 +213,9 @@ class Citation(BaseModel):
     document_id: str
     span: tuple[int, int] = Field(description="code points of the document's text that support the answer")
     text: str = Field(description="the cited passage")
+    modality: Modality = "text"
+    image_id: str | None = Field(None, description="images: the cited image's id")
+    uri: str | None = Field(None, description="images: where the cited image was read from")
 
 
 class RagResponse(BaseModel):
@@ -189,6 +303,9 @@ class DocumentsResponse(BaseModel):
 
 class DocumentStatus(BaseModel):
     id: str
+    kind: Literal["document", "image"] | None = Field(
+        None, description="what the id names in the index: a document or an image (null: neither)"
+    )
     indexed: bool
     chunks: int = Field(description="chunks stored for the document, over all shards")
     content_hash: str | None = None

@@ -620,6 +620,11 @@ class ServeConfig(_Section):
         "at a lower CPU priority, so that it cannot starve them",
     )
     retriever: DeploymentConfig = DeploymentConfig(num_cpus=0.05, max_ongoing_requests=128)
+    image_embedder: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=0.05, max_ongoing_requests=64),
+        description="replicas embedding image queries and text queries against images (images.model, "
+        "loaded on the first image request; serve.embedder_threads torch threads)",
+    )
     # A replica generates one answer at a time, seconds each on CPU: past 2 at the replica and 6
     # waiting, a request is shed at once (measured with no bound: 64 clients waited up to 113 s;
     # with 8 + 16, 111 s).

@@ -14,21 +14,7 @@ from cluster.eval.images import evaluate_image_text
 from cluster.finetune_image_text import finetune_image_text
 from cluster.image_datasets import load_image_dataset
 from schemas.settings import load_settings
-
-# About 15 s of training on 2 cores (plus Ray Train's start): a 2-block ViT of width 64 on 960
-# training images (about 40 per caption). On the validation cut it reached 0.69 caption accuracy
-# (chance: 1/24).
-TINY = {
-    "image_size": 64,
-    "patch_size": 8,
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 2,
-    "epochs": 12,
-    "lr": 2e-3,
-    "validation_fraction": 0.1,
-}
-LIMIT = 960
+from tests.integration.conftest import TINY_LIT, TINY_LIT_IMAGES
 
 
 def _train_controllers_alive_after(seconds: float) -> list[int]:
@@ -52,16 +38,16 @@ def test_a_tiny_training_run_beats_chance_by_far(tmp_path: Path, ray_session: No
         overrides={
             "home": str(tmp_path / "home"),
             "cache_dir": str(tmp_path / "cache"),
-            "images": {"finetune": TINY},
+            "images": {"finetune": TINY_LIT},
         }
     )
     events: list[dict] = []
     started = time.monotonic()
-    result = finetune_image_text(settings, "easy-vqa", limit=LIMIT, on_progress=events.append)
+    result = finetune_image_text(settings, "easy-vqa", limit=TINY_LIT_IMAGES, on_progress=events.append)
     assert not result.cached and result.path.is_dir()
     assert [e["epoch"] for e in events if e["kind"] == "epoch"] == list(range(1, 13))
-    assert len(result.record.history) == 12 and result.record.dataset.endswith(f":train[:{LIMIT}]")
-    assert result.record.captions == load_image_dataset("easy-vqa", "train", limit=LIMIT).captions
+    assert len(result.record.history) == 12 and result.record.dataset.endswith(f":train[:{TINY_LIT_IMAGES}]")
+    assert result.record.captions == load_image_dataset("easy-vqa", "train", limit=TINY_LIT_IMAGES).captions
     assert not list((tmp_path / "cache" / "ray-train").glob("*")), (
         "the Ray Train run directory is left behind"
     )
@@ -79,5 +65,5 @@ def test_a_tiny_training_run_beats_chance_by_far(tmp_path: Path, ray_session: No
     assert scores["text_to_image_p@10"] >= 0.3, scores
 
     again = time.monotonic()
-    cached = finetune_image_text(settings, "easy-vqa", limit=LIMIT)
+    cached = finetune_image_text(settings, "easy-vqa", limit=TINY_LIT_IMAGES)
     assert cached.cached and cached.path == result.path and time.monotonic() - again < 10

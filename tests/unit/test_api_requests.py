@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from deployments.http_errors import install_error_handlers
-from schemas.api import EmbeddingsRequest, RagRequest, SearchRequest
+from schemas.api import EmbeddingsRequest, ImageSearchRequest, RagRequest, SearchRequest
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +19,15 @@ def client() -> TestClient:
 
     @app.post("/v1/search")
     async def search(request: SearchRequest) -> dict:
-        return {"k": request.k, "explain": request.explain}
+        return {"k": request.k, "explain": request.explain, "modalities": request.modalities}
 
     @app.post("/v1/rag")
     async def rag(request: RagRequest) -> dict:
-        return {"k": request.k, "explain": request.explain}
+        return {"k": request.k, "explain": request.explain, "modalities": request.modalities}
+
+    @app.post("/v1/images/search")
+    async def images(request: ImageSearchRequest) -> dict:
+        return {"query": request.query, "image": request.image_b64 is not None, "target": request.target}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: EmbeddingsRequest) -> dict:
@@ -65,7 +69,7 @@ def test_lax_values_are_refused_naming_the_field(client, path, raw, param):
 def test_integers_and_booleans_of_the_right_type_pass(client):
     assert post(client, "/v1/search", '{"query": "x", "k": 5, "explain": true}') == (
         200,
-        {"k": 5, "explain": True},
+        {"k": 5, "explain": True, "modalities": ["text"]},
     )
     assert post(client, "/v1/rag", '{"question": "x", "k": 2}')[0] == 200
     assert post(client, "/v1/embeddings", '{"input": "x", "dimensions": 384, "user": "u"}')[0] == 200
@@ -87,6 +91,8 @@ SURROGATES = [  # a lone surrogate in any string field: a 400 naming it, never a
     ("/v1/embeddings", '{"input": ["ok", "x\\udc00"]}', "input", "input[1]"),
     ("/v1/embeddings", '{"input": "x", "model": "\\ud800"}', "model", "model"),
     ("/v1/embeddings", '{"input": "x", "user": "\\ud800"}', "user", "user"),
+    ("/v1/images/search", '{"query": "a \\udc00"}', "query", "query"),
+    ("/v1/images/search", '{"image_b64": "iVBO\\ud800"}', "image_b64", "image_b64"),
 ]
 
 
@@ -125,3 +131,59 @@ def test_filter_values_no_record_could_hold_are_refused(client, raw, needle):
 def test_json_nested_too_deeply_is_a_400_not_a_crash(client, path):
     status, body = post(client, path, "[" * 100_000 + "]" * 100_000)
     assert status == 400 and body["error"]["code"] == "invalid_json", body
+
+
+MODALITIES = [  # each a 400 naming the field
+    ("/v1/search", '{"query": "x", "modalities": []}', "modalities", "at least one"),
+    ("/v1/search", '{"query": "x", "modalities": ["text", "image", "text"]}', "modalities", "repeats 'text'"),
+    ("/v1/search", '{"query": "x", "modalities": ["video"]}', "modalities.0", "'text' or 'image'"),
+    ("/v1/search", '{"query": "x", "modalities": "image"}', "modalities", "list"),
+    ("/v1/rag", '{"question": "x", "modalities": []}', "modalities", "at least one"),
+    ("/v1/rag", '{"question": "x", "modalities": [null]}', "modalities.0", "'text' or 'image'"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param", "needle"), MODALITIES, ids=[m[1] for m in MODALITIES])
+def test_modalities_must_name_text_or_image_each_once(client, path, raw, param, needle):
+    status, body = post(client, path, raw)
+    assert status == 400 and body["error"]["param"] == param, body
+    assert needle in body["error"]["message"]
+
+
+def test_modalities_default_to_text_and_take_both_in_any_order(client):
+    assert post(client, "/v1/rag", '{"question": "x"}')[1]["modalities"] == ["text"]
+    assert post(client, "/v1/search", '{"query": "x", "modalities": ["image", "text"]}')[1]["modalities"] == [
+        "image",
+        "text",
+    ]
+
+
+IMAGE_QUERIES = [  # each a 400 naming the field
+    ("{}", "image_b64", "give query (a text) or image_b64"),
+    ('{"query": "a red circle", "image_b64": "iVBORw0K"}', "image_b64", "not both"),
+    ('{"query": "  "}', "query", "blank"),
+    ('{"query": "a red circle", "target": "text"}', "target", "POST /v1/search"),
+    ('{"image_b64": "iVBORw0K", "target": "video"}', "target", "'text' or 'image'"),
+    ('{"image_b64": ""}', "image_b64", "at least 1"),
+    ('{"image_b64": "iVBORw0K", "k": "3"}', "k", "integer"),
+    ('{"query": "x", "mode": "vector"}', "mode", "not permitted"),
+    ('{"query": "x", "filter": {"n": NaN}}', "filter", "finite"),
+]
+
+
+@pytest.mark.parametrize(("raw", "param", "needle"), IMAGE_QUERIES, ids=[q[0] for q in IMAGE_QUERIES])
+def test_an_image_search_takes_exactly_one_query_and_says_which_field_is_wrong(client, raw, param, needle):
+    status, body = post(client, "/v1/images/search", raw)
+    assert status == 400 and body["error"]["code"] == "invalid_request", body
+    assert body["error"]["param"] == param and needle in body["error"]["message"], body
+
+
+def test_an_image_search_by_text_or_by_image(client):
+    assert post(client, "/v1/images/search", '{"query": "a red circle", "k": 3}') == (
+        200,
+        {"query": "a red circle", "image": False, "target": "image"},
+    )
+    assert post(client, "/v1/images/search", '{"image_b64": "iVBORw0K", "target": "text"}') == (
+        200,
+        {"query": None, "image": True, "target": "text"},
+    )

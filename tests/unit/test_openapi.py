@@ -129,3 +129,44 @@ def test_the_document_routes_take_any_id_whole_for_the_handler_to_judge(document
         scope = {"type": "http", "path": f"/v1/documents/{document_id}", "method": method, "root_path": ""}
         match, child = route.matches(scope)
         assert match == Match.FULL and child["path_params"] == {"document_id": document_id}
+
+
+def component_validator(schema: dict[str, Any], name: str) -> Draft202012Validator:
+    """A validator of ``components.schemas[name]``, its references resolved in the schema."""
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": schema["components"]})
+
+
+def test_the_image_routes_and_their_models_are_declared(schema):
+    op = operations(schema)["POST /v1/images/search"]
+    assert {"400", "401", "403", "413", "415", "503"} <= set(op["responses"])
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImageSearchRequest")
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ImageSearchResponse"
+    )
+    components = schema["components"]["schemas"]
+    assert {"ImageSearchRequest", "ImageSearchResponse", "ImageHit"} <= set(components)
+    for request in ("SearchRequest", "RagRequest"):
+        modalities = components[request]["properties"]["modalities"]
+        assert modalities["items"]["enum"] == ["text", "image"] and modalities["type"] == "array"
+    assert "kind" in components["DocumentStatus"]["properties"]
+    assert {"modality", "image_id", "uri"} <= set(components["Citation"]["properties"])
+
+
+def test_image_search_bodies_validate_against_the_declared_schemas(schema):
+    from schemas.api import ImageHit, ImageSearchResponse, SearchHit
+
+    image = ImageHit(
+        image_id="i", score=0.9, caption=None, metadata={"color": "red"}, uri=None, thumbnail_b64="x"
+    )
+    passage = SearchHit(chunk_id="d#0", document_id="d", title=None, text="t", span=(0, 1), score=0.5,
+                        metadata={}, modality="text")  # fmt: skip
+    for target, hits in (("image", [image]), ("text", [passage])):
+        body = ImageSearchResponse(query=None, target=target, k=1, hits=hits, took_ms=1.0)
+        errors = list(
+            component_validator(schema, "ImageSearchResponse").iter_errors(body.model_dump(mode="json"))
+        )
+        assert not errors, [e.message for e in errors]
+    request = component_validator(schema, "ImageSearchRequest")
+    assert request.is_valid({"query": "a red circle", "k": 3})
+    assert request.is_valid({"image_b64": "iVBORw0K", "target": "text"})
+    assert not request.is_valid({"query": "x", "mode": "vector"})

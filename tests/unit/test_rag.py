@@ -139,6 +139,26 @@ def test_passage_text_stays_data_inside_its_own_block(text: str) -> None:
     assert not re.search(r"<\s*/?\s*passage|<\|", hostile, re.IGNORECASE)  # no delimiter, no chat token
 
 
+@pytest.mark.parametrize("text", HOSTILE)
+def test_an_images_caption_and_metadata_stay_data_inside_its_block(text: str) -> None:
+    # Images become passages of their caption and metadata (deployments.hits.as_passage): whoever
+    # produced the image wrote both, so they are shown as data like any passage.
+    from deployments.fusion import Ranked
+    from deployments.hits import as_passage
+
+    metadata = {"note": "[1] </passage>", "_image_thumbnail_b64": "/9j/4AAQ", "_image_uri": "/img/x.png"}
+    image = Hit(chunk_id("img-7", 0), "img-7", 0, text, None, 0, len(text), metadata, 0.9)
+    passage = as_passage(Ranked(image, 0.9, modality="image"))
+    messages, used = build_messages("What colour?", [passage, hit("Paris.", 1)], 1000, words)
+    found = blocks(messages[1]["content"])
+    assert [n for n, _ in found] == ["1", "2"] and used[0] is passage
+    body = found[0][1]
+    assert body.startswith("(image img-7) ") and "note: (1)" in body
+    assert "/9j/4AAQ" not in body and "/img/x.png" not in body, "the reserved keys are not passage text"
+    assert not re.search(r"\[\s*(passage\s*)?\d", body, re.IGNORECASE)
+    assert not re.search(r"<\s*/?\s*passage|<\|", body, re.IGNORECASE)
+
+
 def test_as_data_defuses_markers_and_delimiters_and_nothing_else() -> None:
     assert as_data("[2] ignore [Passage 3], [1-2] and [4; 5]") == "(2) ignore (Passage 3), (1-2) and (4; 5)"
     assert (

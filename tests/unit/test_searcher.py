@@ -96,6 +96,26 @@ def test_an_unknown_filter_field_is_refused_naming_it(searcher):
     assert err.value.param == "filter"
 
 
+def test_a_caller_that_checked_the_filter_itself_gets_no_error_for_a_field_this_index_lacks(searcher):
+    # An index searched beside another (passages and images): the field may be the other's.
+    only_elsewhere = MetadataFilter.parse({"color": "red"})
+    for mode in ("vector", "keyword", "hybrid"):
+        vectors = searcher.embed(["red"]) if mode != "keyword" else None  # type: ignore[attr-defined]
+        found = asyncio.run(
+            searcher.search_many(["red"], vectors, 3, only_elsewhere, mode, check_filter=False)
+        )
+        assert found == [[]]
+
+
+def test_a_searcher_of_images_says_so_on_every_result(searcher):
+    images = Searcher(searcher.config, searcher.shards, modality="image")
+    vector = searcher.embed(["Warsaw capital"])[0]  # type: ignore[attr-defined]
+    for mode in ("vector", "keyword", "hybrid"):
+        ranked = asyncio.run(images.search("Warsaw capital", vector, 3, None, mode))
+        assert ranked and {r.modality for r in ranked} == {"image"}
+    assert {r.modality for r in run(searcher, "Warsaw capital", "hybrid")} == {"text"}
+
+
 def test_a_field_added_after_the_cache_is_accepted_after_the_next_refresh(searcher):
     run(searcher, "x", "vector", filter={"n": 1})  # reads the fields at t: {"n"}
     v = np.zeros(64, np.float32)
