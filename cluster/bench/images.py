@@ -14,18 +14,17 @@ from __future__ import annotations
 import base64
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from actors.image_model import ImageTextModel
 from actors.lit_model import LitRecord
-from cluster.bench.report import machine, write_bars, write_report
+from cluster.bench.report import image_run_settings, machine, write_bars, write_report
 from cluster.image_datasets import load_image_dataset
 from cluster.pipeline import Pipeline, drop_index
 from cluster.producer import produce_all
 from schemas.envelope import ImageEnvelope
-from schemas.settings import Settings, load_settings
+from schemas.settings import Settings
 
 
 def _say(message: str) -> None:
@@ -108,14 +107,7 @@ def bench_images(
 
 def _pipeline_run(base: Settings, envelopes: list[ImageEnvelope]) -> dict[str, Any]:
     """Ingests ``envelopes`` into a throwaway index from a fresh images topic: images and seconds."""
-    run = uuid.uuid4().hex[:8]
-    dump = base.model_dump(mode="json")
-    dump["index"]["name"] = f"bench-{run}"
-    dump["images"]["ingest"] = True
-    dump["kafka"]["topics"].update(
-        {kind: f"bench.{run}.{kind}" for kind in ("documents", "images", "dead_letter")}
-    )
-    settings = load_settings(overrides=dump)
+    settings = image_run_settings(base, "bench-images")
     topics = settings.kafka.topics
     pipeline = Pipeline(settings)
     pipeline.start()

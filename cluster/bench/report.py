@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import platform
+import uuid
 from pathlib import Path
 from typing import Any
 
 from actors.backends import BACKENDS
 from schemas.errors import ConfigError
+from schemas.settings import Settings, load_settings
 
 
 def parse_backends(spec: str) -> list[str]:
@@ -143,3 +145,18 @@ def _save(fig: Any, out_dir: Path, name: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def image_run_settings(base: Settings, prefix: str, **serve_search: Any) -> Settings:
+    """``base`` for a throwaway index ``<prefix>-<run>`` with topics of its own
+    (``<prefix>.<run>.documents|images|dead_letter``) and its images ingested, so an image bench or
+    evaluation never touches the user's index; ``serve_search`` overrides ``serve.search`` fields."""
+    run = uuid.uuid4().hex[:8]
+    dump = base.model_dump(mode="json")
+    dump["index"]["name"] = f"{prefix}-{run}"
+    dump["images"]["ingest"] = True
+    dump["serve"]["search"].update(serve_search)
+    dump["kafka"]["topics"].update(
+        {kind: f"{prefix}.{run}.{kind}" for kind in ("documents", "images", "dead_letter")}
+    )
+    return load_settings(overrides=dump)

@@ -21,7 +21,6 @@ import base64
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import httpx
 import numpy as np
 
 from actors.image_model import ImageTextModel
-from cluster.bench.report import machine, write_report
+from cluster.bench.report import image_run_settings, machine, write_report
 from cluster.eval.images import evaluate_image_text
 from cluster.image_datasets import ImageDataset, load_image_dataset
 from cluster.pipeline import drop_index
@@ -38,7 +37,7 @@ from cluster.producer import produce_all
 from cluster.serving import start_serving
 from schemas.envelope import ImageEnvelope
 from schemas.errors import ConfigError
-from schemas.settings import Settings, load_settings
+from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,9 @@ def eval_images(base: Settings, dataset: str, split: str, limit: int | None, out
             f"{MAX_IMAGES} (each caption query scores every image; serve.search.max_k is at most 1000): "
             "use --limit"
         )
-    settings = _eval_settings(base, len(data.items))
+    # k up to every image: one caption query then scores them all
+    max_k = max(base.serve.search.max_k, len(data.items) + 1)
+    settings = image_run_settings(base, "eval-images", max_k=max_k)
     topics = settings.kafka.topics
     t0 = time.monotonic()
     try:
@@ -238,17 +239,3 @@ def _servers(settings: Settings) -> str:
         servers, topic_specs(settings.kafka.topics), max_message_bytes=settings.kafka.max_record_bytes
     )
     return servers
-
-
-def _eval_settings(base: Settings, images: int) -> Settings:
-    """``base`` for a throwaway index with topics of its own, images ingested, and ``k`` allowed up
-    to every image (one caption query then scores them all)."""
-    run = uuid.uuid4().hex[:8]
-    dump = base.model_dump(mode="json")
-    dump["index"]["name"] = f"eval-images-{run}"
-    dump["images"]["ingest"] = True
-    dump["serve"]["search"]["max_k"] = max(dump["serve"]["search"]["max_k"], images + 1)
-    dump["kafka"]["topics"].update(
-        {kind: f"eval.{run}.{kind}" for kind in ("documents", "images", "dead_letter")}
-    )
-    return load_settings(overrides=dump)
