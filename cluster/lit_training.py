@@ -30,7 +30,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(vision_tower(finetune, vectors.shape[1]))
     plans = epoch_plans(labels, train, finetune, rank, world)
-    history = _fit(run, model, plans)
+    history = _fit(run, model, plans, ray.train.report)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
@@ -200,10 +200,11 @@ def _core(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
-def _fit(run: _Run, model: Any, plans: list[list[list[int]]]) -> list[dict[str, Any]]:
-    """Trains over ``plans`` (epochs of batches); returns each epoch's metrics (reported to Ray
-    Train after every epoch but the last, which the caller reports with the checkpoint)."""
-    import ray.train
+def _fit(
+    run: _Run, model: Any, plans: list[list[list[int]]], report: Callable[[dict[str, Any]], None]
+) -> list[dict[str, Any]]:
+    """Trains over ``plans`` (epochs of batches); returns each epoch's metrics, given to ``report``
+    (Ray Train's) after every epoch but the last, which the caller reports with the checkpoint."""
     import torch
 
     core = _core(model)
@@ -239,7 +240,7 @@ def _fit(run: _Run, model: Any, plans: list[list[list[int]]]) -> list[dict[str, 
         history.append(metrics)
         run.tell({"kind": "epoch", "epochs": len(plans), **metrics})
         if epoch + 1 < len(plans):
-            ray.train.report(metrics)
+            report(metrics)
     return history
 
 

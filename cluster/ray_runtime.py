@@ -328,6 +328,13 @@ def _use_local_token(settings: Settings) -> None:
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
 
 
+PROXY_READY_S = 60
+"""How long Serve's controller gives a new HTTP proxy to start before it kills it and starts another
+(Ray's default: 5 s, then 10, 15...). A proxy's worker process imports Serve and the app's modules:
+on two cores busy loading the embedders' models that took longer than 5 s, and the first proxy's
+death failed ``serve.start``."""
+
+
 def prepare_environment(settings: Settings) -> None:
     """Sets what Ray reads from the environment when it is imported; call before `import ray`
     (the CLI does, first thing). Idempotent."""
@@ -335,6 +342,7 @@ def prepare_environment(settings: Settings) -> None:
         return
     if settings.serve.throughput_optimized:  # read by the head's workers, which inherit it
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
     token = str(settings.state_dir / "ray_auth_token")
     if "ray" in sys.modules and os.environ.get("RAY_AUTH_TOKEN_PATH") != token:
         log.warning("ray was imported before riverbed set its auth token; connecting may be refused")

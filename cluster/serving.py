@@ -80,11 +80,8 @@ def recorded_model(settings: Settings) -> tuple[str, int] | None:
 
 def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None = None) -> Serving:
     """Deploys the app (and starts ingest when ``ingest`` and no ``pipeline`` is given); returns
-    once ``/healthz`` answers 200, or 503 for an index with no data yet."""
-    from ray import serve
-
-    from deployments.app import APP_NAME, build_app
-
+    once ``/healthz`` answers 200, or 503 for an index with no data yet. When the start fails, the
+    ingest it started is stopped again (nothing it started keeps holding CPUs)."""
     check_exposure(settings.serve)  # before anything starts: an open app only on loopback
     # BROKER
     servers = bootstrap_servers(settings)
@@ -95,9 +92,14 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
     connect(settings)
     # SHARDS and INGEST
     if ingest and pipeline is None:
-        pipeline = Pipeline(settings)
-        pipeline.start()
-    elif pipeline is None:
+        started = Pipeline(settings)
+        try:
+            started.start()
+            return _deploy(settings, servers, started)
+        except BaseException:
+            _undo(started)
+            raise
+    if pipeline is None:
         recorded = recorded_model(settings)
         if recorded is not None:
             shard_handles(settings, *recorded)
@@ -109,14 +111,60 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
         recorded = recorded_model(images)
         if recorded is not None:  # no images yet: image searches answer 503 until an ingest stores some
             shard_handles(images, *recorded)
-    # SERVE
+    return _deploy(settings, servers, pipeline)
+
+
+def _deploy(settings: Settings, servers: str, pipeline: Pipeline | None) -> Serving:
+    """SERVE: deploys the app and waits for ``/healthz``."""
+    from ray import serve
+
+    from deployments.app import APP_NAME, build_app
+
     check_resources(settings)
     host, port = settings.serve.host, settings.serve.port
-    serve.start(http_options={"host": host, "port": port})
+    start_serve(host, port)
     serve.run(build_app(settings, servers), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_ready(url)
     return Serving(settings, url, pipeline)
+
+
+def start_serve(host: str, port: int, attempts: int = 3) -> None:
+    """``serve.start`` on ``host:port``, again when its first HTTP proxy died starting. Serve's
+    controller kills a proxy that is not ready within its ready check (on a cluster that did not
+    set ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``: 5 s, which a loaded node misses) and starts
+    another with a longer check, but ``serve.start`` waits on the first one and raises; the next
+    call finds the running controller. The app's ``/healthz`` is then waited for as always."""
+    from ray import serve
+    from ray.exceptions import ActorDiedError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return
+        except (ActorDiedError, TimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("Serve's HTTP proxy did not start (%s); Serve starts another", type(exc).__name__)
+
+
+def _undo(pipeline: Pipeline) -> None:
+    """After a failed start: stops the ingest that :func:`start_serving` started (its embedders
+    and sources would hold their CPUs for the driver's life) and deletes the app if it was
+    deployed. Best effort; the failure that got here is what the caller sees."""
+    from ray import serve
+
+    from deployments.app import APP_NAME
+
+    try:
+        pipeline.stop(timeout_s=30.0)
+    except Exception:
+        log.exception("stopping the ingest after a failed serve start")
+    try:
+        if APP_NAME in serve.status().applications:
+            serve.delete(APP_NAME)
+    except Exception:
+        log.exception("deleting the app after a failed serve start")
 
 
 def check_resources(settings: Settings) -> None:

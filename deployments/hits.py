@@ -85,7 +85,8 @@ def image_hit(ranked: Ranked) -> ImageHit:
 def as_passage(ranked: Ranked) -> Hit:
     """The hit as the generator reads it. A passage as it is; an image as a passage of its own
     words: titled ``image <id>``, its caption (or "(no caption)") followed by its metadata
-    (``key: value; ...``, the reserved keys left out). Its span stays the caption's."""
+    (``key: value; ...``), without the reserved keys (a thumbnail is no words, and up to
+    megabytes). Its span stays the caption's."""
     hit = ranked.hit
     if ranked.modality != "image":
         return hit
@@ -93,7 +94,7 @@ def as_passage(ranked: Ranked) -> Hit:
     text = hit.text.strip() or "(no caption)"
     if metadata:
         text += " (" + "; ".join(f"{k}: {_shown(v)}" for k, v in sorted(metadata.items())) + ")"
-    return dataclasses.replace(hit, title=f"image {hit.document_id}", text=text)
+    return dataclasses.replace(hit, title=f"image {hit.document_id}", text=text, metadata=metadata)
 
 
 def _shown(value: MetadataValue) -> str:
@@ -102,8 +103,19 @@ def _shown(value: MetadataValue) -> str:
 
 def citation(fields: Mapping[str, Any], ranked: Ranked) -> Citation:
     """A RAG citation (the generator's ``fields``) of the passage ``ranked``, saying its modality
-    and, for an image, its id and uri."""
+    and, for an image, its id and uri. An image's ``text`` is the caption its ``span`` covers (the
+    generator read the caption with the metadata after it: :func:`as_passage`)."""
     extra: dict[str, Any] = {"modality": ranked.modality}
     if ranked.modality == "image":
-        extra.update(image_id=ranked.hit.document_id, uri=_text_or_none(ranked.hit.metadata, IMAGE_URI_KEY))
+        hit = ranked.hit
+        start, end = fields["span"]
+        extra.update(image_id=hit.document_id, uri=_text_or_none(hit.metadata, IMAGE_URI_KEY))
+        fields = {**fields, "text": hit.text[start - hit.start : end - hit.start]}
     return Citation(**fields, **extra)
+
+
+def judged_score(ranked: Ranked) -> float | None:
+    """The score weak retrieval is judged on (``serve.rag.min_score``, a cosine between a question
+    and a passage): a passage's vector score; None for an image, whose cosine with a question is on
+    another model's scale (or a text-to-image one) and never compares with the threshold."""
+    return ranked.vector_score if ranked.modality == "text" else None

@@ -10,9 +10,10 @@ Passages and images: the images of the index live in its images index. ``/v1/ima
 searches it by a text or an image (or, ``target: "text"``, the passages by an image), and
 ``/v1/search`` and ``/v1/rag`` search it too when ``modalities`` names ``image``. Which query
 vector searches which index: when the image model shares the text embedder's space (Riverbed's
-LiT model), the text query's ONE vector from the QueryEmbedder searches both and the hits rank
-together by score; otherwise the images are searched with the image model's own text vector and
-the two lists are fused by rank (see :mod:`deployments.modal_searcher`). A route that needs the
+LiT model), the text query's ONE vector from the QueryEmbedder searches both (vector mode: the
+hits rank together by score; hybrid: fused with vector ranks over both); otherwise the images are
+searched with the image model's own text vector and the two lists are fused by rank (see
+:mod:`deployments.modal_searcher`). A route that needs the
 image model answers 503 ``model_unavailable`` while it cannot be loaded (not trained yet); the
 text routes never depend on it.
 
@@ -42,7 +43,7 @@ from starlette.routing import Match
 from deployments.edge import EdgeGuard, configure, require, require_metrics
 from deployments.fusion import Ranked
 from deployments.generator import ABSTAIN_POOL
-from deployments.hits import as_passage, citation, image_hit, search_hit
+from deployments.hits import as_passage, citation, image_hit, judged_score, search_hit
 from deployments.http_errors import (
     ApiError,
     BodyLimit,
@@ -269,7 +270,7 @@ class Ingress:
         ranked = await self._retrieve(request.question, pool, request.filter, mode, request.modalities)
         result = await self._call(
             self.generator.answer.remote(
-                request.question, [as_passage(r) for r in ranked], [r.vector_score for r in ranked], k
+                request.question, [as_passage(r) for r in ranked], [judged_score(r) for r in ranked], k
             )
         )
         # The prompt numbers the first passages of `ranked`, in order: passage n is ranked[n - 1].

@@ -7,7 +7,9 @@ fields); this class asks those the request names, concurrently, and merges their
 - **vector, one space** (the image model's text space is the index's text embedder, so ONE query
   vector searched both indexes): by score, since the cosines compare: :func:`merge_by_score`.
 - **hybrid, one space**: vector ranks over both lists, keyword ranks within each, fused as text
-  alone is: :func:`fuse_in_one_space`. Each side brings ``max(k, candidates)`` results.
+  alone is: :func:`fuse_in_one_space`. Each side brings its own hybrid top ``max(k, candidates)``,
+  so the vector ranks are taken over the hits those kept, not over both indexes' whole vector
+  lists: a hit that only its side's fusion dropped cannot come back.
 - **otherwise** (keyword: two indexes' BM25 do not compare; or two spaces: the image side was
   searched with the image model's own text vector): reciprocal rank fusion of the two lists:
   :func:`fuse_ranks`.

@@ -314,8 +314,9 @@ class Retriever:
         """``{"kind", "chunks": total over shards, "content_hash", "n_chunks", "source"}`` (the
         last three only while the row exists, on its registry shard) of the document, or of the
         image when no document has the id (``kind``: ``document``, ``image``, or None when
-        neither is indexed). An images index that cannot answer (none yet) only means no image:
-        the text index's own unavailability is the error."""
+        neither is indexed). The text index's unavailability is the error, whatever the images
+        index holds (a document may have the id); an images index that cannot answer (none yet)
+        only means no image."""
         found = await asyncio.gather(
             _registry_entry(self.shards, document_id),
             _registry_entry(self.image_shards, document_id),
@@ -323,14 +324,14 @@ class Retriever:
         )
         text: dict[str, Any] | BaseException = found[0]
         image: dict[str, Any] | BaseException = found[1]
-        if isinstance(text, dict) and text["chunks"] > 0:
+        if isinstance(text, BaseException):
+            raise text  # a document may have the id: an image's answer would be a guess
+        if text["chunks"] > 0:
             return {**text, "kind": "document"}
         if isinstance(image, dict) and image["chunks"] > 0:
             return {**image, "kind": "image"}
         if isinstance(image, BaseException) and not isinstance(image, IndexUnavailableError):
             raise image  # a bug, not an images index that is not there
-        if isinstance(text, BaseException):
-            raise text
         return {**text, "kind": None}
 
     async def health(self) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ from actors.index_shard import IndexShard
 from actors.vector_index import Hit
 from deployments.fusion import Ranked, fuse, merge_shards, ranked_keyword, ranked_vector
 from schemas.api import Modality
+from schemas.envelope import IMAGE_METADATA_KEYS
 from schemas.errors import InvalidRequestError
 from schemas.filters import MetadataFilter
 from schemas.settings import SearchConfig
@@ -124,6 +125,8 @@ class Searcher:
         async with self._fields_lock:
             if self._clock() - self._fields_at >= self.fields_ttl_s:
                 self._fields = set().union(*await self.shards.metadata_fields())
+                if self.modality == "image":  # where an image came from and its thumbnail
+                    self._fields -= set(IMAGE_METADATA_KEYS)
                 self._fields_at = self._clock()
         return self._fields
 

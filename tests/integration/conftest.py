@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,16 +78,54 @@ def settings(tmp_path: Path, broker: BrokerState, topic_name: str) -> Settings:
     return s
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_ingest_or_app_outlives_its_module() -> Iterator[None]:
+    """After each module, the session's Ray holds no embedder or source and no Serve app: they
+    hold most of its CPUs, so one a module leaks would refuse every later module's ingest with
+    errors that name the wrong test. Whatever is left is stopped, and the module fails here."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray import serve
+
+    from cluster.ray_actors import SERVE_NAMESPACE, actor_rows
+
+    def leftovers() -> tuple[list[Any], bool]:
+        rows = actor_rows("riverbed")
+        left = [r for r in rows if r.role in ("embedder", "source")]
+        # an app's replicas (its controller and proxies may stay between apps)
+        between_apps = ("ServeController", "ProxyActor")
+        apps = any(r.group == SERVE_NAMESPACE and r.role not in between_apps for r in rows)
+        return left, apps
+
+    deadline = time.monotonic() + 20  # actors killed in the last teardown take a moment to be DEAD
+    left, apps = leftovers()
+    while (left or apps) and time.monotonic() < deadline:
+        time.sleep(1)
+        left, apps = leftovers()
+    for row in left:
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(row.name, namespace=row.namespace), no_restart=True)
+    if apps:
+        serve.shutdown()
+    if left or apps:
+        names = [r.name for r in left] + (["the Serve app"] if apps else [])
+        pytest.fail(f"left running after the module's tests: {', '.join(names)}")
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the session, sized like `riverbed`'s local head (cores + 1 logical CPUs)."""
     import os
 
     import cluster  # noqa: F401  (sets the env var Ray reads at import)
-    from cluster.ray_runtime import local_head_cpus
+    from cluster.ray_runtime import PROXY_READY_S, local_head_cpus
 
     # As `riverbed` runs its local head (serve.throughput_optimized); set before Ray starts.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
     import ray
 
     ray.init(

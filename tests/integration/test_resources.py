@@ -12,9 +12,11 @@ import ray
 
 from cluster.pipeline import EmbedderActor, _await_embedder, shard_handles
 from cluster.ray_actors import actor_rows
+from cluster.serving import start_serving
 from schemas.errors import ConfigError
 from schemas.settings import load_settings
 from schemas.topology import actor_name
+from tests.integration.conftest import free_port
 
 
 def cpus_held_by(names: list[str], namespace: str) -> float:
@@ -55,3 +57,23 @@ def test_an_embedder_that_cannot_be_placed_is_refused_naming_who_holds_the_cpus(
         _await_embedder(s, embedder, cpus, patience_s=3.0)
     message = str(refused.value)
     assert f"index {s.index.name!r} needs {cpus:g} logical CPUs" in message and "held by" in message
+
+
+def test_a_serve_start_refused_after_its_ingest_started_stops_that_ingest(pipeline_settings):
+    """`riverbed serve --ingest` starts the pipeline before it deploys the app; when the deploy is
+    refused (here: a generator asking for more CPUs than Ray has), the embedders and sources it
+    started must not live on holding their CPUs (they would refuse every later index's)."""
+    s = pipeline_settings
+    too_many = ray.cluster_resources().get("CPU", 0.0) + 1
+    dump = s.model_dump(mode="json")
+    dump["serve"] = {"port": free_port(), "generator": {"num_cpus": too_many}}
+    settings = load_settings(overrides=dump)
+    with pytest.raises(ConfigError, match=r"serve\.generator\.num_cpus"):
+        start_serving(settings, ingest=True)
+    groups = {settings.index.name, settings.image_side().index.name}
+    left = [
+        r.name
+        for r in actor_rows(s.ray.namespace)
+        if r.group in groups and r.role in ("embedder", "source") and r.state != "DEAD"
+    ]
+    assert left == [], f"the refused start left its ingest running: {left}"

@@ -20,7 +20,7 @@ from PIL import Image
 from actors.index_shard import IndexShard
 from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked, fuse_ranks, merge_by_score
-from deployments.hits import as_passage, citation, image_hit, search_hit
+from deployments.hits import as_passage, citation, image_hit, judged_score, search_hit
 from deployments.http_errors import ApiError, ModelUnavailableError, as_api_error
 from deployments.image_embedder import ImageQueryModel
 from deployments.ingress import Ingress
@@ -155,6 +155,16 @@ def test_a_filter_field_of_neither_index_is_a_400_listing_both_indexes_fields(re
     assert caught.value.param == "filter"
 
 
+@pytest.mark.parametrize("modalities", [["image"], ["text", "image"]])
+def test_the_reserved_image_keys_are_not_filter_fields(retriever, modalities):
+    parsed = MetadataFilter.parse({IMAGE_URI_KEY: RED_URI})
+    with pytest.raises(InvalidRequestError, match=f"unknown filter field '{IMAGE_URI_KEY}'") as caught:
+        asyncio.run(retriever.search_modalities("q", {"text": QUERY, "image": QUERY}, 2, parsed, "vector",
+                                                modalities, True))  # fmt: skip
+    listed = str(caught.value).split("the index has: ")[1]
+    assert "color" in listed and IMAGE_URI_KEY not in listed and IMAGE_THUMBNAIL_KEY not in listed
+
+
 def test_one_modality_is_that_indexes_search_tagged_with_it(retriever):
     ranked = asyncio.run(
         retriever.search_modalities("q", {"image": QUERY}, 2, None, "vector", ["image"], True)
@@ -203,9 +213,20 @@ def test_an_image_is_a_passage_of_its_caption_and_metadata(retriever):
     assert red.title == "image i-red" and red.text == "a red circle (color: red)"
     assert (red.start, red.end) == (0, len("a red circle"))
     assert as_passage(by_id["same"]).text == "(no caption) (color: gray)"
+    assert red.metadata == {"color": "red"}, "the generator never gets the thumbnail"
     fields = {"number": 1, "chunk_id": "i-red#0", "document_id": "i-red", "span": (0, 12), "text": red.text}
     cited = citation(fields, by_id["i-red"])
     assert (cited.modality, cited.image_id, cited.uri) == ("image", "i-red", RED_URI)
+    assert cited.text == "a red circle" and cited.span == (0, 12), "the text is what the span covers"
+    narrowed = citation({**fields, "span": (2, 5)}, by_id["i-red"])
+    assert narrowed.text == "red"
+
+
+def test_weak_retrieval_is_judged_on_passages_vector_scores_only(retriever):
+    ranked = search(retriever, "vector", same_space=True)
+    assert [judged_score(r) for r in ranked] == [r.vector_score if r.modality == "text" else None
+                                                 for r in ranked]  # fmt: skip
+    assert {r.modality for r in ranked} == {"text", "image"} and ranked[0].vector_score is not None
 
 
 # THE IMAGE QUERY MODEL
@@ -486,3 +507,16 @@ def test_document_status_of_a_text_index_when_no_images_index_exists(retriever):
     lonely = LocalRetriever(retriever.shards, Missing([]))
     assert call(lonely.document("nope"))["kind"] is None
     assert call(lonely.document("t-red"))["kind"] == "document"
+
+
+def test_document_status_while_the_text_index_is_down_is_its_error_even_for_an_image_id(retriever):
+    from schemas.errors import IndexUnavailableError
+
+    class Down(LocalShards):
+        async def documents(self, document_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
+            raise IndexUnavailableError("index 'x' is not ready")
+
+    blind = LocalRetriever(Down([]), retriever.image_shards)
+    for document_id in ("i-red", "nope"):
+        with pytest.raises(IndexUnavailableError, match="index 'x'"):
+            call(blind.document(document_id))
