@@ -573,6 +573,19 @@ class Pipeline:
             elapsed_s=time.monotonic() - self._t0,
         )
 
+    def wait_consuming(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> None:
+        """Returns once every source is warmed up (its processor loaded, its dead-letter producer
+        open) and has partitions assigned: what a benchmark waits for before it starts the clock.
+        With more sources than partitions some never get one; then it returns at ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            stats = ray.get([src.stats.remote() for src in self.sources], timeout=30)
+            if all(s["phase"] != "starting" and s["assignment"] for s in stats):
+                return
+            time.sleep(poll_s)
+        log.warning("not every source has partitions after %g s; going on", timeout_s)
+
     def check_alive(self) -> None:
         ready, _ = ray.wait(self._runs, timeout=0, num_returns=len(self._runs))
         for ref in ready:

@@ -119,6 +119,7 @@ def _pipeline_run(
         overrides={
             **base.model_dump(mode="json"),
             "index": index.model_dump(mode="json"),
+            "images": {**base.images.model_dump(mode="json"), "ingest": False},  # text alone
             "kafka": {
                 **base.kafka.model_dump(mode="json"),
                 "topics": {

@@ -84,7 +84,8 @@ def eval_images(base: Settings, dataset: str, split: str, limit: int | None, out
             _say(f"ingested {len(data.items)} images in {ingest_s:.0f} s; querying {serving.url}")
             with httpx.Client(base_url=serving.url, timeout=120) as http:
                 served = served_scores(http, data)
-                sheet = write_contact_sheet(http, _sheet_queries(data), out_dir / "images-contact-sheet.png")
+                sheet_path = out_dir / f"images-contact-sheet-{data.name}-{split}.png"
+                sheet = write_contact_sheet(http, _sheet_queries(data), sheet_path)
         finally:
             serving.stop()
     finally:
@@ -120,8 +121,14 @@ def eval_images(base: Settings, dataset: str, split: str, limit: int | None, out
         ),
         ("chance accuracy", f"{served['chance_accuracy']:.3f}"),
     ]
-    write_report(out_dir, "images", report, rows)
+    write_report(out_dir, report_name(data.name, split), report, rows)
     return report
+
+
+def report_name(dataset: str, split: str) -> str:
+    """``images-eval-<dataset>-<split>``: the report's file name (``.json``, ``.md``), apart from
+    `riverbed bench images`' ``images``."""
+    return f"images-eval-{dataset}-{split}"
 
 
 def served_scores(http: httpx.Client, data: ImageDataset) -> dict[str, Any]:

@@ -39,15 +39,15 @@ def test_served_scores_match_the_model_scored_directly(settings, ray_session, im
     assert served["image_to_image_p@10"] == pytest.approx(direct["image_to_image_p@10"], abs=0.05)
     assert served["caption_accuracy"] > 5 * served["chance_accuracy"]
 
-    written = json.loads((tmp_path / "images.json").read_text())
-    assert written["served"] == served and (tmp_path / "images.md").is_file()
+    written = json.loads((tmp_path / "images-eval-easy-vqa-test.json").read_text())
+    assert written["served"] == served and (tmp_path / "images-eval-easy-vqa-test.md").is_file()
     rows = report["contact_sheet"]["queries"]
     captions = set(load_image_dataset("easy-vqa", "test", limit=N_IMAGES).captions)
     sheet_queries = [query for query, caption in SHEET_QUERIES if caption in captions]
     assert len(sheet_queries) >= 3, "the cut has the captions the sheet shows"
     assert [r["query"] for r in rows] == sheet_queries
     assert all(len(r["captions"]) == SHEET_HITS for r in rows)
-    with Image.open(tmp_path / "images-contact-sheet.png") as sheet:
+    with Image.open(tmp_path / "images-contact-sheet-easy-vqa-test.png") as sheet:
         assert sheet.height > 96 * len(rows) and sheet.width > 96 * SHEET_HITS
 
 
