@@ -172,6 +172,23 @@ def test_one_modality_is_that_indexes_search_tagged_with_it(retriever):
     assert keys(ranked) == [("image", "i-red"), ("image", "i-blue")]
 
 
+def test_batched_queries_go_to_the_side_each_names_and_errors_stay_with_their_group(retriever):
+    """The Retriever's Serve-batched search (its undecorated body): a batch mixing text and image
+    queries answers each from its own index; a bad filter fails only the queries that sent it."""
+    batched = Retriever.func_or_class._batched.__wrapped__
+    bad = MetadataFilter.parse({"nope": "x"})
+    requests = [
+        ("red", QUERY, 2, None, "vector", "image"),
+        ("red", QUERY, 2, None, "vector", "text"),
+        ("red", QUERY, 1, None, "vector", "image"),
+        ("red", QUERY, 2, bad, "vector", "text"),
+    ]
+    image2, text2, image1, failed = asyncio.run(batched(retriever, requests))
+    assert keys(image2) == [("image", "i-red"), ("image", "i-blue")] and keys(image1) == [("image", "i-red")]
+    assert keys(text2) == [("text", "t-red"), ("text", "same")]
+    assert isinstance(failed, InvalidRequestError) and "nope" in str(failed)
+
+
 def test_merge_helpers_break_ties_by_list_order():
     hit = Hit("a#0", "a", 0, "", None, 0, 0, {}, 0.5)
     text, image = Ranked(hit, 0.5), Ranked(hit, 0.5, modality="image")
@@ -381,25 +398,27 @@ class FakeImageEmbedder:
 
 
 class FakeGenerator:
-    def __init__(self) -> None:
-        self.hits: list[Hit] = []
+    """Cites the passages numbered ``cite`` (1-based, in prompt order) and remembers what it got."""
+
+    def __init__(self, cite: tuple[int, ...] = (1,)) -> None:
+        self.cite, self.hits, self.scores = cite, [], []
 
     def answer(self, question: str, hits: list[Hit], scores: list[float | None], k: int) -> dict[str, Any]:
-        self.hits = hits
-        first = hits[0]
-        cited = {"number": 1, "chunk_id": first.chunk_id, "document_id": first.document_id,
-                 "span": first.span, "text": first.text}  # fmt: skip
-        return {"answer": "red", "abstained": False, "reason": None, "citations": [cited],
+        self.hits, self.scores = hits, scores
+        citations = [{"number": n, "chunk_id": hits[n - 1].chunk_id, "document_id": hits[n - 1].document_id,
+                      "span": hits[n - 1].span, "text": hits[n - 1].text} for n in self.cite]  # fmt: skip
+        return {"answer": "red", "abstained": False, "reason": None, "citations": citations,
                 "passages": hits[:k], "model": "fake"}  # fmt: skip
 
 
 IngressClass: Any = Ingress.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
 
 
-def make_ingress(retriever: LocalRetriever, image_embedder: FakeImageEmbedder) -> Any:
-    handles = [
-        FakeHandle(x) for x in (FakeTextEmbedder(), object(), retriever, FakeGenerator(), image_embedder)
-    ]
+def make_ingress(
+    retriever: LocalRetriever, image_embedder: FakeImageEmbedder, generator: FakeGenerator | None = None
+) -> Any:
+    parts = (FakeTextEmbedder(), object(), retriever, generator or FakeGenerator(), image_embedder)
+    handles = [FakeHandle(x) for x in parts]
     return IngressClass(load_settings(), "127.0.0.1:9", *handles)
 
 
@@ -479,6 +498,18 @@ def test_rag_over_images_gives_the_generator_captions_and_cites_the_image(retrie
     assert (cited.modality, cited.image_id, cited.uri) == ("image", "i-red", RED_URI)
     assert [(p.modality, p.document_id) for p in body.passages] == [("image", "i-red"), ("text", "t-red")]
     assert body.passages[0].text == "a red circle", "passages are shown as hits, not as prompt text"
+
+
+def test_rag_citations_of_later_passages_name_those_passages_and_images_never_judge_weakness(retriever):
+    generator = FakeGenerator(cite=(2, 1))
+    ingress = make_ingress(retriever, FakeImageEmbedder(same_space=True), generator)
+    body = call(ingress.rag(RagRequest(question="red", k=3, mode="vector", modalities=["text", "image"])))
+    # ranked: i-red (image), t-red (text), same (text): passage 2 is t-red, passage 1 the image
+    cited = [(c.number, c.modality, c.document_id) for c in body.citations]
+    assert cited == [(2, "text", "t-red"), (1, "image", "i-red")]
+    assert body.citations[0].image_id is None and body.citations[1].image_id == "i-red"
+    assert body.citations[1].text == "a red circle", "an image's citation is its caption"
+    assert generator.scores[0] is None and generator.scores[1] == pytest.approx(0.894, abs=1e-3)
 
 
 def test_rag_over_passages_alone_is_as_before(retriever):
