@@ -190,14 +190,30 @@ def decode(data: bytes, limits: ImageLimits) -> DecodedImage:
     return DecodedImage(_rgb(image), hashlib.sha256(data).hexdigest(), fmt, len(data))
 
 
-def thumbnail(image: Image.Image, size: int = 128, quality: int = 80) -> bytes:
+THUMBNAIL_MAX_BYTES = 32 * 1024
+"""The most a thumbnail's JPEG may weigh: returned in every search hit, and stored in a record's
+metadata, which a backend may cap (Milvus: 64 KiB of JSON, and base64 adds a third)."""
+
+
+def thumbnail(
+    image: Image.Image, size: int = 128, quality: int = 80, max_bytes: int = THUMBNAIL_MAX_BYTES
+) -> bytes:
     """A JPEG of ``image`` fitting ``size`` x ``size`` (never enlarged), small enough to return in
-    every search hit."""
-    copy = image.copy()
-    copy.thumbnail((size, size))
-    out = io.BytesIO()
-    copy.save(out, format="JPEG", quality=quality)
-    return out.getvalue()
+    every search hit: at most ``max_bytes``, by a lower quality (down to 35 in steps of 15) and
+    then a smaller size (a noisy photo at 512 px weighs over 100 KB at quality 80). At 16 px it is
+    returned whatever it weighs (well under a kilobyte)."""
+    qualities = [*range(quality, 34, -15)] or [quality]
+    while True:
+        copy = image.copy()
+        copy.thumbnail((size, size))
+        for q in qualities:
+            out = io.BytesIO()
+            copy.save(out, format="JPEG", quality=q)
+            if out.tell() <= max_bytes:
+                return out.getvalue()
+        if size <= 16:
+            return out.getvalue()
+        size = max(16, size * 3 // 4)
 
 
 def _rgb(image: Image.Image) -> Image.Image:

@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from actors.image_decode import (
     FETCH_TRIES,
+    THUMBNAIL_MAX_BYTES,
     ImageLimits,
     InvalidImageError,
     decode,
@@ -236,3 +238,19 @@ def test_thumbnails_fit_the_size_and_never_enlarge() -> None:
     assert small.format == "JPEG" and small.size == (128, 64)
     tiny = Image.open(io.BytesIO(thumbnail(decode(encoded("PNG", size=(64, 64)), LIMITS).image, 128)))
     assert tiny.size == (64, 64)
+
+
+def test_a_thumbnail_stays_under_its_byte_budget_even_for_noise_at_512_px() -> None:
+    """Random noise is JPEG's worst case: at 512 px and quality 80 it weighs far more than a
+    backend's metadata may hold (Milvus: 64 KiB of JSON), so quality and then size come down."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8))
+    full = io.BytesIO()
+    noise.resize((512, 512)).save(full, format="JPEG", quality=80)
+    assert full.tell() > THUMBNAIL_MAX_BYTES, "the case this test is about"
+    data = thumbnail(noise, 512)
+    assert len(data) <= THUMBNAIL_MAX_BYTES
+    small = Image.open(io.BytesIO(data))
+    assert small.format == "JPEG" and 16 <= max(small.size) < 512
+    plain = Image.open(io.BytesIO(thumbnail(Image.new("RGB", (600, 600), "red"), 512)))
+    assert plain.size == (512, 512), "an image that fits the budget keeps the asked size"
