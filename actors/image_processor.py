@@ -30,6 +30,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,8 @@ from schemas.ids import chunk_id
 from schemas.metadata import MetadataValue
 from schemas.settings import ImagesConfig
 
+READERS = 8
+"""Images of a batch read at once (their files, their http fetches); decoding is one at a time."""
 MAX_INPUT_SIDE = 512
 """The longest side, in pixels, of an image as sent to the embedder (never enlarged)."""
 IMAGE_PROCESSOR_VERSION = 1
@@ -60,7 +63,8 @@ class _Upsert:
 
 class ImageProcessor:
     """The :class:`~actors.processor.Processor` of ``image`` envelopes. Reads files and fetches
-    http(s) uris in :meth:`prepare`, in the caller's thread."""
+    http(s) uris in :meth:`prepare`, :data:`READERS` at a time, and decodes in the caller's
+    thread."""
 
     kind = "image"
 
@@ -81,24 +85,34 @@ class ImageProcessor:
     def prepare(
         self, items: Sequence[Item], stored: Mapping[str, StoredDocument]
     ) -> tuple[list[Unit], list[tuple[Item, Failure]]]:
+        """Reads :data:`READERS` images at a time (files and fetches wait on I/O, not on each
+        other), then decodes them one by one (one decoded image in memory at a time)."""
         units: list[Unit] = []
         failed: list[tuple[Item, Failure]] = []
-        for item in items:
-            if item.envelope.is_delete:
-                units.append(deletion(item))
-                continue
-            try:
-                units.append(self._upsert(item, stored.get(item.id)))
-            except InvalidImageError as exc:
-                failed.append((item, exc))
-            except Exception as exc:  # unforeseen, but tied to this image: the rest goes on
-                failed.append((item, f"preparing the image failed: {type(exc).__name__}: {exc}"))
+        with ThreadPoolExecutor(READERS, thread_name_prefix="image-read") as pool:
+            for start in range(0, len(items), READERS):
+                window = items[start : start + READERS]
+                reads = [None if i.envelope.is_delete else pool.submit(self._read, i) for i in window]
+                for item, read in zip(window, reads, strict=True):
+                    if read is None:
+                        units.append(deletion(item))
+                        continue
+                    try:
+                        units.append(self._upsert(item, read.result(), stored.get(item.id)))
+                    except InvalidImageError as exc:
+                        failed.append((item, exc))
+                    except Exception as exc:  # unforeseen, but tied to this image: the rest goes on
+                        failed.append((item, f"preparing the image failed: {type(exc).__name__}: {exc}"))
         return units, failed
 
-    def _upsert(self, item: Item, current: StoredDocument | None) -> Unit:
+    def _read(self, item: Item) -> bytes:
         envelope = item.envelope
         assert isinstance(envelope, ImageEnvelope)  # the consumer routes by kind
-        data = image_bytes(envelope.image_b64, envelope.uri, self.limits)
+        return image_bytes(envelope.image_b64, envelope.uri, self.limits)
+
+    def _upsert(self, item: Item, data: bytes, current: StoredDocument | None) -> Unit:
+        envelope = item.envelope
+        assert isinstance(envelope, ImageEnvelope)
         digest = content_hash(hashlib.sha256(data).hexdigest(), envelope, self.thumbnail_size)
         if current is not None and current.holds(digest):
             return Unit(item, [], _Upsert(envelope, digest, None), counts={"unchanged": 1})

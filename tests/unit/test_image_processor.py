@@ -4,7 +4,9 @@ pixel array to embed), every refusal, deletes, the unchanged skip, and the two p
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 
 import actors.image_processor as image_processor
 from actors.image_decode import InvalidImageError
-from actors.image_processor import MAX_INPUT_SIDE, ImageProcessor, content_hash, model_input
+from actors.image_processor import MAX_INPUT_SIDE, READERS, ImageProcessor, content_hash, model_input
 from actors.models import packaged_dataset_dir
 from actors.processor import Item, Record, StoredDocument, Unit
 from actors.vector_index import ChunkRecord, DocumentRow
@@ -162,6 +164,43 @@ def test_an_unforeseen_failure_is_a_processing_error_and_the_rest_goes_on(
     units, failed = processor().prepare([bad, good], {})
     assert [u.item.id for u in units] == ["ok"]
     assert failed == [(bad, "preparing the image failed: MemoryError: out of memory")]
+
+
+def test_a_batch_fetches_its_images_at_once_and_keeps_their_order() -> None:
+    """Each answer waits until READERS requests are in flight together: read one at a time, the
+    first fetch would wait alone until the barrier breaks, and its image would fail."""
+    barrier = threading.Barrier(READERS, timeout=10)
+    colours = [(30 * i, 0, 255 - 30 * i) for i in range(READERS)]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            try:
+                barrier.wait()
+                status, body = 200, encoded(color=colours[int(self.path.strip("/"))])
+            except threading.BrokenBarrierError:
+                status, body = 404, b""
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        items = [item(i, image_id=f"img-{i}", uri=f"{url}/{i}") for i in range(READERS)]
+        units, failed = ImageProcessor(ImagesConfig(allow_http=True)).prepare(items, {})
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert failed == []
+    assert [u.item.id for u in units] == [f"img-{i}" for i in range(READERS)]
+    assert [tuple(int(c) for c in u.inputs[0][2, 2]) for u in units] == colours, (
+        "each image's own pixels, in order"
+    )
 
 
 # -- deletes and the unchanged skip --------------------------------------------------------------
