@@ -4,9 +4,7 @@ fetch (against a real local HTTP server)."""
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -26,6 +24,7 @@ from actors.image_decode import (
     thumbnail,
 )
 from schemas.errors import DEAD_LETTER_REASONS, PoisonMessageError
+from tests.unit.local_http import QuietHandler, serving
 
 
 def encoded(
@@ -167,7 +166,7 @@ def test_files_are_read_only_under_the_roots(tmp_path: Path) -> None:
         image_bytes(None, str(root / "a b.png"), ImageLimits(roots=(root,), max_bytes=10))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     routes: ClassVar[dict[str, list[tuple[int, bytes]]]] = {}  # path -> answers, the last one repeated
     hits: ClassVar[dict[str, int]] = {}
 
@@ -175,27 +174,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         answers = self.routes.get(self.path, [(404, b"")])
         n = self.hits.get(self.path, 0)
         self.hits[self.path] = n + 1
-        status, body = answers[min(n, len(answers) - 1)]
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(*answers[min(n, len(answers) - 1)])
 
 
 @pytest.fixture
 def server() -> Iterator[str]:
     _Handler.routes, _Handler.hits = {}, {}
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serving(_Handler) as url:
+        yield url
 
 
 def test_http_images_are_fetched_with_a_cap_and_retried_when_transient(server: str) -> None:

@@ -4,7 +4,6 @@ pixel array to embed), every refusal, deletes, the unchanged skip, and the two p
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from actors.vector_index import ChunkRecord, DocumentRow
 from schemas.envelope import IMAGE_THUMBNAIL_KEY, IMAGE_URI_KEY, ImageEnvelope, decode_record
 from schemas.ids import shard_of
 from schemas.settings import ImagesConfig
+from tests.unit.local_http import QuietHandler, serving
 
 TOPIC = "riverbed.images"
 THUMB = 32
@@ -172,30 +172,18 @@ def test_a_batch_fetches_its_images_at_once_and_keeps_their_order() -> None:
     barrier = threading.Barrier(READERS, timeout=10)
     colours = [(30 * i, 0, 255 - 30 * i) for i in range(READERS)]
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             try:
                 barrier.wait()
-                status, body = 200, encoded(color=colours[int(self.path.strip("/"))])
             except threading.BrokenBarrierError:
-                status, body = 404, b""
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                self.answer(404, b"")
+            else:
+                self.answer(200, encoded(color=colours[int(self.path.strip("/"))]))
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with serving(Handler) as url:
         items = [item(i, image_id=f"img-{i}", uri=f"{url}/{i}") for i in range(READERS)]
         units, failed = ImageProcessor(ImagesConfig(allow_http=True)).prepare(items, {})
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert failed == []
     assert [u.item.id for u in units] == [f"img-{i}" for i in range(READERS)]
     assert [tuple(int(c) for c in u.inputs[0][2, 2]) for u in units] == colours, (
