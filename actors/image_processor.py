@@ -48,7 +48,7 @@ READERS = 8
 """Images of a batch read at once (their files, their http fetches); decoding is one at a time."""
 MAX_INPUT_SIDE = 512
 """The longest side, in pixels, of an image as sent to the embedder (never enlarged)."""
-IMAGE_PROCESSOR_VERSION = 1
+IMAGE_PROCESSOR_VERSION = 2  # 2: thumbnails at most THUMBNAIL_MAX_BYTES
 """Part of every content hash: raise it when what is stored of an image changes for the same
 envelope (another thumbnail, another input size), so that re-delivered images are written again."""
 

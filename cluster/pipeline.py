@@ -577,10 +577,15 @@ class Pipeline:
         """Returns once every source is warmed up (its processor loaded, its dead-letter producer
         open) and has partitions assigned: what a benchmark waits for before it starts the clock.
         With more sources than partitions some never get one; then it returns at ``timeout_s``."""
+        from ray.exceptions import GetTimeoutError
+
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
-            stats = ray.get([src.stats.remote() for src in self.sources], timeout=30)
+            try:  # a source still in its constructor answers once it is built
+                stats = ray.get([src.stats.remote() for src in self.sources], timeout=30)
+            except GetTimeoutError:
+                continue
             if all(s["phase"] != "starting" and s["assignment"] for s in stats):
                 return
             time.sleep(poll_s)

@@ -93,11 +93,12 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
     # SHARDS and INGEST
     if ingest and pipeline is None:
         started = Pipeline(settings)
+        deploying: list[bool] = []
         try:
             started.start()
-            return _deploy(settings, servers, started)
+            return _deploy(settings, servers, started, deploying)
         except BaseException:
-            _undo(started)
+            _undo(started, delete_app=bool(deploying))
             raise
     if pipeline is None:
         recorded = recorded_model(settings)
@@ -114,8 +115,11 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
     return _deploy(settings, servers, pipeline)
 
 
-def _deploy(settings: Settings, servers: str, pipeline: Pipeline | None) -> Serving:
-    """SERVE: deploys the app and waits for ``/healthz``."""
+def _deploy(
+    settings: Settings, servers: str, pipeline: Pipeline | None, deploying: list[bool] | None = None
+) -> Serving:
+    """SERVE: deploys the app and waits for ``/healthz``. ``deploying`` gets an entry once this
+    call deploys (before that, an app of that name is another command's)."""
     from ray import serve
 
     from deployments.app import APP_NAME, build_app
@@ -123,6 +127,8 @@ def _deploy(settings: Settings, servers: str, pipeline: Pipeline | None) -> Serv
     check_resources(settings)
     host, port = settings.serve.host, settings.serve.port
     start_serve(host, port)
+    if deploying is not None:
+        deploying.append(True)
     serve.run(build_app(settings, servers), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_ready(url)
@@ -148,10 +154,10 @@ def start_serve(host: str, port: int, attempts: int = 3) -> None:
             log.warning("Serve's HTTP proxy did not start (%s); Serve starts another", type(exc).__name__)
 
 
-def _undo(pipeline: Pipeline) -> None:
+def _undo(pipeline: Pipeline, *, delete_app: bool) -> None:
     """After a failed start: stops the ingest that :func:`start_serving` started (its embedders
-    and sources would hold their CPUs for the driver's life) and deletes the app if it was
-    deployed. Best effort; the failure that got here is what the caller sees."""
+    and sources would hold their CPUs for the driver's life) and, with ``delete_app`` (this start
+    deployed it), deletes the app. Best effort; the failure that got here is what the caller sees."""
     from ray import serve
 
     from deployments.app import APP_NAME
@@ -161,7 +167,7 @@ def _undo(pipeline: Pipeline) -> None:
     except Exception:
         log.exception("stopping the ingest after a failed serve start")
     try:
-        if APP_NAME in serve.status().applications:
+        if delete_app and APP_NAME in serve.status().applications:
             serve.delete(APP_NAME)
     except Exception:
         log.exception("deleting the app after a failed serve start")

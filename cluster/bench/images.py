@@ -89,7 +89,7 @@ def bench_images(
         ("images", f"{len(envelopes)} ({data.name} {split})"),
         (f"raw `ImageTextModel.embed_images` (batch {base.images.batch_size})", f"{raw_rate:.1f} images/s"),
         ("pipeline (Kafka → decode → embed → shards, committed)", f"{pipe_rate:.1f} images/s"),
-        ("ratio pipeline / raw", f"{result['ratio']:.2f}"),
+        ("ratio pipeline / raw", f"{pipe_rate / raw_rate:.2f}"),
     ]
     if epochs:
         per_epoch = f"{result['training_s_per_epoch']} ({len(epochs)} epochs)"
