@@ -136,22 +136,44 @@ def _deploy(
 
 
 def start_serve(host: str, port: int, attempts: int = 3) -> None:
-    """``serve.start`` on ``host:port``, again when its first HTTP proxy died starting. Serve's
-    controller kills a proxy that is not ready within its ready check (on a cluster that did not
-    set ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``: 5 s, which a loaded node misses) and starts
-    another with a longer check, but ``serve.start`` waits on the first one and raises; the next
-    call finds the running controller. The app's ``/healthz`` is then waited for as always."""
+    """``serve.start`` on ``host:port``.
+
+    - Ray Serve has one HTTP address per cluster, and ``serve.start`` silently keeps a running
+      controller's: when that address is another and no app runs, Serve is restarted on this one;
+      when an app runs there, a :class:`ConfigError` names it and its address.
+    - Again when its first HTTP proxy died starting: Serve's controller kills a proxy that is not
+      ready within its ready check (on a cluster that did not set
+      ``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``: 5 s, which a loaded node misses) and starts another
+      with a longer check, but ``serve.start`` waits on the first one and raises; the next call
+      finds the running controller. The app's ``/healthz`` is then waited for as always.
+    """
     from ray import serve
     from ray.exceptions import ActorDiedError
+    from ray.serve.context import _get_global_client
 
     for attempt in range(1, attempts + 1):
         try:
             serve.start(http_options={"host": host, "port": port})
-            return
+            break
         except (ActorDiedError, TimeoutError) as exc:
             if attempt == attempts:
                 raise
             log.warning("Serve's HTTP proxy did not start (%s); Serve starts another", type(exc).__name__)
+    client = _get_global_client()
+    assert client is not None  # serve.start connected it
+    config = client.http_config
+    if (config.host, config.port) == (host, port):
+        return
+    apps = sorted(serve.status().applications)
+    if apps:
+        raise ConfigError(
+            f"Ray Serve already listens on {config.host}:{config.port} for {', '.join(apps)} (one HTTP "
+            f"address per Ray cluster): stop that app, or set serve.host/serve.port to "
+            f"{config.host}:{config.port}"
+        )
+    log.info("Serve listened on %s:%s, no app; restarting it on %s:%s", config.host, config.port, host, port)
+    serve.shutdown()
+    serve.start(http_options={"host": host, "port": port})
 
 
 def _undo(pipeline: Pipeline, *, delete_app: bool) -> None:

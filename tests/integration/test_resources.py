@@ -13,7 +13,7 @@ import ray
 
 from cluster.pipeline import EmbedderActor, _await_embedder, shard_handles
 from cluster.ray_actors import actor_rows
-from cluster.serving import start_serving
+from cluster.serving import start_serve, start_serving
 from schemas.errors import ConfigError
 from schemas.settings import load_settings
 from schemas.topology import actor_name
@@ -84,3 +84,20 @@ def test_a_serve_start_refused_after_its_ingest_started_stops_that_ingest(pipeli
     while left() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left() == [], "the refused start left its ingest running"
+
+
+def test_serve_moves_to_the_asked_address_when_no_app_runs_there(ray_session):
+    """Ray Serve keeps one HTTP address per cluster and ``serve.start`` silently keeps a running
+    controller's: a command that left Serve up with no app (``Serving.stop`` deletes only the app)
+    made the next `riverbed serve` on another port wait for a /healthz that nothing answered."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    first, second = free_port(), free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": first})
+        start_serve("127.0.0.1", second)
+        client = _get_global_client()
+        assert client is not None and client.http_config.port == second
+    finally:
+        serve.shutdown()
