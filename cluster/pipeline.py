@@ -26,8 +26,8 @@ almost none (``SHARD_CPUS``): they are detached and stay up between commands, an
 every index ever ingested added up until a `serve` of another index no longer fit. An embedder that cannot be
 placed on a local head is refused with the names of whoever holds the CPUs, never waited for
 forever. The image embedder asks for a fraction too (``IMAGE_EMBED_CPUS``) while running
-``images.num_cpus`` torch threads (every core when unset): on a small machine the two embedders
-share the cores, and each is busy only while its topic has records.
+``images.num_cpus`` torch threads (every core but one when unset: :func:`ingest_image_config`): on
+a small machine the two embedders share the cores, and each is busy only while its topic has records.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.backends import backend_for
 from actors.batching import plan_pixel_batches
-from actors.embedder import Embedder
+from actors.embedder import Embedder, cpu_threads
 from actors.image_model import ImageTextModel
 from actors.index_shard import IndexShard
 from actors.models import TRAINED_MODELS, resolve_image_model
@@ -103,12 +103,26 @@ class EmbedderActor(Embedder):
         return str(ray.get_runtime_context().get_node_id())
 
 
+def ingest_image_config(config: ImagesConfig) -> ImagesConfig:
+    """The image settings the ingest's image embedder runs with: ``images.num_cpus`` unset means
+    every usable core but one (at least one), not every core. The stream's own work (the Kafka
+    client, decoding and thumbnails, the shards, the broker when local) needs a core while the
+    forward runs: measured on 2 cores (`riverbed bench images --split train`, 3,578 images), the
+    riverbed LiT model ingested 202 images/s with two torch threads and 197 with one, whose raw
+    forward is 209 (two: 313), so the second thread only took the CPU from the rest."""
+    if config.num_cpus is not None:
+        return config
+    return config.model_copy(update={"num_cpus": float(max(1, cpu_threads(None) - 1))})
+
+
 class ImageEmbedderActor:
     """The image-text model as the ingest's image embedder: ``embed`` takes the image processor's
     inputs (RGB pixel arrays, ``(H, W, 3)`` uint8) and returns one unit vector per image, in
-    forward passes of at most ``images.batch_size`` images and ``images.max_batch_pixels`` pixels."""
+    forward passes of at most ``images.batch_size`` images and ``images.max_batch_pixels`` pixels.
+    Its torch threads: :func:`ingest_image_config`."""
 
     def __init__(self, config: ImagesConfig, text_model: str, cache_dir: Path) -> None:
+        config = ingest_image_config(config)
         self.config = config
         self.model = ImageTextModel(config, text_model=text_model, cache_dir=cache_dir)
         self.model.warm_up()

@@ -237,7 +237,10 @@ class ImagesConfig(_Section):
         "auto", description="auto: CUDA when available (fp16), else CPU (fp32)"
     )
     num_cpus: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="CPUs (= torch threads) of the image model's process; unset: every core"
+        None,
+        description="CPUs (= torch threads) of the image model's process; unset: every core for queries "
+        "and evaluation, every core but one for the ingest's image embedder (the stream's own work needs "
+        "the other)",
     )
     batch_size: PositiveInt = Field(64, description="images (or texts) per forward pass")
     max_batch_pixels: PositiveInt = Field(

@@ -2,7 +2,8 @@
 
 # DATA: captioned images of a dataset split (easy-vqa's test split by default), decoded once
 # RAW: ``ImageTextModel.embed_images`` on the same images in this process, in batches of
-#   ``images.batch_size``, with the image embedder's threads (``images.num_cpus``, else every core)
+#   ``images.batch_size``, with the ingest's image embedder's threads (``images.num_cpus``, else
+#   every core but one: ``cluster.pipeline.ingest_image_config``)
 # PIPELINE: the images produced as inline envelopes to a fresh topic first (a backlog), then
 #   Kafka → image source → decode → image embedder actor → image shards, timed from when every
 #   source consumes (the actors up) until every record is committed, into a throwaway index
@@ -23,7 +24,7 @@ from actors.lit_model import LitRecord
 from cluster.bench.report import image_run_settings, machine, write_bars, write_report
 from cluster.image_datasets import load_image_dataset
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
-from cluster.pipeline import Pipeline, drop_index
+from cluster.pipeline import Pipeline, drop_index, ingest_image_config
 from cluster.producer import produce_all
 from schemas.envelope import ImageEnvelope
 from schemas.settings import Settings
@@ -50,7 +51,8 @@ def bench_images(
     _say(f"data: {len(envelopes)} captioned images of {data.name} {split}")
 
     # RAW
-    model = ImageTextModel(base.images, text_model=base.embed.model, cache_dir=base.cache_dir)
+    config = ingest_image_config(base.images)
+    model = ImageTextModel(config, text_model=base.embed.model, cache_dir=base.cache_dir)
     images = [Image.open(item.path).convert("RGB") for item in data.items]
     model.embed_images(images[: base.images.batch_size])  # warm-up: the first calls allocate
     t0 = time.perf_counter()
@@ -74,6 +76,7 @@ def bench_images(
         "model_location": model.location,
         "dim": model.dim,
         "batch_size": base.images.batch_size,
+        "threads": int(config.num_cpus or 1),
         "raw_s": round(raw_s, 2),
         "raw_images_per_s": round(raw_rate, 1),
         "pipeline_images": run["images"],
@@ -87,7 +90,11 @@ def bench_images(
     }
     rows = [
         ("images", f"{len(envelopes)} ({data.name} {split})"),
-        (f"raw `ImageTextModel.embed_images` (batch {base.images.batch_size})", f"{raw_rate:.1f} images/s"),
+        (
+            f"raw `ImageTextModel.embed_images` (batch {base.images.batch_size}, "
+            f"{result['threads']} thread{'' if result['threads'] == 1 else 's'})",
+            f"{raw_rate:.1f} images/s",
+        ),
         ("pipeline (Kafka → decode → embed → shards, committed)", f"{pipe_rate:.1f} images/s"),
         ("ratio pipeline / raw", f"{pipe_rate / raw_rate:.2f}"),
     ]

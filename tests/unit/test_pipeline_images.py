@@ -3,6 +3,7 @@ embedder's batching (the actor's class, called in process)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from actors.image_model import ImageTextModel
 from actors.models import resolve_model
 from actors.testing.tiny_clip import save_tiny_clip
-from cluster.pipeline import ImageEmbedderActor, images_enabled
+from cluster.pipeline import ImageEmbedderActor, images_enabled, ingest_image_config
 from schemas.errors import ConfigError
 from schemas.settings import ImagesConfig, load_settings
 
@@ -54,3 +55,13 @@ def test_the_image_embedder_batches_by_pixels_and_returns_the_model_s_vectors(
     assert got.shape == (len(pixels), model.dim) and got.dtype == np.float32
     assert np.allclose(got, expected, atol=1e-5)
     assert actor.describe() == {"model": str(tiny_clip), "dim": model.dim, "text_space": None}
+
+
+def test_the_ingest_image_embedder_leaves_a_core_to_the_stream_unless_told(monkeypatch: pytest.MonkeyPatch):
+    config = ImagesConfig(batch_size=8)
+    for cores, threads in [(1, 1), (2, 1), (16, 15)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert ingest_image_config(config).num_cpus == threads
+        assert ingest_image_config(config).batch_size == 8  # only the threads are filled in
+    assert ingest_image_config(ImagesConfig(num_cpus=16)).num_cpus == 16
+    assert config.num_cpus is None  # the setting itself is left as it was
