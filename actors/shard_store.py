@@ -30,36 +30,32 @@ processes (``riverbed stats``) open it with :meth:`ShardStore.read_only` and see
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from actors import store_schema
+from actors.sqlite_store import SQLiteStore
 from actors.store_schema import SCHEMA_VERSION
 from actors.store_write import (
     CONTENT,
-    SOURCE,
     StoreChanges,
     apply_write,
     batches,
-    classify,
     marks,
+    read_document_rows,
     read_versions,
 )
 from actors.vector_index import ChunkRecord, DocumentEntry, DocumentRow, Hit, ShardWrite, check_records
-from schemas.errors import ConfigError, IndexUnavailableError, RetryableError
+from schemas.errors import IndexUnavailableError
 from schemas.filters import MetadataFilter
-from schemas.topology import Offsets, Version
+from schemas.topology import Version
 
 __all__ = ["DB_NAME", "SCHEMA_VERSION", "ShardStore", "StoreChanges", "fts_terms"]
 
@@ -67,7 +63,7 @@ DB_NAME = "store.sqlite3"
 _FTS_TERM = re.compile(r"\w+", re.UNICODE)
 
 
-class ShardStore:
+class ShardStore(SQLiteStore):
     """SQLite store of one shard directory, for one embedding ``model`` and ``dim``.
 
     Opening creates the store, or upgrades one of an older schema in place. Raises
@@ -79,20 +75,11 @@ class ShardStore:
     def __init__(
         self, directory: Path, model: str, dim: int, *, max_bytes: int | None = None, _read_only: bool = False
     ) -> None:
+        super().__init__(f"shard {directory}")
         self.directory = directory
-        self._where = f"shard {directory}"
-        self._lock = threading.RLock()
-        self._lock_file: IO[str] | None = None
-        self._max_bytes: int | None = None
         self._default_max_pages = 0
-        try:
+        with self._opening():
             meta = self._open_read_only() if _read_only else self._open_for_write(model, dim)
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            raise IndexUnavailableError(f"shard {directory}: cannot open the store: {exc}") from exc
-        except BaseException:
-            self.close()
-            raise
         self.model, self.dim = meta["model"], int(meta["dim"])
         self.store_id = meta.get("store_id", "")
         self._schema = store_schema.schema_version(meta)
@@ -254,17 +241,8 @@ class ShardStore:
         return counts
 
     def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
-        rows: dict[str, DocumentRow] = {}
         with self._lock:
-            for batch in batches(list(dict.fromkeys(document_ids))):
-                sql = (
-                    f"SELECT document_id, content_hash, n_chunks, {SOURCE}"
-                    f" FROM documents WHERE document_id IN ({marks(len(batch))})"
-                )
-                for d, h, n, topic, partition, offset in self._conn.execute(sql, batch):
-                    source = (topic, partition, offset) if topic is not None else None
-                    rows[d] = DocumentRow(h, n, source)
-        return rows
+            return read_document_rows(self._conn.cursor(), list(document_ids))
 
     def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
         """The stored version of each id that has one (ids never written with a version: absent)."""
@@ -335,34 +313,11 @@ class ShardStore:
         with self._lock:
             return {r[0] for r in self._conn.execute(sql)}
 
-    def offsets(self) -> Offsets:
-        """``{topic: {partition: next_offset}}`` covered by committed writes."""
-        result: Offsets = {}
-        with self._lock:
-            for topic, partition, offset in self._conn.execute("SELECT * FROM offsets"):
-                result.setdefault(topic, {})[partition] = offset
-        return result
-
-    def close(self) -> None:
-        """Closes the connection and releases the writer lock. Idempotent."""
-        with self._lock:
-            conn = getattr(self, "_conn", None)
-            if conn is not None:
-                conn.close()
-                del self._conn
-            if self._lock_file is not None:
-                self._lock_file.close()  # releases the flock
-                self._lock_file = None
-
     # -- internals ------------------------------------------------------------------------
 
     def _open_for_write(self, model: str, dim: int) -> dict[str, str]:
         """Locks the directory, opens (creating or upgrading) the store; returns its meta."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock_directory(self.directory)
-        self._conn = sqlite3.connect(self.directory / DB_NAME, isolation_level=None, check_same_thread=False)
-        for pragma in ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000"):
-            self._conn.execute(f"PRAGMA {pragma}")
+        self._connect(self.directory, DB_NAME)
         self._default_max_pages = int(self._conn.execute("PRAGMA max_page_count").fetchone()[0])
         with self._transaction() as cur:
             meta = store_schema.read_meta(cur)
@@ -388,24 +343,6 @@ class ShardStore:
             row = self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
             return int(row[0]) if row else 0
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        """One write transaction; on any failure it is rolled back and the error classified."""
-        if self._lock_file is None:
-            raise ConfigError(f"shard {self.directory}: opened read-only, cannot write")
-        cur = self._conn.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
-            yield cur
-            cur.execute("COMMIT")
-        except BaseException as exc:
-            if self._conn.in_transaction:  # SQLite rolls back by itself on some errors (disk full)
-                self._conn.execute("ROLLBACK")
-            error = classify(exc, self._where, self._max_bytes)
-            if error is exc:
-                raise
-            raise error from exc
-
 
 def fts_terms(query: str, limit: int = 64) -> list[str]:
     """The distinct words of ``query`` (lowercased, in order, at most ``limit``): what keyword
@@ -421,20 +358,3 @@ def _matrix(blobs: list[bytes], dim: int) -> np.ndarray:
     if not blobs:
         return np.zeros((0, dim), np.float32)
     return np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), dim).astype(np.float32)
-
-
-def _lock_directory(directory: Path) -> IO[str]:
-    handle = open(directory / "LOCK", "a+")  # noqa: SIM115  # held open until close()
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise RetryableError(
-            f"shard {directory} is open by another writer (pid {holder}); retry once it has closed"
-        ) from exc
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle

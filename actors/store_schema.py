@@ -28,7 +28,21 @@ from schemas.errors import ConfigError
 
 SCHEMA_VERSION = 3
 
-_TABLES = """
+BOOKKEEPING = """
+CREATE TABLE IF NOT EXISTS documents (document_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL,
+    n_chunks INTEGER NOT NULL, updated_seq INTEGER NOT NULL,
+    source_topic TEXT, source_partition INTEGER, source_offset INTEGER);
+-- the newest record applied for each versioned document, kept after a delete so that an older
+-- upsert arriving later is refused
+CREATE TABLE IF NOT EXISTS doc_versions (document_id TEXT PRIMARY KEY, topic TEXT NOT NULL,
+    partition INTEGER NOT NULL, offset INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
+"""
+"""The tables of a store's bookkeeping: document rows, versions, committed offsets (the vector
+shards' and the graph shards' alike)."""
+
+_TABLES = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id; never reused
@@ -47,16 +61,7 @@ CREATE INDEX IF NOT EXISTS chunks_seq ON chunks (seq);
 CREATE INDEX IF NOT EXISTS chunks_metadata ON chunks (metadata);
 CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones (seq);
-CREATE TABLE IF NOT EXISTS documents (document_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL,
-    n_chunks INTEGER NOT NULL, updated_seq INTEGER NOT NULL,
-    source_topic TEXT, source_partition INTEGER, source_offset INTEGER);
--- the newest record applied for each versioned document, kept after a delete so that an older
--- upsert arriving later is refused
-CREATE TABLE IF NOT EXISTS doc_versions (document_id TEXT PRIMARY KEY, topic TEXT NOT NULL,
-    partition INTEGER NOT NULL, offset INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS offsets (topic TEXT NOT NULL, partition INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL, PRIMARY KEY (topic, partition));
--- BM25 keyword index over chunk text and title, kept in step with `chunks` by triggers (rows are
+{BOOKKEEPING}-- BM25 keyword index over chunk text and title, kept in step with `chunks` by triggers (rows are
 -- only ever inserted and deleted; an update touches the source columns only); porter stemming,
 -- diacritics folded
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(text, title, content='chunks',

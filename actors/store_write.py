@@ -31,7 +31,9 @@ BATCH = 500  # ids per "IN (...)" query, well under SQLite's bound-parameter lim
 CONTENT = "document_id, number, text, title, span_start, span_end, metadata, vector"
 COLUMNS = f"{CONTENT}, alignment"
 SOURCE = "source_topic, source_partition, source_offset"
-_UPSERT_DOCUMENT = (
+# The bookkeeping statements (document rows, versions, offsets), shared with the graph store,
+# whose tables of them are the same (store_schema.BOOKKEEPING).
+UPSERT_DOCUMENT = (
     "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (document_id) DO UPDATE SET"
     " content_hash = excluded.content_hash, n_chunks = excluded.n_chunks,"
     " updated_seq = excluded.updated_seq, source_topic = excluded.source_topic,"
@@ -40,12 +42,12 @@ _UPSERT_DOCUMENT = (
     " OR source_topic IS NOT excluded.source_topic OR source_partition IS NOT excluded.source_partition"
     " OR source_offset IS NOT excluded.source_offset"
 )
-_RECORD_VERSION = (
+RECORD_VERSION = (
     "INSERT INTO doc_versions VALUES (?, ?, ?, ?) ON CONFLICT (document_id) DO UPDATE SET"
     " topic = excluded.topic, partition = excluded.partition, offset = excluded.offset"
     " WHERE topic != excluded.topic OR partition != excluded.partition OR offset != excluded.offset"
 )
-_MERGE_OFFSET = (
+MERGE_OFFSET = (
     "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE"
     " SET next_offset = max(next_offset, excluded.next_offset)"
 )
@@ -108,6 +110,19 @@ def read_versions(cur: sqlite3.Cursor, document_ids: list[str]) -> dict[str, Ver
         for d, topic, partition, offset in cur.execute(sql, batch):
             found[d] = (topic, partition, offset)
     return found
+
+
+def read_document_rows(cur: sqlite3.Cursor, document_ids: list[str]) -> dict[str, DocumentRow]:
+    """The registry row of each id that has one."""
+    rows: dict[str, DocumentRow] = {}
+    for batch in batches(list(dict.fromkeys(document_ids))):
+        sql = (
+            f"SELECT document_id, content_hash, n_chunks, {SOURCE}"
+            f" FROM documents WHERE document_id IN ({marks(len(batch))})"
+        )
+        for d, h, n, topic, partition, offset in cur.execute(sql, batch):
+            rows[d] = DocumentRow(h, n, (topic, partition, offset) if topic is not None else None)
+    return rows
 
 
 def classify(exc: BaseException, where: str, max_bytes: int | None) -> BaseException:
@@ -194,7 +209,7 @@ class _Write:
             if document_id not in self.stale:
                 values = (document_id, row.content_hash, row.n_chunks, self.seq, *(row.source or _NO_SOURCE))
                 with self._about(f"document {document_id!r}"):
-                    self.cur.execute(_UPSERT_DOCUMENT, values)
+                    self.cur.execute(UPSERT_DOCUMENT, values)
                     self.document_changes += max(self.cur.rowcount, 0)
 
     def record_versions(self) -> None:
@@ -202,12 +217,12 @@ class _Write:
         for document_id, version in self.versions.items():
             if document_id not in self.stale:
                 with self._about(f"document {document_id!r}"):
-                    self.cur.execute(_RECORD_VERSION, (document_id, *version))
+                    self.cur.execute(RECORD_VERSION, (document_id, *version))
 
     def merge_offsets(self, offsets: Mapping[str, Mapping[int, int]]) -> None:
         for topic, positions in offsets.items():
             with self._about(f"the offsets of topic {topic!r}"):
-                self.cur.executemany(_MERGE_OFFSET, [(topic, int(p), int(o)) for p, o in positions.items()])
+                self.cur.executemany(MERGE_OFFSET, [(topic, int(p), int(o)) for p, o in positions.items()])
 
     def changes(self, matrix: np.ndarray) -> StoreChanges:
         positions = [i for _, i in self.added]

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, runtime_checkable
 
 import numpy as np
+from typing_extensions import TypeVar
 
 from schemas.filters import MetadataFilter
 from schemas.ids import chunk_id as make_chunk_id
@@ -166,8 +167,19 @@ class DocumentEntry:
     version: Version | None
 
 
+class Keyed(Protocol):
+    """A record a shard upserts by its ``chunk_id``: a :class:`ChunkRecord` (vector shards) or
+    another kind of shard's record (a graph shard's ``ChunkGraph``)."""
+
+    @property
+    def chunk_id(self) -> str: ...
+
+
+R = TypeVar("R", bound=Keyed, default=ChunkRecord)
+
+
 @dataclass(frozen=True)
-class ShardWrite:
+class ShardWrite(Generic[R]):
     """Everything one batch changes in one shard, applied as ONE atomic, durable transaction, in
     this order:
 
@@ -191,7 +203,7 @@ class ShardWrite:
     not comparable and applies. Documents not in ``versions`` always apply and keep their version.
     """
 
-    upserts: Sequence[ChunkRecord] = ()
+    upserts: Sequence[R] = ()
     truncate: Mapping[str, int] = field(default_factory=dict)
     delete_documents: Sequence[str] = ()
     delete_chunks: Sequence[str] = ()
@@ -214,7 +226,7 @@ class ShardWrite:
         # As plain tuples of str and int (numpy ints and lists would compare and bind differently).
         object.__setattr__(self, "versions", {d: _version(d, v) for d, v in self.versions.items()})
 
-    def unique_upserts(self) -> list[ChunkRecord]:
+    def unique_upserts(self) -> list[R]:
         """``upserts`` with duplicates removed, the last one of each chunk id kept."""
         return list({r.chunk_id: r for r in self.upserts}.values())
 

