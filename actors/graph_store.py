@@ -43,8 +43,8 @@ from typing import Any
 
 import networkx as nx
 
-from actors import store_schema
-from actors.graph_extract import ChunkGraph, Mention, Relation
+from actors import graph_query, store_schema
+from actors.graph_extract import ChunkGraph, Mention, Relation, entity_key
 from actors.sqlite_store import SQLiteStore
 from actors.store_write import (
     MERGE_OFFSET,
@@ -95,6 +95,7 @@ class GraphStore(SQLiteStore):
         self.directory = directory
         self._facts: dict[str, ChunkGraph] = {}
         self._graph = nx.MultiDiGraph()
+        self._aliases: dict[str, Counter[str]] = {}  # the key of a name as written -> entity keys
         with self._opening():
             self._open(model)
             self._load()
@@ -161,6 +162,36 @@ class GraphStore(SQLiteStore):
                         )
         return out
 
+    def around(self, keys: Sequence[str]) -> nx.MultiDiGraph:
+        """These entities, every edge of this shard touching one, and the entities at their other
+        ends (:func:`actors.graph_query.around`): one hop of a query."""
+        with self._lock:
+            return graph_query.around(self._graph, keys)
+
+    def describe(self, keys: Sequence[str]) -> nx.MultiDiGraph:
+        """These entities' nodes, without edges (:func:`actors.graph_query.describe`)."""
+        with self._lock:
+            return graph_query.describe(self._graph, keys)
+
+    def known(self, candidates: Sequence[str]) -> dict[str, str]:
+        """``{candidate: entity key}`` for the candidates that are the key of an entity mentioned
+        here, or else the key of a name one of them is written as here (the most frequent)."""
+        out: dict[str, str] = {}
+        with self._lock:
+            for candidate in candidates:
+                chunks = self._graph.nodes[candidate]["chunks"] if candidate in self._graph else None
+                if chunks:
+                    out[candidate] = candidate
+                elif candidate in self._aliases:
+                    counts = self._aliases[candidate]
+                    out[candidate] = min(counts, key=lambda k: (-counts[k], k))
+        return out
+
+    def search(self, prefix: str, limit: int) -> list[dict[str, Any]]:
+        """:func:`actors.graph_query.search_entities` over the entities mentioned here."""
+        with self._lock:
+            return graph_query.search_entities(self._graph, prefix, limit)
+
     def chunk_graphs(self, chunk_ids: Sequence[str]) -> list[ChunkGraph | None]:
         """What this shard holds of each chunk (None: nothing)."""
         with self._lock:
@@ -196,6 +227,9 @@ class GraphStore(SQLiteStore):
                 g.add_node(m.key, names=Counter(), labels=Counter(), chunks=Counter())
             node = g.nodes[m.key]
             node["names"][m.name] += 1
+            alias = entity_key(m.name)
+            if alias != m.key:
+                self._aliases.setdefault(alias, Counter())[m.key] += 1
             node["labels"][m.label] += 1
             node["chunks"][graph.chunk_id] += 1
         for r in graph.relations:
@@ -212,6 +246,11 @@ class GraphStore(SQLiteStore):
         for m in graph.mentions:
             node = g.nodes[m.key]
             _take(node["names"], m.name)
+            alias = entity_key(m.name)
+            if alias != m.key:
+                _take(self._aliases[alias], m.key)
+                if not self._aliases[alias]:
+                    del self._aliases[alias]
             _take(node["labels"], m.label)
             _take(node["chunks"], graph.chunk_id)
             touched.add(m.key)
