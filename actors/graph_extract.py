@@ -36,7 +36,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from actors.alignment import Alignment
 from schemas.errors import ConfigError
@@ -45,6 +47,9 @@ from schemas.settings import GraphConfig
 
 log = logging.getLogger(__name__)
 
+EXTRACTION_VERSION = 1
+"""Bumped when the same pipeline's output changes (normalisation, relations, the title): another
+graph then, rebuilt from the topic."""
 CO_OCCURS = "co_occurs"
 MENTIONS = "mentions"
 TITLE = "TITLE"
@@ -160,10 +165,25 @@ class Extractor:
         meta = self._nlp.meta
         return f"{meta.get('lang', '')}_{meta.get('name', '')} {meta.get('version', '')}".strip()
 
+    @property
+    def identity(self) -> str:
+        """Everything a graph's content depends on: the pipeline, the extraction's version and the
+        settings that change what it finds. A graph shard records it; another one is another graph."""
+        skip = ",".join(sorted(self._skip)) or "-"
+        window = self.config.pair_window
+        return f"{self.model_name}; extraction {EXTRACTION_VERSION}; skip {skip}; window {window}"
+
     def extract(self, texts: Sequence[str]) -> list[Facts]:
         """The facts of each text, in order; spans are code points of that text."""
         self.warm_up()
         return [self._facts(doc) for doc in self._nlp.pipe(texts, batch_size=self.config.batch_size)]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """:meth:`extract` as a stream downstream's "embedder" returns it: an object array, one
+        :class:`Facts` per text."""
+        out = np.empty(len(texts), dtype=object)
+        out[:] = self.extract(texts)
+        return out
 
     def _facts(self, doc: Any) -> Facts:
         mentions: list[Mention] = []
@@ -228,17 +248,22 @@ def _verb(token: Any) -> str:
 # DOCUMENT: spans into the document, aliases, the title
 
 
-@dataclass(frozen=True)
-class ChunkText:
+class ChunkText(Protocol):
     """Where a chunk lies in its document: what :func:`document_graph` needs of a chunker's
-    ``Chunk``."""
+    :class:`~actors.chunker.Chunk`."""
 
-    chunk_id: str
-    number: int
-    text: str
-    start: int
-    end: int
-    alignment: str
+    @property
+    def chunk_id(self) -> str: ...
+    @property
+    def number(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def alignment(self) -> str: ...
 
 
 def document_graph(

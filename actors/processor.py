@@ -17,14 +17,14 @@ later".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from actors.vector_index import ChunkRecord, DocumentRow, ShardWrite, WriteResult
+from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from schemas.envelope import DocumentEnvelope, ImageEnvelope
 from schemas.errors import PoisonMessageError
 from schemas.ids import shard_of
@@ -115,7 +115,9 @@ class Change:
     document_id: str
     version: Version
     row: DocumentRow | None = None
-    records: Sequence[ChunkRecord] = ()
+    records: Sequence[Any] = ()
+    """What the shards upsert by chunk id: :class:`ChunkRecord` for vector shards (a graph shard's
+    records are its own)."""
 
 
 def deletion(item: Item) -> Unit:
@@ -124,12 +126,21 @@ def deletion(item: Item) -> Unit:
     return Unit(item, [], Change(item.id, item.record.version), counts={"deletes": 1})
 
 
-def two_phase_writes(changes: Iterable[Change], n_shards: int) -> Writes:
+Route = Callable[[Any, int], Iterable[tuple[int, Any]]]
+"""``route(record, n_shards)``: the shards a record goes to, each with the record it gets there."""
+
+
+def by_chunk_id(record: Any, n_shards: int) -> Iterable[tuple[int, Any]]:
+    """The vector shards' routing: the whole record to ``shard_of(chunk_id)``."""
+    return [(shard_of(record.chunk_id, n_shards), record)]
+
+
+def two_phase_writes(changes: Iterable[Change], n_shards: int, route: Route = by_chunk_id) -> Writes:
     """The :class:`Writes` of ``changes``: phase 1 sends every shard the chunks routed to it
-    (``shard_of(chunk_id)``), every id's truncation (``row.n_chunks``: stale tail chunks of a
-    shorter new version go) or deletion, and every id's version; phase 2 sends each row to the id's
-    registry shard, ``shard_of(document_id)``, with its version."""
-    chunks: dict[int, list[ChunkRecord]] = {i: [] for i in range(n_shards)}
+    (``route``; by default ``shard_of(chunk_id)``), every id's truncation (``row.n_chunks``: stale
+    tail chunks of a shorter new version go) or deletion, and every id's version; phase 2 sends each
+    row to the id's registry shard, ``shard_of(document_id)``, with its version."""
+    chunks: dict[int, list[Any]] = {i: [] for i in range(n_shards)}
     truncate: dict[str, int] = {}
     deletes: list[str] = []
     versions: dict[str, Version] = {}
@@ -142,7 +153,8 @@ def two_phase_writes(changes: Iterable[Change], n_shards: int) -> Writes:
             continue
         truncate[doc_id] = change.row.n_chunks
         for record in change.records:
-            chunks[shard_of(record.chunk_id, n_shards)].append(record)
+            for shard, part in route(record, n_shards):
+                chunks[shard].append(part)
         rows.setdefault(shard_of(doc_id, n_shards), {})[doc_id] = change.row
     phase1 = {
         i: ShardWrite(upserts=chunks[i], truncate=truncate, delete_documents=deletes, versions=versions)
@@ -184,7 +196,9 @@ class Downstream(Protocol):
     n_shards: int
 
     def embed(self, inputs: list[Any]) -> Future[np.ndarray]:
-        """Vectors for ``inputs`` (same order). The future raises RetryableError when the failure
+        """Vectors for ``inputs`` (same order): float rows, or for a downstream that does not
+        embed (the knowledge graph's extractors) an object array with one result per input; only
+        float rows are checked for NaN. The future raises RetryableError when the failure
         is transient (an actor died or timed out), any other error when it will recur."""
         ...
 

@@ -6,7 +6,10 @@
   shards);
 - :func:`image_consumer`: the images topic, with the
   :class:`~actors.image_processor.ImageProcessor` (its downstream: an embedder of the processor's
-  pixel arrays and the shards of the images index).
+  pixel arrays and the shards of the images index);
+- :func:`graph_consumer`: the documents topic again, in the knowledge graph's own group, with the
+  :class:`~actors.graph_processor.GraphProcessor` (its downstream: the extractors and the graph
+  shards).
 
 Their delivery, failure, ordering and backpressure contracts are the stream consumer's.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from typing import TypedDict, Unpack
 
+from actors.graph_processor import GraphProcessor
 from actors.image_processor import ImageProcessor
 from actors.processor import Downstream
 from actors.stream_consumer import ConsumerFactory, DeadLetterSink, StreamConsumer
@@ -71,4 +75,23 @@ def image_consumer(
     processor = ImageProcessor(images)
     return StreamConsumer(
         kafka, ingest, kafka.topics.images, servers, group, processor, downstream, **options
+    )
+
+
+def graph_consumer(
+    kafka: KafkaConfig,
+    ingest: IngestConfig,
+    chunk: ChunkConfig,
+    model: str,
+    servers: str,
+    group: str,
+    downstream: Downstream,
+    **options: Unpack[SourceOptions],
+) -> StreamConsumer:
+    """A consumer of ``kafka.topics.documents`` in ``group`` (the graph's own) that chunks as the
+    text path does (``model``'s tokenizer: the same chunk ids) and writes each chunk's entities and
+    relations through ``downstream``, whose "embedder" extracts them."""
+    processor = GraphProcessor(chunk, model)
+    return StreamConsumer(
+        kafka, ingest, kafka.topics.documents, servers, group, processor, downstream, **options
     )

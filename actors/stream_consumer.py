@@ -386,7 +386,7 @@ class StreamConsumer:
         for unit in units:
             unit.vectors = vectors[row : row + len(unit.inputs)]
             row += len(unit.inputs)
-            if len(unit.inputs) and not np.isfinite(unit.vectors).all():
+            if len(unit.inputs) and _numeric(unit.vectors) and not np.isfinite(unit.vectors).all():
                 self._processing_error(unit, "the embedding holds NaN or infinity")
             else:
                 kept.append(unit)
@@ -553,6 +553,11 @@ class StreamConsumer:
             if left <= 0:
                 return
             time.sleep(min(left, 0.5))
+
+
+def _numeric(outputs: np.ndarray) -> bool:
+    """Whether a downstream's outputs are numbers (vectors), not objects (a graph's facts)."""
+    return outputs.dtype.kind in "fc"
 
 
 class _Isolated(Exception):

@@ -26,7 +26,10 @@ from schemas.settings import ChunkConfig
 
 
 @dataclass(frozen=True)
-class _Upsert:
+class ChunkedUpsert:
+    """The payload of a document upsert's unit: its envelope, its chunks, and whether the shards
+    already hold exactly this content (nothing to embed then)."""
+
     envelope: DocumentEnvelope
     document: ChunkedDocument
     unchanged: bool
@@ -64,7 +67,7 @@ class TextProcessor:
             assert isinstance(item.envelope, DocumentEnvelope)  # the consumer routes by kind
             texts = [] if unchanged else [c.text for c in result.chunks]
             counts = {"unchanged": 1} if unchanged else {"documents": 1, "chunks": len(texts)}
-            units.append(Unit(item, texts, _Upsert(item.envelope, result, unchanged), counts=counts))
+            units.append(Unit(item, texts, ChunkedUpsert(item.envelope, result, unchanged), counts=counts))
         return units, failed
 
     def _chunk(self, items: Sequence[Item]) -> dict[str, ChunkedDocument | str]:
@@ -101,7 +104,7 @@ def _change(unit: Unit) -> Change:
     return Change(doc.document_id, version, DocumentRow(doc.content_hash, len(doc.chunks), version), records)
 
 
-def _records(payload: _Upsert, unit: Unit) -> list[ChunkRecord]:
+def _records(payload: ChunkedUpsert, unit: Unit) -> list[ChunkRecord]:
     """The chunk records of an upsert, with their vectors (rows of ``unit.vectors`` in order)."""
     env, doc, vectors = payload.envelope, payload.document, unit.vectors
     if vectors is None or len(vectors) != len(doc.chunks):

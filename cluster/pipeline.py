@@ -50,24 +50,27 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.backends import backend_for
 from actors.batching import plan_pixel_batches
 from actors.embedder import Embedder, cpu_threads
+from actors.graph_extract import Extractor
+from actors.graph_store import GraphStore
 from actors.image_model import ImageTextModel
 from actors.index_shard import IndexShard
 from actors.models import TRAINED_MODELS, resolve_image_model
 from actors.processor import StoredDocument, merge_stored
-from actors.source import document_consumer, image_consumer
+from actors.source import document_consumer, graph_consumer, image_consumer
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
 from cluster.ray_runtime import connect
 from schemas import topology
 from schemas.errors import ConfigError, RetryableError, RiverbedError
 from schemas.ids import shard_of
-from schemas.settings import EmbedConfig, ImagesConfig, IndexConfig, Settings
+from schemas.settings import EmbedConfig, GraphConfig, ImagesConfig, IndexConfig, Settings
 from schemas.topology import Offsets, actor_name
 
 log = logging.getLogger(__name__)
 
 LIGHT_CPUS = 0.05
 IMAGE_EMBED_CPUS = 0.1
+GRAPH_EXTRACT_CPUS = 0.1
 SHARD_CPUS = 0.001
 """Not 0: Ray 2.60 places an actor that requests no resources on the node that creates it, whatever
 its node affinity says (measured with ``ray.cluster_utils.Cluster``). A thousandth, so that the idle
@@ -151,6 +154,60 @@ class ImageEmbedderActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+class ExtractorActor(Extractor):
+    """The knowledge graph's extractor: the graph side's "embedder" (``embed`` returns one
+    :class:`~actors.graph_extract.Facts` per chunk text, as an object array)."""
+
+    def __init__(self, config: GraphConfig) -> None:
+        super().__init__(config)
+        self.warm_up()
+
+    def describe(self) -> dict[str, Any]:
+        """``model``: the identity the graph shards record (:attr:`Extractor.identity`)."""
+        return {"model": self.identity, "dim": 0}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class GraphShardActor(GraphStore):
+    """A knowledge-graph shard as a detached actor: its store in the graph index's shard directory,
+    its view rebuilt from it at each (re)start."""
+
+    def __init__(self, data_dir: Path, shard: int, model: str) -> None:
+        super().__init__(topology.shard_directory(data_dir, shard), model)
+        self.shard = shard
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+
+def graph_shard_handles(side: Settings, model: str) -> list[Any]:
+    """Gets or creates the detached shard actors of a knowledge graph (``side``: the index's
+    :meth:`~schemas.settings.Settings.graph_side`), placed as :func:`shard_handles` places vector
+    shards (soft node affinity: a restart stays where the store is)."""
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    handles: list[Any] = [
+        ray.remote(GraphShardActor)
+        .options(
+            name=actor_name(side.index.name, "shard", i),
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=SHARD_CPUS,
+            max_concurrency=8,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
+            **_RESTART,
+        )
+        .remote(side.data_dir, i, model)
+        for i in range(side.index.n_shards)
+    ]
+    ray.get([h.ping.remote() for h in handles])
+    return handles
 
 
 def images_enabled(settings: Settings) -> bool:
@@ -301,14 +358,28 @@ def _transport_retryable(exc: BaseException, what: str) -> BaseException:
 
 
 class SourceActor:
-    """One stream consumer: of the documents topic (``kind`` ``document``, in the index's group), or
-    of the images topic (``image``, in the group of ``settings.image_side()``)."""
+    """One stream consumer: of the documents topic (``kind`` ``document``, in the index's group), of
+    the images topic (``image``, in the group of ``settings.image_side()``), or of the documents
+    topic for the knowledge graph (``graph``, in the group of ``settings.graph_side()``)."""
 
     def __init__(
         self, settings: Settings, servers: str, downstream: RayDownstream, name: str, kind: str = "document"
     ) -> None:
         wait_s, timeout_s = settings.embed.max_wait_ms / 1000, settings.ingest.embed_timeout_s
-        if kind == "image":
+        if kind == "graph":
+            self.source = graph_consumer(
+                settings.kafka,
+                settings.ingest,
+                settings.chunk,
+                settings.embed.model,
+                servers,
+                settings.graph_side().consumer_group,
+                downstream,
+                name=name,
+                max_wait_s=wait_s,
+                embed_timeout_s=timeout_s,
+            )
+        elif kind == "image":
             self.source = image_consumer(
                 settings.kafka,
                 settings.ingest,
@@ -354,10 +425,17 @@ class Progress:
     ends: dict[str, dict[int, int]]
     sources: list[dict[str, Any]]
     elapsed_s: float
+    graph: tuple[str, dict[str, dict[int, int]]] | None = None
+    """When the knowledge graph is built: the topic it reads and its group's committed offsets."""
 
     @property
     def lag(self) -> int:
-        return topology.lag(self.ends, self.committed)
+        """Records not yet committed, by every group this run consumes with."""
+        lag = topology.lag(self.ends, self.committed)
+        if self.graph is not None:
+            topic, committed = self.graph
+            lag += topology.lag({topic: self.ends.get(topic, {})}, committed)
+        return lag
 
     def total(self, key: str) -> int:
         return sum(int(s.get(key, 0)) for s in self.sources)
@@ -491,6 +569,8 @@ class Pipeline:
         """Whether this run consumes the images topic too (:func:`images_enabled`)."""
         self.image_embedders: list[Any] = []
         self.image_shards: list[Any] = []
+        self.extractors: list[Any] = []
+        self.graph_shards: list[Any] = []
         self._runs: list[Any] = []
         self._t0 = time.monotonic()
 
@@ -532,6 +612,8 @@ class Pipeline:
         ]
         if self.images:
             self._start_images()
+        if s.graph.enabled:
+            self._start_graph()
         self._runs = [src.run.remote() for src in self.sources]
         self._t0 = time.monotonic()
 
@@ -559,6 +641,29 @@ class Pipeline:
         )
         self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "image"))
 
+    def _start_graph(self) -> None:
+        """The extractors, the graph shards and one source of the documents topic in the graph's
+        own consumer group."""
+        s, side = self.settings, self.settings.graph_side()
+        self.extractors = [
+            ray.remote(ExtractorActor)
+            .options(
+                name=actor_name(side.index.name, "embedder", i),
+                get_if_exists=True,
+                num_cpus=GRAPH_EXTRACT_CPUS,
+                **_RESTART,
+            )
+            .remote(s.graph)
+            for i in range(s.graph.extractors)
+        ]
+        model = str(_await_embedder(side, self.extractors[0], GRAPH_EXTRACT_CPUS)["model"])
+        log.info("graph extractor: %s", model)
+        self.graph_shards = graph_shard_handles(side, model)
+        downstream = RayDownstream(
+            self.extractors, self.graph_shards, functools.partial(graph_shard_handles, side, model)
+        )
+        self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "graph"))
+
     def _source(self, name: str, downstream: RayDownstream, kind: str) -> Any:
         return (
             ray.remote(SourceActor)
@@ -580,11 +685,15 @@ class Pipeline:
         if self.images:
             committed.update(committed_offsets(self.servers, s.image_side().consumer_group))
             topics.append(s.kafka.topics.images)
+        graph = None
+        if self.graph_shards:
+            graph = (s.kafka.topics.documents, committed_offsets(self.servers, s.graph_side().consumer_group))
         return Progress(
             committed=committed,
             ends=end_offsets(self.servers, topics),
             sources=stats,
             elapsed_s=time.monotonic() - self._t0,
+            graph=graph,
         )
 
     def wait_consuming(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> None:
@@ -642,13 +751,14 @@ class Pipeline:
         try:
             results = ray.get(self._runs, timeout=timeout_s)
         finally:
-            for actor in self.sources + self.embedders + self.image_embedders:
+            for actor in self.sources + self.embedders + self.image_embedders + self.extractors:
                 ray.kill(actor, no_restart=True)
             if self.shards:  # by name: a source may have re-created a shard (new handle)
                 ray.get([sh.snapshot.remote() for sh in named_shards(self.settings)])
             if self.image_shards:
                 ray.get([sh.snapshot.remote() for sh in named_shards(self.settings.image_side())])
             self.sources, self.embedders, self.image_embedders, self._runs = [], [], [], []
+            self.extractors = []
         return results
 
 

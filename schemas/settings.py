@@ -33,7 +33,14 @@ from pydantic_settings import (
 )
 
 from schemas.errors import ConfigError
-from schemas.topology import IMAGES_SUFFIX, SearchMode, consumer_group, images_index
+from schemas.topology import (
+    GRAPH_SUFFIX,
+    IMAGES_SUFFIX,
+    SearchMode,
+    consumer_group,
+    graph_index,
+    images_index,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -348,12 +355,13 @@ class IndexConfig(_Section):
     @field_validator("name")
     @classmethod
     def _name_not_reserved(cls, name: str) -> str:
-        if name.endswith(IMAGES_SUFFIX):
-            base = name.removesuffix(IMAGES_SUFFIX)
-            raise ValueError(
-                f"names ending in {IMAGES_SUFFIX!r} are reserved for the images of an index (those of "
-                f"{base!r} live in {name!r}); use another name"
-            )
+        for suffix, what in ((IMAGES_SUFFIX, "images"), (GRAPH_SUFFIX, "knowledge graph")):
+            if name.endswith(suffix):
+                base = name.removesuffix(suffix)
+                raise ValueError(
+                    f"names ending in {suffix!r} are reserved for the {what} of an index (that of "
+                    f"{base!r} lives in {name!r}); use another name"
+                )
         return name
 
     @model_validator(mode="after")
@@ -715,6 +723,15 @@ class Settings(BaseSettings):
         (:func:`schemas.topology.images_index`): the same settings, but for ``index.name``, and so
         its data directory, consumer group and actor names."""
         index = self.index.model_copy(update={"name": images_index(self.index.name)})
+        return self.model_copy(update={"index": index})
+
+    def graph_side(self) -> Settings:
+        """These settings for the index that holds this index's knowledge graph
+        (:func:`schemas.topology.graph_index`): its own name (data directory, consumer group, actor
+        names) and ``graph.n_shards`` shards."""
+        index = self.index.model_copy(
+            update={"name": graph_index(self.index.name), "n_shards": self.graph.n_shards}
+        )
         return self.model_copy(update={"index": index})
 
     @property

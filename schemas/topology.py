@@ -50,6 +50,14 @@ def images_index(index: str) -> str:
     return f"{index}{IMAGES_SUFFIX}"
 
 
+GRAPH_SUFFIX = "-graph"
+
+
+def graph_index(index: str) -> str:
+    """The index that holds ``index``'s knowledge graph: ``<index>-graph``."""
+    return f"{index}{GRAPH_SUFFIX}"
+
+
 def lag(ends: Offsets, committed: Offsets) -> int:
     """Records written to the topics in ``ends`` and not yet committed (missing partitions: 0)."""
     return sum(

@@ -7,12 +7,11 @@ from collections import Counter
 
 import pytest
 
-from actors.chunker import Chunker
+from actors.chunker import Chunk, Chunker
 from actors.graph_extract import (
     CO_OCCURS,
     MENTIONS,
     TITLE,
-    ChunkText,
     Extractor,
     document_graph,
     entity_key,
@@ -100,10 +99,10 @@ def test_short_forms_join_the_longest_key_they_are_part_of() -> None:
     assert resolve_aliases(counts) == {"smith": "adam smith"}  # equal length: the one mentioned more
 
 
-def _chunks(text: str, title: str, max_tokens: int = 16) -> list[ChunkText]:
+def _chunks(text: str, title: str, max_tokens: int = 16) -> list[Chunk]:
     chunker = Chunker(ChunkConfig(max_tokens=max_tokens, overlap_tokens=0), MINILM)
     doc = chunker.chunk(DocumentEnvelope(id="tesla", text=text, title=title))
-    return [ChunkText(c.chunk_id, c.number, c.text, c.start, c.end, c.alignment) for c in doc.chunks]
+    return doc.chunks
 
 
 def test_a_document_graph_resolves_aliases_adds_the_title_and_keeps_document_spans(
