@@ -15,7 +15,7 @@ Hops and paths ignore edge direction: "A mentions B" joins B to A as much as A t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from itertools import islice, pairwise
 from typing import Any
 
@@ -74,31 +74,31 @@ def describe(graph: nx.MultiDiGraph, keys: Iterable[str]) -> nx.MultiDiGraph:
     return out
 
 
-def expand(
-    fetch: Callable[[list[str]], nx.MultiDiGraph],
+async def expand(
+    fetch: Callable[[list[str]], Awaitable[nx.MultiDiGraph]],
     seeds: Sequence[str],
     hops: int,
     *,
-    details: Callable[[list[str]], nx.MultiDiGraph] | None = None,
+    details: Callable[[list[str]], Awaitable[nx.MultiDiGraph]] | None = None,
     max_nodes: int = 5000,
 ) -> nx.MultiDiGraph:
-    """The graph within ``hops`` of ``seeds``: ``fetch(keys)`` returns :func:`around` of those keys
-    (from every shard, merged), and ``details(keys)`` :func:`describe` of them: the entities at the
-    last hop are described by their own shards that way (their names, mentions and degree live
-    there). Stops growing once ``max_nodes`` are reached (nearest first)."""
+    """The graph within ``hops`` of ``seeds``: ``await fetch(keys)`` returns :func:`around` of those
+    keys (from every shard, merged), and ``await details(keys)`` :func:`describe` of them: the
+    entities at the last hop are described by their own shards that way (their names, mentions and
+    degree live there). Stops growing once ``max_nodes`` are reached (nearest first)."""
     local = nx.MultiDiGraph()
     expanded: set[str] = set()
     frontier = list(dict.fromkeys(seeds))
     for _ in range(hops):
         if not frontier:
             break
-        merge([fetch(frontier)], into=local)
+        merge([await fetch(frontier)], into=local)
         expanded.update(frontier)
         if local.number_of_nodes() >= max_nodes:
             break
         frontier = sorted({n for k in frontier if k in local for n in _neighbours(local, k)} - expanded)
     if details is not None and frontier:
-        merge([details(frontier)], into=local)
+        merge([await details(frontier)], into=local)
     return local
 
 
@@ -190,13 +190,10 @@ def shortest_paths(
     return out
 
 
-def link(
-    question: str, known: Callable[[list[str]], dict[str, str]], stop_words: frozenset[str]
-) -> list[str]:
-    """The entity keys a question names: its word runs (up to :data:`MAX_NGRAM` words), normalised
-    as keys, looked up with ``known(candidates) -> {candidate: entity key}`` (an entity's key or one
-    of its names); the longest run wins where runs overlap. Stop words and one-letter runs never
-    link alone."""
+def link_candidates(question: str, stop_words: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
+    """The word runs of a question (up to :data:`MAX_NGRAM` words), normalised as keys, that may
+    name an entity, each with its word range (its first occurrence); longest runs first. Stop words
+    and one-letter runs are never one (no entity key is one either)."""
     words = entity_key(question).split()
     candidates: dict[str, tuple[int, int]] = {}
     for n in range(min(MAX_NGRAM, len(words)), 0, -1):
@@ -204,7 +201,12 @@ def link(
             run = " ".join(words[i : i + n])
             if is_entity_key(run, stop_words):
                 candidates.setdefault(run, (i, i + n))
-    found = known(list(candidates))
+    return candidates
+
+
+def pick_links(candidates: dict[str, tuple[int, int]], found: dict[str, str]) -> list[str]:
+    """The entity keys of the candidates ``found`` (``{candidate: entity key}``: an entity's key or
+    one of its names), the longest run first where runs overlap; in order of length, then place."""
     taken: set[int] = set()
     out: list[str] = []
     for run, (i, j) in sorted(candidates.items(), key=lambda c: (c[1][0] - c[1][1], c[1][0])):
@@ -213,6 +215,15 @@ def link(
             if found[run] not in out:
                 out.append(found[run])
     return out
+
+
+def link(
+    question: str, known: Callable[[list[str]], dict[str, str]], stop_words: frozenset[str] = frozenset()
+) -> list[str]:
+    """The entity keys a question names: :func:`link_candidates` looked up with ``known`` and
+    :func:`pick_links`."""
+    candidates = link_candidates(question, stop_words)
+    return pick_links(candidates, known(list(candidates)))
 
 
 # HELPERS

@@ -24,7 +24,13 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from schemas.errors import IndexUnavailableError, InvalidRequestError, RetryableError, RiverbedError
+from schemas.errors import (
+    IndexUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+    RetryableError,
+    RiverbedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,8 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return exc
     if isinstance(exc, InvalidRequestError):
         return ApiError(400, "invalid_request", str(exc), exc.param)
+    if isinstance(exc, NotFoundError):
+        return ApiError(404, "not_found", str(exc), exc.param)
     if isinstance(exc, BackPressureError):
         retry_after = max(1, math.ceil(exc.retry_after_s or 1.0))
         return ApiError(

@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import ray
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from starlette.convertors import PathConvertor, register_url_convertor
@@ -54,6 +54,8 @@ from deployments.http_errors import (
 from deployments.metrics import CONTENT_TYPE, health_report, http_metrics
 from deployments.openapi import (
     BODY_ERRORS,
+    GRAPH_BODY_ERRORS,
+    GRAPH_GET_ERRORS,
     HEALTH_RESPONSES,
     METRICS_RESPONSES,
     PATH_ERRORS,
@@ -65,6 +67,10 @@ from schemas.api import (
     DocumentStatus,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    GraphEntitiesResponse,
+    GraphEntityResponse,
+    GraphQueryRequest,
+    GraphQueryResponse,
     ImageHit,
     ImageSearchRequest,
     ImageSearchResponse,
@@ -403,6 +409,70 @@ class Ingress:
             if source
             else None,
         )
+
+    # KNOWLEDGE GRAPH
+    @app.get(
+        "/v1/graph/entities",
+        response_model=GraphEntitiesResponse,
+        responses=GRAPH_GET_ERRORS,
+        dependencies=READ,
+    )
+    async def graph_entities(
+        self,
+        q: str = Query(min_length=1, description="a prefix of the entity's name or of one of its words"),
+        limit: int = Query(20, ge=1, le=1000, description="entities at most"),
+    ) -> GraphEntitiesResponse:
+        """Entities whose normalised name, or a word of it, starts with `q`: the most connected
+        first (name, label, aliases, mentions, degree)."""
+        self._check_text(q, "q")
+        found = await self._call(self.retriever.graph_entities.remote(q, limit))
+        return GraphEntitiesResponse(entities=found)
+
+    @app.get(
+        "/v1/graph/entities/{name:anypath}",
+        response_model=GraphEntityResponse,
+        responses=GRAPH_GET_ERRORS,
+        dependencies=READ,
+    )
+    async def graph_entity(
+        self,
+        name: str,
+        request: Request,
+        limit: int = Query(50, ge=1, le=1000, description="mentions and neighbours at most"),
+    ) -> GraphEntityResponse:
+        """The entity (by its name as written, or its normalised key), where it is mentioned (chunk,
+        document, span) and its neighbours with their relations and supporting chunks; 404 when the
+        graph has no such entity."""
+        _check_path_utf8(request, "name")
+        self._check_text(name, "name")
+        return GraphEntityResponse(**await self._call(self.retriever.graph_entity.remote(name, limit)))
+
+    @app.post(
+        "/v1/graph/query",
+        response_model=GraphQueryResponse,
+        responses=GRAPH_BODY_ERRORS,
+        dependencies=READ,
+    )
+    async def graph_query(self, request: GraphQueryRequest) -> GraphQueryResponse:
+        """`{"entity", "hops"}`: the entities within 1 to 3 hops and the edges among them, each with
+        its evidence chunks. `{"path": {"from", "to"}, "max_hops"}`: the shortest paths joining two
+        entities, every relation of each step with its evidence. 404 naming the entity the graph
+        does not have."""
+        if request.entity is not None:
+            self._check_text(request.entity, "entity")
+            found = await self._call(
+                self.retriever.graph_neighbourhood.remote(request.entity, request.hops, request.limit)
+            )
+            return GraphQueryResponse(**found)
+        assert request.path is not None  # the request's validation: one of the two
+        self._check_text(request.path.from_, "path.from")
+        self._check_text(request.path.to, "path.to")
+        paths = await self._call(
+            self.retriever.graph_paths.remote(
+                request.path.from_, request.path.to, request.max_hops, request.limit
+            )
+        )
+        return GraphQueryResponse(paths=paths)
 
     # OPERATIONS
     @app.get("/healthz", responses=HEALTH_RESPONSES)

@@ -27,6 +27,7 @@ _REASONS = {
     400: "bad input: the field (`param`) and the reason; or a Host header this app does not serve",
     401: "no API key, or one this app does not know",
     403: "the API key lacks the route's scope",
+    404: "what the request names does not exist (`param` says which)",
     413: "body too large",
     415: "the body is not application/json",
     503: "the index is not ready, a shard is unavailable, or the broker did not take the documents",
@@ -49,6 +50,10 @@ BODY_ERRORS = errors(400, 401, 403, 413, 415, 503)
 """A route that takes a JSON body and a key."""
 PATH_ERRORS = errors(400, 401, 403, 413, 503)
 """A GET or DELETE that takes a key (no body, so never 415)."""
+GRAPH_GET_ERRORS = errors(400, 401, 403, 404, 413, 503)
+"""A graph GET: an entity it names may not exist."""
+GRAPH_BODY_ERRORS = errors(400, 401, 403, 404, 413, 415, 503)
+"""A graph query: an entity it names may not exist."""
 
 _HEALTH_FIELDS: dict[str, Any] = {
     "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},

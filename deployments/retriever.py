@@ -34,6 +34,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
 from actors.vector_index import Hit
 from deployments.fusion import Ranked
+from deployments.graph import GraphReader
 from deployments.http_errors import cause
 from deployments.modal_searcher import ModalSearcher
 from deployments.searcher import Searcher
@@ -156,7 +157,8 @@ class RayShards:
                     self.forget()
             raise failure from exc
 
-    async def _all(self, method: str, *args: Any) -> list[Any]:
+    async def call_all(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every shard actor at once; the results in shard order."""
         handles = await self._current_handles()
         calls = [
             self._one(i, getattr(h, method).remote(*args), self.timeout_s) for i, h in enumerate(handles)
@@ -170,18 +172,18 @@ class RayShards:
     async def search(
         self, vectors: np.ndarray, k: int, filter: MetadataFilter | None
     ) -> list[list[list[Hit]]]:
-        return await self._all("search", vectors, k, filter)
+        return await self.call_all("search", vectors, k, filter)
 
     async def keyword_search(
         self, queries: list[str], k: int, filter: MetadataFilter | None, title_weight: float
     ) -> list[list[list[Hit]]]:
-        return await self._all("keyword_search", queries, k, filter, title_weight)
+        return await self.call_all("keyword_search", queries, k, filter, title_weight)
 
     async def metadata_fields(self) -> list[set[str]]:
-        return await self._all("metadata_fields")
+        return await self.call_all("metadata_fields")
 
     async def documents(self, document_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
-        return await self._all("documents", document_ids)
+        return await self.call_all("documents", document_ids)
 
     # HEALTH: never raises for shard trouble; one entry per shard.
     async def health(self) -> list[dict[str, Any]]:
@@ -255,6 +257,7 @@ class Retriever:
         }
         self.searcher = self.searchers["text"]
         self.modal = ModalSearcher(self.searchers)
+        self.graph = GraphReader(RayShards(settings.graph_side()))
 
     async def search(
         self,
@@ -333,6 +336,19 @@ class Retriever:
         if isinstance(image, BaseException) and not isinstance(image, IndexUnavailableError):
             raise image  # a bug, not an images index that is not there
         return {**text, "kind": None}
+
+    # KNOWLEDGE GRAPH (deployments.graph)
+    async def graph_entities(self, prefix: str, limit: int) -> list[dict[str, Any]]:
+        return await self.graph.search(prefix, limit)
+
+    async def graph_entity(self, name: str, limit: int) -> dict[str, Any]:
+        return await self.graph.entity(name, limit)
+
+    async def graph_neighbourhood(self, name: str, hops: int, limit: int) -> dict[str, Any]:
+        return await self.graph.neighbourhood(name, hops, limit)
+
+    async def graph_paths(self, source: str, target: str, max_hops: int, limit: int) -> list[dict[str, Any]]:
+        return await self.graph.paths(source, target, max_hops, limit)
 
     async def health(self) -> list[dict[str, Any]]:
         """Every shard's health (see :meth:`RayShards.health`); never raises for shard trouble."""

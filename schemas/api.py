@@ -11,7 +11,7 @@ the stores cannot take one, so it is a 400 naming the field, not a failure deepe
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,7 @@ from schemas.filters import MetadataFilter
 from schemas.metadata import MetadataValue, string_problem
 from schemas.topology import SearchMode
 
+T = TypeVar("T")
 Text = Annotated[StorableStr, Field(min_length=1)]
 Modality = Literal["text", "image"]
 """What a hit is: a passage of a document (the index) or an image (the index's images index)."""
@@ -41,6 +42,19 @@ class _Request(BaseModel):
 def _not_blank(value: str, field: str) -> str:
     if not value.strip():
         raise ValueError(f"{field} must not be empty or blank")
+    return value
+
+
+def _one_of(value: T, info: ValidationInfo, other: str, choice: str) -> T:
+    """A validator of the second of two fields exactly one of which is given: ``other`` (already
+    validated) or this one; ``choice`` says the two in an error."""
+    if other not in info.data:
+        return value  # the other field itself is wrong: its own error says so
+    has_other = info.data[other] is not None
+    if value is not None and has_other:
+        raise ValueError(f"give {choice}, not both")
+    if value is None and not has_other:
+        raise ValueError(f"required when there is no {other}: give {choice}")
     return value
 
 
@@ -125,14 +139,7 @@ class ImageSearchRequest(_Request):
     @field_validator("image_b64")
     @classmethod
     def _one_query(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if "query" not in info.data:
-            return v  # the query itself is wrong: its own error says so
-        has_query = info.data["query"] is not None
-        if v is not None and has_query:
-            raise ValueError("give query (a text) or image_b64 (an image), not both")
-        if v is None and not has_query:
-            raise ValueError("required when there is no query: give query (a text) or image_b64 (an image)")
-        return v
+        return _one_of(v, info, "query", "query (a text) or image_b64 (an image)")
 
     @field_validator("target")
     @classmethod
@@ -310,6 +317,94 @@ class DocumentStatus(BaseModel):
     chunks: int = Field(description="chunks stored for the document, over all shards")
     content_hash: str | None = None
     source: ProducedRecord | None = Field(None, description="the record whose content is indexed")
+
+
+MAX_GRAPH_HOPS = 3
+MAX_PATH_HOPS = 6
+
+
+class GraphPath(_Request):
+    from_: Text = Field(
+        alias="from", description="the entity a path starts at (a name, as written or as a key)"
+    )
+    to: Text = Field(description="the entity it ends at")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class GraphQueryRequest(_Request):
+    """``entity`` and ``hops`` (the neighbourhood), or ``path`` and ``max_hops`` (the shortest paths
+    between two entities): exactly one of ``entity`` and ``path``."""
+
+    entity: Text | None = Field(None, description="the entity whose neighbourhood to return")
+    hops: StrictInt = Field(1, ge=1, le=MAX_GRAPH_HOPS, description="how far from the entity (1 to 3)")
+    path: GraphPath | None = Field(None, validate_default=True, description="two entities to join")
+    max_hops: StrictInt = Field(4, ge=1, le=MAX_PATH_HOPS, description="the longest path returned (edges)")
+    limit: StrictInt = Field(50, ge=1, le=1000, description="entities (neighbourhood) or paths at most")
+
+    @field_validator("path")
+    @classmethod
+    def _one_query(cls, v: GraphPath | None, info: ValidationInfo) -> GraphPath | None:
+        return _one_of(v, info, "entity", "entity (a neighbourhood) or path (two entities to join)")
+
+
+class GraphEntity(BaseModel):
+    key: str = Field(description="the entity's normalised name: its identity in the graph")
+    name: str = Field(description="its most frequent name as written")
+    label: str | None = Field(
+        description="its most frequent entity label (PERSON, ORG, GPE...; TITLE: a document title)"
+    )
+    aliases: list[str] = Field(description="its other names as written")
+    mentions: int = Field(description="chunks mentioning it (counted once per mention)")
+    degree: int = Field(description="distinct entities it is related to")
+
+
+class GraphEntitiesResponse(BaseModel):
+    entities: list[GraphEntity]
+
+
+class GraphMention(BaseModel):
+    chunk_id: str
+    document_id: str
+    name: str
+    label: str
+    span: list[int] = Field(description="[start, end): code points of the document's text")
+    sentence: list[int] = Field(description="the span of the sentence it is in")
+
+
+class GraphNeighbour(BaseModel):
+    entity: str
+    relation: str = Field(description="a verb (with its preposition), co_occurs or mentions")
+    direction: Literal["out", "in"] = Field(description="out: this entity -> the neighbour")
+    chunks: list[str] = Field(description="chunk ids whose sentences state it")
+
+
+class GraphEntityResponse(BaseModel):
+    entity: GraphEntity
+    mentions: list[GraphMention]
+    neighbours: list[GraphNeighbour]
+
+
+class GraphNode(GraphEntity):
+    distance: int = Field(description="hops from the entity asked about")
+
+
+class GraphEdge(BaseModel):
+    source: str
+    target: str
+    relation: str
+    chunks: list[str]
+
+
+class GraphPathResult(BaseModel):
+    nodes: list[str]
+    steps: list[list[GraphEdge]] = Field(description="per step, every relation joining its two entities")
+
+
+class GraphQueryResponse(BaseModel):
+    nodes: list[GraphNode] = Field(default_factory=list, description="entity queries: the neighbourhood")
+    edges: list[GraphEdge] = Field(default_factory=list)
+    paths: list[GraphPathResult] = Field(default_factory=list, description="path queries: the shortest paths")
 
 
 class ErrorDetail(BaseModel):

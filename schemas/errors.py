@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 DeadLetterReason = Literal[
     "invalid_json",
@@ -67,6 +67,17 @@ class InvalidRequestError(RiverbedError, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class NotFoundError(RiverbedError):
+    """What a request names does not exist (HTTP 404); ``param`` names the field that named it."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.param))
 
 
 class KafkaSetupError(ConfigError):

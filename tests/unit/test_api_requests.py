@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from deployments.http_errors import install_error_handlers
-from schemas.api import EmbeddingsRequest, ImageSearchRequest, RagRequest, SearchRequest
+from schemas.api import EmbeddingsRequest, GraphQueryRequest, ImageSearchRequest, RagRequest, SearchRequest
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,11 @@ def client() -> TestClient:
     @app.post("/v1/images/search")
     async def images(request: ImageSearchRequest) -> dict:
         return {"query": request.query, "image": request.image_b64 is not None, "target": request.target}
+
+    @app.post("/v1/graph/query")
+    async def graph(request: GraphQueryRequest) -> dict:
+        path = request.path
+        return {"entity": request.entity, "hops": request.hops, "path": path and [path.from_, path.to]}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: EmbeddingsRequest) -> dict:
@@ -186,4 +191,37 @@ def test_an_image_search_by_text_or_by_image(client):
     assert post(client, "/v1/images/search", '{"image_b64": "iVBORw0K", "target": "text"}') == (
         200,
         {"query": None, "image": True, "target": "text"},
+    )
+
+
+GRAPH_QUERIES = [  # each a 400 naming the field
+    ("{}", "path", "give entity (a neighbourhood) or path"),
+    ('{"entity": "Tesla", "path": {"from": "a", "to": "b"}}', "path", "not both"),
+    ('{"entity": "Tesla", "hops": 4}', "hops", "less than or equal to 3"),
+    ('{"entity": "Tesla", "hops": 0}', "hops", "greater than or equal to 1"),
+    ('{"entity": "Tesla", "hops": "2"}', "hops", "integer"),
+    ('{"entity": ""}', "entity", "at least 1"),
+    ('{"path": {"from": "a"}}', "path.to", "required"),
+    ('{"path": {"from": "a", "to": "b", "via": "c"}}', "path.via", "not permitted"),
+    ('{"path": {"from": "a", "to": "b"}, "max_hops": 7}', "max_hops", "less than or equal to 6"),
+    ('{"entity": "Tesla", "limit": 0}', "limit", "greater than or equal to 1"),
+    ('{"entity": "\\ud800"}', "entity", "surrogate"),
+]
+
+
+@pytest.mark.parametrize(("raw", "param", "needle"), GRAPH_QUERIES, ids=[q[0] for q in GRAPH_QUERIES])
+def test_a_graph_query_takes_an_entity_or_a_path_and_says_which_field_is_wrong(client, raw, param, needle):
+    status, body = post(client, "/v1/graph/query", raw)
+    assert status == 400 and body["error"]["code"] == "invalid_request", body
+    assert body["error"]["param"] == param and needle in body["error"]["message"], body
+
+
+def test_a_graph_query_by_entity_or_by_path(client):
+    assert post(client, "/v1/graph/query", '{"entity": "Nikola Tesla", "hops": 2}') == (
+        200,
+        {"entity": "Nikola Tesla", "hops": 2, "path": None},
+    )
+    assert post(client, "/v1/graph/query", '{"path": {"from": "Tesla", "to": "Edison"}}') == (
+        200,
+        {"entity": None, "hops": 1, "path": ["Tesla", "Edison"]},
     )

@@ -3,6 +3,7 @@ question's entities; and the same answers from three shards, grown hop by hop, a
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -132,21 +133,21 @@ def test_a_question_links_the_longest_runs_it_names_and_aliases(store: GraphStor
 def test_three_shards_grown_hop_by_hop_answer_as_one_does(
     store: GraphStore, shards: list[GraphStore]
 ) -> None:
-    def fetch(keys: list[str]) -> nx.MultiDiGraph:
+    async def fetch(keys: list[str]) -> nx.MultiDiGraph:
         return q.merge(shard.around(keys) for shard in shards)
 
-    def details(keys: list[str]) -> nx.MultiDiGraph:
+    async def details(keys: list[str]) -> nx.MultiDiGraph:
         return q.merge(shard.describe(keys) for shard in shards)
 
     for seed, hops in [("thomas edison", 1), ("thomas edison", 2), ("smiljan", 3), ("atlantis", 2)]:
-        local = q.expand(fetch, [seed], hops, details=details)
+        local = asyncio.run(q.expand(fetch, [seed], hops, details=details))
         assert q.subgraph(local, seed, hops, 50) == q.subgraph(store.graph, seed, hops, 50), (seed, hops)
     # paths: grown from both ends, half the hops each
     max_hops = 4
     local = q.merge(
         [
-            q.expand(fetch, ["smiljan"], math.ceil(max_hops / 2), details=details),
-            q.expand(fetch, ["new jersey"], max_hops // 2, details=details),
+            asyncio.run(q.expand(fetch, ["smiljan"], math.ceil(max_hops / 2), details=details)),
+            asyncio.run(q.expand(fetch, ["new jersey"], max_hops // 2, details=details)),
         ]
     )
     assert q.shortest_paths(local, "smiljan", "new jersey", max_hops, 5) == q.shortest_paths(
