@@ -163,22 +163,40 @@ def test_modalities_default_to_text_and_take_both_in_any_order(client):
     ]
 
 
-IMAGE_QUERIES = [  # each a 400 naming the field
-    ("{}", "image_b64", "give query (a text) or image_b64"),
-    ('{"query": "a red circle", "image_b64": "iVBORw0K"}', "image_b64", "not both"),
-    ('{"query": "  "}', "query", "blank"),
-    ('{"query": "a red circle", "target": "text"}', "target", "POST /v1/search"),
-    ('{"image_b64": "iVBORw0K", "target": "video"}', "target", "'text' or 'image'"),
-    ('{"image_b64": ""}', "image_b64", "at least 1"),
-    ('{"image_b64": "iVBORw0K", "k": "3"}', "k", "integer"),
-    ('{"query": "x", "mode": "vector"}', "mode", "not permitted"),
-    ('{"query": "x", "filter": {"n": NaN}}', "filter", "finite"),
+ONE_OF_TWO = [  # requests that take exactly one of two fields: each a 400 naming the field
+    ("/v1/images/search", "{}", "image_b64", "give query (a text) or image_b64"),
+    ("/v1/images/search", '{"query": "a red circle", "image_b64": "iVBORw0K"}', "image_b64", "not both"),
+    ("/v1/images/search", '{"query": "  "}', "query", "blank"),
+    ("/v1/images/search", '{"query": "a red circle", "target": "text"}', "target", "POST /v1/search"),
+    ("/v1/images/search", '{"image_b64": "iVBORw0K", "target": "video"}', "target", "'text' or 'image'"),
+    ("/v1/images/search", '{"image_b64": ""}', "image_b64", "at least 1"),
+    ("/v1/images/search", '{"image_b64": "iVBORw0K", "k": "3"}', "k", "integer"),
+    ("/v1/images/search", '{"query": "x", "mode": "vector"}', "mode", "not permitted"),
+    ("/v1/images/search", '{"query": "x", "filter": {"n": NaN}}', "filter", "finite"),
+    ("/v1/graph/query", "{}", "path", "give entity (a neighbourhood) or path"),
+    ("/v1/graph/query", '{"entity": "Tesla", "path": {"from": "a", "to": "b"}}', "path", "not both"),
+    ("/v1/graph/query", '{"entity": "Tesla", "hops": 4}', "hops", "less than or equal to 3"),
+    ("/v1/graph/query", '{"entity": "Tesla", "hops": 0}', "hops", "greater than or equal to 1"),
+    ("/v1/graph/query", '{"entity": "Tesla", "hops": "2"}', "hops", "integer"),
+    ("/v1/graph/query", '{"entity": ""}', "entity", "at least 1"),
+    ("/v1/graph/query", '{"path": {"from": "a"}}', "path.to", "required"),
+    ("/v1/graph/query", '{"path": {"from": "a", "to": "b", "via": "c"}}', "path.via", "not permitted"),
+    (
+        "/v1/graph/query",
+        '{"path": {"from": "a", "to": "b"}, "max_hops": 7}',
+        "max_hops",
+        "less than or equal to 6",
+    ),
+    ("/v1/graph/query", '{"entity": "Tesla", "limit": 0}', "limit", "greater than or equal to 1"),
+    ("/v1/graph/query", '{"entity": "\\ud800"}', "entity", "surrogate"),
 ]
 
 
-@pytest.mark.parametrize(("raw", "param", "needle"), IMAGE_QUERIES, ids=[q[0] for q in IMAGE_QUERIES])
-def test_an_image_search_takes_exactly_one_query_and_says_which_field_is_wrong(client, raw, param, needle):
-    status, body = post(client, "/v1/images/search", raw)
+@pytest.mark.parametrize(
+    ("path", "raw", "param", "needle"), ONE_OF_TWO, ids=[f"{p} {r}" for p, r, *_ in ONE_OF_TWO]
+)
+def test_image_and_graph_queries_say_which_field_is_wrong(client, path, raw, param, needle):
+    status, body = post(client, path, raw)
     assert status == 400 and body["error"]["code"] == "invalid_request", body
     assert body["error"]["param"] == param and needle in body["error"]["message"], body
 
@@ -192,28 +210,6 @@ def test_an_image_search_by_text_or_by_image(client):
         200,
         {"query": None, "image": True, "target": "text"},
     )
-
-
-GRAPH_QUERIES = [  # each a 400 naming the field
-    ("{}", "path", "give entity (a neighbourhood) or path"),
-    ('{"entity": "Tesla", "path": {"from": "a", "to": "b"}}', "path", "not both"),
-    ('{"entity": "Tesla", "hops": 4}', "hops", "less than or equal to 3"),
-    ('{"entity": "Tesla", "hops": 0}', "hops", "greater than or equal to 1"),
-    ('{"entity": "Tesla", "hops": "2"}', "hops", "integer"),
-    ('{"entity": ""}', "entity", "at least 1"),
-    ('{"path": {"from": "a"}}', "path.to", "required"),
-    ('{"path": {"from": "a", "to": "b", "via": "c"}}', "path.via", "not permitted"),
-    ('{"path": {"from": "a", "to": "b"}, "max_hops": 7}', "max_hops", "less than or equal to 6"),
-    ('{"entity": "Tesla", "limit": 0}', "limit", "greater than or equal to 1"),
-    ('{"entity": "\\ud800"}', "entity", "surrogate"),
-]
-
-
-@pytest.mark.parametrize(("raw", "param", "needle"), GRAPH_QUERIES, ids=[q[0] for q in GRAPH_QUERIES])
-def test_a_graph_query_takes_an_entity_or_a_path_and_says_which_field_is_wrong(client, raw, param, needle):
-    status, body = post(client, "/v1/graph/query", raw)
-    assert status == 400 and body["error"]["code"] == "invalid_request", body
-    assert body["error"]["param"] == param and needle in body["error"]["message"], body
 
 
 def test_a_graph_query_by_entity_or_by_path(client):
