@@ -118,7 +118,7 @@ def entity_summary(graph: nx.MultiDiGraph, key: str) -> dict[str, Any]:
         "label": _top(Counter({k: v for k, v in labels.items() if k != "TITLE"})) or _top(labels),
         "aliases": sorted(set(names) - {name}),
         "mentions": sum(node["chunks"].values()),
-        "degree": _degree(graph, key),
+        "degree": degree(graph, key),
     }
 
 
@@ -133,7 +133,7 @@ def search_entities(graph: nx.MultiDiGraph, prefix: str, limit: int) -> list[dic
         for key, chunks in graph.nodes(data="chunks")
         if chunks and (key.startswith(want) or f" {want}" in f" {key}")
     ]
-    found.sort(key=lambda k: (-_degree(graph, k), k))
+    found.sort(key=lambda k: (-degree(graph, k), k))
     return [entity_summary(graph, k) for k in found[:limit]]
 
 
@@ -155,7 +155,7 @@ def subgraph(graph: nx.MultiDiGraph, key: str, hops: int, limit: int) -> dict[st
     connected), and the edges among them with their evidence: ``{"nodes": [...], "edges": [...]}``,
     each node with its ``distance``."""
     distance = nx.single_source_shortest_path_length(_undirected(graph), key, cutoff=hops)
-    order = sorted(distance, key=lambda k: (distance[k], -_degree(graph, k), k))[:limit]
+    order = sorted(distance, key=lambda k: (distance[k], -degree(graph, k), k))[:limit]
     kept = set(order)
     nodes = [{**entity_summary(graph, k), "distance": distance[k]} for k in order]
     edges = [
@@ -236,11 +236,11 @@ def _copy_node(graph: nx.MultiDiGraph, out: nx.MultiDiGraph, key: str) -> None:
         names=Counter(data["names"]),
         labels=Counter(data["labels"]),
         chunks=Counter(data["chunks"]),
-        degree=_degree(graph, key),
+        degree=degree(graph, key),
     )
 
 
-def _degree(graph: nx.MultiDiGraph, key: str) -> int:
+def degree(graph: nx.MultiDiGraph, key: str) -> int:
     """Distinct neighbours: here, or as the entity's own shard counted them (the larger)."""
     return max(len(_neighbours(graph, key)), graph.nodes[key].get("degree", 0))
 

@@ -56,7 +56,7 @@ from actors.store_write import (
     read_versions,
 )
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, IndexUnavailableError
 from schemas.ids import split_chunk_id
 from schemas.topology import Version, is_older
 
@@ -90,16 +90,21 @@ class GraphStore(SQLiteStore):
     by another model; IndexUnavailableError when the file is no usable database; RetryableError
     when another process holds it."""
 
-    def __init__(self, directory: Path, model: str) -> None:
+    def __init__(self, directory: Path, model: str, *, _read_only: bool = False) -> None:
         super().__init__(f"graph shard {directory}")
         self.directory = directory
         self._facts: dict[str, ChunkGraph] = {}
         self._graph = nx.MultiDiGraph()
         self._aliases: dict[str, Counter[str]] = {}  # the key of a name as written -> entity keys
         with self._opening():
-            self._open(model)
+            self.model = self._open_read_only() if _read_only else self._open(model)
             self._load()
-        self.model = model
+
+    @classmethod
+    def read_only(cls, directory: Path) -> GraphStore:
+        """Opens an existing graph shard for reading, whatever its model; no lock (a running shard
+        actor may hold it), writes refused. IndexUnavailableError when there is none."""
+        return cls(directory, "", _read_only=True)
 
     # WRITE
 
@@ -192,6 +197,11 @@ class GraphStore(SQLiteStore):
         with self._lock:
             return graph_query.search_entities(self._graph, prefix, limit)
 
+    def chunk_ids(self) -> list[str]:
+        """The chunks with facts here, sorted."""
+        with self._lock:
+            return sorted(self._facts)
+
     def chunk_graphs(self, chunk_ids: Sequence[str]) -> list[ChunkGraph | None]:
         """What this shard holds of each chunk (None: nothing)."""
         with self._lock:
@@ -266,7 +276,15 @@ class GraphStore(SQLiteStore):
 
     # OPEN
 
-    def _open(self, model: str) -> None:
+    def _open_read_only(self) -> str:
+        path = self.directory / DB_NAME
+        if not path.is_file():
+            raise IndexUnavailableError(f"{self._where} holds no graph ({DB_NAME} is not there)")
+        self._conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout = 10000")
+        return dict(self._conn.execute("SELECT key, value FROM meta").fetchall()).get("model", "")
+
+    def _open(self, model: str) -> str:
         self._connect(self.directory, DB_NAME)
         with self._transaction() as cur:
             for statement in _TABLES.split(";"):  # executescript would commit the transaction
@@ -276,7 +294,7 @@ class GraphStore(SQLiteStore):
             if not meta:
                 values = {"model": model, "schema_version": str(GRAPH_SCHEMA_VERSION)}
                 cur.executemany("INSERT INTO meta VALUES (?, ?)", list(values.items()))
-                return
+                return model
         if meta.get("model") != model:
             raise ConfigError(
                 f"{self._where} was built by {meta.get('model')!r}, not {model!r}: another extraction "
@@ -287,6 +305,7 @@ class GraphStore(SQLiteStore):
                 f"{self._where} has schema {meta['schema_version']}, written by a newer riverbed; this "
                 f"one reads schema {GRAPH_SCHEMA_VERSION}"
             )
+        return model
 
     def _load(self) -> None:
         mentions: dict[str, list[Mention]] = {}

@@ -296,6 +296,25 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.graph_files import export_graph, graph_stats
+
+    if args.graph_command == "stats":
+        data = graph_stats(settings)
+        top = ", ".join(f"{e['name']} ({e['degree']})" for e in data["top_entities"])
+        text = (
+            f"graph of index {data['index']}: {data['entities']} entities, {data['edges']} edges "
+            f"({data['edges_per_chunk']} per chunk), {data['mentions']} mentions in {data['chunks']} chunks "
+            f"of {data['documents']} documents; relations {data['relations_by_label']}; most connected: {top}"
+        )
+        emit(args, data, text)
+        return 0
+    out = Path(args.out or f"{settings.index.name}-graph.{args.format}")
+    data = {**export_graph(settings, args.format, out), "path": str(out), "format": args.format}
+    emit(args, data, f"wrote {data['nodes']} entities and {data['edges']} edges to {out} ({args.format})")
+    return 0
+
+
 def cmd_index_copy(args: argparse.Namespace, settings: Settings) -> int:
     """Copies index ``--from`` into ``--to``; ``--set`` settings apply to the target only (e.g.
     ``index.backend=milvus``), the rest (``--config``, ``--home``, the broker) to both."""
@@ -670,6 +689,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--no-broker", action="store_true", help="read only the shard stores")
     stats.set_defaults(func=cmd_stats)
+
+    graph = sub.add_parser(
+        "graph", help="the index's knowledge graph: figures, or the whole graph as a file", parents=[common]
+    )
+    graph_sub = graph.add_subparsers(dest="graph_command", required=True, metavar="ACTION")
+    graph_sub.add_parser(
+        "stats", help="entities, edges per relation, mentions, the most connected entities", parents=[common]
+    ).set_defaults(func=cmd_graph)
+    export = graph_sub.add_parser("export", help="write the graph as GraphML or JSON", parents=[common])
+    export.add_argument("--format", choices=["graphml", "json"], default="graphml")
+    export.add_argument("--out", help="the file to write (default: <index>-graph.<format>)")
+    export.set_defaults(func=cmd_graph)
 
     index = sub.add_parser(
         "index", help="manage indexes (copy one to another name or backend)", parents=[common]

@@ -151,8 +151,9 @@ def pipeline_settings(settings: Settings, ray_session: None) -> Iterator[Setting
         overrides={**_dump(settings), "index": {"name": f"t{uuid.uuid4().hex[:10]}", "n_shards": 2}}
     )
     yield s
-    roles = (("shard", s.index.n_shards), ("embedder", s.embed.workers), ("source", s.ingest.sources))
-    for index in (s.index.name, s.image_side().index.name):
+    most = max(s.index.n_shards, s.graph.n_shards, s.graph.extractors, s.embed.workers, s.ingest.sources, 8)
+    roles = (("shard", most), ("embedder", most), ("source", most))
+    for index in (s.index.name, s.image_side().index.name, s.graph_side().index.name):
         for role, n in roles:
             for i in range(n):
                 with contextlib.suppress(ValueError):

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
 from actors.chunker import Chunker
+from cluster.kafka_admin import committed_offsets
 from cluster.producer import EnvelopeProducer
 from schemas.envelope import DocumentEnvelope, ImageEnvelope
 from schemas.settings import Settings
+from schemas.topology import actor_name
 from tests.integration.conftest import REPO
 
 
@@ -90,3 +96,34 @@ def read_stores(settings: Settings) -> StoredIndex:
     for doc in chunks.values():
         per_document[doc] = per_document.get(doc, 0) + 1
     return StoredIndex(chunks, per_document, texts)
+
+
+def kill_mid_stream(pipeline: Any, settings: Settings, index: str, group: str, records: int) -> float:
+    """Once ``group`` has committed a fifth of ``records``: kills ``index``'s embedder 0 (Ray
+    restarts it) and SIGKILLs the worker of its shard 1, then waits until the pipeline is idle
+    again and checks the shard came back in a new process. Returns the share committed when killed
+    (asserted between 0.2 and 0.8: mid-stream)."""
+    namespace = settings.ray.namespace
+    embedder = ray.get_actor(actor_name(index, "embedder", 0), namespace=namespace)
+    shard = ray.get_actor(actor_name(index, "shard", 1), namespace=namespace)
+    shard_pid = int(ray.get(shard.ping.remote()))
+    killed_at = None
+    deadline = time.monotonic() + 600
+    assert settings.kafka.bootstrap_servers
+    while time.monotonic() < deadline:
+        committed = committed_offsets(settings.kafka.bootstrap_servers, group)
+        done = sum(sum(p.values()) for p in committed.values()) / records
+        if done >= 0.2:
+            killed_at = done
+            ray.kill(embedder, no_restart=False)
+            os.kill(shard_pid, signal.SIGKILL)
+            break
+        pipeline.check_alive()  # a source that failed raises its own error here
+        time.sleep(0.05)
+    progress = pipeline.progress()
+    assert killed_at is not None and 0.2 <= killed_at <= 0.8, (
+        f"killed at {killed_at}; lag {progress.lag}, sources {progress.sources}"
+    )
+    pipeline.wait_idle(timeout_s=900, interval_s=0.5)
+    assert int(ray.get(shard.ping.remote())) != shard_pid  # restarted
+    return killed_at

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from collections import Counter
 
 import numpy as np
@@ -20,7 +17,13 @@ from schemas.envelope import DocumentEnvelope
 from schemas.ids import chunk_id
 from schemas.settings import Settings, load_settings
 from schemas.topology import actor_name
-from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
+from tests.integration.ingest_helpers import (
+    expected_chunks,
+    kill_mid_stream,
+    produce,
+    read_stores,
+    squad_documents,
+)
 
 
 def ingest_until_idle(settings, timeout_s: float = 600) -> list[dict]:
@@ -206,10 +209,6 @@ def test_restart_resumes_from_committed_offsets_without_re_embedding(pipeline_se
     assert read_stores(s).per_document == expected_chunks(s, docs)
 
 
-def _worker_pid(handle) -> int:
-    return ray.get(handle.ping.remote())
-
-
 @pytest.mark.parametrize("backend", ["faiss", "milvus"])
 def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing(pipeline_settings, backend):
     s = on_backend(pipeline_settings, backend)
@@ -218,28 +217,8 @@ def test_killing_an_embedder_and_a_shard_mid_stream_loses_and_duplicates_nothing
     produce(s, docs)
     pipeline = Pipeline(s)
     pipeline.start()
-    killed_at = None
     try:
-        embedder = ray.get_actor(actor_name(s.index.name, "embedder", 0), namespace=s.ray.namespace)
-        shard = ray.get_actor(actor_name(s.index.name, "shard", 1), namespace=s.ray.namespace)
-        shard_pid = _worker_pid(shard)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            committed = committed_offsets(s.kafka.bootstrap_servers, s.consumer_group)
-            done = sum(sum(p.values()) for p in committed.values()) / len(docs)
-            if done >= 0.2:
-                killed_at = done
-                ray.kill(embedder, no_restart=False)
-                os.kill(shard_pid, signal.SIGKILL)
-                break
-            pipeline.check_alive()  # a source that failed raises its own error here
-            time.sleep(0.05)
-        progress = pipeline.progress()
-        assert killed_at is not None and 0.2 <= killed_at <= 0.8, (
-            f"killed at {killed_at}; lag {progress.lag}, sources {progress.sources}"
-        )
-        pipeline.wait_idle(timeout_s=600, interval_s=0.5)
-        assert _worker_pid(shard) != shard_pid  # restarted
+        kill_mid_stream(pipeline, s, s.index.name, s.consumer_group, len(docs))
     finally:
         pipeline.stop()
     stored = read_stores(s)

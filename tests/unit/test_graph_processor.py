@@ -61,7 +61,7 @@ class Harness:
         return Counter(
             (g.chunk_id, m.key, m.start, m.end)
             for store in self.stores
-            for g in store.chunk_graphs(list(store._facts))
+            for g in store.chunk_graphs(store.chunk_ids())
             if g is not None
             for m in g.mentions
         )
@@ -70,7 +70,7 @@ class Harness:
         return {
             (g.chunk_id, r.source, r.target, r.label)
             for store in self.stores
-            for g in store.chunk_graphs(list(store._facts))
+            for g in store.chunk_graphs(store.chunk_ids())
             if g is not None
             for r in g.relations
         }

@@ -1,0 +1,120 @@
+"""The knowledge graph built through the stream: real Kafka, real Ray actors, the real chunker and
+spaCy pipeline. What the graph shards hold afterwards is compared, fact by fact, with the graph
+made directly from the documents that are left (the chunker, the extractor and document_graph in
+this process): exact provenance after updates and deletes, and after killing the extractor and a
+graph shard mid-stream."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import ray
+
+from actors.chunker import Chunker
+from actors.graph_extract import Extractor, document_graph
+from cluster.kafka_admin import committed_offsets
+from cluster.pipeline import Pipeline
+from schemas.envelope import DocumentEnvelope
+from schemas.settings import Settings, load_settings
+from schemas.topology import actor_name
+from tests.integration.ingest_helpers import kill_mid_stream, produce, squad_documents
+
+Fact = tuple[str, ...]
+
+
+def with_graph(settings: Settings, n_shards: int = 2) -> Settings:
+    dump = settings.model_dump(mode="json")
+    dump["graph"].update({"enabled": True, "n_shards": n_shards})
+    return load_settings(overrides=dump)
+
+
+def expected_graph(settings: Settings, docs: list[DocumentEnvelope]) -> tuple[Counter[Fact], set[Fact]]:
+    """Mentions and relations of ``docs``' graphs, made in this process."""
+    chunker = Chunker(settings.chunk, settings.embed.model)
+    extractor = Extractor(settings.graph)
+    mentions: Counter[Fact] = Counter()
+    relations: set[Fact] = set()
+    for doc, chunked in zip(docs, chunker.chunk_batch(docs), strict=True):
+        facts = extractor.extract([c.text for c in chunked.chunks])
+        for g in document_graph(doc.id, doc.title, chunked.chunks, facts):
+            mentions.update((g.chunk_id, m.key, m.label, str(m.start), str(m.end)) for m in g.mentions)
+            relations.update((g.chunk_id, r.source, r.target, r.label) for r in g.relations)
+    return mentions, relations
+
+
+def stored_graph(settings: Settings) -> tuple[Counter[Fact], set[Fact]]:
+    """Mentions and relations the graph shards hold, read through the shard actors (a relation is
+    on the shards of both its ends: a set)."""
+    side = settings.graph_side()
+    mentions: Counter[Fact] = Counter()
+    relations: set[Fact] = set()
+    for i in range(side.index.n_shards):
+        shard = ray.get_actor(actor_name(side.index.name, "shard", i), namespace=side.ray.namespace)
+        for g in ray.get(shard.chunk_graphs.remote(ray.get(shard.chunk_ids.remote()))):
+            mentions.update((g.chunk_id, m.key, m.label, str(m.start), str(m.end)) for m in g.mentions)
+            relations.update((g.chunk_id, r.source, r.target, r.label) for r in g.relations)
+    return mentions, relations
+
+
+def final_documents(
+    docs: list[DocumentEnvelope], updated: dict[str, DocumentEnvelope], deleted: set[str]
+) -> list[DocumentEnvelope]:
+    return [updated.get(d.id, d) for d in docs if d.id not in deleted]
+
+
+def updates_and_deletes(
+    docs: list[DocumentEnvelope],
+) -> tuple[dict[str, DocumentEnvelope], list[str], list[str]]:
+    """30 documents rewritten (a new last sentence naming other entities; one shorter), 20
+    deleted by an envelope and 10 by a tombstone."""
+    updated = {}
+    for i, d in enumerate(docs[:30]):
+        text = (
+            d.text[: len(d.text) // 3]
+            if i == 0
+            else d.text + " Later, Marie Curie visited Vienna with Albert Einstein."
+        )
+        updated[d.id] = DocumentEnvelope(id=d.id, title=d.title, text=text, metadata=d.metadata)
+    return updated, [d.id for d in docs[30:50]], [d.id for d in docs[50:60]]
+
+
+def test_the_graph_built_through_kafka_holds_each_document_s_facts_exactly(pipeline_settings):
+    s = with_graph(pipeline_settings)
+    docs = squad_documents(300)
+    updated, deleted, tombstoned = updates_and_deletes(docs)
+    produce(s, docs)
+    produce(s, [*updated.values(), *(DocumentEnvelope(id=d, op="delete") for d in deleted)], tombstoned)
+    pipeline = Pipeline(s)
+    pipeline.start()
+    try:
+        progress = pipeline.wait_idle(timeout_s=900, interval_s=0.5)
+    finally:
+        pipeline.stop()
+    assert progress.graph is not None
+    left = final_documents(docs, updated, {*deleted, *tombstoned})
+    expected_mentions, expected_relations = expected_graph(s, left)
+    mentions, relations = stored_graph(s)
+    assert sum(expected_mentions.values()) > 2000 and len(expected_relations) > 2000  # a real graph
+    assert mentions == expected_mentions
+    assert relations == expected_relations
+    keys = {key for _, key, *_ in mentions}
+    assert {"marie curie", "albert einstein", "vienna"} <= keys
+    # the text index was built beside it, by its own group
+    assert committed_offsets(s.kafka.bootstrap_servers, s.consumer_group) == progress.committed
+
+
+def test_killing_the_extractor_and_a_graph_shard_mid_stream_loses_and_duplicates_nothing(pipeline_settings):
+    s = with_graph(pipeline_settings)
+    side = s.graph_side()
+    docs = squad_documents(300, prefix="k-")
+    produce(s, docs)
+    pipeline = Pipeline(s)
+    pipeline.start()
+    try:  # the extractor is the graph side's embedder 0
+        kill_mid_stream(pipeline, s, side.index.name, side.consumer_group, len(docs))
+    finally:
+        pipeline.stop()
+    expected_mentions, expected_relations = expected_graph(s, docs)
+    mentions, relations = stored_graph(s)
+    assert mentions == expected_mentions
+    assert relations == expected_relations

@@ -1,0 +1,75 @@
+"""`riverbed graph stats` and `graph export`: a two-shard graph read back from its stores (while a
+shard still holds its writer lock, as a running shard actor does), counted and written as GraphML
+and JSON that read back to the same graph."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+from actors.graph_extract import for_shard
+from actors.graph_store import GraphStore
+from actors.vector_index import ShardWrite
+from cluster.graph_files import export_graph, graph_stats, read_graph
+from schemas.errors import IndexUnavailableError
+from schemas.ids import shard_of
+from schemas.settings import Settings, load_settings
+from schemas.topology import shard_directory
+from tests.unit.test_graph_query import GRAPHS, MODEL, write
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    s = load_settings(overrides={"home": str(tmp_path / "home"), "graph": {"n_shards": 2}})
+    side = s.graph_side()
+    stores = [GraphStore(shard_directory(side.data_dir, i), MODEL) for i in range(2)]
+    for i, store in enumerate(stores):
+        part = write([for_shard(g, i, 2) for g in GRAPHS])  # each document's row on its registry shard
+        rows = {d: row for d, row in part.documents.items() if shard_of(d, 2) == i}
+        store.apply(ShardWrite(upserts=part.upserts, documents=rows))
+    stores[0].close()  # shard 1 stays open, its writer lock held
+    return s
+
+
+def test_stats_count_the_merged_graph(settings: Settings) -> None:
+    stats = graph_stats(settings, top=2)
+    one = nx.MultiDiGraph()
+    for g in GRAPHS:  # the graph counted directly from the facts
+        for m in g.mentions:
+            one.add_node(m.key)
+        for r in g.relations:
+            one.add_edge(r.source, r.target, key=r.label)
+    assert stats["entities"] == one.number_of_nodes() == 8
+    assert stats["edges"] == one.number_of_edges()
+    assert stats["mentions"] == sum(len(g.mentions) for g in GRAPHS)
+    assert stats["chunks"] == len(GRAPHS) and stats["documents"] == 4
+    assert [e["key"] for e in stats["top_entities"]] == ["thomas edison", "menlo park"]  # degree 3, 2...
+    assert stats["relations_by_label"] == dict(Counter(label for _, _, label in one.edges(keys=True)))
+
+
+@pytest.mark.parametrize("fmt", ["graphml", "json"])
+def test_an_export_reads_back_as_the_same_graph(settings: Settings, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"g.{fmt}"
+    counts = export_graph(settings, fmt, out)  # type: ignore[arg-type]
+    graph, _ = read_graph(settings)
+    assert counts == {"nodes": graph.number_of_nodes(), "edges": graph.number_of_edges()}
+    if fmt == "graphml":
+        back = nx.read_graphml(out, force_multigraph=True)
+        edge = next(d for a, b, d in back.edges(data=True) if (a, b) == ("menlo park", "new jersey"))
+        assert json.loads(edge["chunks"]) == ["park#0"] and edge["relation"] == "locate in"
+        assert back.nodes["thomas edison"]["name"] == "Thomas Edison"
+    else:
+        back = nx.node_link_graph(json.loads(out.read_text()), edges="edges")
+        assert back.nodes["nikola tesla"]["aliases"] == ["Tesla"]
+    assert back.number_of_nodes() == graph.number_of_nodes()
+    assert back.number_of_edges() == graph.number_of_edges()
+
+
+def test_an_index_without_a_graph_is_named(tmp_path: Path) -> None:
+    s = load_settings(overrides={"home": str(tmp_path / "empty")})
+    with pytest.raises(IndexUnavailableError, match="holds no graph"):
+        graph_stats(s)
