@@ -3,7 +3,7 @@ the neighbourhood of an entity within some hops, the shortest paths between two 
 entities a question names.
 
 Every query works on a ``networkx.MultiDiGraph`` in the graph shards' form (see
-:mod:`actors.graph_store`: nodes with ``names``, ``labels`` and ``chunks`` Counters, edges keyed by
+:mod:`actors.graph_store`: nodes with ``names``, ``labels``, ``chunks`` and ``titled`` Counters, edges keyed by
 label with an ``evidence`` Counter of ``(chunk_id, sentence start, sentence end)``). With one shard
 that is the shard's own view; with several, :func:`merge` joins what each returned (an entity's
 mentions live on its shard, its edges on the shards of both ends), and :func:`expand` grows the
@@ -35,9 +35,9 @@ def merge(parts: Iterable[nx.MultiDiGraph], into: nx.MultiDiGraph | None = None)
     for part in parts:
         for key, data in part.nodes(data=True):
             if key not in out:
-                out.add_node(key, names=Counter(), labels=Counter(), chunks=Counter())
+                out.add_node(key, names=Counter(), labels=Counter(), chunks=Counter(), titled=Counter())
             node = out.nodes[key]
-            for field in ("names", "labels", "chunks"):  # the max: one shard (its own) has them all
+            for field in ("names", "labels", "chunks", "titled"):  # the max: one shard (its own) has them all
                 node[field] |= data.get(field, Counter())
             if "degree" in data:
                 node["degree"] = max(node.get("degree", 0), data["degree"])
@@ -236,6 +236,7 @@ def _copy_node(graph: nx.MultiDiGraph, out: nx.MultiDiGraph, key: str) -> None:
         names=Counter(data["names"]),
         labels=Counter(data["labels"]),
         chunks=Counter(data["chunks"]),
+        titled=Counter(data["titled"]),
         degree=degree(graph, key),
     )
 

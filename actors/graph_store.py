@@ -21,8 +21,9 @@ nothing, and an older record arriving late is refused.
 The view (:attr:`GraphStore.graph`) is a ``networkx.MultiDiGraph`` built from the store on open
 and changed with each write once it is durable (as FAISS is derived from a vector shard's store):
 
-- a node per entity key with ``names`` and ``labels`` (Counters over its mentions here) and
-  ``chunks`` (a Counter of the chunks mentioning it here);
+- a node per entity key with ``names`` and ``labels`` (Counters over its mentions here),
+  ``chunks`` (a Counter of the chunks mentioning it here) and ``titled`` (the chunks of the
+  documents it is the title of);
 - an edge per ``(source, target, label)`` (the label is the edge key) with ``evidence``, a
   Counter of ``(chunk_id, sentence start, sentence end)``.
 
@@ -44,7 +45,7 @@ from typing import Any
 import networkx as nx
 
 from actors import graph_query, store_schema
-from actors.graph_extract import ChunkGraph, Mention, Relation, entity_key
+from actors.graph_extract import TITLE, ChunkGraph, Mention, Relation, entity_key
 from actors.sqlite_store import SQLiteStore
 from actors.store_write import (
     MERGE_OFFSET,
@@ -234,7 +235,7 @@ class GraphStore(SQLiteStore):
         g = self._graph
         for m in graph.mentions:
             if m.key not in g:
-                g.add_node(m.key, names=Counter(), labels=Counter(), chunks=Counter())
+                g.add_node(m.key, names=Counter(), labels=Counter(), chunks=Counter(), titled=Counter())
             node = g.nodes[m.key]
             node["names"][m.name] += 1
             alias = entity_key(m.name)
@@ -242,10 +243,12 @@ class GraphStore(SQLiteStore):
                 self._aliases.setdefault(alias, Counter())[m.key] += 1
             node["labels"][m.label] += 1
             node["chunks"][graph.chunk_id] += 1
+            if m.label == TITLE:
+                node["titled"][graph.chunk_id] += 1
         for r in graph.relations:
             for key in (r.source, r.target):
                 if key not in g:
-                    g.add_node(key, names=Counter(), labels=Counter(), chunks=Counter())
+                    g.add_node(key, names=Counter(), labels=Counter(), chunks=Counter(), titled=Counter())
             if not g.has_edge(r.source, r.target, r.label):
                 g.add_edge(r.source, r.target, key=r.label, evidence=Counter())
             g.edges[r.source, r.target, r.label]["evidence"][(graph.chunk_id, *r.sentence)] += 1
@@ -263,6 +266,8 @@ class GraphStore(SQLiteStore):
                     del self._aliases[alias]
             _take(node["labels"], m.label)
             _take(node["chunks"], graph.chunk_id)
+            if m.label == TITLE:
+                _take(node["titled"], graph.chunk_id)
             touched.add(m.key)
         for r in graph.relations:
             evidence = g.edges[r.source, r.target, r.label]["evidence"]

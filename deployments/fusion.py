@@ -38,6 +38,10 @@ class Ranked:
     fused_score: float | None = None
     modality: Modality = "text"
     """The index the hit comes from: passages (text) or the images index (image)."""
+    graph_rank: int | None = None
+    """Its rank in the knowledge graph's ranking (``mode: graph``; None: the graph did not bring it)."""
+    graph_entities: tuple[str, ...] = ()
+    """The entities that brought it in through the graph, the strongest first."""
 
     @property
     def key(self) -> tuple[Modality, str]:

@@ -60,7 +60,7 @@ class GraphReader:
     async def entity(self, name: str, limit: int) -> dict[str, Any]:
         """The entity, its mentions and its neighbours (at most ``limit`` of each)."""
         key = await self.resolve(name, "name")
-        local = await self._expand([key], 1)
+        local = await self.expand([key], 1)
         mentions: list[dict[str, Any]] = []
         for part in await self.shards.call_all("mentions", [key], limit):
             mentions += part[key]
@@ -73,7 +73,7 @@ class GraphReader:
 
     async def neighbourhood(self, name: str, hops: int, limit: int) -> dict[str, Any]:
         key = await self.resolve(name, "entity")
-        return q.subgraph(await self._expand([key], hops), key, hops, limit)
+        return q.subgraph(await self.expand([key], hops), key, hops, limit)
 
     async def paths(self, source: str, target: str, max_hops: int, limit: int) -> list[dict[str, Any]]:
         """The shortest paths, grown from both ends (half the hops each: every path of at most
@@ -83,7 +83,7 @@ class GraphReader:
         if a == b:
             return [{"nodes": [a], "steps": []}]
         near, far = math.ceil(max_hops / 2), max_hops // 2
-        local = q.merge([await self._expand([a], near), await self._expand([b], far)])
+        local = q.merge([await self.expand([a], near), await self.expand([b], far)])
         return q.shortest_paths(local, a, b, max_hops, limit)
 
     async def link(self, question: str) -> list[str]:
@@ -92,7 +92,9 @@ class GraphReader:
         found = await self.known(list(candidates)) if candidates else {}
         return q.pick_links(candidates, found)
 
-    async def _expand(self, seeds: list[str], hops: int) -> nx.MultiDiGraph:
+    async def expand(self, seeds: list[str], hops: int) -> nx.MultiDiGraph:
+        """The graph within ``hops`` of ``seeds`` (:func:`actors.graph_query.expand` over the shards)."""
+
         async def fetch(keys: list[str]) -> nx.MultiDiGraph:
             return q.merge(await self.shards.call_all("around", keys))
 

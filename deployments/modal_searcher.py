@@ -70,7 +70,7 @@ class ModalSearcher:
             [modality] = modalities
             return await self._searcher(modality).search(query, vectors.get(modality), k, filter, mode)
         await self.check_filter(filter, modalities)
-        one_space = same_space and mode != "keyword"
+        one_space = same_space and mode not in ("keyword", "graph")  # graph: fused by rank
         n = max(k, self._searcher(modalities[0]).config.candidates) if one_space and mode == "hybrid" else k
         lists = await asyncio.gather(
             *(self._one(m, query, vectors.get(m), n, filter, mode) for m in modalities)

@@ -32,12 +32,12 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
-from actors.vector_index import Hit
+from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked
 from deployments.graph import GraphReader
 from deployments.http_errors import cause
 from deployments.modal_searcher import ModalSearcher
-from deployments.searcher import Searcher
+from deployments.searcher import Searcher, first_found
 from schemas.api import Modality
 from schemas.errors import IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
@@ -185,6 +185,9 @@ class RayShards:
     async def documents(self, document_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
         return await self.call_all("documents", document_ids)
 
+    async def get(self, chunk_ids: list[str]) -> list[ChunkRecord | None]:
+        return first_found(await self.call_all("get", chunk_ids))
+
     # HEALTH: never raises for shard trouble; one entry per shard.
     async def health(self) -> list[dict[str, Any]]:
         """Per shard ``{"shard", "status": "ok"|"degraded"|"unavailable", "problem", "chunks",
@@ -250,14 +253,14 @@ class Retriever:
     def __init__(self, settings: Settings) -> None:
         self.shards = RayShards(settings)
         self.image_shards = RayShards(settings.image_side())
+        self.graph = GraphReader(RayShards(settings.graph_side()))
         config = settings.serve.search
         self.searchers: dict[Modality, Searcher] = {
-            "text": Searcher(config, self.shards),
+            "text": Searcher(config, self.shards, graph=self.graph),
             "image": Searcher(config, self.image_shards, modality="image"),
         }
         self.searcher = self.searchers["text"]
         self.modal = ModalSearcher(self.searchers)
-        self.graph = GraphReader(RayShards(settings.graph_side()))
 
     async def search(
         self,

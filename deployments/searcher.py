@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+import networkx as nx
 import numpy as np
 
 from actors.index_shard import IndexShard
-from actors.vector_index import Hit
+from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked, fuse, merge_shards, ranked_keyword, ranked_vector
+from deployments.graph_retrieval import fuse_graph, graph_ranking
 from schemas.api import Modality
 from schemas.envelope import IMAGE_METADATA_KEYS
 from schemas.errors import InvalidRequestError
@@ -53,6 +55,18 @@ class Shards(Protocol):
     ) -> list[list[list[Hit]]]: ...
 
     async def metadata_fields(self) -> list[set[str]]: ...
+
+    async def get(self, chunk_ids: list[str]) -> list[ChunkRecord | None]:
+        """Each chunk's record (None: no shard holds it)."""
+        ...
+
+
+class GraphSource(Protocol):
+    """The knowledge graph as graph mode asks it (:class:`deployments.graph.GraphReader`)."""
+
+    async def link(self, question: str) -> list[str]: ...
+
+    async def expand(self, seeds: list[str], hops: int) -> nx.MultiDiGraph: ...
 
 
 class LocalShards:
@@ -77,6 +91,14 @@ class LocalShards:
     async def documents(self, document_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
         return [s.documents(document_ids) for s in self.shards]
 
+    async def get(self, chunk_ids: list[str]) -> list[ChunkRecord | None]:
+        return first_found([s.get(chunk_ids) for s in self.shards])
+
+
+def first_found(per_shard: Sequence[Sequence[ChunkRecord | None]]) -> list[ChunkRecord | None]:
+    """Per chunk, the record of the shard that holds it (each chunk lives on one)."""
+    return [next((r for r in found if r is not None), None) for found in zip(*per_shard, strict=True)]
+
 
 class Searcher:
     """Searches an index through ``shards``. Safe for concurrent use from one event loop."""
@@ -88,9 +110,11 @@ class Searcher:
         fields_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         modality: Modality = "text",
+        graph: GraphSource | None = None,
     ) -> None:
         self.config = config
         self.shards = shards
+        self.graph = graph
         self.modality: Modality = modality
         self.fields_ttl_s = fields_ttl_s
         self._clock = clock
@@ -174,7 +198,11 @@ class Searcher:
         mode: str,
     ) -> list[list[Ranked]]:
         if mode not in SEARCH_MODES:
-            raise InvalidRequestError(f"unknown mode {mode!r}: use vector, keyword or hybrid", param="mode")
+            raise InvalidRequestError(f"unknown mode {mode!r}: use {', '.join(SEARCH_MODES)}", param="mode")
+        if mode == "graph" and self.modality != "text":
+            mode = "hybrid"  # images have no graph: graph mode searches them as hybrid
+        if mode == "graph" and vectors is not None and len(vectors) == len(queries):
+            return await self._graph_mode(queries, vectors, k, filter)
         if mode == "keyword":
             return [ranked_keyword(hits) for hits in await self._keyword(list(queries), k, filter)]
         if vectors is None or len(vectors) != len(queries):
@@ -190,6 +218,54 @@ class Searcher:
             fuse(v, kw, k, c.rrf_k, c.vector_weight, c.keyword_weight)
             for v, kw in zip(vector_hits, keyword_hits, strict=True)
         ]
+
+    async def _graph_mode(
+        self, queries: Sequence[str], vectors: np.ndarray, k: int, filter: MetadataFilter | None
+    ) -> list[list[Ranked]]:
+        """Hybrid's ``max(k, candidates)``, with the graph's ranking of each query fused in
+        (:mod:`deployments.graph_retrieval`)."""
+        if self.graph is None:
+            raise InvalidRequestError(
+                "mode 'graph' needs the index's knowledge graph: ingest it with graph.enabled", param="mode"
+            )
+        n = max(k, self.config.candidates)
+        hybrid = await self._search_many(queries, vectors, n, filter, "hybrid")
+        return list(
+            await asyncio.gather(
+                *(
+                    self._with_graph(q, vectors[i], ranked, k, n, filter)
+                    for i, (q, ranked) in enumerate(zip(queries, hybrid, strict=True))
+                )
+            )
+        )
+
+    async def _with_graph(
+        self,
+        query: str,
+        vector: np.ndarray,
+        hybrid: list[Ranked],
+        k: int,
+        n: int,
+        filter: MetadataFilter | None,
+    ) -> list[Ranked]:
+        assert self.graph is not None
+        c = self.config
+        seeds = await self.graph.link(query)
+        if not seeds:
+            return hybrid[:k]
+        local = await self.graph.expand(seeds, 1)
+        candidates = graph_ranking(local, seeds, hybrid, c.rrf_k, n, limit=n)
+        found = {r.hit.chunk_id for r in hybrid}
+        missing = [g.chunk_id for g in candidates if g.chunk_id not in found]
+        extra: dict[str, Ranked] = {}
+        for record in await self.shards.get(missing) if missing else []:
+            if record is None or (filter is not None and not filter.matches(record.metadata)):
+                continue
+            hit = Hit(record.chunk_id, record.document_id, record.number, record.text, record.title,
+                      record.start, record.end, record.metadata, float(vector @ record.vector),
+                      record.alignment)  # fmt: skip
+            extra[hit.chunk_id] = Ranked(hit, 0.0, vector_score=hit.score)
+        return fuse_graph(hybrid, candidates, extra, k, c.rrf_k, c.graph_weight)
 
     async def _vector(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None) -> list[list[Hit]]:
         per_shard = await self.shards.search(np.ascontiguousarray(vectors, dtype=np.float32), k, filter)

@@ -464,6 +464,11 @@ class SearchConfig(_Section):
     rrf_k: Annotated[float, Field(ge=0)] = Field(20.0, description="hybrid: RRF's rank offset")
     vector_weight: Annotated[float, Field(ge=0)] = 1.0
     keyword_weight: Annotated[float, Field(ge=0)] = 2.0
+    graph_weight: Annotated[float, Field(ge=0)] = Field(
+        1.5,
+        description="graph: the weight of the knowledge graph's ranking, fused by rank with hybrid's (1): "
+        "above 1, a passage only the graph found can pass hybrid's second",
+    )
     candidates: PositiveInt = Field(
         50, description="hybrid: hits taken from each of vector and keyword search before fusion (at least k)"
     )

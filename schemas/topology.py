@@ -21,7 +21,8 @@ from typing import Literal, get_args
 
 Offsets = dict[str, dict[int, int]]
 Version = tuple[str, int, int]
-SearchMode = Literal["vector", "keyword", "hybrid"]
+SearchMode = Literal["vector", "keyword", "hybrid", "graph"]
+"""``graph``: hybrid, fused with the chunks the knowledge graph finds around the query's entities."""
 SEARCH_MODES: tuple[SearchMode, ...] = get_args(SearchMode)
 Role = Literal["shard", "embedder", "source"]
 ROLES: tuple[Role, ...] = get_args(Role)
