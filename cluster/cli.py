@@ -477,7 +477,9 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         split=args.split,
         sample=args.sample,
         seed=args.seed,
-        modes=MODES if args.mode == "all" else (args.mode,),
+        modes=(*MODES, *(["graph"] if settings.graph.enabled else []))
+        if args.mode == "all"
+        else (args.mode,),
         index=getattr(args, "index", None),  # the global --index: evaluate that index as it is
         out_dir=Path(args.out),
     )
@@ -487,7 +489,8 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     for mode, r in report["modes"].items():
         lines.append(
             f"  {mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
-            f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
+            f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}  "
+            f"all@2 {r['all@2']:.3f}  @5 {r['all@5']:.3f}  @10 {r['all@10']:.3f}"
         )
     emit(args, report, "\n".join(lines))
     return 0

@@ -31,6 +31,13 @@ def recall_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> flo
     return len(wanted.intersection(ranked[:k])) / len(wanted) if wanted else 0.0
 
 
+def all_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """1 when every relevant document is in the top ``k`` (a multi-hop question's supporting
+    passages all found), else 0 (and 0 when none is relevant)."""
+    wanted = {d for d, grade in relevant.items() if grade > 0}
+    return float(bool(wanted) and wanted <= set(ranked[:k]))
+
+
 def mrr_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int = 10) -> float:
     """1 / rank of the first relevant document within the top ``k``, else 0."""
     for rank, doc in enumerate(ranked[:k], 1):
@@ -48,17 +55,22 @@ def ndcg_at(ranked: Sequence[str], relevant: Mapping[str, int], k: int = 10) -> 
 
 
 RECALL_AT = (1, 5, 10, 20)
+ALL_AT = (2, 5, 10)
 
 
 def score_run(runs: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
-    """Mean recall@1/5/10/20, MRR@10 and nDCG@10 over the queries of ``qrels`` (a query
+    """Mean recall@1/5/10/20, all@2/5/10 (every relevant document in the top k), MRR@10 and
+    nDCG@10 over the queries of ``qrels`` (a query
     missing from ``runs`` counts as finding nothing)."""
     out: dict[str, float] = {}
     n = len(qrels)
     if n == 0:
-        return {**{f"recall@{k}": 0.0 for k in RECALL_AT}, "mrr@10": 0.0, "ndcg@10": 0.0, "queries": 0}
+        empty = {f"recall@{k}": 0.0 for k in RECALL_AT} | {f"all@{k}": 0.0 for k in ALL_AT}
+        return {**empty, "mrr@10": 0.0, "ndcg@10": 0.0, "queries": 0}
     for k in RECALL_AT:
         out[f"recall@{k}"] = sum(recall_at(runs.get(q, []), rel, k) for q, rel in qrels.items()) / n
+    for k in ALL_AT:
+        out[f"all@{k}"] = sum(all_at(runs.get(q, []), rel, k) for q, rel in qrels.items()) / n
     out["mrr@10"] = sum(mrr_at(runs.get(q, []), rel) for q, rel in qrels.items()) / n
     out["ndcg@10"] = sum(ndcg_at(runs.get(q, []), rel) for q, rel in qrels.items()) / n
     out["queries"] = n

@@ -28,17 +28,19 @@ from cluster.pipeline import ingest_documents, release_shards, shard_handles
 from cluster.producer import read_records
 from cluster.ray_runtime import connect
 from cluster.serving import recorded_model
+from deployments.graph import GraphReader
 from deployments.retriever import RayShards
 from deployments.searcher import Searcher
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import ConfigError
 from schemas.ids import in_tune_split
 from schemas.settings import Settings, load_settings
-from schemas.topology import SEARCH_MODES
 
 log = logging.getLogger(__name__)
 
-MODES = SEARCH_MODES
+MODES = ("vector", "keyword", "hybrid")
+"""``--mode all``; with graph.enabled (or ``--mode graph``) the graph mode too, its graph built by the
+evaluation's ingest."""
 CHUNKS_PER_QUERY = 60  # enough chunks that 20 distinct documents remain after collapsing
 
 
@@ -128,6 +130,13 @@ def eval_retrieval(
     corpus_file = (corpus or dataset) / "corpus.jsonl"
     if not corpus_file.is_file():
         raise ConfigError(f"{corpus_file} not found")
+    if "graph" in modes and not base.graph.enabled:
+        base = load_settings(
+            overrides={
+                **base.model_dump(mode="json"),
+                "graph": {**base.graph.model_dump(mode="json"), "enabled": True},
+            }
+        )
     settings = eval_settings(base, dataset, index)
     ingest_s = open_index(settings, corpus_file if index is None else None)
 
@@ -140,7 +149,8 @@ def eval_retrieval(
         vectors = embedder.embed(texts)
 
         # SEARCH and SCORE
-        searcher = Searcher(settings.serve.search, RayShards(settings))
+        graph = GraphReader(RayShards(settings.graph_side())) if "graph" in modes else None
+        searcher = Searcher(settings.serve.search, RayShards(settings), graph=graph)
         results: dict[str, Any] = {}
         for mode in modes:
             runs: dict[str, list[str]] = {}
@@ -159,11 +169,13 @@ def eval_retrieval(
             r = results[mode]
             _say(
                 f"{mode:8s} recall@1 {r['recall@1']:.3f}  @5 {r['recall@5']:.3f}  @10 {r['recall@10']:.3f}  "
-                f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}"
+                f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}  "
+                f"all@2 {r['all@2']:.3f}  @5 {r['all@5']:.3f}  @10 {r['all@10']:.3f}"
             )
     finally:
         if index is None:  # a fresh index: its shard actors go (`--index NAME` reopens it)
             release_shards(settings)
+            release_shards(settings.graph_side())
 
     report = {
         "machine": machine(),
@@ -180,7 +192,18 @@ def eval_retrieval(
         (
             mode,
             " / ".join(
-                f"{r[m]:.3f}" for m in ("recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "ndcg@10")
+                f"{r[m]:.3f}"
+                for m in (
+                    "recall@1",
+                    "recall@5",
+                    "recall@10",
+                    "recall@20",
+                    "mrr@10",
+                    "ndcg@10",
+                    "all@2",
+                    "all@5",
+                    "all@10",
+                )
             ),
         )
         for mode, r in results.items()
@@ -189,6 +212,6 @@ def eval_retrieval(
         out_dir,
         report_name("retrieval", dataset, corpus, split),
         report,
-        [("mode: R@1 / R@5 / R@10 / R@20 / MRR@10 / nDCG@10", ""), *rows],
+        [("mode: R@1 / R@5 / R@10 / R@20 / MRR@10 / nDCG@10 / all@2 / all@5 / all@10", ""), *rows],
     )
     return report
