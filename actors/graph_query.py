@@ -3,11 +3,12 @@ the neighbourhood of an entity within some hops, the shortest paths between two 
 entities a question names.
 
 Every query works on a ``networkx.MultiDiGraph`` in the graph shards' form (see
-:mod:`actors.graph_store`: nodes with ``names``, ``labels``, ``chunks`` and ``titled`` Counters, edges keyed by
-label with an ``evidence`` Counter of ``(chunk_id, sentence start, sentence end)``). With one shard
-that is the shard's own view; with several, :func:`merge` joins what each returned (an entity's
-mentions live on its shard, its edges on the shards of both ends), and :func:`expand` grows the
-part of the graph a query needs hop by hop, asking the shards only about the entities it reached.
+:mod:`actors.graph_store`: nodes with ``names``, ``labels``, ``chunks`` and ``titled`` Counters,
+edges keyed by label with an ``evidence`` Counter of ``(chunk_id, sentence start, sentence end)``).
+With one shard that is the shard's own view; with several, :func:`merge` joins what each returned
+(an entity's mentions live on its shard, its edges on the shards of both ends), and :func:`expand`
+grows the part of the graph a query needs hop by hop, asking the shards only about the entities it
+reached.
 
 Hops and paths ignore edge direction: "A mentions B" joins B to A as much as A to B.
 """

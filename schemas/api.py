@@ -159,6 +159,13 @@ class Explanation(BaseModel):
     keyword_rank: int | None = None
     keyword_score: float | None = None
     fused_score: float | None = None
+    graph_rank: int | None = Field(
+        None, description="mode graph: the hit's rank in the knowledge graph's ranking"
+    )
+    graph_entities: list[str] = Field(
+        default_factory=list,
+        description="mode graph: the entities (the query's, or their neighbours) that brought the hit in",
+    )
     matched_terms: list[dict[str, Any]] = Field(
         default_factory=list,
         description="query words found in the chunk: {term, start, end, text_start, text_end}; the document's"
