@@ -22,9 +22,10 @@ from tests.integration.ingest_helpers import kill_mid_stream, produce, squad_doc
 Fact = tuple[str, ...]
 
 
-def with_graph(settings: Settings, n_shards: int = 2) -> Settings:
+def with_graph(settings: Settings, n_shards: int = 2, poll_max_records: int = 256) -> Settings:
     dump = settings.model_dump(mode="json")
     dump["graph"].update({"enabled": True, "n_shards": n_shards})
+    dump["ingest"]["poll_max_records"] = poll_max_records
     return load_settings(overrides=dump)
 
 
@@ -104,7 +105,7 @@ def test_the_graph_built_through_kafka_holds_each_document_s_facts_exactly(pipel
 
 
 def test_killing_the_extractor_and_a_graph_shard_mid_stream_loses_and_duplicates_nothing(pipeline_settings):
-    s = with_graph(pipeline_settings)
+    s = with_graph(pipeline_settings, poll_max_records=32)  # batches small enough to kill between
     side = s.graph_side()
     docs = squad_documents(300, prefix="k-")
     produce(s, docs)
