@@ -18,10 +18,14 @@ graph from its chunks' facts:
 - spans move into the document's text (through each chunk's alignment);
 - **aliases within the document**: a key whose words are a contiguous run of a longer key's words
   in the same document ("tesla" of "nikola tesla") becomes that key (the longest such; ties go to
-  the key mentioned more, then to the smaller key). Across documents only equal keys are one entity:
+  the key mentioned more, then to the smaller key), except that a nationality or language
+  (``NORP``, ``LANGUAGE``: "American" of "American Airlines") joins only another such key. Across
+  documents only equal keys are one entity:
   a short form is left alone where its document has no long form, and query-time linking reads
   the aliases the mentions record;
-- **the title** is an entity (label ``TITLE``) that each chunk mentions over its whole span, with a
+- **the title** is an entity (label ``TITLE``; keyed by :func:`title_key`, without the trailing
+  parenthesis that tells two articles of one name apart: "Poison (American band)" is the entity
+  "poison" that other documents mention) that each chunk mentions over its whole span, with a
   ``mentions`` relation from it to each entity of the chunk (evidence: the entity's first
   sentence in the chunk), so the documents about an entity and the entities they name are joined.
 
@@ -47,13 +51,16 @@ from schemas.settings import GraphConfig
 
 log = logging.getLogger(__name__)
 
-EXTRACTION_VERSION = 1
+EXTRACTION_VERSION = 2
 """Bumped when the same pipeline's output changes (normalisation, relations, the title): another
 graph then, rebuilt from the topic."""
 CO_OCCURS = "co_occurs"
 MENTIONS = "mentions"
 TITLE = "TITLE"
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+")
+_QUALIFIER = re.compile(r"\s*\([^()]*\)\s*$")  # "Mercury (planet)": a title's disambiguation
+ADJECTIVAL = frozenset({"NORP", "LANGUAGE"})
+"""Labels of names used as adjectives ("American", "English"): part of longer names, not short forms."""
 _APOSTROPHES = "'\u2019"  # ASCII and typographic
 _POSSESSIVE = re.compile(f"[{_APOSTROPHES}]s?$")
 _SUBJECTS = frozenset({"nsubj", "nsubjpass"})
@@ -274,13 +281,16 @@ def document_graph(
     if len(chunks) != len(facts):
         raise ValueError(f"document {document_id!r}: {len(chunks)} chunks but {len(facts)} facts")
     moved = [_into_document(c, f) for c, f in zip(chunks, facts, strict=True)]
-    title_key = entity_key(title) if title else ""
+    title_entity = _title_key(title) if title else ""
     counts = Counter(m.key for f in moved for m in f.mentions)
-    if title_key and is_entity_key(title_key):
-        counts[title_key] += 1
-    else:
-        title_key = ""
-    resolve = resolve_aliases(counts)
+    labels: dict[str, set[str]] = {}
+    for f in moved:
+        for m in f.mentions:
+            labels.setdefault(m.key, set()).add(m.label)
+    if title_entity:
+        counts[title_entity] += 1
+        labels.setdefault(title_entity, set()).add(TITLE)
+    resolve = resolve_aliases(counts, labels)
     out = []
     for chunk, f in zip(chunks, moved, strict=True):
         mentions = [replace(m, key=resolve.get(m.key, m.key)) for m in f.mentions]
@@ -288,26 +298,49 @@ def document_graph(
             replace(r, source=resolve.get(r.source, r.source), target=resolve.get(r.target, r.target))
             for r in f.relations
         )
-        if title_key:
+        if title_entity:
             span = (chunk.start, chunk.end)
             first: dict[str, Span] = {}
             for m in mentions:
                 first.setdefault(m.key, m.sentence)
-            mentions.insert(0, Mention(title_key, title or "", TITLE, chunk.start, chunk.end, span))
-            relations += [Relation(title_key, k, MENTIONS, s) for k, s in first.items() if k != title_key]
+            mentions.insert(0, Mention(title_entity, title or "", TITLE, chunk.start, chunk.end, span))
+            relations += [
+                Relation(title_entity, k, MENTIONS, s) for k, s in first.items() if k != title_entity
+            ]
         relations = [r for r in relations if r.source != r.target]
         out.append(ChunkGraph(chunk.chunk_id, document_id, chunk.number, tuple(mentions), tuple(relations)))
     return out
 
 
-def resolve_aliases(counts: Counter[str]) -> dict[str, str]:
+def _title_key(title: str) -> str:
+    """:func:`title_key`, or ``""`` when the title names no entity."""
+    key = title_key(title)
+    return key if is_entity_key(key) else ""
+
+
+def title_key(title: str) -> str:
+    """The entity key of a document titled ``title``: its key without a trailing parenthesis
+    ("Poison (American band)" is "poison"; a title that is only a parenthesis keeps it)."""
+    return entity_key(_QUALIFIER.sub("", title)) or entity_key(title)
+
+
+def resolve_aliases(counts: Counter[str], labels: dict[str, set[str]] | None = None) -> dict[str, str]:
     """``{short key: long key}`` for the keys of one document (with their mention counts) whose
     words are a contiguous run of a longer key's words: the longest such key, then the one
-    mentioned more, then the smaller."""
+    mentioned more, then the smaller. With ``labels`` (each key's entity labels), a key labelled
+    only :data:`ADJECTIVAL` joins only a key with such a label."""
     words = {key: key.split() for key in counts}
+    labels = labels or {}
+    adjectival = {k for k in counts if labels.get(k) and labels[k] <= ADJECTIVAL}
     out: dict[str, str] = {}
     for short, run in words.items():
-        longer = [k for k, w in words.items() if len(w) > len(run) and _contains(w, run)]
+        longer = [
+            k
+            for k, w in words.items()
+            if len(w) > len(run)
+            and _contains(w, run)
+            and (short not in adjectival or bool(labels.get(k, set()) & ADJECTIVAL))
+        ]
         if longer:
             out[short] = min(longer, key=lambda k: (-len(words[k]), -counts[k], k))
     return out

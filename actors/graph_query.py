@@ -194,15 +194,32 @@ def shortest_paths(
 def link_candidates(question: str, stop_words: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
     """The word runs of a question (up to :data:`MAX_NGRAM` words), normalised as keys, that may
     name an entity, each with its word range (its first occurrence); longest runs first. Stop words
-    and one-letter runs are never one (no entity key is one either)."""
+    and one-letter runs are never one (no entity key is one either). A question that capitalises a
+    word past its first uses case to mark names: then a run must have a word it writes with a
+    capital or a digit ("home" in "the Maineiacs' home games" names no entity called "Home")."""
     words = entity_key(question).split()
+    marked = _marked_words(question)
     candidates: dict[str, tuple[int, int]] = {}
     for n in range(min(MAX_NGRAM, len(words)), 0, -1):
         for i in range(len(words) - n + 1):
             run = " ".join(words[i : i + n])
-            if is_entity_key(run, stop_words):
+            if is_entity_key(run, stop_words) and (marked is None or marked.intersection(words[i : i + n])):
                 candidates.setdefault(run, (i, i + n))
     return candidates
+
+
+def _marked_words(question: str) -> set[str] | None:
+    """The words (as keys) a question writes with a capital or a digit; None when it capitalises
+    no word past its first (it does not use case)."""
+    tokens = question.split()
+    if not any(ch.isupper() for token in tokens[1:] for ch in token):
+        return None
+    return {
+        word
+        for token in tokens
+        if any(ch.isupper() or ch.isdigit() for ch in token)
+        for word in entity_key(token).split()
+    }
 
 
 def pick_links(candidates: dict[str, tuple[int, int]], found: dict[str, str]) -> list[str]:

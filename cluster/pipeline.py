@@ -26,8 +26,9 @@ almost none (``SHARD_CPUS``): they are detached and stay up between commands, an
 every index ever ingested added up until a `serve` of another index no longer fit. An embedder that cannot be
 placed on a local head is refused with the names of whoever holds the CPUs, never waited for
 forever. The image embedder asks for a fraction too (``IMAGE_EMBED_CPUS``) while running
-``images.num_cpus`` torch threads (every core but one when unset: :func:`ingest_image_config`): on
-a small machine the two embedders share the cores, and each is busy only while its topic has records.
+``images.num_cpus`` torch threads (every core but one when unset: :func:`ingest_image_config`), and
+so does the knowledge graph's extractor (``GRAPH_EXTRACT_CPUS``, one spaCy thread): on a small
+machine the embedders share the cores, and each is busy only while its topic has records.
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ from schemas.topology import Offsets, actor_name
 log = logging.getLogger(__name__)
 
 LIGHT_CPUS = 0.05
-IMAGE_EMBED_CPUS = 0.1
-GRAPH_EXTRACT_CPUS = 0.1
+IMAGE_EMBED_CPUS = LIGHT_CPUS
+GRAPH_EXTRACT_CPUS = LIGHT_CPUS
+"""The image embedder's and the graph extractor's shares: with the text embedder on every core and
+an app beside them, the rest of a small machine's budget (Ray's cores + 1) is one logical CPU."""
 SHARD_CPUS = 0.001
 """Not 0: Ray 2.60 places an actor that requests no resources on the node that creates it, whatever
 its node affinity says (measured with ``ray.cluster_utils.Cluster``). A thousandth, so that the idle

@@ -5,10 +5,13 @@ For one query (:func:`graph_ranking`):
 
 1. the query's entities (the *seeds*, linked by :func:`actors.graph_query.link`) and the graph
    within one hop of them;
-2. each chunk that mentions a seed scores ``1`` per seed;
+2. a seed's *specificity* is one over the number of chunks that mention it (a name few passages
+   use says more about which passages a question wants than "American" does); each chunk that
+   mentions a seed scores the seed's specificity;
 3. each neighbour of a seed is weighed by how well the hybrid search ranked the chunks that state
    its relation to the seed (its *evidence*): ``Σ 1 / (rrf_k + hybrid rank)`` over those chunks,
-   ``1 / (rrf_k + candidates)`` for one hybrid did not return; each chunk mentioning a neighbour
+   ``1 / (rrf_k + candidates)`` for one hybrid did not return, times the seed's specificity; each
+   chunk mentioning a neighbour
    scores that weight times ``rrf_k``, twice for a chunk whose document the neighbour is the title
    of (the passage *about* the bridge entity: what a second hop of a multi-hop question needs);
 4. the chunks on evidence paths (of a seed's relations) score their weight once more.
@@ -58,9 +61,10 @@ def graph_ranking(
         reasons[entity] = reasons.get(entity, 0.0) + score
 
     present = [s for s in seeds if s in graph]
+    specificity = {s: 1.0 / max(1, len(graph.nodes[s]["chunks"])) for s in present}
     for seed in present:
         for chunk_id in graph.nodes[seed]["chunks"]:
-            add(chunk_id, 1.0, seed)
+            add(chunk_id, specificity[seed], seed)
     weights: dict[str, float] = {}
     evidence: dict[str, set[str]] = {}
     for seed in present:
@@ -70,7 +74,7 @@ def graph_ranking(
             if other in present:
                 continue
             chunks = {c for c, _, _ in data["evidence"]}
-            weights[other] = weights.get(other, 0.0) + sum(
+            weights[other] = weights.get(other, 0.0) + specificity[seed] * sum(
                 1.0 / (rrf_k + rank[c]) if c in rank else floor for c in chunks
             )
             evidence.setdefault(other, set()).update(chunks)

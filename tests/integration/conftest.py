@@ -20,6 +20,7 @@ from cluster.kafka_admin import ensure_topics
 from cluster.local_kafka import BrokerState, LocalKafka
 from schemas.errors import ConfigError
 from schemas.settings import EmbeddedKafkaConfig, Settings, load_settings
+from schemas.topology import actor_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -219,6 +220,15 @@ class ServedIndex:
         self.url, self.settings, self.docs, self.serving = url, settings, docs, serving
 
 
+@pytest.fixture(scope="module")
+def http(app: ServedIndex) -> Iterator[Any]:
+    """An HTTP client of the module's ``app`` fixture (a :class:`ServedIndex`)."""
+    import httpx
+
+    with httpx.Client(base_url=app.url, timeout=120) as client:
+        yield client
+
+
 def free_port() -> int:
     import socket
 
@@ -234,11 +244,13 @@ def served_index(
     n_docs: int,
     prefix: str,
     serve_overrides: dict | None = None,
+    overrides: dict | None = None,
 ):
     """Produces ``n_docs`` SQuAD passages to fresh topics, starts `riverbed serve` with ingest for
     a fresh 2-shard index (index ``<prefix><hex>``) and yields once every record is ingested.
-    ``serve_overrides``: more ``serve`` settings (e.g. ``{"auth": {"keys": [...]}}``).
-    Afterwards the app, the pipeline and the index's shard actors are gone."""
+    ``serve_overrides``: more ``serve`` settings (e.g. ``{"auth": {"keys": [...]}}``);
+    ``overrides``: other sections (e.g. ``{"graph": {"enabled": True}}``).
+    Afterwards the app, the pipeline and the index's (and its graph's) shard actors are gone."""
     import ray
     from ray import serve
 
@@ -257,6 +269,7 @@ def served_index(
             },
             "index": {"name": name, "n_shards": 2},
             "serve": {"port": free_port(), "max_body_bytes": 64 * 1024, **(serve_overrides or {})},
+            **(overrides or {}),
         }
     )
     ensure_topics(
@@ -277,9 +290,14 @@ def served_index(
             serving.stop()
         finally:
             serve.shutdown()
-            for i in range(settings.index.n_shards):
-                with contextlib.suppress(ValueError):
-                    ray.kill(ray.get_actor(f"{name}/shard/{i}", namespace=settings.ray.namespace))
+            for side in (settings, settings.graph_side()):
+                for i in range(side.index.n_shards):
+                    with contextlib.suppress(ValueError):
+                        ray.kill(
+                            ray.get_actor(
+                                actor_name(side.index.name, "shard", i), namespace=side.ray.namespace
+                            )
+                        )
 
 
 # MILVUS BY URI: a real gRPC server (Milvus Lite's `milvus-lite server`), one per session.

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +14,15 @@ from typing import Any
 import ray
 
 from actors.chunker import Chunker
+from actors.graph_extract import Extractor, document_graph
 from cluster.kafka_admin import committed_offsets
 from cluster.producer import EnvelopeProducer
 from schemas.envelope import DocumentEnvelope, ImageEnvelope
 from schemas.settings import Settings
 from schemas.topology import actor_name
 from tests.integration.conftest import REPO
+
+Fact = tuple[str, ...]
 
 
 def squad_documents(n: int | None = None, prefix: str = "") -> list[DocumentEnvelope]:
@@ -127,3 +131,17 @@ def kill_mid_stream(pipeline: Any, settings: Settings, index: str, group: str, r
     pipeline.wait_idle(timeout_s=900, interval_s=0.5)
     assert int(ray.get(shard.ping.remote())) != shard_pid  # restarted
     return killed_at
+
+
+def expected_graph(settings: Settings, docs: list[DocumentEnvelope]) -> tuple[Counter[Fact], set[Fact]]:
+    """Mentions and relations of ``docs``' graphs, made in this process."""
+    chunker = Chunker(settings.chunk, settings.embed.model)
+    extractor = Extractor(settings.graph)
+    mentions: Counter[Fact] = Counter()
+    relations: set[Fact] = set()
+    for doc, chunked in zip(docs, chunker.chunk_batch(docs), strict=True):
+        facts = extractor.extract([c.text for c in chunked.chunks])
+        for g in document_graph(doc.id, doc.title, chunked.chunks, facts):
+            mentions.update((g.chunk_id, m.key, m.label, str(m.start), str(m.end)) for m in g.mentions)
+            relations.update((g.chunk_id, r.source, r.target, r.label) for r in g.relations)
+    return mentions, relations

@@ -10,16 +10,12 @@ from collections import Counter
 
 import ray
 
-from actors.chunker import Chunker
-from actors.graph_extract import Extractor, document_graph
 from cluster.kafka_admin import committed_offsets
 from cluster.pipeline import Pipeline
 from schemas.envelope import DocumentEnvelope
 from schemas.settings import Settings, load_settings
 from schemas.topology import actor_name
-from tests.integration.ingest_helpers import kill_mid_stream, produce, squad_documents
-
-Fact = tuple[str, ...]
+from tests.integration.ingest_helpers import Fact, expected_graph, kill_mid_stream, produce, squad_documents
 
 
 def with_graph(settings: Settings, n_shards: int = 2, poll_max_records: int = 256) -> Settings:
@@ -27,20 +23,6 @@ def with_graph(settings: Settings, n_shards: int = 2, poll_max_records: int = 25
     dump["graph"].update({"enabled": True, "n_shards": n_shards})
     dump["ingest"]["poll_max_records"] = poll_max_records
     return load_settings(overrides=dump)
-
-
-def expected_graph(settings: Settings, docs: list[DocumentEnvelope]) -> tuple[Counter[Fact], set[Fact]]:
-    """Mentions and relations of ``docs``' graphs, made in this process."""
-    chunker = Chunker(settings.chunk, settings.embed.model)
-    extractor = Extractor(settings.graph)
-    mentions: Counter[Fact] = Counter()
-    relations: set[Fact] = set()
-    for doc, chunked in zip(docs, chunker.chunk_batch(docs), strict=True):
-        facts = extractor.extract([c.text for c in chunked.chunks])
-        for g in document_graph(doc.id, doc.title, chunked.chunks, facts):
-            mentions.update((g.chunk_id, m.key, m.label, str(m.start), str(m.end)) for m in g.mentions)
-            relations.update((g.chunk_id, r.source, r.target, r.label) for r in g.relations)
-    return mentions, relations
 
 
 def stored_graph(settings: Settings) -> tuple[Counter[Fact], set[Fact]]:

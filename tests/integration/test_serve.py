@@ -31,12 +31,6 @@ def app(broker, ray_session, tmp_path_factory) -> Iterator[App]:
         yield served
 
 
-@pytest.fixture(scope="module")
-def http(app: App) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=app.url, timeout=120) as client:
-        yield client
-
-
 QUESTION = "Which NFL team represented the AFC at Super Bowl 50?"  # gold: Super_Bowl_50_0000
 GOLD = "Super_Bowl_50_0000"
 

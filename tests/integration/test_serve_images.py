@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cluster.image_datasets import CaptionedImage, load_image_dataset
@@ -101,12 +100,6 @@ def app(broker, ray_session, tmp_path_factory, image_model: ImageModel) -> Itera
                 for i in range(settings.index.n_shards):
                     with contextlib.suppress(ValueError):
                         ray.kill(ray.get_actor(f"{index}/shard/{i}", namespace=settings.ray.namespace))
-
-
-@pytest.fixture(scope="module")
-def http(app: App) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=app.url, timeout=120) as client:
-        yield client
 
 
 def check_image_hit(app: App, hit: dict) -> None:

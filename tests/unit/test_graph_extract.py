@@ -17,6 +17,7 @@ from actors.graph_extract import (
     entity_key,
     for_shard,
     resolve_aliases,
+    title_key,
 )
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import ConfigError
@@ -97,6 +98,45 @@ def test_short_forms_join_the_longest_key_they_are_part_of() -> None:
     assert resolve_aliases(counts) == {"edison": "thomas alva edison", "alva": "thomas alva edison"}
     counts = Counter({"john smith": 1, "adam smith": 2, "smith": 1})
     assert resolve_aliases(counts) == {"smith": "adam smith"}  # equal length: the one mentioned more
+
+
+def test_nationalities_and_languages_join_only_their_own_kind() -> None:
+    counts = Counter({"american": 2, "american airlines": 1, "korean": 1, "south korean": 1, "english": 1})
+    labels = {
+        "american": {"NORP"},
+        "american airlines": {"ORG"},
+        "korean": {"NORP"},
+        "south korean": {"NORP"},
+        "english": {"LANGUAGE", "NORP"},
+    }
+    assert resolve_aliases(counts, labels) == {"korean": "south korean"}
+    assert resolve_aliases(counts) == {"american": "american airlines", "korean": "south korean"}
+
+
+@pytest.mark.parametrize(
+    ("title", "key"),
+    [
+        ("Poison (American band)", "poison"),
+        ("Winner (band)", "winner"),
+        ("Paris, Texas", "paris texas"),
+        ("(What's the Story) Morning Glory?", "whats the story morning glory"),  # not trailing
+        ("(1)", "1"),  # only a parenthesis: kept
+    ],
+)
+def test_a_title_s_key_drops_its_disambiguation(title: str, key: str) -> None:
+    assert title_key(title) == key
+
+
+def test_a_disambiguated_title_is_the_entity_its_name_is(extractor: Extractor) -> None:
+    text = "Poison is an American rock band. Poison sold many records."
+    chunks = _chunks(text, "Poison (American band)", max_tokens=64)
+    graphs = document_graph(
+        "poison", "Poison (American band)", chunks, extractor.extract([c.text for c in chunks])
+    )
+    titles = [m for g in graphs for m in g.mentions if m.label == TITLE]
+    assert {(m.key, m.name) for m in titles} == {("poison", "Poison (American band)")}
+    norp = {m.key for g in graphs for m in g.mentions if m.label == "NORP"}
+    assert norp == {"american"}  # not the title's alias: a nationality, part of the longer name
 
 
 def _chunks(text: str, title: str, max_tokens: int = 16) -> list[Chunk]:

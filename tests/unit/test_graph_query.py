@@ -130,6 +130,15 @@ def test_a_question_links_the_longest_runs_it_names_and_aliases(store: GraphStor
     assert q.link("Where was the the in?", store.known, STOP) == []
 
 
+def test_a_question_that_uses_case_links_only_runs_it_marks() -> None:
+    candidates = q.link_candidates("Where did Tesla move to new york?")
+    assert "tesla" in candidates and "new york" not in candidates and "move" not in candidates
+    assert "tesla move" in candidates  # a run with one marked word may still name something
+    caseless = q.link_candidates("where did tesla move to new york?")  # no case used: every run
+    assert {"tesla", "new york", "move"} <= set(caseless)
+    assert "1888 motor" in q.link_candidates("Which Motor sold in 1888 motor shows?")  # digits mark
+
+
 def test_three_shards_grown_hop_by_hop_answer_as_one_does(
     store: GraphStore, shards: list[GraphStore]
 ) -> None:
