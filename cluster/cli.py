@@ -297,8 +297,13 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.graph_files import export_graph, graph_stats
+    from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats
 
+    if args.graph_command == "draw":
+        out = Path(args.out or f"{settings.index.name}-graph.png")
+        data = draw_neighbourhood(settings, args.entity, args.hops, args.limit, out)
+        emit(args, data, f"drew {data['entity']} and {data['nodes'] - 1} entities near it to {out}")
+        return 0
     if args.graph_command == "stats":
         data = graph_stats(settings)
         top = ", ".join(f"{e['name']} ({e['degree']})" for e in data["top_entities"])
@@ -383,6 +388,16 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             f"{result['pipeline_images_per_s']} images/s (ratio {result['ratio']}); "
             + (f"training {training} s per epoch; " if training is not None else "")
             + f"{result['images']} images; report in {out}/images.md"
+        )
+    elif args.which == "graph":
+        from cluster.bench.graph import bench_graph
+
+        result = bench_graph(settings, Path(args.corpus), args.queries, args.seed, out)
+        hops = result["queries_2_hops"]
+        text = (
+            f"graph: raw nlp.pipe {result['raw_chunks_per_s']} chunks/s; pipeline "
+            f"{result['pipeline_chunks_per_s']} chunks/s (ratio {result['ratio']}); 2-hop queries p50 "
+            f"{hops['p50_ms']} ms, p99 {hops['p99_ms']} ms; report in {out}/graph.md"
         )
     elif args.which == "batching":
         from cluster.bench.batching import bench_batching
@@ -694,7 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_stats)
 
     graph = sub.add_parser(
-        "graph", help="the index's knowledge graph: figures, or the whole graph as a file", parents=[common]
+        "graph",
+        help="the index's knowledge graph: figures, the whole graph as a file, or a neighbourhood drawn",
+        parents=[common],
     )
     graph_sub = graph.add_subparsers(dest="graph_command", required=True, metavar="ACTION")
     graph_sub.add_parser(
@@ -704,6 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["graphml", "json"], default="graphml")
     export.add_argument("--out", help="the file to write (default: <index>-graph.<format>)")
     export.set_defaults(func=cmd_graph)
+    draw = graph_sub.add_parser("draw", help="draw an entity's neighbourhood as a PNG", parents=[common])
+    draw.add_argument("entity", help="the entity (its name as written, or its key)")
+    draw.add_argument("--hops", type=int, choices=[1, 2, 3], default=2)
+    draw.add_argument("--limit", type=int, default=30, help="entities drawn at most (the nearest first)")
+    draw.add_argument("--out", help="the PNG to write (default: <index>-graph.png)")
+    draw.set_defaults(func=cmd_graph)
 
     index = sub.add_parser(
         "index", help="manage indexes (copy one to another name or backend)", parents=[common]
@@ -724,14 +747,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmarks, measured side by side (ingest, query, batching, freshness, ann, peer, load, fuzz, "
-        "images)",
+        "images, graph)",
         parents=[common],
     )
     bench.add_argument(
-        "which", choices=["ingest", "query", "batching", "freshness", "ann", "peer", "load", "fuzz", "images"]
+        "which",
+        choices=[
+            "ingest",
+            "query",
+            "batching",
+            "freshness",
+            "ann",
+            "peer",
+            "load",
+            "fuzz",
+            "images",
+            "graph",
+        ],
     )
     bench.add_argument(
-        "--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="ingest: documents to ingest"
+        "--corpus", default="data/squad-v1.1-dev/corpus.jsonl", help="ingest, graph: documents to ingest"
     )
     bench.add_argument(
         "--dataset",
@@ -745,7 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="copies of the corpus under different ids (ingest 1, query 5, ann 1)",
     )
     bench.add_argument(
-        "--queries", type=int, default=400, help="query, ann, peer: questions sent per measurement"
+        "--queries",
+        type=int,
+        default=400,
+        help="query, ann, peer: questions sent per measurement; graph: entities queried",
     )
     bench.add_argument("--k", type=int, default=10, help="query, ann, peer, load: hits per search")
     bench.add_argument(
@@ -775,7 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--examples", type=int, default=200, help="fuzz: most examples per route in each schemathesis phase"
     )
-    bench.add_argument("--seed", type=int, default=0, help="fuzz: schemathesis' seed (a run repeats with it)")
+    bench.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="fuzz: schemathesis' seed (a run repeats with it); graph: draws the entities queried",
+    )
     bench.add_argument(
         "--images",
         default="easy-vqa",

@@ -52,6 +52,7 @@ from actors.backends import backend_for
 from actors.batching import plan_pixel_batches
 from actors.embedder import Embedder, cpu_threads
 from actors.graph_extract import Extractor
+from actors.graph_store import DB_NAME as GRAPH_DB_NAME
 from actors.graph_store import GraphStore
 from actors.image_model import ImageTextModel
 from actors.index_shard import IndexShard
@@ -188,6 +189,23 @@ class GraphShardActor(GraphStore):
 
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
+
+
+def open_graph_shards(settings: Settings) -> list[Any]:
+    """Starts (or gets) the shard actors of ``settings``' knowledge graph, when an ingest built one:
+    the extraction model its stores record. ``[]`` when it has none (graph queries answer 503)."""
+    side = settings.graph_side()
+    for shard in range(side.index.n_shards):
+        directory = topology.shard_directory(side.data_dir, shard)
+        if not (directory / GRAPH_DB_NAME).is_file():
+            continue
+        store = GraphStore.read_only(directory)
+        try:
+            model = store.model
+        finally:
+            store.close()
+        return graph_shard_handles(side, model)
+    return []
 
 
 def graph_shard_handles(side: Settings, model: str) -> list[Any]:

@@ -21,7 +21,7 @@ import httpx
 from actors.backends import backend_for
 from actors.index_shard import shard_directory
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
-from cluster.pipeline import Pipeline, shard_handles
+from cluster.pipeline import Pipeline, open_graph_shards, shard_handles
 from cluster.ray_runtime import connect
 from schemas.errors import ConfigError, RetryableError
 from schemas.settings import DeploymentConfig, ServeConfig, Settings, check_exposure
@@ -112,6 +112,8 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
         recorded = recorded_model(images)
         if recorded is not None:  # no images yet: image searches answer 503 until an ingest stores some
             shard_handles(images, *recorded)
+        if settings.graph.enabled:  # no graph yet: graph queries answer 503 until an ingest builds it
+            open_graph_shards(settings)
     return _deploy(settings, servers, pipeline)
 
 

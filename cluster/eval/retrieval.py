@@ -5,6 +5,8 @@
 # QUERIES: the split (tune: even stable_hash of the query id; heldout: odd; all), optionally sampled
 # SEARCH: the Retriever's code (Searcher over the shard actors), queries embedded in batches
 # SCORE: per document (chunks collapse to their document's best rank), against the qrels
+# GRAPH (graph mode): its size and how well it links each question's relevant passages
+#   (cluster.eval.graph_quality), read from the graph shards' stores
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Any
 
 from actors.embedder import Embedder
 from cluster.bench.report import machine, write_report
+from cluster.eval.graph_quality import linkage
 from cluster.eval.metrics import documents_in_order, score_run
-from cluster.pipeline import ingest_documents, release_shards, shard_handles
+from cluster.graph_files import graph_stats, read_graph
+from cluster.pipeline import ingest_documents, open_graph_shards, release_shards, shard_handles
 from cluster.producer import read_records
 from cluster.ray_runtime import connect
 from cluster.serving import recorded_model
@@ -52,6 +56,13 @@ def load_queries(dataset: Path) -> dict[str, str]:
     with (dataset / "queries.jsonl").open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return {str(r.get("_id", r.get("id"))): r["text"] for r in rows}
+
+
+def load_query_types(dataset: Path) -> dict[str, str]:
+    """``{query id: type}`` for the queries that give one (HotpotQA: bridge, comparison)."""
+    with (dataset / "queries.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {str(r.get("_id", r.get("id"))): str(r["type"]) for r in rows if r.get("type")}
 
 
 def load_qrels(dataset: Path, name: str = "qrels.tsv") -> dict[str, dict[str, int]]:
@@ -101,6 +112,8 @@ def open_index(settings: Settings, corpus: Path | None) -> float:
     if recorded is None:
         raise ConfigError(f"index {settings.index.name!r} holds no data under {settings.data_dir}")
     shard_handles(settings, *recorded)
+    if settings.graph.enabled:
+        open_graph_shards(settings)
     return time.monotonic() - t0
 
 
@@ -172,6 +185,7 @@ def eval_retrieval(
                 f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}  "
                 f"all@2 {r['all@2']:.3f}  @5 {r['all@5']:.3f}  @10 {r['all@10']:.3f}"
             )
+        graph_report = _graph_report(settings, dataset, {q: qrels[q] for q in chosen}) if graph else None
     finally:
         if index is None:  # a fresh index: its shard actors go (`--index NAME` reopens it)
             release_shards(settings)
@@ -188,6 +202,8 @@ def eval_retrieval(
         "model": settings.embed.model,
         "modes": results,
     }
+    if graph_report is not None:
+        report["graph"] = graph_report
     rows = [
         (
             mode,
@@ -208,6 +224,10 @@ def eval_retrieval(
         )
         for mode, r in results.items()
     ]
+    if graph_report is not None:
+        rows.append(("graph: entities / edges / edges per chunk", _graph_size(graph_report)))
+        for kind, linked in graph_report["linkage"].items():
+            rows.append((f"graph: {kind} questions linked within 0 / 1 / 2 hops", _linked(linked)))
     write_report(
         out_dir,
         report_name("retrieval", dataset, corpus, split),
@@ -215,3 +235,29 @@ def eval_retrieval(
         [("mode: R@1 / R@5 / R@10 / R@20 / MRR@10 / nDCG@10 / all@2 / all@5 / all@10", ""), *rows],
     )
     return report
+
+
+def _graph_report(settings: Settings, dataset: Path, qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The graph's size and how it links the questions' relevant passages (said as it goes)."""
+    stats = graph_stats(settings, top=0)
+    graph, _ = read_graph(settings)
+    report = {
+        "entities": stats["entities"],
+        "edges": stats["edges"],
+        "edges_per_chunk": stats["edges_per_chunk"],
+        "relations_by_label": stats["relations_by_label"],
+        "linkage": linkage(graph, qrels, load_query_types(dataset)),
+    }
+    _say(f"graph: entities / edges / edges per chunk {_graph_size(report)}")
+    for kind, linked in report["linkage"].items():
+        _say(f"graph: {kind} questions linked within 0 / 1 / 2 hops {_linked(linked)}")
+    return report
+
+
+def _graph_size(report: dict[str, Any]) -> str:
+    return f"{report['entities']} / {report['edges']} / {report['edges_per_chunk']}"
+
+
+def _linked(linked: dict[str, Any]) -> str:
+    shares = " / ".join(f"{linked[f'linked@{h}']:.3f}" for h in (0, 1, 2))
+    return f"{shares} ({linked['questions']} questions)"

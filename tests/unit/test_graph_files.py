@@ -14,8 +14,8 @@ import pytest
 from actors.graph_extract import for_shard
 from actors.graph_store import GraphStore
 from actors.vector_index import ShardWrite
-from cluster.graph_files import export_graph, graph_stats, read_graph
-from schemas.errors import IndexUnavailableError
+from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats, read_graph
+from schemas.errors import IndexUnavailableError, NotFoundError
 from schemas.ids import shard_of
 from schemas.settings import Settings, load_settings
 from schemas.topology import shard_directory
@@ -73,3 +73,17 @@ def test_an_index_without_a_graph_is_named(tmp_path: Path) -> None:
     s = load_settings(overrides={"home": str(tmp_path / "empty")})
     with pytest.raises(IndexUnavailableError, match="holds no graph"):
         graph_stats(s)
+
+
+def test_a_drawn_neighbourhood_is_the_entity_and_those_within_its_hops(
+    settings: Settings, tmp_path: Path
+) -> None:
+    graph, _ = read_graph(settings)
+    near = nx.single_source_shortest_path_length(graph.to_undirected(), "thomas edison", cutoff=1)
+    out = tmp_path / "edison.png"
+    drawn = draw_neighbourhood(settings, "Thomas Edison", 1, 30, out)
+    assert drawn["entity"] == "thomas edison" and drawn["nodes"] == len(near)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert draw_neighbourhood(settings, "Thomas Edison", 1, 2, out)["nodes"] == 2  # the limit
+    with pytest.raises(NotFoundError, match="Zqxjv"):
+        draw_neighbourhood(settings, "Nowhere Zqxjv", 1, 30, out)
