@@ -33,7 +33,7 @@ from actors.graph_extract import Extractor
 from actors.graph_query import degree
 from cluster.bench.ingest import load_corpus
 from cluster.bench.query import percentile
-from cluster.bench.report import machine, write_bars, write_report
+from cluster.bench.report import machine, write_ratio_bars, write_report
 from cluster.graph_files import graph_stats, read_graph
 from cluster.pipeline import Pipeline, drop_index, ingest_documents, release_shards
 from cluster.serving import start_serving
@@ -150,15 +150,8 @@ def bench_graph(base: Settings, corpus: Path, n_queries: int, seed: int, out_dir
         ),
     ]
     write_report(out_dir, "graph", result, rows)
-    write_bars(
-        out_dir,
-        "graph",
-        f"knowledge-graph extraction, {len(texts)} chunks",
-        {
-            "chunks/s": {"raw nlp.pipe": raw_rate, "pipeline": pipe_rate},
-            "pipeline / raw": {"pipeline": result["ratio"], "target": 0.9},
-        },
-    )
+    title = f"knowledge-graph extraction, {len(texts)} chunks"
+    write_ratio_bars(out_dir, "graph", title, "chunks/s", ("raw nlp.pipe", raw_rate), pipe_rate)
     return result
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from actors.image_model import ImageTextModel
 from actors.lit_model import LitRecord
-from cluster.bench.report import image_run_settings, machine, write_bars, write_report
+from cluster.bench.report import image_run_settings, machine, write_ratio_bars, write_report
 from cluster.image_datasets import load_image_dataset
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, drop_index, ingest_image_config
@@ -102,15 +102,8 @@ def bench_images(
         per_epoch = f"{result['training_s_per_epoch']} ({len(epochs)} epochs)"
         rows.append(("training, seconds per epoch", per_epoch))
     write_report(out_dir, "images", result, rows)
-    write_bars(
-        out_dir,
-        "images",
-        f"image ingest, {len(envelopes)} images",
-        {
-            "images/s": {"raw forward": raw_rate, "pipeline": pipe_rate},
-            "pipeline / raw": {"pipeline": result["ratio"], "target": 0.9},
-        },
-    )
+    title = f"image ingest, {len(envelopes)} images"
+    write_ratio_bars(out_dir, "images", title, "images/s", ("raw forward", raw_rate), pipe_rate)
     return result
 
 

@@ -135,6 +135,29 @@ def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str,
     return _save(fig, out_dir, name)
 
 
+def write_ratio_bars(
+    out_dir: Path,
+    name: str,
+    title: str,
+    unit: str,
+    raw: tuple[str, float],
+    pipeline: float,
+    target: float = 0.9,
+) -> Path:
+    """Writes ``<name>.png``: a pipeline's rate next to the raw computation's (``raw``: its label
+    and rate, in ``unit``), and their ratio next to its ``target``."""
+    label, rate = raw
+    return write_bars(
+        out_dir,
+        name,
+        title,
+        {
+            unit: {label: rate, "pipeline": pipeline},
+            "pipeline / raw": {"pipeline": pipeline / rate, "target": target},
+        },
+    )
+
+
 def _save(fig: Any, out_dir: Path, name: str) -> Path:
     """Lays out ``fig``, writes it to ``<out_dir>/<name>.png`` and frees it."""
     import matplotlib.pyplot as plt
