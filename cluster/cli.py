@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -635,9 +636,15 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.demo import run_demo
+    from cluster.demo import demo_settings, run_demo
 
-    return run_demo(settings, sample=Path(args.data), json_output=args.json, keep_serving=args.serve)
+    chosen = "enabled" in _overrides(args).get("graph", {}) or "RIVERBED_GRAPH__ENABLED" in os.environ
+    return run_demo(
+        demo_settings(settings, graph_chosen=chosen),
+        sample=Path(args.data),
+        json_output=args.json,
+        keep_serving=args.serve,
+    )
 
 
 # PARSER

@@ -6,11 +6,12 @@
 #              none (a few minutes on CPU, progress shown); skipped when images.ingest is false
 # PRODUCE: the sample corpus onto the documents topic, and easy-vqa test images (with their
 #          captions) onto the images topic, keyed by id
-# INGEST: Kafka → chunk → embed → shards until every record is committed (images beside the text)
-# STATS: what the index now holds, read from the shard stores and the broker
+# INGEST: Kafka → chunk → embed → shards until every record is committed (images beside the text;
+#         the knowledge graph too, in its own consumer group: on unless graph.enabled is set false)
+# STATS: what the index (and its graph) now holds, read from the stores and the broker
 # SERVE: the HTTP app on the same shards (ingest keeps running: posted documents get indexed)
-# QUERIES: three searches and one RAG question over HTTP, then text → image searches, printed with
-#          their real answers
+# QUERIES: three searches and one RAG question over HTTP, then text → image searches and the
+#          knowledge graph (an entity, a path, a graph-mode search), printed with their real answers
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from cluster.graph_files import graph_stats
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, Progress
 from cluster.producer import EnvelopeProducer, read_records
@@ -49,6 +52,15 @@ SAMPLE_SEARCHES: list[dict[str, Any]] = [
     {"query": "Who led the Norman conquest?", "k": 3, "mode": "hybrid", "filter": {"title": "Normans"}},
 ]
 SAMPLE_QUESTION = {"question": "Where did Super Bowl 50 take place?", "k": 3}
+SAMPLE_ENTITY = "Nikola Tesla"
+PATH_ENDS = ("Nikola Tesla", "Thomas Edison")
+SAMPLE_PATH = {"path": {"from": PATH_ENDS[0], "to": PATH_ENDS[1]}, "max_hops": 3, "limit": 2}
+SAMPLE_GRAPH_SEARCH = {
+    "query": "Which company bought the patents of the inventor of the induction motor?",
+    "k": 3,
+    "mode": "graph",
+    "explain": True,
+}
 DEMO_IMAGES = 300
 """easy-vqa test images the demo ingests (never seen in training)."""
 SAMPLE_IMAGE_QUERIES: list[dict[str, Any]] = [
@@ -56,6 +68,14 @@ SAMPLE_IMAGE_QUERIES: list[dict[str, Any]] = [
     {"query": "a blue triangle", "k": 5},
     {"query": "a gray rectangle", "k": 5},
 ]
+
+
+def demo_settings(settings: Settings, graph_chosen: bool) -> Settings:
+    """The demo builds the knowledge graph unless ``graph.enabled`` was chosen (``graph_chosen``:
+    given with ``--set`` or in the environment), whatever it was chosen to be."""
+    if graph_chosen:
+        return settings
+    return settings.model_copy(update={"graph": settings.graph.model_copy(update={"enabled": True})})
 
 
 def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_serving: bool = False) -> int:
@@ -110,6 +130,7 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
             f"\r  ingest [{p.elapsed_s:5.1f}s] documents {p.total('documents')}  unchanged "
             f"{p.total('unchanged')}  chunks {p.total('chunks')}"
             + (f"  images {p.total('images')}" if pipeline.images else "")
+            + (f"  graph mentions {p.total('mentions')}" if pipeline.graph_shards else "")
             + f"  lag {p.lag}   ",
             end="",
             file=sys.stderr,
@@ -139,6 +160,18 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
             f"{stats['dead_letters']['total']}, lag {stats['lag']}, in {stats['seconds']} s"
         )
     ok = stats["lag"] == 0 and stats["documents"] >= sent and stats["images"] >= images_sent
+    if pipeline.graph_shards:
+        graph = graph_stats(settings, top=5)
+        top = ", ".join(f"{e['name']} ({e['degree']})" for e in graph["top_entities"])
+        if json_output:
+            print(json.dumps({"graph": graph}, indent=2))
+        else:
+            print(
+                f"graph: {graph['entities']} entities, {graph['edges']} edges "
+                f"({graph['edges_per_chunk']} per chunk) from {graph['mentions']} mentions; "
+                f"most connected: {top}"
+            )
+        ok = ok and graph["entities"] > 0
 
     # SERVE
     serving = start_serving(settings, ingest=True, pipeline=pipeline)
@@ -158,7 +191,9 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
                     response = http.post("/v1/images/search", json=body)
                     ok = ok and response.status_code == 200
                     _print_image_search(body, response.json(), json_output)
-        print(_curl_lines(serving.url, images=pipeline.images))
+            if pipeline.graph_shards:
+                ok = _graph_queries(http, json_output) and ok
+        print(_curl_lines(serving.url, images=pipeline.images, graph=bool(pipeline.graph_shards)))
         if keep_serving:
             _say("Serving until Ctrl-C (ingest keeps running: POST /v1/documents to add more)")
             _wait_for_signal()
@@ -258,7 +293,54 @@ def _print_rag(body: dict[str, Any], answer: dict[str, Any], json_output: bool) 
     print(f"  ({answer['model']}, {answer['took_ms']:.0f} ms)")
 
 
-def _curl_lines(url: str, images: bool) -> str:
+def _graph_queries(http: httpx.Client, json_output: bool) -> bool:
+    """The knowledge graph over HTTP: an entity, a path, a graph-mode search; whether all answered."""
+    response = http.get(f"/v1/graph/entities/{quote(SAMPLE_ENTITY)}", params={"limit": 5})
+    answer = response.json()
+    if _shown(f"GET /v1/graph/entities/{SAMPLE_ENTITY}", {"name": SAMPLE_ENTITY}, answer, json_output):
+        e = answer["entity"]
+        print(
+            f"  {e['name']} ({e['label']}): {e['mentions']} mentions, {e['degree']} neighbours; "
+            f"aliases {e['aliases'][:4]}"
+        )
+        for n in answer["neighbours"]:
+            arrow = "->" if n["direction"] == "out" else "<-"
+            print(
+                f"  {arrow} {n['relation']} {arrow} {n['entity']}  "
+                f"(in {len(n['chunks'])} chunks: {n['chunks'][:2]})"
+            )
+    ok = response.status_code == 200
+    response = http.post("/v1/graph/query", json=SAMPLE_PATH)
+    answer = response.json()
+    if _shown(
+        f"POST /v1/graph/query  path {PATH_ENDS[0]!r} -> {PATH_ENDS[1]!r}", SAMPLE_PATH, answer, json_output
+    ):
+        for path in answer["paths"]:
+            steps = [
+                f"{a} ={step[0]['relation']}= " for a, step in zip(path["nodes"], path["steps"], strict=False)
+            ]
+            evidence = [step[0]["chunks"][0] for step in path["steps"]]
+            print(f"  {''.join(steps)}{path['nodes'][-1]}   (evidence {evidence})")
+        if not answer["paths"]:
+            print("  no path within 3 hops")
+    ok = ok and response.status_code == 200
+    response = http.post("/v1/search", json=SAMPLE_GRAPH_SEARCH)
+    answer = response.json()
+    if _shown(
+        f"POST /v1/search  {SAMPLE_GRAPH_SEARCH['query']!r}  (mode graph)",
+        SAMPLE_GRAPH_SEARCH,
+        answer,
+        json_output,
+    ):
+        for i, hit in enumerate(answer["hits"], 1):
+            snippet = " ".join(hit["text"].split())[:90]
+            brought = hit["explanation"]["graph_entities"][:3]
+            print(f"  {i}. {hit['score']:.3f}  {hit['chunk_id']}  {snippet}...  (graph: {brought})")
+        print(f"  ({answer['took_ms']:.0f} ms)")
+    return ok and response.status_code == 200
+
+
+def _curl_lines(url: str, images: bool, graph: bool = False) -> str:
     image_lines = (
         ""
         if not images
@@ -268,12 +350,20 @@ def _curl_lines(url: str, images: bool) -> str:
   curl -s {url}/v1/search -H 'content-type: application/json' \\
     -d '{{"query": "a red circle", "k": 5, "mode": "vector", "modalities": ["text", "image"]}}'"""
     )
+    graph_lines = (
+        ""
+        if not graph
+        else f"""
+  curl -s '{url}/v1/graph/entities?q=tesla&limit=5'
+  curl -s {url}/v1/graph/query -H 'content-type: application/json' \\
+    -d '{{"entity": "Nikola Tesla", "hops": 2, "limit": 20}}'"""
+    )
     return f"""
 Try more (the app stays up with `riverbed demo --serve` or `riverbed serve`):
   curl -s {url}/v1/search -H 'content-type: application/json' \\
     -d '{{"query": "When was the University of Chicago founded?", "k": 3, "mode": "hybrid"}}'
   curl -s {url}/v1/rag -H 'content-type: application/json' \\
-    -d '{{"question": "Who founded Tesla?"}}'{image_lines}
+    -d '{{"question": "Who founded Tesla?"}}'{image_lines}{graph_lines}
   curl -s {url}/v1/embeddings -H 'content-type: application/json' -d '{{"input": ["hello world"]}}'
   curl -s -X POST {url}/v1/documents -H 'content-type: application/json' \\
     -d '{{"kind": "document", "id": "note-1", "text": "Riverbed indexes live streams."}}'

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from cluster.cli import main
+from schemas.settings import load_settings
 
 
 def test_config_show_json(capsys, monkeypatch):
@@ -66,3 +67,11 @@ def test_finetune_of_a_missing_dataset_exits_2(capsys, tmp_path):
         main(["finetune", "image-text", "--dataset", str(tmp_path / "missing"), "--home", str(tmp_path)]) == 2
     )
     assert "neither" in capsys.readouterr().err
+
+
+def test_the_demo_builds_the_graph_unless_told_not_to() -> None:
+    from cluster.demo import demo_settings
+
+    assert demo_settings(load_settings(), graph_chosen=False).graph.enabled is True
+    off = load_settings(overrides={"graph": {"enabled": False}})
+    assert demo_settings(off, graph_chosen=True) is off
