@@ -16,7 +16,8 @@ For one query (:func:`graph_ranking`):
    of (the passage *about* the bridge entity: what a second hop of a multi-hop question needs);
 4. the chunks on evidence paths (of a seed's relations) score their weight once more.
 
-The chunks by score (ties: chunk id) are the graph's ranking, fused with hybrid's by rank
+The chunks by score (ties: the better hybrid rank, then chunk id: a seed's chunks, all scored
+alike, stay in hybrid's order) are the graph's ranking, fused with hybrid's by rank
 (:func:`fuse_graph`: ``1 / (rrf_k + hybrid rank) + graph_weight / (rrf_k + graph rank)``). Each
 chunk keeps the entities that brought it in (for ``explain``).
 """
@@ -85,7 +86,8 @@ def graph_ranking(
             add(chunk_id, weight * rrf_k * (2.0 if chunk_id in titled else 1.0), neighbour)
         for chunk_id in evidence[neighbour]:
             add(chunk_id, weight, neighbour)
-    order = sorted(scores, key=lambda c: (-scores[c], c))[:limit]
+    never = len(hybrid) + 1
+    order = sorted(scores, key=lambda c: (-scores[c], rank.get(c, never), c))[:limit]
     return [GraphCandidate(c, scores[c], tuple(sorted(why[c], key=lambda e: (-why[c][e], e)))) for c in order]
 
 

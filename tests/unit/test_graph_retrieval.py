@@ -86,7 +86,9 @@ def searcher(tmp_path: Path) -> Iterator[Searcher]:
             vector = embedder.embed([text])[0]
             record = ChunkRecord(cid, doc, 0, text, title, 0, len(text), {"kind": kind}, vector)
             shards[shard_of(cid, 2)].index.upsert([record])
-        s = Searcher(SearchConfig(candidates=4), LocalShards(shards), graph=LocalGraph(store))
+        # graph_weight above 1: a passage only the graph finds can pass hybrid's second
+        search = SearchConfig(candidates=4, graph_weight=2.0)
+        s = Searcher(search, LocalShards(shards), graph=LocalGraph(store))
         s.embed = embedder.embed  # type: ignore[attr-defined]
         yield s
         for shard in shards:
