@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, RayError
@@ -51,22 +52,23 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.backends import backend_for
 from actors.batching import plan_pixel_batches
 from actors.embedder import Embedder, cpu_threads
-from actors.graph_extract import Extractor
+from actors.graph_extract import ChunkGraph, Extractor
 from actors.graph_store import DB_NAME as GRAPH_DB_NAME
 from actors.graph_store import GraphStore
 from actors.image_model import ImageTextModel
 from actors.index_shard import IndexShard
 from actors.models import TRAINED_MODELS, resolve_image_model
 from actors.processor import StoredDocument, merge_stored
+from actors.shard_identity import committed_problem
 from actors.source import document_consumer, graph_consumer, image_consumer
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
 from cluster.ray_runtime import connect
 from schemas import topology
-from schemas.errors import ConfigError, RetryableError, RiverbedError
+from schemas.errors import ConfigError, IndexUnavailableError, RetryableError, RiverbedError
 from schemas.ids import shard_of
 from schemas.settings import EmbedConfig, GraphConfig, ImagesConfig, IndexConfig, Settings
-from schemas.topology import Offsets, actor_name
+from schemas.topology import Offsets, Version, actor_name
 
 log = logging.getLogger(__name__)
 
@@ -176,19 +178,90 @@ class ExtractorActor(Extractor):
         return os.getpid()
 
 
-class GraphShardActor(GraphStore):
-    """A knowledge-graph shard as a detached actor: its store in the graph index's shard directory,
-    its view rebuilt from it at each (re)start."""
+class GraphShardActor:
+    """A knowledge-graph shard as a detached actor: its :class:`~actors.graph_store.GraphStore` in
+    the graph index's shard directory, its view rebuilt from the store at each (re)start.
 
-    def __init__(self, data_dir: Path, shard: int, model: str) -> None:
-        super().__init__(topology.shard_directory(data_dir, shard), model)
+    Like a vector shard (:class:`ShardActor`), each (re)start first reads the graph's consumer
+    group's committed offsets: a shard whose store holds less than was committed (its directory is
+    on another node, or was lost) neither serves nor writes (every call raises
+    IndexUnavailableError saying why) rather than answer from an incomplete graph; the stream
+    retries its writes meanwhile. When the broker cannot be asked, it opens unchecked and says so."""
+
+    def __init__(self, data_dir: Path, shard: int, model: str, index: str, servers: str, group: str) -> None:
         self.shard = shard
+        path = topology.shard_directory(data_dir, shard)
+        committed = _committed_or_none(servers, group)
+        self.problem = (
+            None
+            if committed is None
+            else committed_problem(index, shard, path, _graph_offsets(path), committed)
+        )
+        if self.problem is not None:
+            log.error("%s", self.problem)
+        self._store = None if self.problem is not None else GraphStore(path, model)
+
+    def _open(self) -> GraphStore:
+        if self._store is None:
+            raise IndexUnavailableError(self.problem or f"graph shard {self.shard} is not open")
+        return self._store
+
+    # the store's methods, each through the check
+    def apply(self, write: ShardWrite[ChunkGraph]) -> WriteResult:
+        return self._open().apply(write)
+
+    def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
+        return self._open().get_document_rows(document_ids)
+
+    def get_document_versions(self, document_ids: Sequence[str]) -> dict[str, Version]:
+        return self._open().get_document_versions(document_ids)
+
+    def around(self, keys: Sequence[str]) -> nx.MultiDiGraph:
+        return self._open().around(keys)
+
+    def describe(self, keys: Sequence[str]) -> nx.MultiDiGraph:
+        return self._open().describe(keys)
+
+    def known(self, candidates: Sequence[str]) -> dict[str, str]:
+        return self._open().known(candidates)
+
+    def search(self, prefix: str, limit: int) -> list[dict[str, Any]]:
+        return self._open().search(prefix, limit)
+
+    def mentions(self, keys: Sequence[str], limit: int) -> dict[str, list[dict[str, Any]]]:
+        return self._open().mentions(keys, limit)
+
+    def chunk_ids(self) -> list[str]:
+        return self._open().chunk_ids()
+
+    def chunk_graphs(self, chunk_ids: Sequence[str]) -> list[ChunkGraph | None]:
+        return self._open().chunk_graphs(chunk_ids)
+
+    def document_count(self) -> int:
+        return self._open().document_count()
+
+    def stats(self) -> dict[str, int]:
+        return self._open().stats()
+
+    def offsets(self) -> Offsets:
+        return self._open().offsets()
 
     def ping(self) -> int:
         return os.getpid()
 
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
+
+
+def _graph_offsets(path: Path) -> Offsets | None:
+    """The offsets the graph store in ``path`` applied; None when there is none."""
+    if not (path / GRAPH_DB_NAME).is_file():
+        return None
+    store = GraphStore.read_only(path)
+    try:
+        return store.offsets()
+    finally:
+        store.close()
 
 
 def open_graph_shards(settings: Settings) -> list[Any]:
@@ -224,7 +297,7 @@ def graph_shard_handles(side: Settings, model: str) -> list[Any]:
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
             **_RESTART,
         )
-        .remote(side.data_dir, i, model)
+        .remote(side.data_dir, i, model, side.index.name, bootstrap_servers(side), side.consumer_group)
         for i in range(side.index.n_shards)
     ]
     ray.get([h.ping.remote() for h in handles])

@@ -2,19 +2,22 @@
 spaCy pipeline. What the graph shards hold afterwards is compared, fact by fact, with the graph
 made directly from the documents that are left (the chunker, the extractor and document_graph in
 this process): exact provenance after updates and deletes, and after killing the extractor and a
-graph shard mid-stream."""
+graph shard mid-stream. A graph shard whose store was lost refuses to answer."""
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
+import pytest
 import ray
 
 from cluster.kafka_admin import committed_offsets
-from cluster.pipeline import Pipeline
+from cluster.pipeline import Pipeline, open_graph_shards, release_shards
 from schemas.envelope import DocumentEnvelope
+from schemas.errors import IndexUnavailableError
 from schemas.settings import Settings, load_settings
-from schemas.topology import actor_name
+from schemas.topology import actor_name, shard_directory
 from tests.integration.ingest_helpers import Fact, expected_graph, kill_mid_stream, produce, squad_documents
 
 
@@ -101,3 +104,23 @@ def test_killing_the_extractor_and_a_graph_shard_mid_stream_loses_and_duplicates
     mentions, relations = stored_graph(s)
     assert mentions == expected_mentions
     assert relations == expected_relations
+
+
+def test_a_graph_shard_that_lost_its_store_refuses_to_answer(pipeline_settings):
+    """The graph's group committed every record; shard 1's directory is then lost. Restarted, that
+    shard neither serves nor writes (as a vector shard would not), and says why; shard 0 serves."""
+    s = with_graph(pipeline_settings)
+    side = s.graph_side()
+    produce(s, squad_documents(30, prefix="l-"))
+    pipeline = Pipeline(s)
+    pipeline.start()
+    try:
+        pipeline.wait_idle(timeout_s=600, interval_s=0.5)
+    finally:
+        pipeline.stop()
+    release_shards(side)
+    shutil.rmtree(shard_directory(side.data_dir, 1))
+    shards = open_graph_shards(s)  # the model read from shard 0's store
+    with pytest.raises(IndexUnavailableError, match="holds no store"):
+        ray.get(shards[1].known.remote(["x"]))
+    assert ray.get(shards[0].stats.remote())["chunks"] > 0
