@@ -95,8 +95,8 @@ def export_graph(settings: Settings, fmt: ExportFormat, out: Path) -> dict[str, 
 
 def draw_neighbourhood(settings: Settings, name: str, hops: int, limit: int, out: Path) -> dict[str, Any]:
     """Draws the entity ``name`` (a key, or a name some mention is written as) and at most
-    ``limit`` entities within ``hops`` of it to the PNG ``out``; what was drawn. NotFoundError when
-    the graph has no such entity."""
+    ``limit`` entities within ``hops`` of it to the PNG ``out`` (:func:`neighbourhood_tree`); what
+    was drawn. NotFoundError when the graph has no such entity."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -105,18 +105,12 @@ def draw_neighbourhood(settings: Settings, name: str, hops: int, limit: int, out
     graph, _ = read_graph(settings)
     key = entity_key(name)
     if key not in graph:
-        key = next((k for k, names in graph.nodes(data="names") if name in (names or ())), "")
+        named = (k for k, names in graph.nodes(data="names") if key in map(entity_key, names or ()))
+        key = next(named, "")
     if not key:
         raise NotFoundError(f"no entity named {name!r} in the knowledge graph of {settings.index.name!r}")
-    part = q.subgraph(graph, key, hops, limit)
-    drawn = nx.Graph()
-    for node in part["nodes"]:
-        drawn.add_node(node["key"], name=node["name"], distance=node["distance"])
-    labels: dict[tuple[str, str], set[str]] = {}
-    for edge in part["edges"]:
-        a, b = sorted((edge["source"], edge["target"]))
-        drawn.add_edge(a, b)
-        labels.setdefault((a, b), set()).add(edge["relation"])
+    drawn = neighbourhood_tree(graph, key, hops, limit)
+    labels = {(a, b): relations for a, b, relations in drawn.edges(data="relations")}
     layout = nx.spring_layout(drawn, seed=0, k=1.6 / max(1, drawn.number_of_nodes()) ** 0.5)
     colours = ["tab:red", "tab:orange", "tab:blue", "tab:gray"]
     fig, ax = plt.subplots(figsize=(11, 8), dpi=110)
@@ -134,7 +128,9 @@ def draw_neighbourhood(settings: Settings, name: str, hops: int, limit: int, out
         pair: ", ".join(sorted(r, key=lambda x: (x == CO_OCCURS, x))[:2]) for pair, r in labels.items()
     }
     nx.draw_networkx_edge_labels(drawn, layout, edge_labels, ax=ax, font_size=6, alpha=0.8)
-    ax.set_title(f"{part['nodes'][0]['name']}: {hops}-hop neighbourhood ({len(part['nodes'])} entities)")
+    title = drawn.nodes[key]["name"]
+    count = drawn.number_of_nodes()
+    ax.set_title(f"{title}: {hops}-hop neighbourhood ({count} entities, the best supported)")
     ax.axis("off")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,3 +142,53 @@ def draw_neighbourhood(settings: Settings, name: str, hops: int, limit: int, out
         "edges": drawn.number_of_edges(),
         "path": str(out),
     }
+
+
+def neighbourhood_tree(graph: nx.MultiDiGraph, key: str, hops: int, limit: int) -> nx.Graph:
+    """A readable part of ``key``'s neighbourhood: hop by hop, each reached entity's neighbours by
+    how many chunks state their relations (ties: the less connected, the more specific), a fair
+    share per entity (what one does not use goes to the next), at most ``limit`` in all; the
+    relations joining them as edge ``relations`` (a set of labels; between layers, or within the
+    first) and each node's ``name`` (its key where two drawn entities share a name) and
+    ``distance``. Hubs such as a country reach everything; ranking by support, not by degree,
+    keeps the picture about ``key``."""
+    tree = nx.Graph()
+
+    def add(node: str, distance: int) -> None:
+        tree.add_node(node, name=q.entity_summary(graph, node)["name"], distance=distance)
+
+    add(key, 0)
+    layer = [key]
+    for distance in range(1, hops + 1):
+        room = limit - tree.number_of_nodes()
+        if room <= 0 or not layer:
+            break
+        budget = max(1, room // (hops - distance + 1))  # the room left, split over the hops left
+        stop = tree.number_of_nodes() + budget
+        nxt: list[str] = []
+        for i, node in enumerate(layer):
+            share = -(-(stop - tree.number_of_nodes()) // (len(layer) - i))  # what others left over
+
+            support: Counter[str] = Counter()
+            for a, b, _, data in [*graph.out_edges(node, keys=True, data=True),
+                                  *graph.in_edges(node, keys=True, data=True)]:  # fmt: skip
+                other = b if a == node else a
+                if other not in tree:
+                    support[other] += len({c for c, _, _ in data["evidence"]})
+            ranked = sorted(support, key=lambda k: (-support[k], q.degree(graph, k), k))
+            for other in ranked[:share]:
+                add(other, distance)
+                nxt.append(other)
+        layer = nxt
+    names = Counter(name for _, name in tree.nodes(data="name"))
+    for node, name in list(tree.nodes(data="name")):
+        if names[name] > 1:
+            tree.nodes[node]["name"] = node
+    depth = dict(tree.nodes(data="distance"))
+    for a, b, label in graph.edges(keys=True):
+        # between layers, or within the first: edges among the far entities are clutter
+        if a in tree and b in tree and a != b and (depth[a] != depth[b] or depth[a] == 1):
+            if not tree.has_edge(a, b):
+                tree.add_edge(a, b, relations=set())
+            tree.edges[a, b]["relations"].add(label)
+    return tree

@@ -14,7 +14,7 @@ import pytest
 from actors.graph_extract import for_shard
 from actors.graph_store import GraphStore
 from actors.vector_index import ShardWrite
-from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats, read_graph
+from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats, neighbourhood_tree, read_graph
 from schemas.errors import IndexUnavailableError, NotFoundError
 from schemas.ids import shard_of
 from schemas.settings import Settings, load_settings
@@ -87,3 +87,24 @@ def test_a_drawn_neighbourhood_is_the_entity_and_those_within_its_hops(
     assert draw_neighbourhood(settings, "Thomas Edison", 1, 2, out)["nodes"] == 2  # the limit
     with pytest.raises(NotFoundError, match="Zqxjv"):
         draw_neighbourhood(settings, "Nowhere Zqxjv", 1, 30, out)
+
+
+def test_a_drawn_neighbourhood_prefers_the_best_supported_relations_to_hubs() -> None:
+    g = nx.MultiDiGraph()
+
+    def node(key: str) -> None:
+        g.add_node(key, names=Counter({key.title(): 1}), labels=Counter(), chunks=Counter(), titled=Counter())
+
+    def edge(a: str, b: str, label: str, *chunks: str) -> None:
+        node(a), node(b)
+        g.add_edge(a, b, key=label, evidence=Counter((c, 0, 1) for c in chunks))
+
+    edge("tesla", "westinghouse", "hire", "a#0", "b#0", "c#0")  # three chunks say it
+    edge("tesla", "america", "co_occurs", "d#0")  # one chunk; america is a hub
+    for i in range(20):
+        edge("america", f"place {i}", "co_occurs", f"p{i}#0")
+    edge("westinghouse", "pittsburgh", "base in", "e#0")
+    tree = neighbourhood_tree(g, "tesla", hops=2, limit=3)
+    assert dict(tree.nodes(data="distance")) == {"tesla": 0, "westinghouse": 1, "pittsburgh": 2}
+    assert tree.edges["tesla", "westinghouse"]["relations"] == {"hire"}
+    assert len(neighbourhood_tree(g, "tesla", hops=2, limit=30)) == 24  # everything within 2 hops
