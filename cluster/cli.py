@@ -243,12 +243,14 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         if args.quiet:
             return
         dt = max(p.elapsed_s - last["t"], 1e-6)
-        docs, chunks = p.total("documents"), p.total("chunks")
+        docs, chunks = p.total("documents", "document"), p.total("chunks", "document")
         images = f"  images {p.total('images')}" if pipeline.images else ""
+        graph = f"  graph mentions {p.total('mentions')}" if pipeline.graph_shards else ""
         print(
             f"\r[{p.elapsed_s:6.1f}s] docs {docs} ({(docs - last['docs']) / dt:.0f}/s)  chunks {chunks} "
             f"({(chunks - last['chunks']) / dt:.0f}/s)  unchanged {p.total('unchanged')}  "
-            f"deletes {p.total('deletes')}{images}  lag {p.lag}  dead letters {p.dead_letters()}   ",
+            f"deletes {p.total('deletes', 'document')}{images}{graph}  lag {p.lag}  "
+            f"dead letters {p.dead_letters()}   ",
             end="",
             file=sys.stderr,
             flush=True,

@@ -127,8 +127,8 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
 
     def show(p: Progress) -> None:
         print(
-            f"\r  ingest [{p.elapsed_s:5.1f}s] documents {p.total('documents')}  unchanged "
-            f"{p.total('unchanged')}  chunks {p.total('chunks')}"
+            f"\r  ingest [{p.elapsed_s:5.1f}s] documents {p.total('documents', 'document')}  unchanged "
+            f"{p.total('unchanged', 'document')}  chunks {p.total('chunks', 'document')}"
             + (f"  images {p.total('images')}" if pipeline.images else "")
             + (f"  graph mentions {p.total('mentions')}" if pipeline.graph_shards else "")
             + f"  lag {p.lag}   ",
@@ -144,7 +144,8 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
         raise
     print(file=sys.stderr)
     _say(
-        f"Ingested: {progress.total('chunks')} chunks embedded, {progress.total('unchanged')} documents "
+        f"Ingested: {progress.total('chunks', 'document')} chunks embedded, "
+        f"{progress.total('unchanged', 'document')} documents "
         "unchanged since the last run"
     )
 

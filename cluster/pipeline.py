@@ -460,6 +460,7 @@ class SourceActor:
         self, settings: Settings, servers: str, downstream: RayDownstream, name: str, kind: str = "document"
     ) -> None:
         wait_s, timeout_s = settings.embed.max_wait_ms / 1000, settings.ingest.embed_timeout_s
+        self.kind = kind
         if kind == "graph":
             self.source = graph_consumer(
                 settings.kafka,
@@ -507,7 +508,8 @@ class SourceActor:
         self.source.stop()
 
     def stats(self) -> dict[str, Any]:
-        return self.source.stats()
+        """The consumer's counters, and ``kind``: which stream it reads (see the class)."""
+        return {**self.source.stats(), "kind": self.kind}
 
     def ping(self) -> int:
         return os.getpid()
@@ -531,8 +533,10 @@ class Progress:
             lag += topology.lag({topic: self.ends.get(topic, {})}, committed)
         return lag
 
-    def total(self, key: str) -> int:
-        return sum(int(s.get(key, 0)) for s in self.sources)
+    def total(self, key: str, kind: str | None = None) -> int:
+        """``key`` summed over the sources (of one ``kind``: ``document``, ``image``, ``graph``).
+        The graph's source counts documents and chunks too: the text's own are ``kind="document"``."""
+        return sum(int(s.get(key, 0)) for s in self.sources if kind is None or s.get("kind") == kind)
 
     def dead_letters(self) -> int:
         return sum(sum(s.get("dead_letters", {}).values()) for s in self.sources)
@@ -910,7 +914,10 @@ def ingest_documents(settings: Settings, documents: Sequence[Any]) -> None:
     try:
         pipeline.wait_idle(
             on_progress=lambda p: print(
-                f"\r  chunks {p.total('chunks')}  lag {p.lag}   ", end="", file=sys.stderr, flush=True
+                f"\r  chunks {p.total('chunks', 'document')}  lag {p.lag}   ",
+                end="",
+                file=sys.stderr,
+                flush=True,
             ),
             interval_s=1.0,
         )
