@@ -84,6 +84,21 @@ _MENTION_COLUMNS = "entity, name, label, span_start, span_end, sentence_start, s
 _RELATION_COLUMNS = "source, target, label, sentence_start, sentence_end"
 
 
+def recorded_graph_model(directory: Path) -> str | None:
+    """The extraction model the graph store in ``directory`` was written by, read without loading
+    the store; None when there is none."""
+    path = directory / DB_NAME
+    if not path.is_file():
+        return None
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        return str(row[0]) if row else ""
+    finally:
+        conn.close()
+
+
 class GraphStore(SQLiteStore):
     """The SQLite store of one graph shard directory, written by the extraction of ``model`` (a
     spaCy pipeline's name and version, and the extraction's version: another model is another

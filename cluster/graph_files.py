@@ -46,10 +46,13 @@ def read_graph(settings: Settings) -> tuple[nx.MultiDiGraph, list[dict[str, int]
     return q.merge(parts), figures
 
 
-def graph_stats(settings: Settings, top: int = 10) -> dict[str, Any]:
+def graph_stats(
+    settings: Settings, top: int = 10, read: tuple[nx.MultiDiGraph, list[dict[str, int]]] | None = None
+) -> dict[str, Any]:
     """``entities``, ``edges``, ``relations_by_label``, ``mentions``, ``chunks`` (with facts),
-    ``documents``, ``edges_per_chunk``, ``per_shard`` and the ``top`` entities by degree."""
-    graph, figures = read_graph(settings)
+    ``documents``, ``edges_per_chunk``, ``per_shard`` and the ``top`` entities by degree; of
+    ``read`` (what :func:`read_graph` returned) when the caller has it."""
+    graph, figures = read if read is not None else read_graph(settings)
     entities = [k for k, chunks in graph.nodes(data="chunks") if chunks]
     chunks = {c for _, node_chunks in graph.nodes(data="chunks") for c in node_chunks}
     by_label = Counter(label for _, _, label in graph.edges(keys=True))

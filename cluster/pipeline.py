@@ -54,12 +54,12 @@ from actors.batching import plan_pixel_batches
 from actors.embedder import Embedder, cpu_threads
 from actors.graph_extract import ChunkGraph, Extractor
 from actors.graph_store import DB_NAME as GRAPH_DB_NAME
-from actors.graph_store import GraphStore
+from actors.graph_store import GraphStore, recorded_graph_model
 from actors.image_model import ImageTextModel
 from actors.index_shard import IndexShard
 from actors.models import TRAINED_MODELS, resolve_image_model
 from actors.processor import StoredDocument, merge_stored
-from actors.shard_identity import committed_problem
+from actors.shard_identity import applied_offsets, committed_problem
 from actors.source import document_consumer, graph_consumer, image_consumer
 from actors.vector_index import DocumentRow, ShardWrite, WriteResult
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets, ensure_topics, topic_specs
@@ -195,7 +195,7 @@ class GraphShardActor:
         self.problem = (
             None
             if committed is None
-            else committed_problem(index, shard, path, _graph_offsets(path), committed)
+            else committed_problem(index, shard, path, applied_offsets(path / GRAPH_DB_NAME), committed)
         )
         if self.problem is not None:
             log.error("%s", self.problem)
@@ -253,31 +253,14 @@ class GraphShardActor:
         return str(ray.get_runtime_context().get_node_id())
 
 
-def _graph_offsets(path: Path) -> Offsets | None:
-    """The offsets the graph store in ``path`` applied; None when there is none."""
-    if not (path / GRAPH_DB_NAME).is_file():
-        return None
-    store = GraphStore.read_only(path)
-    try:
-        return store.offsets()
-    finally:
-        store.close()
-
-
 def open_graph_shards(settings: Settings) -> list[Any]:
     """Starts (or gets) the shard actors of ``settings``' knowledge graph, when an ingest built one:
     the extraction model its stores record. ``[]`` when it has none (graph queries answer 503)."""
     side = settings.graph_side()
     for shard in range(side.index.n_shards):
-        directory = topology.shard_directory(side.data_dir, shard)
-        if not (directory / GRAPH_DB_NAME).is_file():
-            continue
-        store = GraphStore.read_only(directory)
-        try:
-            model = store.model
-        finally:
-            store.close()
-        return graph_shard_handles(side, model)
+        model = recorded_graph_model(topology.shard_directory(side.data_dir, shard))
+        if model is not None:
+            return graph_shard_handles(side, model)
     return []
 
 

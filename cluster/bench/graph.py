@@ -86,10 +86,11 @@ def bench_graph(base: Settings, corpus: Path, n_queries: int, seed: int, out_dir
         pipe_s = _pipeline_run(plain, settings, docs)
         pipe_rate = len(texts) / pipe_s
         _say(f"pipeline: {pipe_rate:.1f} chunks/s")
-        stats = graph_stats(settings, top=0)
+        read = read_graph(settings)
+        stats = graph_stats(settings, top=0, read=read)
 
         # QUERIES
-        graph, _ = read_graph(settings)
+        graph = read[0]
         related = sorted(k for k in graph.nodes if degree(graph, k) > 0)
         drawn = random.Random(seed).sample(related, min(n_queries, len(related)))
         hubs = sorted(related, key=lambda k: (-degree(graph, k), k))[:HUBS]

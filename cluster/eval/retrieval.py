@@ -239,8 +239,9 @@ def eval_retrieval(
 
 def _graph_report(settings: Settings, dataset: Path, qrels: dict[str, dict[str, int]]) -> dict[str, Any]:
     """The graph's size and how it links the questions' relevant passages (said as it goes)."""
-    stats = graph_stats(settings, top=0)
-    graph, _ = read_graph(settings)
+    read = read_graph(settings)
+    stats = graph_stats(settings, top=0, read=read)
+    graph = read[0]
     report = {
         "entities": stats["entities"],
         "edges": stats["edges"],

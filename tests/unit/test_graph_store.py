@@ -192,3 +192,11 @@ def test_another_model_s_graph_and_a_second_writer_are_refused(tmp_path: Path) -
     store.close()
     with pytest.raises(ConfigError, match=r"was built by .*another extraction model"):
         GraphStore(tmp_path, "another 1.0")
+
+
+def test_the_recorded_model_is_read_without_loading_the_store(tmp_path: Path) -> None:
+    from actors.graph_store import recorded_graph_model
+
+    assert recorded_graph_model(tmp_path / "none") is None
+    GraphStore(tmp_path / "g", "spacy x; extraction 2").close()
+    assert recorded_graph_model(tmp_path / "g") == "spacy x; extraction 2"
