@@ -112,7 +112,7 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
         recorded = recorded_model(images)
         if recorded is not None:  # no images yet: image searches answer 503 until an ingest stores some
             shard_handles(images, *recorded)
-        if settings.graph.enabled:  # no graph yet: graph queries answer 503 until an ingest builds it
+        if settings.graph.enabled:  # no graph yet: graph queries answer 503 until an ingest builds one
             open_graph_shards(settings)
     return _deploy(settings, servers, pipeline)
 

@@ -39,7 +39,7 @@ from deployments.http_errors import cause
 from deployments.modal_searcher import ModalSearcher
 from deployments.searcher import Searcher, first_found
 from schemas.api import Modality
-from schemas.errors import IndexUnavailableError, RetryableError
+from schemas.errors import IndexUnavailableError, NotFoundError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.ids import shard_of
 from schemas.settings import Settings
@@ -253,7 +253,10 @@ class Retriever:
     def __init__(self, settings: Settings) -> None:
         self.shards = RayShards(settings)
         self.image_shards = RayShards(settings.image_side())
-        self.graph = GraphReader(RayShards(settings.graph_side()))
+        # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
+        # a transient trouble); with graph.enabled, a graph no ingest has built yet answers 503.
+        self.graph = GraphReader(RayShards(settings.graph_side())) if settings.graph.enabled else None
+        self.index = settings.index.name
         config = settings.serve.search
         self.searchers: dict[Modality, Searcher] = {
             "text": Searcher(config, self.shards, graph=self.graph),
@@ -341,17 +344,26 @@ class Retriever:
         return {**text, "kind": None}
 
     # KNOWLEDGE GRAPH (deployments.graph)
+    def _graph(self) -> GraphReader:
+        """The graph's reader; NotFoundError (404) when this app serves no graph."""
+        if self.graph is None:
+            raise NotFoundError(
+                f"index {self.index!r} is served without its knowledge graph: "
+                "serve it with graph.enabled (--set graph.enabled=true) to build and query one"
+            )
+        return self.graph
+
     async def graph_entities(self, prefix: str, limit: int) -> list[dict[str, Any]]:
-        return await self.graph.search(prefix, limit)
+        return await self._graph().search(prefix, limit)
 
     async def graph_entity(self, name: str, limit: int) -> dict[str, Any]:
-        return await self.graph.entity(name, limit)
+        return await self._graph().entity(name, limit)
 
     async def graph_neighbourhood(self, name: str, hops: int, limit: int) -> dict[str, Any]:
-        return await self.graph.neighbourhood(name, hops, limit)
+        return await self._graph().neighbourhood(name, hops, limit)
 
     async def graph_paths(self, source: str, target: str, max_hops: int, limit: int) -> list[dict[str, Any]]:
-        return await self.graph.paths(source, target, max_hops, limit)
+        return await self._graph().paths(source, target, max_hops, limit)
 
     async def health(self) -> list[dict[str, Any]]:
         """Every shard's health (see :meth:`RayShards.health`); never raises for shard trouble."""

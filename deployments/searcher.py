@@ -226,7 +226,9 @@ class Searcher:
         (:mod:`deployments.graph_retrieval`)."""
         if self.graph is None:
             raise InvalidRequestError(
-                "mode 'graph' needs the index's knowledge graph: ingest it with graph.enabled", param="mode"
+                "mode 'graph' needs the index's knowledge graph, which this app does not serve: "
+                "serve with graph.enabled (--set graph.enabled=true)",
+                param="mode",
             )
         n = max(k, self.config.candidates)
         hybrid = await self._search_many(queries, vectors, n, filter, "hybrid")

@@ -276,6 +276,28 @@ def test_a_body_over_the_limit_gets_413(http):
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
+def test_an_app_served_without_its_graph_says_so_and_never_answers_5xx(app, http):
+    """This app's settings leave graph.enabled off: the graph routes are not there (404) and graph
+    mode is a mode it cannot search in (400), each naming graph.enabled, rather than a 503 that
+    tells a client to retry something that will never work."""
+    assert not app.settings.graph.enabled
+    answers = [
+        http.get("/v1/graph/entities", params={"q": "nor"}),
+        http.get("/v1/graph/entities/Normandy"),
+        http.post("/v1/graph/query", json={"entity": "Normandy", "hops": 1}),
+        http.post("/v1/graph/query", json={"path": {"from": "Normandy", "to": "France"}}),
+    ]
+    for r in answers:
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert error["code"] == "not_found" and "graph.enabled" in error["message"], error
+    for route, field in (("/v1/search", "query"), ("/v1/rag", "question")):
+        r = http.post(route, json={field: QUESTION, "mode": "graph"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "mode" and "graph.enabled" in error["message"], error
+
+
 def test_unknown_routes_and_methods_keep_the_error_shape(http):
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
