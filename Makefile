@@ -31,7 +31,7 @@ gpu: setup
 
 # Lint, types, then every tier (the gpu tier skips itself without CUDA).
 test: lint typecheck
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 # Re-pin requirements/lock.txt from requirements/base.in (then `make setup` builds a new venv).
 lock:
