@@ -25,9 +25,10 @@ graph from its chunks' facts:
   the aliases the mentions record;
 - **the title** is an entity (label ``TITLE``; keyed by :func:`title_key`, without the trailing
   parenthesis that tells two articles of one name apart: "Poison (American band)" is the entity
-  "poison" that other documents mention) that each chunk mentions over its whole span, with a
-  ``mentions`` relation from it to each entity of the chunk (evidence: the entity's first
-  sentence in the chunk), so the documents about an entity and the entities they name are joined.
+  "poison" that other documents mention; the whole title where what is left is under three
+  characters) that each chunk mentions over its whole span, with a ``mentions`` relation from it
+  to each entity of the chunk (evidence: the entity's first sentence in the chunk), so the
+  documents about an entity and the entities they name are joined.
 
 Not thread-safe: one extractor per process (an actor).
 """
@@ -51,7 +52,7 @@ from schemas.settings import GraphConfig
 
 log = logging.getLogger(__name__)
 
-EXTRACTION_VERSION = 2
+EXTRACTION_VERSION = 3
 """Bumped when the same pipeline's output changes (normalisation, relations, the title): another
 graph then, rebuilt from the topic."""
 CO_OCCURS = "co_occurs"
@@ -326,8 +327,11 @@ def _title_key(title: str) -> str:
 
 def title_key(title: str) -> str:
     """The entity key of a document titled ``title``: its key without a trailing parenthesis
-    ("Poison (American band)" is "poison"; a title that is only a parenthesis keeps it)."""
-    return entity_key(_QUALIFIER.sub("", title)) or entity_key(title)
+    ("Poison (American band)" is "poison"). The whole title's key where what is left would be
+    too short to name an entity on its own (under three characters: "It (novel)" is "it novel",
+    "M (1931 film)" is "m 1931 film") or is nothing (a title that is only a parenthesis)."""
+    stripped = entity_key(_QUALIFIER.sub("", title))
+    return stripped if len(stripped) >= 3 and is_entity_key(stripped) else entity_key(title)
 
 
 def resolve_aliases(counts: Counter[str], labels: dict[str, set[str]] | None = None) -> dict[str, str]:

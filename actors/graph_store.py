@@ -318,7 +318,8 @@ class GraphStore(SQLiteStore):
         if meta.get("model") != model:
             raise ConfigError(
                 f"{self._where} was built by {meta.get('model')!r}, not {model!r}: another extraction "
-                "model means another graph (rebuild it from the topic)"
+                "model means another graph (`riverbed graph reset`, then ingest again, rebuilds it from "
+                "the topic)"
             )
         if int(meta.get("schema_version", "0")) > GRAPH_SCHEMA_VERSION:
             raise ConfigError(

@@ -302,6 +302,24 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats
 
+    if args.graph_command == "reset":
+        from cluster.pipeline import reset_graph
+
+        if not args.yes:
+            raise ConfigError(
+                f"`graph reset` removes the knowledge graph of index {settings.index.name!r} "
+                f"({settings.graph_side().data_dir}) and its consumer group: pass --yes to do it"
+            )
+        data = reset_graph(settings)
+        stores = "removed" if data["removed"] else "absent"
+        emit(
+            args,
+            data,
+            f"reset the graph of index {data['index']}: consumer group {data['group']}, "
+            f"{data['actors_stopped']} shard actors stopped, stores {stores}; "
+            "the next ingest with graph.enabled builds it from the topic",
+        )
+        return 0
     if args.graph_command == "draw":
         out = Path(args.out or f"{settings.index.name}-graph.png")
         data = draw_neighbourhood(settings, args.entity, args.hops, args.limit, out)
@@ -736,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--limit", type=int, default=30, help="entities drawn at most (the nearest first)")
     draw.add_argument("--out", help="the PNG to write (default: <index>-graph.png)")
     draw.set_defaults(func=cmd_graph)
+    reset = graph_sub.add_parser(
+        "reset",
+        help="forget the graph (its stores, its shard actors, its consumer group) so that the next ingest "
+        "with graph.enabled builds it again from the topic; the text index stays",
+        parents=[common],
+    )
+    reset.add_argument("--yes", action="store_true", help="really remove it (required)")
+    reset.set_defaults(func=cmd_graph)
 
     index = sub.add_parser(
         "index", help="manage indexes (copy one to another name or backend)", parents=[common]

@@ -22,7 +22,7 @@ import networkx as nx
 from actors import graph_query as q
 from actors.graph_extract import CO_OCCURS, entity_key
 from actors.graph_store import GraphStore
-from schemas.errors import IndexUnavailableError, NotFoundError
+from schemas.errors import ConfigError, IndexUnavailableError, NotFoundError
 from schemas.settings import Settings
 from schemas.topology import shard_directory
 
@@ -99,8 +99,15 @@ def export_graph(settings: Settings, fmt: ExportFormat, out: Path) -> dict[str, 
 def draw_neighbourhood(settings: Settings, name: str, hops: int, limit: int, out: Path) -> dict[str, Any]:
     """Draws the entity ``name`` (a key, or a name some mention is written as) and at most
     ``limit`` entities within ``hops`` of it to the PNG ``out`` (:func:`neighbourhood_tree`); what
-    was drawn. NotFoundError when the graph has no such entity."""
-    import matplotlib
+    was drawn. NotFoundError when the graph has no such entity; ConfigError naming the extra to
+    install when matplotlib is not there (the ``bench`` extra brings it)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ConfigError(
+            "drawing the graph needs matplotlib, which the 'bench' extra installs: "
+            "pip install 'riverbed[bench]' (or pip install matplotlib)"
+        ) from exc
 
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
@@ -126,7 +133,7 @@ def draw_neighbourhood(settings: Settings, name: str, hops: int, limit: int, out
         node_color=[colours[min(d, 3)] for _, d in drawn.nodes(data="distance")],
     )
     nx.draw_networkx_labels(drawn, layout, {k: n for k, n in drawn.nodes(data="name")}, ax=ax, font_size=8)
-    # a verb says more than co_occurs: verbs first, two at most
+    # a verb or `mentions` says more than co_occurs: co_occurs last, two labels at most
     edge_labels = {
         pair: ", ".join(sorted(r, key=lambda x: (x == CO_OCCURS, x))[:2]) for pair, r in labels.items()
     }
@@ -154,7 +161,9 @@ def neighbourhood_tree(graph: nx.MultiDiGraph, key: str, hops: int, limit: int) 
     relations joining them as edge ``relations`` (a set of labels; between layers, or within the
     first) and each node's ``name`` (its key where two drawn entities share a name) and
     ``distance``. Hubs such as a country reach everything; ranking by support, not by degree,
-    keeps the picture about ``key``."""
+    keeps the picture about ``key``. Hop ``d`` draws only entities ``d`` hops from ``key`` (the
+    fewest relations between them, either way), so a node's ``distance`` is its true one."""
+    hops_from = nx.single_source_shortest_path_length(graph.to_undirected(as_view=True), key, cutoff=hops)
     tree = nx.Graph()
 
     def add(node: str, distance: int) -> None:
@@ -176,7 +185,7 @@ def neighbourhood_tree(graph: nx.MultiDiGraph, key: str, hops: int, limit: int) 
             for a, b, _, data in [*graph.out_edges(node, keys=True, data=True),
                                   *graph.in_edges(node, keys=True, data=True)]:  # fmt: skip
                 other = b if a == node else a
-                if other not in tree:
+                if other not in tree and hops_from[other] == distance:
                     support[other] += len({c for c, _, _ in data["evidence"]})
             ranked = sorted(support, key=lambda k: (-support[k], q.degree(graph, k), k))
             for other in ranked[:share]:

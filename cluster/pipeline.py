@@ -186,28 +186,65 @@ class GraphShardActor:
     group's committed offsets: a shard whose store holds less than was committed (its directory is
     on another node, or was lost) neither serves nor writes (every call raises
     IndexUnavailableError saying why) rather than answer from an incomplete graph; the stream
-    retries its writes meanwhile. When the broker cannot be asked, it opens unchecked and says so."""
+    retries its writes meanwhile. When the broker cannot be asked then, an existing store serves
+    reads, but writes wait (RetryableError) until the check has run, and a missing store is not
+    created until then (reads answer IndexUnavailableError). ``read_committed(timeout_s)``: the
+    group's committed offsets, or None when the broker does not answer (default: ask ``servers``
+    for ``group``'s)."""
 
-    def __init__(self, data_dir: Path, shard: int, model: str, index: str, servers: str, group: str) -> None:
-        self.shard = shard
-        path = topology.shard_directory(data_dir, shard)
-        committed = _committed_or_none(servers, group)
-        self.problem = (
-            None
-            if committed is None
-            else committed_problem(index, shard, path, applied_offsets(path / GRAPH_DB_NAME), committed)
-        )
+    def __init__(
+        self,
+        data_dir: Path,
+        shard: int,
+        model: str,
+        index: str,
+        servers: str,
+        group: str,
+        read_committed: Callable[[float], Offsets | None] | None = None,
+    ) -> None:
+        self.shard, self._model, self._index = shard, model, index
+        self._path = topology.shard_directory(data_dir, shard)
+        self._read_committed = read_committed or functools.partial(_committed_or_none, servers, group)
+        self.problem: str | None = None
+        self._store: GraphStore | None = None
+        self._checked = self._check(self._read_committed(30.0))
+        if not self._checked and (self._path / GRAPH_DB_NAME).exists():
+            self._store = GraphStore(self._path, model)  # reads unchecked; writes wait for the check
+
+    def _check(self, committed: Offsets | None) -> bool:
+        """Checks the store against ``committed`` and opens it when it holds all of that; False
+        when the offsets are unknown (None)."""
+        if committed is None:
+            return False
+        applied = applied_offsets(self._path / GRAPH_DB_NAME)
+        self.problem = committed_problem(self._index, self.shard, self._path, applied, committed)
         if self.problem is not None:
             log.error("%s", self.problem)
-        self._store = None if self.problem is not None else GraphStore(path, model)
+            if self._store is not None:  # opened unchecked: it holds less than was committed
+                self._store.close()
+                self._store = None
+        elif self._store is None:
+            self._store = GraphStore(self._path, self._model)
+        return True
 
     def _open(self) -> GraphStore:
         if self._store is None:
-            raise IndexUnavailableError(self.problem or f"graph shard {self.shard} is not open")
+            raise IndexUnavailableError(
+                self.problem
+                or f"graph shard {self.shard} has no store yet, and cannot create one before it is "
+                "checked against the committed offsets (the broker did not answer)"
+            )
         return self._store
 
     # the store's methods, each through the check
     def apply(self, write: ShardWrite[ChunkGraph]) -> WriteResult:
+        if not self._checked:
+            self._checked = self._check(self._read_committed(5.0))
+            if not self._checked:
+                raise RetryableError(
+                    f"graph shard {self.shard}: its store is not checked against the committed offsets "
+                    "yet (the broker did not answer); writes wait until it is"
+                )
         return self._open().apply(write)
 
     def get_document_rows(self, document_ids: Sequence[str]) -> dict[str, DocumentRow]:
@@ -635,6 +672,54 @@ def drop_index(settings: Settings, topics: Sequence[str]) -> None:
         log.warning("topics of index %s not deleted: %s", settings.index.name, exc)
     finally:
         admin.close()
+
+
+def reset_graph(settings: Settings) -> dict[str, Any]:
+    """Forgets ``settings``' knowledge graph so that the next ingest with ``graph.enabled`` builds
+    it again from the documents topic (what another extraction model, or a lost store, needs):
+    deletes the graph's consumer group, stops its shard actors where a Ray cluster is up, and
+    removes its stores under this machine's data directory. The text index and its group are left
+    as they are. ConfigError, before anything is removed, while an ingest is reading in the group.
+    Returns what was done: ``group`` (deleted, or already absent), ``actors_stopped``, ``removed``."""
+    import shutil
+
+    from kafka import KafkaAdminClient
+
+    side = settings.graph_side()
+    group = side.consumer_group
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers(settings), client_id="riverbed-admin")
+    try:
+        outcome = admin.delete_groups([group])[group]  # "OK", or the error's class name
+    finally:
+        admin.close()
+    if outcome == "NonEmptyGroupError":
+        raise ConfigError(
+            f"an ingest is reading in the graph's consumer group {group!r}: stop it, then reset the graph"
+        )
+    if outcome not in ("OK", "GroupIdNotFoundError"):
+        raise RetryableError(f"deleting the graph's consumer group {group!r}: {outcome}")
+    stopped = 0
+    try:
+        connect(settings, start=False)
+    except ConfigError:  # no Ray cluster: no shard actor is running
+        pass
+    else:
+        for i in range(side.index.n_shards):
+            name = actor_name(side.index.name, "shard", i)
+            try:
+                ray.kill(ray.get_actor(name, namespace=side.ray.namespace))
+                stopped += 1
+            except ValueError:  # not running
+                continue
+    removed = side.data_dir.exists()
+    if removed:
+        shutil.rmtree(side.data_dir)
+    return {
+        "index": settings.index.name,
+        "group": "deleted" if outcome == "OK" else "absent",
+        "actors_stopped": stopped,
+        "removed": str(side.data_dir) if removed else None,
+    }
 
 
 class Pipeline:

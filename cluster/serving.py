@@ -23,7 +23,7 @@ from actors.index_shard import shard_directory
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, open_graph_shards, shard_handles
 from cluster.ray_runtime import connect
-from schemas.errors import ConfigError, RetryableError
+from schemas.errors import ConfigError, RetryableError, RiverbedError
 from schemas.settings import DeploymentConfig, ServeConfig, Settings, check_exposure
 from schemas.topology import actor_name
 
@@ -112,9 +112,27 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
         recorded = recorded_model(images)
         if recorded is not None:  # no images yet: image searches answer 503 until an ingest stores some
             shard_handles(images, *recorded)
-        if settings.graph.enabled:  # no graph yet: graph queries answer 503 until an ingest builds one
-            open_graph_shards(settings)
+        if settings.graph.enabled:
+            _open_graph(settings)
     return _deploy(settings, servers, pipeline)
+
+
+def _open_graph(settings: Settings) -> None:
+    """Starts the knowledge graph's shards when an ingest built them. A graph that cannot open
+    (a store another Riverbed wrote, its actors failing) leaves search serving: the graph routes
+    answer 503 naming the trouble meanwhile, and this logs it."""
+    import sqlite3
+
+    from ray.exceptions import RayError
+
+    try:
+        if not open_graph_shards(settings):
+            log.warning(
+                "index %r has no knowledge graph yet: graph queries answer 503 until an ingest builds it",
+                settings.index.name,
+            )
+    except (RiverbedError, RayError, sqlite3.Error) as exc:
+        log.error("the knowledge graph of index %r cannot open: %s", settings.index.name, exc)
 
 
 def _deploy(

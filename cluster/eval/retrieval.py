@@ -103,7 +103,8 @@ def eval_settings(base: Settings, dataset: Path, index: str | None) -> Settings:
 
 def open_index(settings: Settings, corpus: Path | None) -> float:
     """Connects to Ray, ingests ``corpus`` into the (fresh) index when given, and starts the
-    index's shard actors; returns the seconds it took. ConfigError when the index holds no data."""
+    index's shard actors (and its graph's, with graph.enabled); returns the seconds it took.
+    ConfigError when the index holds no data, or no graph that graph.enabled asks for."""
     connect(settings)
     t0 = time.monotonic()
     if corpus is not None:
@@ -112,8 +113,11 @@ def open_index(settings: Settings, corpus: Path | None) -> float:
     if recorded is None:
         raise ConfigError(f"index {settings.index.name!r} holds no data under {settings.data_dir}")
     shard_handles(settings, *recorded)
-    if settings.graph.enabled:
-        open_graph_shards(settings)
+    if settings.graph.enabled and not open_graph_shards(settings):
+        raise ConfigError(
+            f"index {settings.index.name!r} has no knowledge graph under {settings.graph_side().data_dir}: "
+            "build it by ingesting with graph.enabled, or evaluate without graph mode"
+        )
     return time.monotonic() - t0
 
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster.kafka_admin import committed_offsets
-from cluster.pipeline import Pipeline, open_graph_shards, release_shards
+from cluster.pipeline import Pipeline, open_graph_shards, release_shards, reset_graph
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import IndexUnavailableError
 from schemas.settings import Settings, load_settings
@@ -106,21 +106,43 @@ def test_killing_the_extractor_and_a_graph_shard_mid_stream_loses_and_duplicates
     assert relations == expected_relations
 
 
-def test_a_graph_shard_that_lost_its_store_refuses_to_answer(pipeline_settings):
-    """The graph's group committed every record; shard 1's directory is then lost. Restarted, that
-    shard neither serves nor writes (as a vector shard would not), and says why; shard 0 serves."""
-    s = with_graph(pipeline_settings)
-    side = s.graph_side()
-    produce(s, squad_documents(30, prefix="l-"))
+def ingest(s: Settings) -> None:
     pipeline = Pipeline(s)
     pipeline.start()
     try:
         pipeline.wait_idle(timeout_s=600, interval_s=0.5)
     finally:
         pipeline.stop()
+
+
+def test_a_graph_shard_that_lost_its_store_refuses_to_answer_until_the_graph_is_reset(pipeline_settings):
+    """The graph's group committed every record; shard 1's directory is then lost. Restarted, that
+    shard neither serves nor writes (as a vector shard would not), and says why; shard 0 serves.
+    `riverbed graph reset` then forgets the graph (group, actors, stores) and leaves the text
+    index's group alone; the next ingest builds the whole graph again from the topic."""
+    s = with_graph(pipeline_settings)
+    side = s.graph_side()
+    docs = squad_documents(30, prefix="l-")
+    produce(s, docs)
+    ingest(s)
     release_shards(side)
     shutil.rmtree(shard_directory(side.data_dir, 1))
     shards = open_graph_shards(s)  # the model read from shard 0's store
     with pytest.raises(IndexUnavailableError, match="holds no store"):
         ray.get(shards[1].known.remote(["x"]))
     assert ray.get(shards[0].stats.remote())["chunks"] > 0
+
+    text_offsets = committed_offsets(s.kafka.bootstrap_servers, s.consumer_group)
+    assert committed_offsets(s.kafka.bootstrap_servers, side.consumer_group) == text_offsets
+    done = reset_graph(s)
+    assert done["group"] == "deleted" and done["actors_stopped"] == side.index.n_shards, done
+    assert not side.data_dir.exists() and open_graph_shards(s) == []
+    assert committed_offsets(s.kafka.bootstrap_servers, side.consumer_group) == {}
+    assert committed_offsets(s.kafka.bootstrap_servers, s.consumer_group) == text_offsets
+    ingest(s)
+    expected_mentions, expected_relations = expected_graph(s, docs)
+    mentions, relations = stored_graph(s)
+    assert sum(expected_mentions.values()) > 100
+    assert mentions == expected_mentions and relations == expected_relations
+    assert reset_graph(s)["group"] == "deleted"
+    assert reset_graph(s) == {"index": s.index.name, "group": "absent", "actors_stopped": 0, "removed": None}

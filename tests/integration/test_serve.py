@@ -298,6 +298,17 @@ def test_an_app_served_without_its_graph_says_so_and_never_answers_5xx(app, http
         assert error["param"] == "mode" and "graph.enabled" in error["message"], error
 
 
+def test_evaluating_graph_mode_on_an_index_without_a_graph_is_refused_naming_it(app):
+    """`riverbed eval retrieval --index NAME --set graph.enabled=true` on this graph-less index."""
+    from cluster.eval.retrieval import open_index
+    from schemas.errors import ConfigError
+    from schemas.settings import load_settings
+
+    settings = load_settings(overrides={**app.settings.model_dump(mode="json"), "graph": {"enabled": True}})
+    with pytest.raises(ConfigError, match=f"index '{app.settings.index.name}' has no knowledge graph"):
+        open_index(settings, None)
+
+
 def test_unknown_routes_and_methods_keep_the_error_shape(http):
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

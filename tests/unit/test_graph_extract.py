@@ -121,6 +121,9 @@ def test_nationalities_and_languages_join_only_their_own_kind() -> None:
         ("Paris, Texas", "paris texas"),
         ("(What's the Story) Morning Glory?", "whats the story morning glory"),  # not trailing
         ("(1)", "1"),  # only a parenthesis: kept
+        ("It (novel)", "it novel"),  # too short on its own: the whole title
+        ("M (1931 film)", "m 1931 film"),
+        ("Ray (film)", "ray"),
     ],
 )
 def test_a_title_s_key_drops_its_disambiguation(title: str, key: str) -> None:

@@ -5,6 +5,7 @@ and JSON that read back to the same graph."""
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from actors.graph_extract import for_shard
 from actors.graph_store import GraphStore
 from actors.vector_index import ShardWrite
 from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats, neighbourhood_tree, read_graph
-from schemas.errors import IndexUnavailableError, NotFoundError
+from schemas.errors import ConfigError, IndexUnavailableError, NotFoundError
 from schemas.ids import shard_of
 from schemas.settings import Settings, load_settings
 from schemas.topology import shard_directory
@@ -89,6 +90,14 @@ def test_a_drawn_neighbourhood_is_the_entity_and_those_within_its_hops(
         draw_neighbourhood(settings, "Nowhere Zqxjv", 1, 30, out)
 
 
+def test_drawing_without_matplotlib_names_the_extra_to_install(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it imports
+    with pytest.raises(ConfigError, match=r"riverbed\[bench\]"):
+        draw_neighbourhood(settings, "Thomas Edison", 1, 30, tmp_path / "g.png")
+
+
 def test_a_drawn_neighbourhood_prefers_the_best_supported_relations_to_hubs() -> None:
     g = nx.MultiDiGraph()
 
@@ -108,3 +117,18 @@ def test_a_drawn_neighbourhood_prefers_the_best_supported_relations_to_hubs() ->
     assert dict(tree.nodes(data="distance")) == {"tesla": 0, "westinghouse": 1, "pittsburgh": 2}
     assert tree.edges["tesla", "westinghouse"]["relations"] == {"hire"}
     assert len(neighbourhood_tree(g, "tesla", hops=2, limit=30)) == 24  # everything within 2 hops
+
+
+def test_a_drawn_entity_s_distance_is_its_hop_count_not_the_layer_that_reached_it() -> None:
+    """Tesla's neighbours are westinghouse and edison; with room for one of them, the second hop
+    must not draw edison (one hop from tesla) as two hops away through westinghouse."""
+    g = nx.MultiDiGraph()
+    for key in ("tesla", "westinghouse", "edison", "pittsburgh"):
+        g.add_node(key, names=Counter({key.title(): 1}), labels=Counter(), chunks=Counter(), titled=Counter())
+    for a, b, chunks in (("tesla", "westinghouse", 3), ("tesla", "edison", 1), ("westinghouse", "edison", 5),
+                         ("westinghouse", "pittsburgh", 1)):  # fmt: skip
+        g.add_edge(a, b, key="co_occurs", evidence=Counter((f"c{i}#0", 0, 1) for i in range(chunks)))
+    tree = neighbourhood_tree(g, "tesla", hops=2, limit=3)
+    assert dict(tree.nodes(data="distance")) == {"tesla": 0, "westinghouse": 1, "pittsburgh": 2}
+    full = neighbourhood_tree(g, "tesla", hops=2, limit=10)
+    assert dict(full.nodes(data="distance")) == {"tesla": 0, "westinghouse": 1, "edison": 1, "pittsburgh": 2}
