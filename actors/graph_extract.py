@@ -129,6 +129,24 @@ def entity_key(name: str) -> str:
     return _ARTICLE.sub("", key)
 
 
+def pipeline_stop_words(model: str) -> frozenset[str]:
+    """The stop words of the spaCy pipeline ``model`` (an installed package's name or a
+    directory): its language's, read from its meta without loading the pipeline (what query-time
+    linking needs, where the extractor's are not at hand). Empty, with a warning, when the
+    pipeline is not installed here."""
+    from pathlib import Path
+
+    import spacy.util
+
+    try:
+        path = Path(model) if Path(model).is_dir() else spacy.util.get_package_path(model)
+        lang = spacy.util.get_model_meta(path)["lang"]
+        return frozenset(spacy.util.get_lang_class(lang).Defaults.stop_words)
+    except (OSError, ImportError, KeyError, ValueError) as exc:
+        log.warning("graph.model %r: no stop words for linking questions (%s)", model, exc)
+        return frozenset()
+
+
 def is_entity_key(key: str, stop_words: frozenset[str] = frozenset()) -> bool:
     """Whether ``key`` may name an entity: two characters or more, a letter, not a stop word."""
     return len(key) >= 2 and any(ch.isalpha() for ch in key) and key not in stop_words

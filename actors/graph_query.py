@@ -193,18 +193,26 @@ def shortest_paths(
 
 def link_candidates(question: str, stop_words: frozenset[str] = frozenset()) -> dict[str, tuple[int, int]]:
     """The word runs of a question (up to :data:`MAX_NGRAM` words), normalised as keys, that may
-    name an entity, each with its word range (its first occurrence); longest runs first. Stop words
-    and one-letter runs are never one (no entity key is one either). A question that capitalises a
-    word past its first uses case to mark names: then a run must have a word it writes with a
-    capital or a digit ("home" in "the Maineiacs' home games" names no entity called "Home")."""
-    words = entity_key(question).split()
+    name an entity, each with its word range (its first occurrence); longest runs first. Each word
+    is normalised on its own, so a possessive goes ("Tesla's" is "tesla"); a run's key drops a
+    leading article, as an entity's does ("the Who" is "who"). Stop words and one-letter runs are
+    never one (a run that is an article and a stop word, such as "the who", is). A question that
+    capitalises a word past its first uses case to mark names: then a run must have a word it
+    writes with a capital or a digit ("home" in "the Maineiacs' home games" names no entity called
+    "Home")."""
+    words = [word for token in question.split() for word in entity_key(token).split()]
     marked = _marked_words(question)
     candidates: dict[str, tuple[int, int]] = {}
     for n in range(min(MAX_NGRAM, len(words)), 0, -1):
         for i in range(len(words) - n + 1):
             run = " ".join(words[i : i + n])
-            if is_entity_key(run, stop_words) and (marked is None or marked.intersection(words[i : i + n])):
-                candidates.setdefault(run, (i, i + n))
+            key = entity_key(run)
+            if (
+                is_entity_key(run, stop_words)
+                and is_entity_key(key)
+                and (marked is None or marked.intersection(words[i : i + n]))
+            ):
+                candidates.setdefault(key, (i, i + n))
     return candidates
 
 

@@ -248,7 +248,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         graph = f"  graph mentions {p.total('mentions')}" if pipeline.graph_shards else ""
         print(
             f"\r[{p.elapsed_s:6.1f}s] docs {docs} ({(docs - last['docs']) / dt:.0f}/s)  chunks {chunks} "
-            f"({(chunks - last['chunks']) / dt:.0f}/s)  unchanged {p.total('unchanged')}  "
+            f"({(chunks - last['chunks']) / dt:.0f}/s)  unchanged {p.total('unchanged', 'document')}  "
             f"deletes {p.total('deletes', 'document')}{images}{graph}  lag {p.lag}  "
             f"dead letters {p.dead_letters()}   ",
             end="",
@@ -655,12 +655,27 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _chosen(args: argparse.Namespace, section: str, field: str) -> bool:
+    """Whether the user set ``section.field``: with ``--set``, in the environment, or in the
+    config file (``--config`` or ``$RIVERBED_CONFIG``), whatever the value."""
+    if field in _overrides(args).get(section, {}):
+        return True
+    if f"RIVERBED_{section}__{field}".upper() in {k.upper() for k in os.environ}:
+        return True
+    config = args.config or os.environ.get("RIVERBED_CONFIG")
+    if not config:
+        return False
+    import yaml
+
+    data = yaml.safe_load(Path(config).expanduser().read_text()) or {}  # load_settings checked it
+    return isinstance(data, dict) and isinstance(data.get(section), dict) and field in data[section]
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.demo import demo_settings, run_demo
 
-    chosen = "enabled" in _overrides(args).get("graph", {}) or "RIVERBED_GRAPH__ENABLED" in os.environ
     return run_demo(
-        demo_settings(settings, graph_chosen=chosen),
+        demo_settings(settings, graph_chosen=_chosen(args, "graph", "enabled")),
         sample=Path(args.data),
         json_output=args.json,
         keep_serving=args.serve,

@@ -30,7 +30,7 @@ import httpx
 
 from cluster.graph_files import graph_stats
 from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
-from cluster.pipeline import Pipeline, Progress
+from cluster.pipeline import GraphModelChangedError, Pipeline, Progress, reset_graph
 from cluster.producer import EnvelopeProducer, read_records
 from cluster.ray_runtime import connect
 from cluster.serving import start_serving
@@ -123,7 +123,13 @@ def run_demo(settings: Settings, sample: Path, json_output: bool = False, keep_s
 
     # INGEST
     pipeline = Pipeline(settings)
-    pipeline.start()
+    try:
+        pipeline.start()
+    except GraphModelChangedError as exc:  # the demo owns its index: its graph is rebuilt
+        _say(f"{exc}\n  The demo's graph is built again from the topic (riverbed graph reset)")
+        reset_graph(settings)
+        pipeline = Pipeline(settings)
+        pipeline.start()
 
     def show(p: Progress) -> None:
         print(

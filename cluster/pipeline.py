@@ -674,6 +674,11 @@ def drop_index(settings: Settings, topics: Sequence[str]) -> None:
         admin.close()
 
 
+class GraphModelChangedError(ConfigError):
+    """The knowledge graph's stores were built by another extraction model (or extraction
+    version) than the one configured now: the graph is to be reset and built again."""
+
+
 def reset_graph(settings: Settings) -> dict[str, Any]:
     """Forgets ``settings``' knowledge graph so that the next ingest with ``graph.enabled`` builds
     it again from the documents topic (what another extraction model, or a lost store, needs):
@@ -753,6 +758,7 @@ class Pipeline:
                 "stop it first"
             )
         self.images = images_enabled(s)
+        graph_model = self._graph_model() if s.graph.enabled else None  # before the text side starts
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
         embedder_cls = ray.remote(EmbedderActor)
@@ -778,8 +784,8 @@ class Pipeline:
         ]
         if self.images:
             self._start_images()
-        if s.graph.enabled:
-            self._start_graph()
+        if graph_model is not None:
+            self._start_graph(graph_model)
         self._runs = [src.run.remote() for src in self.sources]
         self._t0 = time.monotonic()
 
@@ -807,9 +813,9 @@ class Pipeline:
         )
         self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "image"))
 
-    def _start_graph(self) -> None:
-        """The extractors, the graph shards and one source of the documents topic in the graph's
-        own consumer group."""
+    def _graph_model(self) -> str:
+        """Starts the graph's extractors; the extraction model they run (its description).
+        :class:`GraphModelChangedError` when the graph's stores were built by another one."""
         s, side = self.settings, self.settings.graph_side()
         self.extractors = [
             ray.remote(ExtractorActor)
@@ -824,6 +830,20 @@ class Pipeline:
         ]
         model = str(_await_embedder(side, self.extractors[0], GRAPH_EXTRACT_CPUS)["model"])
         log.info("graph extractor: %s", model)
+        for shard in range(side.index.n_shards):
+            recorded = recorded_graph_model(topology.shard_directory(side.data_dir, shard))
+            if recorded and recorded != model:
+                raise GraphModelChangedError(
+                    f"the knowledge graph of index {s.index.name!r} was built by {recorded!r}, but the "
+                    f"extraction now is {model!r}: another model means another graph (`riverbed graph "
+                    "reset --yes`, then ingest again, rebuilds it from the topic)"
+                )
+        return model
+
+    def _start_graph(self, model: str) -> None:
+        """The graph shards (``model``: :meth:`_graph_model`'s) and one source of the documents
+        topic in the graph's own consumer group."""
+        side = self.settings.graph_side()
         self.graph_shards = graph_shard_handles(side, model)
         downstream = RayDownstream(
             self.extractors, self.graph_shards, functools.partial(graph_shard_handles, side, model)

@@ -27,10 +27,11 @@ class Shards(Protocol):
 
 class GraphReader:
     """Graph queries over ``shards`` (the graph side's shard actors, as
-    :class:`deployments.retriever.RayShards`)."""
+    :class:`deployments.retriever.RayShards`); ``stop_words`` never name an entity in a question."""
 
-    def __init__(self, shards: Shards) -> None:
+    def __init__(self, shards: Shards, stop_words: frozenset[str] = frozenset()) -> None:
         self.shards = shards
+        self.stop_words = stop_words  # the extraction model's (actors.graph_extract.pipeline_stop_words)
 
     async def search(self, prefix: str, limit: int) -> list[dict[str, Any]]:
         """Entities whose key or a word of it starts with ``prefix``: the most connected first."""
@@ -88,7 +89,7 @@ class GraphReader:
 
     async def link(self, question: str) -> list[str]:
         """The entities a question names (:func:`actors.graph_query.link`)."""
-        candidates = q.link_candidates(question)
+        candidates = q.link_candidates(question, self.stop_words)
         found = await self.known(list(candidates)) if candidates else {}
         return q.pick_links(candidates, found)
 

@@ -32,6 +32,7 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
+from actors.graph_extract import pipeline_stop_words
 from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked
 from deployments.graph import GraphReader
@@ -255,7 +256,11 @@ class Retriever:
         self.image_shards = RayShards(settings.image_side())
         # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
         # a transient trouble); with graph.enabled, a graph no ingest has built yet answers 503.
-        self.graph = GraphReader(RayShards(settings.graph_side())) if settings.graph.enabled else None
+        self.graph = (
+            GraphReader(RayShards(settings.graph_side()), pipeline_stop_words(settings.graph.model))
+            if settings.graph.enabled
+            else None
+        )
         self.index = settings.index.name
         config = settings.serve.search
         self.searchers: dict[Modality, Searcher] = {

@@ -8,7 +8,9 @@ latency of graph queries over HTTP.
 # PIPELINE: the documents produced to a fresh topic and ingested once without the graph (the vector
 #   side, not timed); then an ingest with ``graph.enabled``, in which only the graph's consumer
 #   group has records left: Kafka → graph source → chunk → extractor actor → graph shards, timed
-#   from when every source consumes until the graph's group has committed every record
+#   from when every source consumes until the graph's group has committed every record (as RAW
+#   leaves out loading the pipeline, this leaves out the actors' start and the group's join, a
+#   fixed cost of seconds whatever the corpus)
 # QUERIES: `riverbed serve` over that index; ``POST /v1/graph/query`` with ``{"entity", "hops": 2}``
 #   for entities drawn (by ``--seed``) from every entity with a relation, and for the ten most
 #   connected (the worst case: the largest neighbourhoods), one client, one request at a time

