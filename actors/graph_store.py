@@ -99,6 +99,22 @@ def recorded_graph_model(directory: Path) -> str | None:
         conn.close()
 
 
+def stored_counts(directory: Path) -> dict[str, int] | None:
+    """Row counts of the graph store in ``directory`` (``documents``: registry rows, ``chunks``
+    with facts here, ``mentions``, ``relations``), read without loading the store or taking its
+    lock; None when there is none. O(1) in SQLite's terms: a count per table."""
+    path = directory / DB_NAME
+    if not path.is_file():
+        return None
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        tables = ("documents", "chunks", "mentions", "relations")
+        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
+    finally:
+        conn.close()
+
+
 class GraphStore(SQLiteStore):
     """The SQLite store of one graph shard directory, written by the extraction of ``model`` (a
     spaCy pipeline's name and version, and the extraction's version: another model is another

@@ -295,6 +295,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
         f"dead letters {data['dead_letters']['total']} "
         f"{data['dead_letters']['by_reason']}; lag {data.get('lag', '?')}"
     )
+    if "graph" in data:
+        g = data["graph"]
+        text += f"\ngraph: {g['documents']} documents, {g['mentions']} mentions; lag {g.get('lag', '?')}"
     emit(args, data, text)
     return 0
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from actors.backends import StoreUnreadableError, backend_for
 from actors.dead_letters import read_dead_letter_counts
+from actors.graph_store import stored_counts
 from cluster.kafka_admin import bootstrap_servers, committed_offsets, end_offsets
 from schemas.errors import ConfigError
 from schemas.settings import Settings
@@ -17,7 +18,8 @@ from schemas.topology import actor_name, lag, shard_directory
 
 def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
     """``{"documents", "chunks", "chunks_per_shard", "images", "images_per_shard", "dead_letters",
-    "committed_offsets", "lag"}``.
+    "committed_offsets", "lag"}``, and ``graph`` (:func:`graph_counts`, with the graph's consumer
+    group's ``lag`` on the documents topic) when the index has a knowledge graph.
 
     ``documents`` counts distinct live document ids (each has one row, on its registry shard);
     ``images`` distinct live image ids, from the shards of the index beside it that holds them
@@ -48,7 +50,33 @@ def index_stats(settings: Settings, *, broker: bool = True) -> dict[str, Any]:
         }
         ends = end_offsets(servers, [topics.documents, topics.images])
         out["lag"] = lag(ends, committed)
+    graph = graph_counts(settings)
+    if graph is not None:
+        if broker:
+            graph_committed = committed_offsets(servers, settings.graph_side().consumer_group)
+            graph["lag"] = lag({topics.documents: ends.get(topics.documents, {})}, graph_committed)
+        out["graph"] = graph
     return out
+
+
+def graph_counts(settings: Settings) -> dict[str, Any] | None:
+    """The knowledge graph's figures from its stores' row counts (None when the index has no
+    graph): ``documents`` (each has one registry row), ``mentions`` (each on its entity's shard),
+    and per shard the ``chunks`` with facts there and the ``relations`` (an edge is on the shards
+    of both its ends, so these are not summed)."""
+    side = settings.graph_side()
+    per_shard: dict[str, dict[str, int]] = {}
+    for shard in range(side.index.n_shards):
+        counts = stored_counts(shard_directory(side.data_dir, shard))
+        if counts is not None:
+            per_shard[str(shard)] = counts
+    if not per_shard:
+        return None
+    return {
+        "documents": sum(c["documents"] for c in per_shard.values()),
+        "mentions": sum(c["mentions"] for c in per_shard.values()),
+        "per_shard": {i: {"chunks": c["chunks"], "relations": c["relations"]} for i, c in per_shard.items()},
+    }
 
 
 def _count(settings: Settings) -> tuple[int, dict[str, int]]:

@@ -480,8 +480,10 @@ class Ingress:
         """200 ``{"status": "ok", ...}`` when every shard is ok and no running source is stalled;
         otherwise 503 with ``status`` ``degraded`` or ``unavailable`` and ``problems`` naming each
         shard or source in trouble (e.g. a full disk on shard 1). O(1) per shard and source."""
-        shards, (sources, source_problems) = await asyncio.gather(self._shard_health(), self._sources())
-        status, body = health_report(self.settings.index.name, shards, sources, source_problems)
+        shards, (sources, source_problems), graph = await asyncio.gather(
+            self._shard_health(), self._sources(), self._graph_health()
+        )
+        status, body = health_report(self.settings.index.name, shards, sources, source_problems, graph)
         return JSONResponse(body, status)
 
     @app.get(
@@ -659,7 +661,14 @@ class Ingress:
         """Every shard's health and figures, as :meth:`_shard_health`."""
         return await self._per_shard(self.retriever.stats.remote())
 
-    async def _per_shard(self, response: Any) -> list[dict[str, Any]]:
+    async def _graph_health(self) -> list[dict[str, Any]]:
+        """The knowledge graph's shards' health (``[]`` without ``graph.enabled``), as
+        :meth:`_shard_health`."""
+        if not self.settings.graph.enabled:
+            return []
+        return await self._per_shard(self.retriever.graph_health.remote(), self.settings.graph.n_shards)
+
+    async def _per_shard(self, response: Any, n_shards: int | None = None) -> list[dict[str, Any]]:
         try:
             shards: list[dict[str, Any]] = await asyncio.wait_for(self._call(response), HEALTH_TIMEOUT_S)
             return shards
@@ -667,7 +676,7 @@ class Ingress:
             reason = exc.message if isinstance(exc, ApiError) else f"the retriever did not answer ({exc!r})"
             return [
                 {"shard": i, "status": "unavailable", "problem": reason}
-                for i in range(self.settings.index.n_shards)
+                for i in range(self.settings.index.n_shards if n_shards is None else n_shards)
             ]
 
     async def _sources(self) -> tuple[list[dict[str, Any]], list[str]]:

@@ -177,6 +177,7 @@ def health_report(
     shards: Sequence[Mapping[str, Any]],
     sources: Sequence[Mapping[str, Any]] = (),
     source_problems: Sequence[str] = (),
+    graph_shards: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[int, dict[str, Any]]:
     """The HTTP status and body of ``/healthz``.
 
@@ -186,6 +187,8 @@ def health_report(
     no source is stalled; otherwise 503 with ``status`` ``unavailable`` (a shard cannot answer,
     so searches fail) or ``degraded`` (every shard answers, but one reports a problem such as a
     full disk, or ingest is stalled), ``problems`` naming each one, and the shared error object.
+    ``graph_shards``: the knowledge graph's shards' health where the app serves a graph; one that
+    is not ok leaves searches working, so the app is ``degraded`` (its graph routes answer 503).
     """
     problems: list[str] = []
     unavailable = not shards
@@ -204,6 +207,12 @@ def health_report(
                 f"source {source.get('source', i)}: stalled in {phase}{since}: {source['stalled']}"
             )
     problems.extend(source_problems)
+    for shard in graph_shards:
+        status = shard.get("status", "ok")
+        if status != "ok":
+            problems.append(
+                f"graph shard {shard['shard']}: {status}: {shard.get('problem') or 'no reason given'}"
+            )
     body: dict[str, Any] = {
         "status": "unavailable" if unavailable else "degraded" if problems else "ok",
         "index": index,

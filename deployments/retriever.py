@@ -256,9 +256,10 @@ class Retriever:
         self.image_shards = RayShards(settings.image_side())
         # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
         # a transient trouble); with graph.enabled, a graph no ingest has built yet answers 503.
+        self.graph_shards = RayShards(settings.graph_side()) if settings.graph.enabled else None
         self.graph = (
-            GraphReader(RayShards(settings.graph_side()), pipeline_stop_words(settings.graph.model))
-            if settings.graph.enabled
+            GraphReader(self.graph_shards, pipeline_stop_words(settings.graph.model))
+            if self.graph_shards is not None
             else None
         )
         self.index = settings.index.name
@@ -378,3 +379,8 @@ class Retriever:
         """Every shard's health and figures (see :meth:`RayShards.stats`); never raises for shard
         trouble."""
         return await self.shards.stats()
+
+    async def graph_health(self) -> list[dict[str, Any]]:
+        """Every knowledge-graph shard's health, as :meth:`health`; ``[]`` when the app serves no
+        graph."""
+        return await self.graph_shards.health() if self.graph_shards is not None else []

@@ -14,6 +14,7 @@ import ray
 
 from cluster.kafka_admin import committed_offsets
 from cluster.pipeline import Pipeline, open_graph_shards, release_shards, reset_graph
+from cluster.stats import index_stats
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import IndexUnavailableError
 from schemas.settings import Settings, load_settings
@@ -85,6 +86,10 @@ def test_the_graph_built_through_kafka_holds_each_document_s_facts_exactly(pipel
     assert relations == expected_relations
     keys = {key for _, key, *_ in mentions}
     assert {"marie curie", "albert einstein", "vienna"} <= keys
+    # `riverbed stats` counts the graph from its stores' rows, and the graph's group has no lag
+    graph = index_stats(s)["graph"]
+    assert graph["documents"] == len(left) and graph["mentions"] == sum(expected_mentions.values())
+    assert graph["lag"] == 0
     # the text index was built beside it, by its own group
     assert committed_offsets(s.kafka.bootstrap_servers, s.consumer_group) == progress.committed
 

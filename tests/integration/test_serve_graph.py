@@ -216,3 +216,30 @@ def test_posted_updates_and_deletes_change_the_graph(http):
     _entity_status(http, "Quillfeather Labs", 404)
     assert http.delete(f"/v1/documents/{doc_id}").status_code == 202
     _entity_status(http, "Quillfeather Works", 404)
+
+
+def test_a_graph_shard_gone_degrades_health_naming_it_while_search_goes_on(app, http, hub):
+    """Last in the module: it stops graph shard 1 for good, then starts it again from its store."""
+    import ray
+
+    from cluster.pipeline import open_graph_shards
+    from schemas.topology import actor_name
+
+    r = http.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    side = app.settings.graph_side()
+    name = actor_name(side.index.name, "shard", 1)
+    ray.kill(ray.get_actor(name, namespace=side.ray.namespace), no_restart=True)
+    r = http.get("/healthz")
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["status"] == "degraded" and body["error"]["code"] == "index_degraded", body
+    assert [p for p in body["problems"] if p.startswith("graph shard 1: unavailable")], body["problems"]
+    assert not [p for p in body["problems"] if p.startswith("shard ")], "the text shards are fine"
+    assert http.post("/v1/search", json={"query": hub, "mode": "hybrid"}).status_code == 200
+    open_graph_shards(app.settings)  # from its store, checked against the group's offsets
+    deadline = time.monotonic() + 60
+    while (r := http.get("/healthz")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert http.get(f"/v1/graph/entities/{quote(hub, safe='')}").status_code == 200

@@ -52,6 +52,20 @@ def test_stats_count_the_merged_graph(settings: Settings) -> None:
     assert stats["relations_by_label"] == dict(Counter(label for _, _, label in one.edges(keys=True)))
 
 
+def test_riverbed_stats_counts_the_graph_from_its_stores_rows(settings: Settings, tmp_path: Path) -> None:
+    from cluster.stats import graph_counts
+
+    counts = graph_counts(settings)
+    assert counts is not None
+    assert counts["mentions"] == sum(len(g.mentions) for g in GRAPHS)  # counted from the facts
+    assert counts["documents"] == 4
+    assert set(counts["per_shard"]) == {"0", "1"}
+    relations = sum(c["relations"] for c in counts["per_shard"].values())
+    assert relations >= len({(r.source, r.target, r.label) for g in GRAPHS for r in g.relations})
+    empty = load_settings(overrides={"home": str(tmp_path / "empty")})
+    assert graph_counts(empty) is None
+
+
 @pytest.mark.parametrize("fmt", ["graphml", "json"])
 def test_an_export_reads_back_as_the_same_graph(settings: Settings, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"g.{fmt}"

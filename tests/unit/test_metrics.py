@@ -177,6 +177,18 @@ def test_an_unavailable_shard_makes_the_index_unavailable_and_every_problem_is_n
     assert body["chunks"] == 7
 
 
+def test_a_graph_shard_in_trouble_degrades_the_app_but_leaves_search_available():
+    graph = [
+        {"shard": 0, "status": "ok", "problem": None, "chunks": 30},
+        {"shard": 1, "status": "unavailable", "problem": "holds no store, but the group committed 40"},
+    ]
+    status, body = health_report("wiki", OK_SHARDS, [], [], graph)
+    assert status == 503 and body["status"] == "degraded" and body["error"]["code"] == "index_degraded"
+    assert body["problems"] == ["graph shard 1: unavailable: holds no store, but the group committed 40"]
+    assert body["chunks"] == 17, "the graph's chunks are not the index's"
+    assert health_report("wiki", OK_SHARDS, [], [], graph[:1])[0] == 200
+
+
 def test_no_shards_is_unavailable():
     status, body = health_report("wiki", [])
     assert status == 503 and body["status"] == "unavailable" and body["problems"]
