@@ -46,6 +46,7 @@ import networkx as nx
 
 from actors import graph_query, store_schema
 from actors.graph_extract import TITLE, ChunkGraph, Mention, Relation, entity_key
+from actors.shard_identity import read_only
 from actors.sqlite_store import SQLiteStore
 from actors.store_write import (
     MERGE_OFFSET,
@@ -87,32 +88,22 @@ _RELATION_COLUMNS = "source, target, label, sentence_start, sentence_end"
 def recorded_graph_model(directory: Path) -> str | None:
     """The extraction model the graph store in ``directory`` was written by, read without loading
     the store; None when there is none."""
-    path = directory / DB_NAME
-    if not path.is_file():
-        return None
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-    try:
-        conn.execute("PRAGMA busy_timeout = 10000")
+    with read_only(directory / DB_NAME) as conn:
+        if conn is None:
+            return None
         row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
         return str(row[0]) if row else ""
-    finally:
-        conn.close()
 
 
 def stored_counts(directory: Path) -> dict[str, int] | None:
     """Row counts of the graph store in ``directory`` (``documents``: registry rows, ``chunks``
     with facts here, ``mentions``, ``relations``), read without loading the store or taking its
     lock; None when there is none. O(1) in SQLite's terms: a count per table."""
-    path = directory / DB_NAME
-    if not path.is_file():
-        return None
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-    try:
-        conn.execute("PRAGMA busy_timeout = 10000")
+    with read_only(directory / DB_NAME) as conn:
+        if conn is None:
+            return None
         tables = ("documents", "chunks", "mentions", "relations")
         return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
-    finally:
-        conn.close()
 
 
 class GraphStore(SQLiteStore):

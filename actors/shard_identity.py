@@ -19,6 +19,8 @@ import logging
 import os
 import socket
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,14 +88,28 @@ def identity_problem(identity: StoreIdentity, index: str, shard: int, directory:
     )
 
 
-def applied_offsets(store_file: Path) -> Offsets | None:
-    """The offsets a store file records as applied, read without opening it for writing (any
-    schema version); None when there is no store file."""
-    if not store_file.exists():
-        return None
+@contextmanager
+def read_only(store_file: Path) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection to the SQLite file ``store_file`` (None when there is no such
+    file), for reading a store without opening it for writing or taking its directory's lock;
+    closed on exit. It waits up to 10 s for a writer's transaction."""
+    if not store_file.is_file():
+        yield None
+        return
     conn = sqlite3.connect(f"{store_file.absolute().as_uri()}?mode=ro", uri=True)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
+        yield conn
+    finally:
+        conn.close()
+
+
+def applied_offsets(store_file: Path) -> Offsets | None:
+    """The offsets a store file records as applied, read without opening it for writing (any
+    schema version); None when there is no store file."""
+    with read_only(store_file) as conn:
+        if conn is None:
+            return None
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'offsets'")
         if exists.fetchone() is None:
             return {}
@@ -101,8 +117,6 @@ def applied_offsets(store_file: Path) -> Offsets | None:
         for topic, partition, offset in conn.execute("SELECT topic, partition, next_offset FROM offsets"):
             offsets.setdefault(topic, {})[int(partition)] = int(offset)
         return offsets
-    finally:
-        conn.close()
 
 
 def offsets_complete(store_file: Path) -> bool:
