@@ -628,17 +628,20 @@ def named_shards(settings: Settings) -> list[Any]:
     return handles
 
 
-def release_shards(settings: Settings) -> None:
-    """Stops the index's shard actors. They are detached (they outlive the command that started
-    them, for `serve`); their data stays on disk and :func:`shard_handles` starts them again. Never
-    call it on an index another command is serving."""
+def release_shards(settings: Settings) -> int:
+    """Stops the index's shard actors; how many were running. They are detached (they outlive the
+    command that started them, for `serve`); their data stays on disk and :func:`shard_handles`
+    starts them again. Never call it on an index another command is serving."""
+    stopped = 0
     for i in range(settings.index.n_shards):
         try:
             ray.kill(
                 ray.get_actor(actor_name(settings.index.name, "shard", i), namespace=settings.ray.namespace)
             )
+            stopped += 1
         except ValueError:  # not running
             continue
+    return stopped
 
 
 def drop_index(settings: Settings, topics: Sequence[str]) -> None:
@@ -703,19 +706,12 @@ def reset_graph(settings: Settings) -> dict[str, Any]:
         )
     if outcome not in ("OK", "GroupIdNotFoundError"):
         raise RetryableError(f"deleting the graph's consumer group {group!r}: {outcome}")
-    stopped = 0
     try:
         connect(settings, start=False)
     except ConfigError:  # no Ray cluster: no shard actor is running
-        pass
+        stopped = 0
     else:
-        for i in range(side.index.n_shards):
-            name = actor_name(side.index.name, "shard", i)
-            try:
-                ray.kill(ray.get_actor(name, namespace=side.ray.namespace))
-                stopped += 1
-            except ValueError:  # not running
-                continue
+        stopped = release_shards(side)
     removed = side.data_dir.exists()
     if removed:
         shutil.rmtree(side.data_dir)
