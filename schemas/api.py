@@ -72,6 +72,10 @@ def _modalities(value: list[Modality]) -> list[Modality]:
 
 
 class SearchRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"query": "Who designed the first alternating current motor?", "k": 5}]}
+    )
+
     query: Text
     k: StrictInt | None = Field(None, description="hits to return (default: serve.search.default_k)")
     filter: MetadataFilter | None = Field(
@@ -94,6 +98,10 @@ class SearchRequest(_Request):
 
 
 class RagRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"question": "Who designed the first alternating current motor?"}]}
+    )
+
     question: Text
     k: StrictInt | None = Field(None, description="passages given to the generator (default: serve.rag.k)")
     filter: MetadataFilter | None = None
@@ -248,7 +256,11 @@ class EmbeddingsRequest(BaseModel):
     (OpenAI's) mean nothing to this model. Unknown fields are kept (OpenAI clients send more than
     this server reads); the known ones are as strict as every other request's."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(
+        extra="allow",
+        frozen=True,
+        json_schema_extra={"examples": [{"input": ["a first passage to embed", "a second one"]}]},
+    )
 
     input: StorableStr | list[StorableStr]
     model: StorableStr | None = None

@@ -75,7 +75,10 @@ def test_with_a_read_write_key_every_route_keeps_the_contract(app, routes):
         through = sum(n for s, n in tally.statuses.items() if 200 <= s < 300)
         if label in NAMES_AN_ENTITY:
             through += tally.codes["not_found"]
-        assert through > 0, f"{label}: no request got through: {tally.statuses}"
+        assert through > 0, (
+            f"{label}: no request got through: {tally.statuses}, codes {tally.codes}, "
+            f"phases skipped {tally.skipped}"
+        )
 
 
 def test_without_a_key_every_guarded_route_answers_401(app, routes):

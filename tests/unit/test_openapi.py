@@ -170,3 +170,22 @@ def test_image_search_bodies_validate_against_the_declared_schemas(schema):
     assert request.is_valid({"query": "a red circle", "k": 3})
     assert request.is_valid({"image_b64": "iVBORw0K", "target": "text"})
     assert not request.is_valid({"query": "x", "mode": "vector"})
+
+
+def test_each_request_example_is_one_its_route_takes(schema):
+    """The request bodies' examples (shown in /docs, and the fuzzer's first requests, so each of
+    these routes gets at least one request through) are valid for the declared schema and for the
+    model the handler parses."""
+    import schemas.api
+
+    with_examples = {
+        name: component["examples"]
+        for name, component in schema["components"]["schemas"].items()
+        if "examples" in component
+    }
+    assert {"SearchRequest", "RagRequest", "EmbeddingsRequest"} <= set(with_examples)
+    for name, examples in with_examples.items():
+        for example in examples:
+            errors = list(component_validator(schema, name).iter_errors(example))
+            assert not errors, (name, [e.message for e in errors])
+            getattr(schemas.api, name).model_validate(example)
