@@ -73,7 +73,7 @@ def _modalities(value: list[Modality]) -> list[Modality]:
 
 class SearchRequest(_Request):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"query": "Who designed the first alternating current motor?", "k": 5}]}
+        json_schema_extra={"examples": [{"query": "Who designed the first AC motor?", "k": 5}]}
     )
 
     query: Text
