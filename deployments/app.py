@@ -16,7 +16,8 @@ from deployments.image_embedder import ImageEmbedder
 from deployments.ingress import Ingress
 from deployments.query_embedder import QueryEmbedder
 from deployments.retriever import Retriever
-from schemas.settings import DeploymentConfig, Settings
+from schemas.errors import ConfigError
+from schemas.settings import DeploymentConfig, Settings, load_settings
 
 APP_NAME = "riverbed"
 
@@ -66,6 +67,25 @@ def build_app(settings: Settings, servers: str) -> Application:
         .options(**deployment_options(serve_config.ingress))
         .bind(settings, servers, embedder, bulk_embedder, retriever, generator, image_embedder)
     )
+
+
+def app_builder(args: dict[str, Any] | None = None) -> Application:
+    """Serve's application builder, for a Serve config that names
+    ``import_path: deployments.app:app_builder`` (a KubeRay RayService's ``serveConfigV2``, or
+    ``serve run``): ``args`` are Riverbed's settings nested as in the YAML config file, over the
+    defaults and the ``RIVERBED_*`` environment of the process that builds the app (so a secret
+    can come from the pod's environment rather than the config). They are validated by the same
+    :class:`~schemas.settings.Settings` as every command's: a :class:`ConfigError` names each bad
+    field. The broker must be named (``kafka.bootstrap_servers``): in a cluster there is no
+    embedded one to start."""
+    settings = load_settings(overrides=args or {})
+    servers = settings.kafka.bootstrap_servers
+    if not servers:
+        raise ConfigError(
+            "kafka.bootstrap_servers is not set: an app built from a Serve config needs the broker's "
+            "address (in Kubernetes, the Strimzi Kafka's bootstrap Service)"
+        )
+    return build_app(settings, servers)
 
 
 def _serve(deployment: object) -> Any:
