@@ -692,6 +692,54 @@ class ServeConfig(_Section):
     )
 
 
+class WorkerGroupConfig(_Section):
+    """One Ray worker group of the Kubernetes deployment: its pods' size and how many the Ray
+    autoscaler may run."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: PositiveInt = 4
+    cpus: PositiveInt = Field(4, description="CPUs each pod requests and is limited to")
+    memory: str = Field(
+        "16Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="memory each pod requests and is limited to"
+    )
+    gpus: Annotated[int, Field(ge=0)] = Field(
+        0, description="nvidia.com/gpu each pod requests and is limited to"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkerGroupConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class KubernetesConfig(_Section):
+    """What `riverbed k8s render` needs beyond the rest of the settings (which give the topics,
+    the Serve deployments and the index): names, the image, and the pods' sizes and storage."""
+
+    name: str = Field(
+        "riverbed",
+        pattern=r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$",
+        description="the RayService's and the Strimzi Kafka's name (KubeRay takes at most 47 characters "
+        "for a RayService; the RayJob adds '-backfill')",
+    )
+    image: str = Field("riverbed:0.1.0", description="the Riverbed container image, pinned by tag or digest")
+    head: WorkerGroupConfig = WorkerGroupConfig(min_replicas=1, max_replicas=1, cpus=2, memory="8Gi")
+    workers: WorkerGroupConfig = WorkerGroupConfig()
+    gpu_workers: WorkerGroupConfig = WorkerGroupConfig(min_replicas=0, max_replicas=2, gpus=1)
+    storage: str = Field("50Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$", description="each shard worker's volume")
+    storage_class: str | None = Field(
+        None, description="the volumes' StorageClass (unset: the cluster's default)"
+    )
+    kafka_replicas: PositiveInt = Field(3, description="Kafka brokers (KRaft, combined controller+broker)")
+    kafka_storage: str = Field("100Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$")
+    api_keys_secret: str = Field(
+        "riverbed-api-keys",
+        description="the Secret whose key 'keys' holds serve.auth.keys as JSON, given to the pods as "
+        "RIVERBED_SERVE__AUTH__KEYS (never a literal key in a manifest)",
+    )
+
+
 class Settings(BaseSettings):
     """Everything configurable. Sections are frozen; build a new object to change one."""
 
@@ -719,6 +767,7 @@ class Settings(BaseSettings):
     ingest: IngestConfig = IngestConfig()
     graph: GraphConfig = GraphConfig()
     serve: ServeConfig = ServeConfig()
+    k8s: KubernetesConfig = KubernetesConfig()
 
     @field_validator("home", "cache_dir")
     @classmethod

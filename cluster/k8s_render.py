@@ -1,0 +1,263 @@
+"""`riverbed k8s render`: the Kubernetes manifests for a Riverbed config, the settings being the
+one source of topics, Serve deployments, replica bounds and resources.
+
+# KAFKA: Strimzi ``Kafka`` (KRaft) named ``k8s.name`` with one ``KafkaNodePool`` of combined
+#   controller+broker nodes (``k8s.kafka_replicas``, persistent claims), and a ``KafkaTopic`` for the
+#   documents, images and dead-letter topics with the settings' names, partitions and
+#   ``max.message.bytes`` (``kafka.max_record_bytes``); the pods reach it at its bootstrap Service
+# RAY: a ``RayService`` whose Serve app is ``deployments.app:app_builder`` with the settings as its
+#   args (the app's deployments take replicas, autoscaling and resources from ``serve.*``); a head
+#   that runs no tasks, a CPU worker group and, in the gpu overlay, a GPU worker group with
+#   ``nvidia.com/gpu`` requests equal to limits; the Ray autoscaler (v2) on
+# CONFIG: the settings as ``riverbed.yaml`` in a ConfigMap mounted at /etc/riverbed; API keys only
+#   from a Secret, as the pods' ``RIVERBED_SERVE__AUTH__KEYS`` (never in a manifest)
+# PROBES: the Serve port's ``/healthz``; Prometheus scrape annotations for ``/metrics``
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+
+from cluster.k8s_validate import APP_BUILDER
+from schemas.settings import Settings, WorkerGroupConfig
+
+Overlay = Literal["cpu", "gpu"]
+OVERLAYS: tuple[Overlay, ...] = ("cpu", "gpu")
+RAY_VERSION = "2.60.0"
+CONFIG_DIR = "/etc/riverbed"
+DATA_DIR = "/var/lib/riverbed"
+SERVE_PORT = 8000
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """The Strimzi Kafka's plain listener Service, as the pods address it."""
+    return f"{settings.k8s.name}-kafka-bootstrap:9092"
+
+
+def cluster_settings(settings: Settings) -> dict[str, Any]:
+    """The settings the pods run with: the given ones (non-default values only, so defaults stay
+    the image's), with the broker, the data home and the Serve bind address of the cluster."""
+    chosen = settings.model_dump(mode="json", exclude_defaults=True, exclude={"k8s", "home", "cache_dir"})
+    chosen.setdefault("kafka", {})["bootstrap_servers"] = kafka_bootstrap(settings)
+    chosen["home"] = DATA_DIR
+    serve = chosen.setdefault("serve", {})
+    serve.update(host="0.0.0.0", port=SERVE_PORT)
+    serve.get("auth", {}).pop("keys", None)  # from the Secret only
+    return chosen
+
+
+def render(settings: Settings, overlay: Overlay = "cpu", namespace: str = "riverbed") -> list[dict[str, Any]]:
+    """Every manifest for ``settings`` in ``overlay``, in apply order."""
+    if overlay not in OVERLAYS:
+        raise ValueError(f"overlay must be one of {', '.join(OVERLAYS)}, got {overlay!r}")
+    args = cluster_settings(settings)
+    return [
+        config_map(settings, args, namespace),
+        *kafka(settings, namespace),
+        *topics(settings, namespace),
+        ray_service(settings, args, overlay, namespace),
+    ]
+
+
+def _meta(name: str, namespace: str, **labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": {"app.kubernetes.io/part-of": "riverbed", **labels},
+    }
+
+
+def config_map(settings: Settings, args: dict[str, Any], namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(f"{settings.k8s.name}-config", namespace),
+        "data": {"riverbed.yaml": yaml.safe_dump(args, sort_keys=True)},
+    }
+
+
+def kafka(settings: Settings, namespace: str) -> list[dict[str, Any]]:
+    k = settings.k8s
+    cluster = {"strimzi.io/cluster": k.name}
+    replicas = k.kafka_replicas
+    pool = {
+        "apiVersion": "kafka.strimzi.io/v1",
+        "kind": "KafkaNodePool",
+        "metadata": _meta(f"{k.name}-dual-role", namespace, **cluster),
+        "spec": {
+            "replicas": replicas,
+            "roles": ["controller", "broker"],
+            "storage": {
+                "type": "jbod",
+                "volumes": [
+                    {"id": 0, "type": "persistent-claim", "size": k.kafka_storage, "deleteClaim": False,
+                     "kraftMetadata": "shared"}
+                ],
+            },
+        },
+    }  # fmt: skip
+    min_isr = min(2, replicas)
+    broker = {
+        "apiVersion": "kafka.strimzi.io/v1",
+        "kind": "Kafka",
+        "metadata": _meta(k.name, namespace),
+        "spec": {
+            "kafka": {
+                "listeners": [{"name": "plain", "port": 9092, "type": "internal", "tls": False}],
+                "config": {
+                    "offsets.topic.replication.factor": replicas,
+                    "transaction.state.log.replication.factor": replicas,
+                    "transaction.state.log.min.isr": min_isr,
+                    "default.replication.factor": replicas,
+                    "min.insync.replicas": min_isr,
+                    "message.max.bytes": settings.kafka.max_record_bytes,
+                },
+            },
+            "entityOperator": {"topicOperator": {}},
+        },
+    }
+    return [pool, broker]
+
+
+def topics(settings: Settings, namespace: str) -> list[dict[str, Any]]:
+    t = settings.kafka.topics
+    k = settings.k8s
+    replicas = k.kafka_replicas
+    out = []
+    for role, name, partitions in (
+        ("documents", t.documents, t.documents_partitions),
+        ("images", t.images, t.images_partitions),
+        ("dead-letter", t.dead_letter, t.dead_letter_partitions),
+    ):
+        out.append(
+            {
+                "apiVersion": "kafka.strimzi.io/v1",
+                "kind": "KafkaTopic",
+                "metadata": _meta(f"{k.name}-{role}", namespace, **{"strimzi.io/cluster": k.name}),
+                "spec": {
+                    "topicName": name,
+                    "partitions": partitions,
+                    "replicas": replicas,
+                    "config": {
+                        "max.message.bytes": settings.kafka.max_record_bytes,
+                        "min.insync.replicas": min(2, replicas),
+                    },
+                },
+            }
+        )
+    return out
+
+
+def _resources(group: WorkerGroupConfig) -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": str(group.cpus), "memory": group.memory}
+    if group.gpus:
+        amounts["nvidia.com/gpu"] = str(group.gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _container(settings: Settings, name: str, group: WorkerGroupConfig, *, head: bool) -> dict[str, Any]:
+    k = settings.k8s
+    container: dict[str, Any] = {
+        "name": name,
+        "image": k.image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": _resources(group),
+        "env": [
+            {"name": "RIVERBED_CONFIG", "value": f"{CONFIG_DIR}/riverbed.yaml"},
+            {
+                "name": "RIVERBED_SERVE__AUTH__KEYS",
+                "valueFrom": {"secretKeyRef": {"name": k.api_keys_secret, "key": "keys"}},
+            },
+        ],
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "data", "mountPath": DATA_DIR},
+        ],
+    }
+    if head:
+        container["ports"] = [
+            {"name": "gcs", "containerPort": 6379},
+            {"name": "dashboard", "containerPort": 8265},
+            {"name": "client", "containerPort": 10001},
+            {"name": "serve", "containerPort": SERVE_PORT},
+        ]
+    return container
+
+
+def _pod(settings: Settings, name: str, group: WorkerGroupConfig, *, head: bool) -> dict[str, Any]:
+    k = settings.k8s
+    data: dict[str, Any] = {"name": "data"}
+    if head:
+        data["emptyDir"] = {}
+    else:
+        claim: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": k.storage}},
+        }
+        if k.storage_class:
+            claim["storageClassName"] = k.storage_class
+        data["ephemeral"] = {"volumeClaimTemplate": {"spec": claim}}
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+        "containers": [_container(settings, name, group, head=head)],
+        "volumes": [{"name": "config", "configMap": {"name": f"{k.name}-config"}}, data],
+    }
+    template: dict[str, Any] = {"spec": spec}
+    if head:
+        template["metadata"] = {
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(SERVE_PORT),
+                "prometheus.io/path": "/metrics",
+            }
+        }
+    return template
+
+
+def _worker_group(settings: Settings, group_name: str, group: WorkerGroupConfig) -> dict[str, Any]:
+    params = {"num-gpus": str(group.gpus)} if group.gpus else {}
+    return {
+        "groupName": group_name,
+        "replicas": group.min_replicas,
+        "minReplicas": group.min_replicas,
+        "maxReplicas": group.max_replicas,
+        "rayStartParams": params,
+        "template": _pod(settings, "ray-worker", group, head=False),
+    }
+
+
+def serve_config(args: dict[str, Any]) -> str:
+    """``serveConfigV2``: one application, Riverbed's, built from the settings."""
+    config = {
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [{"name": "riverbed", "import_path": APP_BUILDER, "route_prefix": "/", "args": args}],
+    }
+    return yaml.safe_dump(config, sort_keys=True)
+
+
+def ray_service(settings: Settings, args: dict[str, Any], overlay: Overlay, namespace: str) -> dict[str, Any]:
+    k = settings.k8s
+    groups = [_worker_group(settings, "cpu", k.workers)]
+    if overlay == "gpu":
+        groups.append(_worker_group(settings, "gpu", k.gpu_workers))
+    head = {
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": _pod(settings, "ray-head", k.head, head=True),
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _meta(k.name, namespace),
+        "spec": {
+            "serveConfigV2": serve_config(args),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"version": "v2"},
+                "headGroupSpec": head,
+                "workerGroupSpecs": groups,
+            },
+        },
+    }

@@ -1,0 +1,98 @@
+"""`riverbed k8s render` (cluster/k8s_render.py): the manifests for a config pass the offline checks
+in both overlays, take topics, sizes and the app's settings from that config, and never carry a
+key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cluster.k8s_render import OVERLAYS, render
+from cluster.k8s_validate import custom_resource_problems, serve_config_problems
+from schemas.settings import load_settings
+
+KEY = "a-literal-key-" + "z" * 20
+SETTINGS = load_settings(
+    overrides={
+        "index": {"name": "docs", "n_shards": 4},
+        "kafka": {
+            "topics": {"documents": "news.docs", "documents_partitions": 12},
+            "max_record_bytes": 2_000_000,
+        },
+        "serve": {"auth": {"keys": [{"key": KEY, "scopes": ["read"]}]}},
+        "k8s": {
+            "name": "news",
+            "workers": {"min_replicas": 2, "max_replicas": 6, "cpus": 8, "memory": "32Gi"},
+        },
+    }
+)
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_custom_resource_passes_the_crds_and_the_serve_config_passes_serve_and_settings(overlay):
+    docs = render(SETTINGS, overlay)
+    customs = [d for d in docs if "/" in d["apiVersion"] and d["apiVersion"] != "v1"]
+    assert {d["kind"] for d in customs} == {"Kafka", "KafkaNodePool", "KafkaTopic", "RayService"}
+    for doc in customs:
+        assert custom_resource_problems(doc) == [], doc["metadata"]["name"]
+    assert serve_config_problems(by_kind(docs, "RayService")[0]) == []
+
+
+def test_topics_are_the_settings_topics():
+    topics = {
+        d["spec"]["topicName"]: (d["spec"]["partitions"], d["spec"]["config"]["max.message.bytes"])
+        for d in by_kind(render(SETTINGS), "KafkaTopic")
+    }
+    assert topics == {
+        "news.docs": (12, 2_000_000),
+        "riverbed.images": (1, 2_000_000),
+        "riverbed.dead-letter": (1, 2_000_000),
+    }
+
+
+def test_the_app_gets_the_configs_settings_with_the_cluster_broker_and_bind_address():
+    service = by_kind(render(SETTINGS), "RayService")[0]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "deployments.app:app_builder"
+    built = load_settings(overrides=app["args"])
+    assert (built.index.name, built.index.n_shards) == ("docs", 4)
+    assert built.kafka.topics.documents == "news.docs"
+    assert built.kafka.bootstrap_servers == "news-kafka-bootstrap:9092"
+    assert (built.serve.host, built.serve.port) == ("0.0.0.0", 8000)
+    config_map = by_kind(render(SETTINGS), "ConfigMap")[0]
+    assert yaml.safe_load(config_map["data"]["riverbed.yaml"]) == app["args"]
+
+
+def test_no_manifest_carries_a_key_and_the_pods_take_keys_from_the_secret():
+    docs = render(SETTINGS, "gpu")
+    assert KEY not in json.dumps(docs)
+    cluster = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["RIVERBED_SERVE__AUTH__KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "riverbed-api-keys"
+
+
+def test_worker_groups_follow_the_settings_and_gpus_are_requested_as_limited():
+    cpu = by_kind(render(SETTINGS, "cpu"), "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in cpu] == ["cpu"]
+    assert (cpu[0]["minReplicas"], cpu[0]["maxReplicas"]) == (2, 6)
+    assert cpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "8",
+        "memory": "32Gi",
+    }
+    gpu = by_kind(render(SETTINGS, "gpu"), "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (group,) = [g for g in gpu if g["groupName"] == "gpu"]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+
+
+def test_an_unknown_overlay_is_refused_by_name():
+    with pytest.raises(ValueError, match="overlay must be one of cpu, gpu"):
+        render(SETTINGS, "tpu")  # type: ignore[arg-type]
