@@ -302,6 +302,26 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_k8s(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.k8s_render import kustomize_tree, render, to_yaml
+
+    if args.k8s_command == "render":
+        docs = render(settings, args.overlay, args.namespace)
+        if args.json:
+            emit(args, docs)
+        else:
+            print(to_yaml(docs), end="")
+        return 0
+    root = Path(args.dir)
+    files = kustomize_tree(settings, args.namespace)
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    emit(args, sorted(files), f"wrote {len(files)} files under {root}")
+    return 0
+
+
 def cmd_graph(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.graph_files import draw_neighbourhood, export_graph, graph_stats
 
@@ -780,6 +800,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reset.add_argument("--yes", action="store_true", help="really remove it (required)")
     reset.set_defaults(func=cmd_graph)
+
+    k8s = sub.add_parser(
+        "k8s",
+        help="Kubernetes manifests (KubeRay RayService, Strimzi Kafka) for these settings",
+        parents=[common],
+    )
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
+    k8s_render = k8s_sub.add_parser("render", help="print the manifests as YAML", parents=[common])
+    k8s_render.add_argument(
+        "--overlay", choices=["cpu", "gpu"], default="cpu", help="gpu adds a GPU worker group"
+    )
+    k8s_write = k8s_sub.add_parser(
+        "write", help="write the kustomize tree (base/, overlays/cpu, overlays/gpu)", parents=[common]
+    )
+    k8s_write.add_argument("--dir", default="k8s", help="where to write it (default: k8s)")
+    for k8s_parser in (k8s_render, k8s_write):
+        k8s_parser.add_argument("--namespace", default="riverbed", help="the namespace of every object")
+        k8s_parser.set_defaults(func=cmd_k8s)
 
     index = sub.add_parser(
         "index", help="manage indexes (copy one to another name or backend)", parents=[common]

@@ -261,3 +261,83 @@ def ray_service(settings: Settings, args: dict[str, Any], overlay: Overlay, name
             },
         },
     }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes a multi-line string (an embedded config) as a literal block, as a person would."""
+
+
+def _text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _text)
+
+
+def dump(value: Any) -> str:
+    """YAML as the files under k8s/ hold it: keys in the order built, blocks for embedded configs."""
+    return yaml.dump(value, Dumper=_Dumper, sort_keys=False)
+
+
+def to_yaml(docs: list[dict[str, Any]]) -> str:
+    """Manifests as one multi-document YAML stream."""
+    return "".join(f"---\n{dump(doc)}" for doc in docs)
+
+
+HEADER = "# Rendered by `riverbed k8s write` from the default settings; edit the settings, not this file.\n"
+
+
+def kustomize_tree(settings: Settings, namespace: str = "riverbed") -> dict[str, str]:
+    """The ``k8s/`` kustomize tree for ``settings`` (path → text): ``base/`` holds the cpu
+    overlay's manifests, ``overlays/cpu`` takes them as they are, and ``overlays/gpu`` adds the GPU
+    worker group with a JSON patch; :func:`apply_gpu_patch` reads it back."""
+    base = render(settings, "cpu", namespace)
+    gpu_groups = render(settings, "gpu", namespace)[-1]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    added = gpu_groups[len(base[-1]["spec"]["rayClusterConfig"]["workerGroupSpecs"]) :]
+    files = {f"base/{_file_name(doc)}": HEADER + dump(doc) for doc in base}
+    files["base/kustomization.yaml"] = HEADER + dump(
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": sorted(name.removeprefix("base/") for name in files),
+        },
+    )
+    files["overlays/cpu/kustomization.yaml"] = HEADER + dump(
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": ["../../base"],
+        },
+    )
+    patch = [{"op": "add", "path": "/spec/rayClusterConfig/workerGroupSpecs/-", "value": g} for g in added]
+    files["overlays/gpu/gpu-workers.yaml"] = HEADER + dump(patch)
+    target = {"group": "ray.io", "version": "v1", "kind": "RayService", "name": settings.k8s.name}
+    files["overlays/gpu/kustomization.yaml"] = HEADER + dump(
+        {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": ["../../base"],
+            "patches": [{"path": "gpu-workers.yaml", "target": target}],
+        },
+    )
+    return files
+
+
+def _file_name(doc: dict[str, Any]) -> str:
+    return f"{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
+
+
+def apply_gpu_patch(base: list[dict[str, Any]], patch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The gpu overlay's manifests: ``base`` with the JSON patch's appended worker groups (the
+    only operation :func:`kustomize_tree` writes) applied to the RayService."""
+    import copy
+
+    out = copy.deepcopy(base)
+    for doc in out:
+        if doc["kind"] == "RayService":
+            for op in patch:
+                if op["op"] != "add" or op["path"] != "/spec/rayClusterConfig/workerGroupSpecs/-":
+                    raise ValueError(f"unexpected patch operation {op['op']} {op['path']}")
+                doc["spec"]["rayClusterConfig"]["workerGroupSpecs"].append(copy.deepcopy(op["value"]))
+    return out

@@ -5,13 +5,17 @@ key."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster.k8s_render import OVERLAYS, render
+from cluster.k8s_render import OVERLAYS, apply_gpu_patch, kustomize_tree, render
 from cluster.k8s_validate import custom_resource_problems, serve_config_problems
-from schemas.settings import load_settings
+from schemas.settings import Settings, load_settings
 
 KEY = "a-literal-key-" + "z" * 20
 SETTINGS = load_settings(
@@ -96,3 +100,47 @@ def test_worker_groups_follow_the_settings_and_gpus_are_requested_as_limited():
 def test_an_unknown_overlay_is_refused_by_name():
     with pytest.raises(ValueError, match="overlay must be one of cpu, gpu"):
         render(SETTINGS, "tpu")  # type: ignore[arg-type]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def defaults(monkeypatch) -> Settings:
+    """The default settings, whatever this process's environment sets."""
+    for name in [n for n in os.environ if n.startswith("RIVERBED_")]:
+        monkeypatch.delenv(name)
+    return load_settings()
+
+
+def test_the_files_under_k8s_are_what_write_renders_for_the_defaults(defaults):
+    tree = kustomize_tree(defaults)
+    on_disk = {
+        str(p.relative_to(REPO / "k8s")): p.read_text(encoding="utf-8")
+        for folder in ("base", "overlays")
+        for p in sorted((REPO / "k8s" / folder).rglob("*"))
+        if p.is_file()
+    }
+    stale = sorted(name for name in tree.keys() | on_disk.keys() if tree.get(name) != on_disk.get(name))
+    assert not stale, f"k8s/ differs from `riverbed k8s write` in {stale}: run it and commit the result"
+
+
+def test_the_gpu_overlay_is_the_cpu_base_plus_the_gpu_group(defaults):
+    base = [yaml.safe_load(text) for name, text in kustomize_tree(defaults).items()
+            if name.startswith("base/") and not name.endswith("kustomization.yaml")]  # fmt: skip
+    patch = yaml.safe_load(
+        (REPO / "k8s" / "overlays" / "gpu" / "gpu-workers.yaml").read_text(encoding="utf-8")
+    )
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(apply_gpu_patch(base, patch), key=key) == sorted(render(defaults, "gpu"), key=key)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: kustomize not run")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubectl_kustomize_builds_each_overlay_into_the_render(defaults, overlay):
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(yaml.safe_load_all(built), key=key) == sorted(render(defaults, overlay), key=key)
