@@ -3,8 +3,11 @@ chunks with metadata and alignments, and the comparison of hit lists."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +47,53 @@ def milvus_grpc_server() -> Iterator[str]:
         finally:
             server.stop(grace=0)
             db.close()
+
+
+class StallingRelay:
+    """A TCP relay on 127.0.0.1 to ``target_port`` that can stall: while :meth:`stall` holds, every
+    byte read on either side waits (none is lost) until it ends, as a server that has stopped
+    answering or a network that has stopped delivering looks to a client. ``port`` is where
+    clients connect."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @contextmanager
+    def stall(self) -> Iterator[None]:
+        self._flowing.clear()
+        try:
+            yield
+        finally:
+            self._flowing.set()
+
+    def close(self) -> None:
+        self._flowing.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self._target))
+                self._sockets += [client, server]
+                for source, sink in ((client, server), (server, client)):
+                    threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # either side closed
+            while data := source.recv(65536):
+                self._flowing.wait()
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:

@@ -46,6 +46,7 @@ from schemas.settings import MilvusConfig
 from tests.contract.helpers import (
     DIM,
     MODEL,
+    StallingRelay,
     make_corpus,
     make_document,
     milvus_grpc_server,
@@ -208,10 +209,27 @@ def test_a_server_that_cannot_be_reached_is_retryable(shard: Path) -> None:
     assert not shard.exists()  # with a server nothing is written on the node
 
 
-def test_a_call_past_its_timeout_is_retryable(opened: Callable[..., MilvusIndex], shard: Path) -> None:
-    opened().close()
-    with pytest.raises(RetryableError, match=r"milvus shard 0 \(riverbed_0_chunks at .*milvus\.db\)"):
-        opened(timeout_s=1e-6)
+def test_a_call_past_its_timeout_is_retryable_and_the_next_one_goes_through(shard: Path) -> None:
+    """A server that stops answering (reached through a relay that holds every byte while it
+    stalls): a read on the open shard and an opening both fail within their timeout as retryable
+    errors that name the shard; once it answers again the same index reads what it wrote."""
+    with milvus_grpc_server() as uri:
+        relay = StallingRelay(int(uri.rsplit(":", 1)[1]))
+        config = MilvusConfig(uri=f"http://127.0.0.1:{relay.port}", timeout_s=1)
+        index = MilvusIndex(shard, MODEL, DIM, config)
+        try:
+            corpus = make_corpus(n_docs=3)
+            index.apply(ShardWrite(upserts=corpus, offsets={"docs": {0: 3}}))
+            where = rf"milvus shard 0 \(riverbed_0_chunks at http://127.0.0.1:{relay.port}\)"
+            with relay.stall():
+                with pytest.raises(RetryableError, match=where):
+                    index.get([corpus[0].chunk_id])
+                with pytest.raises(RetryableError, match=where):
+                    MilvusIndex(shard, MODEL, DIM, config)
+            assert index.get([r.chunk_id for r in corpus]) == corpus
+        finally:
+            index.close()
+            relay.close()
 
 
 def test_milvus_going_away_under_an_open_shard_is_retryable_and_loses_nothing(
