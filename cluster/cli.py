@@ -303,10 +303,11 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_k8s(args: argparse.Namespace, settings: Settings) -> int:
-    from cluster.k8s_render import kustomize_tree, render, to_yaml
+    from cluster.k8s_render import backfill, kustomize_tree, render, to_yaml
 
-    if args.k8s_command == "render":
-        docs = render(settings, args.overlay, args.namespace)
+    if args.k8s_command in ("render", "backfill"):
+        build = render if args.k8s_command == "render" else backfill
+        docs = build(settings, args.overlay, args.namespace)
         if args.json:
             emit(args, docs)
         else:
@@ -808,14 +809,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
     k8s_render = k8s_sub.add_parser("render", help="print the manifests as YAML", parents=[common])
-    k8s_render.add_argument(
-        "--overlay", choices=["cpu", "gpu"], default="cpu", help="gpu adds a GPU worker group"
+    k8s_backfill = k8s_sub.add_parser(
+        "backfill",
+        help="print a RayJob (and its ConfigMap) that builds the index these settings name from the "
+        "topics, on a Ray cluster of its own, beside the running RayService",
+        parents=[common],
     )
+    for k8s_parser in (k8s_render, k8s_backfill):
+        k8s_parser.add_argument(
+            "--overlay", choices=["cpu", "gpu"], default="cpu", help="gpu adds a GPU worker group"
+        )
     k8s_write = k8s_sub.add_parser(
         "write", help="write the kustomize tree (base/, overlays/cpu, overlays/gpu)", parents=[common]
     )
     k8s_write.add_argument("--dir", default="k8s", help="where to write it (default: k8s)")
-    for k8s_parser in (k8s_render, k8s_write):
+    for k8s_parser in (k8s_render, k8s_backfill, k8s_write):
         k8s_parser.add_argument("--namespace", default="riverbed", help="the namespace of every object")
         k8s_parser.set_defaults(func=cmd_k8s)
 

@@ -5,22 +5,29 @@ one source of topics, Serve deployments, replica bounds and resources.
 #   controller+broker nodes (``k8s.kafka_replicas``, persistent claims), and a ``KafkaTopic`` for the
 #   documents, images and dead-letter topics with the settings' names, partitions and
 #   ``max.message.bytes`` (``kafka.max_record_bytes``); the pods reach it at its bootstrap Service
-# RAY: a ``RayService`` whose Serve app is ``deployments.app:app_builder`` with the settings as its
-#   args (the app's deployments take replicas, autoscaling and resources from ``serve.*``); a head
+# RAY: a ``RayService`` whose Serve apps are ``deployments.app:app_builder`` (queries) and
+#   ``cluster.serve_app:ingest_builder`` (the pipeline), with the settings as their args (the query
+#   app's deployments take replicas, autoscaling and resources from ``serve.*``); a head
 #   that runs no tasks, a CPU worker group and, in the gpu overlay, a GPU worker group with
 #   ``nvidia.com/gpu`` requests equal to limits; the Ray autoscaler (v2) on
+# BACKFILL: a ``RayJob`` (its own short-lived Ray cluster, the same pods) whose entrypoint ingests
+#   until idle into the index the settings name: a new index (model, backend, shards) built from
+#   the topics beside the one being served
 # CONFIG: the settings as ``riverbed.yaml`` in a ConfigMap mounted at /etc/riverbed; API keys only
 #   from a Secret, as the pods' ``RIVERBED_SERVE__AUTH__KEYS`` (never in a manifest)
+# DATA: one ReadWriteMany claim mounted by every pod at /var/lib/riverbed (the shards' stores): a
+#   shard restarted on another pod, its own gone with its node, finds its store there
 # PROBES: the Serve port's ``/healthz``; Prometheus scrape annotations for ``/metrics``
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import yaml
 
-from cluster.k8s_validate import APP_BUILDER
+from cluster.k8s_validate import APP_BUILDER, INGEST_BUILDER
 from schemas.settings import Settings, WorkerGroupConfig
 
 Overlay = Literal["cpu", "gpu"]
@@ -41,6 +48,7 @@ def cluster_settings(settings: Settings) -> dict[str, Any]:
     the image's), with the broker, the data home and the Serve bind address of the cluster."""
     chosen = settings.model_dump(mode="json", exclude_defaults=True, exclude={"k8s", "home", "cache_dir"})
     chosen.setdefault("kafka", {})["bootstrap_servers"] = kafka_bootstrap(settings)
+    chosen.setdefault("ray", {})["address"] = "auto"  # a `riverbed` command in a pod joins its cluster
     chosen["home"] = DATA_DIR
     serve = chosen.setdefault("serve", {})
     serve.update(host="0.0.0.0", port=SERVE_PORT)
@@ -55,6 +63,7 @@ def render(settings: Settings, overlay: Overlay = "cpu", namespace: str = "river
     args = cluster_settings(settings)
     return [
         config_map(settings, args, namespace),
+        data_claim(settings, namespace),
         *kafka(settings, namespace),
         *topics(settings, namespace),
         ray_service(settings, args, overlay, namespace),
@@ -69,11 +78,11 @@ def _meta(name: str, namespace: str, **labels: str) -> dict[str, Any]:
     }
 
 
-def config_map(settings: Settings, args: dict[str, Any], namespace: str) -> dict[str, Any]:
+def config_map(settings: Settings, args: dict[str, Any], namespace: str, name: str = "") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(f"{settings.k8s.name}-config", namespace),
+        "metadata": _meta(name or f"{settings.k8s.name}-config", namespace),
         "data": {"riverbed.yaml": yaml.safe_dump(args, sort_keys=True)},
     }
 
@@ -186,23 +195,14 @@ def _container(settings: Settings, name: str, group: WorkerGroupConfig, *, head:
     return container
 
 
-def _pod(settings: Settings, name: str, group: WorkerGroupConfig, *, head: bool) -> dict[str, Any]:
-    k = settings.k8s
-    data: dict[str, Any] = {"name": "data"}
-    if head:
-        data["emptyDir"] = {}
-    else:
-        claim: dict[str, Any] = {
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": k.storage}},
-        }
-        if k.storage_class:
-            claim["storageClassName"] = k.storage_class
-        data["ephemeral"] = {"volumeClaimTemplate": {"spec": claim}}
+def _pod(
+    settings: Settings, name: str, group: WorkerGroupConfig, *, head: bool, config: str
+) -> dict[str, Any]:
+    data = {"name": "data", "persistentVolumeClaim": {"claimName": data_claim_name(settings)}}
     spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
         "containers": [_container(settings, name, group, head=head)],
-        "volumes": [{"name": "config", "configMap": {"name": f"{k.name}-config"}}, data],
+        "volumes": [{"name": "config", "configMap": {"name": config}}, data],
     }
     template: dict[str, Any] = {"spec": spec}
     if head:
@@ -216,7 +216,31 @@ def _pod(settings: Settings, name: str, group: WorkerGroupConfig, *, head: bool)
     return template
 
 
-def _worker_group(settings: Settings, group_name: str, group: WorkerGroupConfig) -> dict[str, Any]:
+def data_claim_name(settings: Settings) -> str:
+    return f"{settings.k8s.name}-data"
+
+
+def data_claim(settings: Settings, namespace: str) -> dict[str, Any]:
+    """The data home every pod mounts at ``DATA_DIR``: one ReadWriteMany claim, so that a shard
+    actor restarted on another pod (its pod or node gone) reopens its store where it left it."""
+    k = settings.k8s
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": k.storage}},
+    }
+    if k.storage_class:
+        spec["storageClassName"] = k.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(data_claim_name(settings), namespace),
+        "spec": spec,
+    }
+
+
+def _worker_group(
+    settings: Settings, group_name: str, group: WorkerGroupConfig, config: str
+) -> dict[str, Any]:
     params = {"num-gpus": str(group.gpus)} if group.gpus else {}
     return {
         "groupName": group_name,
@@ -224,43 +248,93 @@ def _worker_group(settings: Settings, group_name: str, group: WorkerGroupConfig)
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": params,
-        "template": _pod(settings, "ray-worker", group, head=False),
+        "template": _pod(settings, "ray-worker", group, head=False, config=config),
+    }
+
+
+def ray_cluster_spec(settings: Settings, overlay: Overlay, config: str) -> dict[str, Any]:
+    """The Ray cluster of a RayService or a RayJob: a head that runs no tasks, the CPU group and,
+    in the gpu overlay, the GPU group, every pod reading its settings from the ConfigMap ``config``."""
+    k = settings.k8s
+    groups = [_worker_group(settings, "cpu", k.workers, config)]
+    if overlay == "gpu":
+        groups.append(_worker_group(settings, "gpu", k.gpu_workers, config))
+    head = {
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "template": _pod(settings, "ray-head", k.head, head=True, config=config),
+    }
+    return {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"version": "v2"},
+        "headGroupSpec": head,
+        "workerGroupSpecs": groups,
     }
 
 
 def serve_config(args: dict[str, Any]) -> str:
-    """``serveConfigV2``: one application, Riverbed's, built from the settings."""
+    """``serveConfigV2``: Riverbed's query app on ``/`` and its ingest app (no route), both built
+    from the settings."""
     config = {
         "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
-        "applications": [{"name": "riverbed", "import_path": APP_BUILDER, "route_prefix": "/", "args": args}],
+        "applications": [
+            {"name": "riverbed", "import_path": APP_BUILDER, "route_prefix": "/", "args": args},
+            {
+                "name": "riverbed-ingest",
+                "import_path": INGEST_BUILDER,
+                "route_prefix": None,
+                "args": copy.deepcopy(args),
+            },
+        ],
     }
     return yaml.safe_dump(config, sort_keys=True)
 
 
 def ray_service(settings: Settings, args: dict[str, Any], overlay: Overlay, namespace: str) -> dict[str, Any]:
     k = settings.k8s
-    groups = [_worker_group(settings, "cpu", k.workers)]
-    if overlay == "gpu":
-        groups.append(_worker_group(settings, "gpu", k.gpu_workers))
-    head = {
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": _pod(settings, "ray-head", k.head, head=True),
-    }
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": _meta(k.name, namespace),
         "spec": {
             "serveConfigV2": serve_config(args),
-            "rayClusterConfig": {
-                "rayVersion": RAY_VERSION,
-                "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"version": "v2"},
-                "headGroupSpec": head,
-                "workerGroupSpecs": groups,
-            },
+            "rayClusterConfig": ray_cluster_spec(settings, overlay, f"{k.name}-config"),
         },
     }
+
+
+BACKFILL_ENTRYPOINT = "riverbed ingest --until-idle --quiet"
+
+
+def backfill_name(settings: Settings) -> str:
+    return f"{settings.k8s.name}-backfill"
+
+
+def backfill(
+    settings: Settings, overlay: Overlay = "cpu", namespace: str = "riverbed"
+) -> list[dict[str, Any]]:
+    """A RayJob that builds the index ``settings`` name (``index.name``, and whatever else differs:
+    another model, backend or shard count) from the topics, on a Ray cluster of its own that goes
+    away when it is done, beside the running RayService; and the ConfigMap it reads. Its shards
+    land on the shared data claim, so the RayService serves them once re-rendered with the same
+    settings. The index's consumer group starts from the beginning of the topics (a new index) or
+    from its committed offsets (an existing one: a catch-up)."""
+    if overlay not in OVERLAYS:
+        raise ValueError(f"overlay must be one of {', '.join(OVERLAYS)}, got {overlay!r}")
+    name = backfill_name(settings)
+    config = f"{name}-config"
+    job = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _meta(name, namespace),
+        "spec": {
+            "entrypoint": BACKFILL_ENTRYPOINT,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "rayClusterSpec": ray_cluster_spec(settings, overlay, config),
+        },
+    }
+    return [config_map(settings, cluster_settings(settings), namespace, config), job]
 
 
 class _Dumper(yaml.SafeDumper):
@@ -331,8 +405,6 @@ def _file_name(doc: dict[str, Any]) -> str:
 def apply_gpu_patch(base: list[dict[str, Any]], patch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The gpu overlay's manifests: ``base`` with the JSON patch's appended worker groups (the
     only operation :func:`kustomize_tree` writes) applied to the RayService."""
-    import copy
-
     out = copy.deepcopy(base)
     for doc in out:
         if doc["kind"] == "RayService":

@@ -14,7 +14,7 @@ own schema and Riverbed's settings.
 #   KubeRay operator's limits: the API server accepts longer ones)
 # SERVE: ``serveConfigV2`` is an opaque string to the CRD: parsed, checked with
 #   ``ray.serve.schema.ServeDeploySchema``, and the ``args`` of an application built by
-#   Riverbed's app builder with :class:`schemas.settings.Settings` (Serve's schema takes any args)
+#   Riverbed's builders with :class:`schemas.settings.Settings` (Serve's schema takes any args)
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ NAME_LIMITS = {"RayService": 47, "RayJob": 47, "RayCluster": 53}
 """Longest names the KubeRay operator takes (it derives longer resource names from them)."""
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 APP_BUILDER = "deployments.app:app_builder"
-"""The import path of Riverbed's Serve application builder (its args are Riverbed settings)."""
+"""The import path of Riverbed's query application builder (its args are Riverbed settings)."""
+INGEST_BUILDER = "cluster.serve_app:ingest_builder"
+"""The import path of Riverbed's ingest application builder (the same args)."""
+BUILDERS = (APP_BUILDER, INGEST_BUILDER)
 
 
 def _loader() -> type[yaml.SafeLoader]:
@@ -156,7 +159,7 @@ def serve_config_problems(rayservice: Mapping[str, Any]) -> list[str]:
         return [f"spec.serveConfigV2: {_first_lines(exc)}"]
     problems = []
     for i, app in enumerate(config.get("applications", [])):
-        if app.get("import_path") == APP_BUILDER:
+        if app.get("import_path") in BUILDERS:
             problems += [
                 f"spec.serveConfigV2.applications[{i}].args: {p}" for p in settings_problems(app.get("args"))
             ]

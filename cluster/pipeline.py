@@ -310,6 +310,7 @@ def graph_shard_handles(side: Settings, model: str) -> list[Any]:
         ray.remote(GraphShardActor)
         .options(
             name=actor_name(side.index.name, "shard", i),
+            namespace=side.ray.namespace,
             lifetime="detached",
             get_if_exists=True,
             num_cpus=SHARD_CPUS,
@@ -582,6 +583,7 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     handles: list[Any] = [
         cls.options(
             name=actor_name(settings.index.name, "shard", i),
+            namespace=settings.ray.namespace,
             lifetime="detached",
             get_if_exists=True,
             num_cpus=SHARD_CPUS,
@@ -614,6 +616,30 @@ def running_source(settings: Settings) -> str | None:
             continue
         return name
     return None
+
+
+def live_ingest_actors(settings: Settings) -> list[str]:
+    """The names of an ingest run's own actors (sources and embedders, of the text, image and graph
+    sides) that are alive: while any is, a new run of the index would share them by name."""
+    sides = [
+        (settings, settings.ingest.sources, settings.embed.workers),
+        (settings.image_side(), 1, 1),
+        (settings.graph_side(), 1, settings.graph.extractors),
+    ]
+    names = [
+        name
+        for side, sources, embedders in sides
+        for name in [actor_name(side.index.name, "source", i) for i in range(sources)]
+        + [actor_name(side.index.name, "embedder", i) for i in range(embedders)]
+    ]
+    live = []
+    for name in names:
+        try:
+            ray.get_actor(name, namespace=settings.ray.namespace)
+        except ValueError:
+            continue
+        live.append(name)
+    return live
 
 
 def named_shards(settings: Settings) -> list[Any]:
@@ -761,6 +787,7 @@ class Pipeline:
         self.embedders = [
             embedder_cls.options(
                 name=actor_name(s.index.name, "embedder", i),
+                namespace=s.ray.namespace,
                 get_if_exists=True,
                 num_cpus=cpus,
                 num_gpus=s.embed.num_gpus,
@@ -792,6 +819,7 @@ class Pipeline:
             ray.remote(ImageEmbedderActor)
             .options(
                 name=actor_name(side.index.name, "embedder", 0),
+                namespace=side.ray.namespace,
                 get_if_exists=True,
                 num_cpus=IMAGE_EMBED_CPUS,
                 num_gpus=s.embed.num_gpus,
@@ -817,6 +845,7 @@ class Pipeline:
             ray.remote(ExtractorActor)
             .options(
                 name=actor_name(side.index.name, "embedder", i),
+                namespace=side.ray.namespace,
                 get_if_exists=True,
                 num_cpus=GRAPH_EXTRACT_CPUS,
                 **_RESTART,
@@ -849,7 +878,13 @@ class Pipeline:
     def _source(self, name: str, downstream: RayDownstream, kind: str) -> Any:
         return (
             ray.remote(SourceActor)
-            .options(name=name, num_cpus=LIGHT_CPUS, max_concurrency=4, **_RESTART)
+            .options(
+                name=name,
+                namespace=self.settings.ray.namespace,
+                num_cpus=LIGHT_CPUS,
+                max_concurrency=4,
+                **_RESTART,
+            )
             .remote(self.settings, self.servers, downstream, name, kind)
         )
 

@@ -16,8 +16,7 @@ from deployments.image_embedder import ImageEmbedder
 from deployments.ingress import Ingress
 from deployments.query_embedder import QueryEmbedder
 from deployments.retriever import Retriever
-from schemas.errors import ConfigError
-from schemas.settings import DeploymentConfig, Settings, load_settings
+from schemas.settings import DeploymentConfig, Settings, serve_config_settings
 
 APP_NAME = "riverbed"
 
@@ -72,20 +71,11 @@ def build_app(settings: Settings, servers: str) -> Application:
 def app_builder(args: dict[str, Any] | None = None) -> Application:
     """Serve's application builder, for a Serve config that names
     ``import_path: deployments.app:app_builder`` (a KubeRay RayService's ``serveConfigV2``, or
-    ``serve run``): ``args`` are Riverbed's settings nested as in the YAML config file, over the
-    defaults and the ``RIVERBED_*`` environment of the process that builds the app (so a secret
-    can come from the pod's environment rather than the config). They are validated by the same
-    :class:`~schemas.settings.Settings` as every command's: a :class:`ConfigError` names each bad
-    field. The broker must be named (``kafka.bootstrap_servers``): in a cluster there is no
-    embedded one to start."""
-    settings = load_settings(overrides=args or {})
-    servers = settings.kafka.bootstrap_servers
-    if not servers:
-        raise ConfigError(
-            "kafka.bootstrap_servers is not set: an app built from a Serve config needs the broker's "
-            "address (in Kubernetes, the Strimzi Kafka's bootstrap Service)"
-        )
-    return build_app(settings, servers)
+    ``serve run``): ``args`` are Riverbed's settings (:func:`~schemas.settings.serve_config_settings`:
+    a :class:`~schemas.errors.ConfigError` names each bad field, or the missing broker)."""
+    settings = serve_config_settings(args)
+    assert settings.kafka.bootstrap_servers is not None  # serve_config_settings refuses None
+    return build_app(settings, settings.kafka.bootstrap_servers)
 
 
 def _serve(deployment: object) -> Any:

@@ -719,17 +719,23 @@ class KubernetesConfig(_Section):
 
     name: str = Field(
         "riverbed",
-        pattern=r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$",
-        description="the RayService's and the Strimzi Kafka's name (KubeRay takes at most 47 characters "
-        "for a RayService; the RayJob adds '-backfill')",
+        pattern=r"^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
+        description="the RayService's and the Strimzi Kafka's name, at most 38 characters (KubeRay takes "
+        "at most 47 for a RayJob, whose name adds '-backfill')",
     )
     image: str = Field("riverbed:0.1.0", description="the Riverbed container image, pinned by tag or digest")
     head: WorkerGroupConfig = WorkerGroupConfig(min_replicas=1, max_replicas=1, cpus=2, memory="8Gi")
     workers: WorkerGroupConfig = WorkerGroupConfig()
     gpu_workers: WorkerGroupConfig = WorkerGroupConfig(min_replicas=0, max_replicas=2, gpus=1)
-    storage: str = Field("50Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$", description="each shard worker's volume")
+    storage: str = Field(
+        "50Gi",
+        pattern=r"^[0-9]+(Mi|Gi|Ti)$",
+        description="the data volume every pod shares (the shards' stores; ReadWriteMany)",
+    )
     storage_class: str | None = Field(
-        None, description="the volumes' StorageClass (unset: the cluster's default)"
+        None,
+        description="the data volume's StorageClass: one that serves ReadWriteMany with fsync and file "
+        "locks (NFS v4, CephFS, EFS, Filestore, Azure Files NFS); unset: the cluster's default",
     )
     kafka_replicas: PositiveInt = Field(3, description="Kafka brokers (KRaft, combined controller+broker)")
     kafka_storage: str = Field("100Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$")
@@ -929,3 +935,18 @@ def load_settings(
         raise ConfigError(f"invalid configuration (environment): {_env_problem(exc)}") from None
     finally:
         _yaml_path.reset(token)
+
+
+def serve_config_settings(args: dict[str, Any] | None) -> Settings:
+    """The settings of an application built from a Serve config (a KubeRay RayService's
+    ``serveConfigV2``): its ``args``, nested as in the YAML config file, over the defaults and the
+    ``RIVERBED_*`` environment of the process that builds it (so a secret can come from the pod's
+    environment rather than the config), validated as every command's are. The broker must be
+    named: in a cluster there is no embedded one to start."""
+    settings = load_settings(overrides=args or {})
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError(
+            "kafka.bootstrap_servers is not set: an app built from a Serve config needs the broker's "
+            "address (in Kubernetes, the Strimzi Kafka's bootstrap Service)"
+        )
+    return settings

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.k8s_render import OVERLAYS, apply_gpu_patch, kustomize_tree, render
-from cluster.k8s_validate import custom_resource_problems, serve_config_problems
+from cluster.k8s_render import OVERLAYS, apply_gpu_patch, backfill, kustomize_tree, render
+from cluster.k8s_validate import custom_resource_problems, name_problems, serve_config_problems
+from schemas.errors import ConfigError
 from schemas.settings import Settings, load_settings
 
 KEY = "a-literal-key-" + "z" * 20
@@ -62,8 +63,10 @@ def test_topics_are_the_settings_topics():
 
 def test_the_app_gets_the_configs_settings_with_the_cluster_broker_and_bind_address():
     service = by_kind(render(SETTINGS), "RayService")[0]
-    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    assert app["import_path"] == "deployments.app:app_builder"
+    app, ingest = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["import_path"] == "deployments.app:app_builder" and app["route_prefix"] == "/"
+    assert ingest["import_path"] == "cluster.serve_app:ingest_builder" and ingest["route_prefix"] is None
+    assert ingest["args"] == app["args"]
     built = load_settings(overrides=app["args"])
     assert (built.index.name, built.index.n_shards) == ("docs", 4)
     assert built.kafka.topics.documents == "news.docs"
@@ -95,6 +98,77 @@ def test_worker_groups_follow_the_settings_and_gpus_are_requested_as_limited():
     (group,) = [g for g in gpu if g["groupName"] == "gpu"]
     resources = group["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+
+
+def test_every_pod_mounts_the_one_shared_data_claim_so_a_shard_reopens_its_store_anywhere():
+    settings = SETTINGS.model_copy(
+        update={"k8s": SETTINGS.k8s.model_copy(update={"storage": "200Gi", "storage_class": "nfs"})}
+    )
+    docs = render(settings, "gpu")
+    (claim,) = by_kind(docs, "PersistentVolumeClaim")
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "200Gi"}},
+        "storageClassName": "nfs",
+    }
+    cluster = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    assert len(pods) == 3
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["data"] == {
+            "name": "data",
+            "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]},
+        }
+        mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert load_settings(overrides=yaml.safe_load(cluster_config(docs))).home == Path(mounts["data"])
+
+
+def cluster_config(docs):
+    return by_kind(docs, "ConfigMap")[0]["data"]["riverbed.yaml"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_backfill_job_builds_the_named_index_on_its_own_cluster_with_the_services_pods(overlay):
+    target = SETTINGS.model_copy(update={"index": SETTINGS.index.model_copy(update={"name": "docs-v2"})})
+    config, job = backfill(target, overlay)
+    assert custom_resource_problems(job) == []
+    assert job["metadata"]["name"] == "news-backfill"
+    assert job["spec"]["entrypoint"] == "riverbed ingest --until-idle --quiet"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    built = load_settings(overrides=yaml.safe_load(config["data"]["riverbed.yaml"]))
+    assert (built.index.name, built.ray.address) == ("docs-v2", "auto")  # joins the job's own cluster
+    assert built.kafka.bootstrap_servers == "news-kafka-bootstrap:9092"
+    service = by_kind(render(SETTINGS, overlay), "RayService")[0]["spec"]["rayClusterConfig"]
+    pods = job["spec"]["rayClusterSpec"]
+    assert [g["groupName"] for g in pods["workerGroupSpecs"]] == [
+        g["groupName"] for g in service["workerGroupSpecs"]
+    ]
+    volumes = pods["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": config["metadata"]["name"]}} in volumes
+    assert volumes == [
+        v if v["name"] != "config" else {"name": "config", "configMap": {"name": config["metadata"]["name"]}}
+        for v in service["headGroupSpec"]["template"]["spec"]["volumes"]
+    ]  # the same data claim as the service's
+
+
+def test_the_longest_name_the_settings_take_fits_kuberays_limits_in_every_object():
+    longest = "n" * 38
+    settings = SETTINGS.model_copy(update={"k8s": SETTINGS.k8s.model_copy(update={"name": longest})})
+    for doc in render(settings, "gpu") + backfill(settings, "gpu"):
+        assert name_problems(doc) == [], doc["metadata"]["name"]
+    with pytest.raises(ConfigError, match=r"k8s\.name"):
+        load_settings(overrides={"k8s": {"name": "n" * 39}})
+
+
+def test_each_builder_the_serve_config_names_is_importable():
+    import importlib
+
+    from cluster.k8s_validate import BUILDERS
+
+    for path in BUILDERS:
+        module, name = path.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), path
 
 
 def test_an_unknown_overlay_is_refused_by_name():
