@@ -1,6 +1,6 @@
-"""Offline checks of Kubernetes manifests: custom resources against the vendored CRDs, names
-against the limits only the operators enforce, and a RayService's Serve config against Ray Serve's
-own schema and Riverbed's settings.
+"""Offline checks of Kubernetes manifests: custom resources against the vendored CRDs, built-in
+kinds against Kubernetes' own schemas, names against the limits only the operators enforce, and a
+RayService's Serve config against Ray Serve's own schema and Riverbed's settings.
 
 # CRDS: each served version's ``openAPIV3Schema`` from ``k8s/crds/`` (see its README), keyed by
 #   (apiVersion, kind)
@@ -10,6 +10,8 @@ own schema and Riverbed's settings.
 #   ``nullable`` adds null, an embedded resource may carry apiVersion, kind and metadata, and
 #   ``x-kubernetes-preserve-unknown-fields`` keeps what it says. CEL rules
 #   (``x-kubernetes-validations``) are not checked here: only the API server runs them
+# BUILT-IN: ConfigMap, PersistentVolumeClaim and the rest by kubernetes-validate's strict schemas
+#   of ``KUBERNETES_VERSION`` (unknown fields refused)
 # NAMES: DNS-1035 labels; RayService and RayJob names at most 47 characters, RayCluster 53 (the
 #   KubeRay operator's limits: the API server accepts longer ones)
 # SERVE: ``serveConfigV2`` is an opaque string to the CRD: parsed, checked with
@@ -37,6 +39,8 @@ APP_BUILDER = "deployments.app:app_builder"
 INGEST_BUILDER = "cluster.serve_app:ingest_builder"
 """The import path of Riverbed's ingest application builder (the same args)."""
 BUILDERS = (APP_BUILDER, INGEST_BUILDER)
+KUBERNETES_VERSION = "1.37"
+"""The Kubernetes release whose schemas check the built-in kinds (the k8s tier's API server's)."""
 
 
 def _loader() -> type[yaml.SafeLoader]:
@@ -120,6 +124,29 @@ def custom_resource_problems(doc: Mapping[str, Any], crd_dir: Path = CRD_DIR) ->
         for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     ]
     return problems + name_problems(doc)
+
+
+def builtin_problems(doc: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a built-in kind (ConfigMap, PersistentVolumeClaim, ...) by Kubernetes' own
+    schemas for ``KUBERNETES_VERSION``, strict (unknown fields refused): kubernetes-validate's
+    first error, with its field path."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(dict(doc), KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{_where(exc.absolute_path)}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [str(exc.message)]
+    return []
+
+
+def manifest_problems(doc: Mapping[str, Any], crd_dir: Path = CRD_DIR) -> list[str]:
+    """A custom resource's problems (:func:`custom_resource_problems`) when a vendored CRD defines
+    its kind, else a built-in kind's (:func:`builtin_problems`)."""
+    if (str(doc.get("apiVersion")), str(doc.get("kind"))) in crd_schemas(crd_dir):
+        return custom_resource_problems(doc, crd_dir)
+    return builtin_problems(doc)
 
 
 def name_problems(doc: Mapping[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cluster.k8s_render import OVERLAYS, backfill, render
-from cluster.k8s_validate import custom_resource_problems
+from cluster.k8s_validate import custom_resource_problems, manifest_problems
 from schemas.settings import load_settings
 from tests.k8s.control_plane import REPO, ControlPlane
 
@@ -86,11 +86,21 @@ def _string_partitions(docs):
     next(d for d in docs if d["kind"] == "KafkaTopic")["spec"]["partitions"] = "twelve"
 
 
+def _config_map_typo(docs):
+    next(d for d in docs if d["kind"] == "ConfigMap")["dta"] = {"riverbed.yaml": ""}
+
+
+def _claim_mode(docs):
+    next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["spec"]["accessModes"] = "ReadWriteMany"
+
+
 # Each: what it breaks, and a word both refusals must name.
 SCHEMA_BREAKS: dict[str, tuple[Callable[[list[dict[str, Any]]], None], str]] = {
     "an unknown field": (_typo, "imagePullPolicyy"),
     "a start parameter that is not a string": (_int_param, "num-cpus"),
     "a partition count that is not an integer": (_string_partitions, "partitions"),
+    "an unknown field in a built-in kind": (_config_map_typo, "dta"),
+    "a list given as a string in a built-in kind": (_claim_mode, "accessModes"),
 }
 
 
@@ -101,7 +111,7 @@ def test_what_the_offline_checks_refuse_the_api_server_refuses(control_plane, na
     broken = copy.deepcopy(docs)
     breaks(broken)
     changed = [b for b, d in zip(broken, docs, strict=True) if b != d]
-    offline = [p for doc in changed for p in custom_resource_problems(doc)]
+    offline = [p for doc in changed for p in manifest_problems(doc)]
     assert offline and all(word in p for p in offline), offline
     done = dry_run(control_plane, namespace, changed)
     assert done.returncode != 0 and word in done.stderr, done.stderr

@@ -14,7 +14,12 @@ import pytest
 import yaml
 
 from cluster.k8s_render import OVERLAYS, apply_gpu_patch, backfill, kustomize_tree, render
-from cluster.k8s_validate import custom_resource_problems, name_problems, serve_config_problems
+from cluster.k8s_validate import (
+    custom_resource_problems,
+    manifest_problems,
+    name_problems,
+    serve_config_problems,
+)
 from schemas.errors import ConfigError
 from schemas.settings import Settings, load_settings
 
@@ -37,6 +42,14 @@ SETTINGS = load_settings(
 
 def by_kind(docs, kind):
     return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_manifest_passes_its_schema_the_crds_or_kubernetes_own(overlay):
+    docs = render(SETTINGS, overlay) + backfill(SETTINGS, overlay)
+    assert {d["kind"] for d in docs} >= {"ConfigMap", "PersistentVolumeClaim", "RayService", "RayJob"}
+    for doc in docs:
+        assert manifest_problems(doc) == [], (doc["kind"], doc["metadata"]["name"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -125,3 +125,23 @@ def test_a_kind_no_vendored_crd_defines_is_named():
         {"apiVersion": "ray.io/v9", "kind": "RayService", "metadata": {"name": "a"}}
     )
     assert problems == [problems[0]] and "no vendored CRD" in problems[0]
+
+
+def test_built_in_kinds_are_checked_strictly_by_kubernetes_own_schemas():
+    from cluster.k8s_validate import manifest_problems
+
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "b"}}
+    assert manifest_problems(config_map) == []
+    assert manifest_problems({**config_map, "dta": {"a": "b"}}) == [
+        "(top): Additional properties are not allowed ('dta' was unexpected)"
+    ]
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "d"},
+        "spec": {"accessModes": "ReadWriteMany", "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    assert manifest_problems(claim) == ["spec.accessModes: 'ReadWriteMany' is not of type 'array', 'null'"]
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    (problem,) = manifest_problems(unknown)
+    assert "Widget" in problem and "example.com/v1" in problem
