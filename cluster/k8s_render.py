@@ -10,6 +10,9 @@ one source of topics, Serve deployments, replica bounds and resources.
 #   app's deployments take replicas, autoscaling and resources from ``serve.*``); a head
 #   that runs no tasks, a CPU worker group and, in the gpu overlay, a GPU worker group with
 #   ``nvidia.com/gpu`` requests equal to limits; the Ray autoscaler (v2) on
+# MILVUS: with ``index.backend: milvus`` and no ``index.milvus.uri``, a Milvus standalone
+#   StatefulSet (embedded etcd, local storage, its own volume) and a Service, which the settings'
+#   uri then names; a Milvus of your own (cluster mode) is used by its uri instead
 # BACKFILL: a ``RayJob`` (its own short-lived Ray cluster, the same pods) whose entrypoint ingests
 #   until idle into the index the settings name: a new index (model, backend, shards) built from
 #   the topics beside the one being served
@@ -48,6 +51,9 @@ def cluster_settings(settings: Settings) -> dict[str, Any]:
     the image's), with the broker, the data home and the Serve bind address of the cluster."""
     chosen = settings.model_dump(mode="json", exclude_defaults=True, exclude={"k8s", "home", "cache_dir"})
     chosen.setdefault("kafka", {})["bootstrap_servers"] = kafka_bootstrap(settings)
+    if renders_milvus(settings):
+        index = chosen.setdefault("index", {})
+        index.setdefault("milvus", {})["uri"] = milvus_uri(settings)
     chosen.setdefault("ray", {})["address"] = "auto"  # a `riverbed` command in a pod joins its cluster
     chosen["home"] = DATA_DIR
     serve = chosen.setdefault("serve", {})
@@ -66,7 +72,121 @@ def render(settings: Settings, overlay: Overlay = "cpu", namespace: str = "river
         data_claim(settings, namespace),
         *kafka(settings, namespace),
         *topics(settings, namespace),
+        *(milvus(settings, namespace) if renders_milvus(settings) else []),
         ray_service(settings, args, overlay, namespace),
+    ]
+
+
+MILVUS_PORT = 19530
+MILVUS_HEALTH_PORT = 9091
+MILVUS_DATA = "/var/lib/milvus"
+EMBEDDED_ETCD = """\
+listen-client-urls: http://0.0.0.0:2379
+advertise-client-urls: http://0.0.0.0:2379
+quota-backend-bytes: 4294967296
+auto-compaction-mode: revision
+auto-compaction-retention: '1000'
+"""
+
+
+def renders_milvus(settings: Settings) -> bool:
+    """Whether the manifests hold a Milvus: the milvus backend with no server named."""
+    return settings.index.backend == "milvus" and not settings.index.milvus.uri
+
+
+def milvus_uri(settings: Settings) -> str:
+    return f"http://{settings.k8s.name}-milvus:{MILVUS_PORT}"
+
+
+def milvus(settings: Settings, namespace: str) -> list[dict[str, Any]]:
+    """Milvus standalone for the milvus backend: a one-pod StatefulSet (embedded etcd, local
+    storage and WAL on its own volume, which follows the pod), its ConfigMap and a headless
+    Service the shards reach it by. The smallest real Milvus that needs no other operator; for
+    Milvus in cluster mode (the Milvus Operator or Helm chart), name it in ``index.milvus.uri``
+    and none is rendered."""
+    k = settings.k8s
+    name = f"{k.name}-milvus"
+    labels = {"app.kubernetes.io/name": "milvus", "app.kubernetes.io/instance": name}
+    amounts = {"cpu": str(k.milvus_cpus), "memory": k.milvus_memory}
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": k.milvus_storage}},
+    }
+    if k.storage_class:
+        claim["storageClassName"] = k.storage_class
+    health = {"httpGet": {"path": "/healthz", "port": MILVUS_HEALTH_PORT}}
+    container = {
+        "name": "milvus",
+        "image": k.milvus_image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["milvus", "run", "standalone"],
+        "env": [
+            {"name": "ETCD_USE_EMBED", "value": "true"},
+            {"name": "ETCD_DATA_DIR", "value": f"{MILVUS_DATA}/etcd"},
+            {"name": "ETCD_CONFIG_PATH", "value": "/milvus/configs/embedEtcd.yaml"},
+            {"name": "COMMON_STORAGETYPE", "value": "local"},
+        ],
+        "ports": [
+            {"name": "grpc", "containerPort": MILVUS_PORT},
+            {"name": "health", "containerPort": MILVUS_HEALTH_PORT},
+        ],
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "readinessProbe": {**health, "initialDelaySeconds": 20, "periodSeconds": 10},
+        "livenessProbe": {**health, "initialDelaySeconds": 90, "periodSeconds": 30, "failureThreshold": 3},
+        "volumeMounts": [
+            {"name": "data", "mountPath": MILVUS_DATA},
+            {
+                "name": "etcd-config",
+                "mountPath": "/milvus/configs/embedEtcd.yaml",
+                "subPath": "embedEtcd.yaml",
+            },
+        ],
+    }
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(f"{name}-config", namespace),
+            "data": {"embedEtcd.yaml": EMBEDDED_ETCD},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(name, namespace),
+            "spec": {
+                "clusterIP": "None",
+                "selector": labels,
+                "ports": [
+                    {"name": "grpc", "port": MILVUS_PORT, "targetPort": "grpc"},
+                    {"name": "health", "port": MILVUS_HEALTH_PORT, "targetPort": "health"},
+                ],
+            },
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": _meta(name, namespace),
+            "spec": {
+                "serviceName": name,
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(MILVUS_HEALTH_PORT),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
+                    "spec": {
+                        "containers": [container],
+                        "volumes": [{"name": "etcd-config", "configMap": {"name": f"{name}-config"}}],
+                    },
+                },
+                "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": claim}],
+            },
+        },
     ]
 
 

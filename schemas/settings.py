@@ -744,6 +744,16 @@ class KubernetesConfig(_Section):
         description="the Secret whose key 'keys' holds serve.auth.keys as JSON, given to the pods as "
         "RIVERBED_SERVE__AUTH__KEYS (never a literal key in a manifest)",
     )
+    milvus_image: str = Field(
+        "milvusdb/milvus:v3.0.2",
+        description="the Milvus standalone rendered when index.backend is milvus and index.milvus.uri "
+        "is unset (pinned by tag or digest)",
+    )
+    milvus_cpus: PositiveInt = Field(4, description="CPUs the Milvus pod requests and is limited to")
+    milvus_memory: str = Field("16Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$")
+    milvus_storage: str = Field(
+        "100Gi", pattern=r"^[0-9]+(Mi|Gi|Ti)$", description="the Milvus pod's own volume"
+    )
 
 
 class Settings(BaseSettings):

@@ -59,6 +59,14 @@ def test_a_config_with_other_names_and_sizes_renders_what_the_api_server_accepts
     assert "kafkatopic.kafka.strimzi.io/news-search-documents created (server dry run)" in done.stdout
 
 
+def test_the_milvus_standalone_is_accepted_by_the_api_server(control_plane, namespace):
+    settings = CONFIG.model_copy(update={"index": CONFIG.index.model_copy(update={"backend": "milvus"})})
+    done = dry_run(control_plane, namespace, render(settings, "cpu", namespace))
+    assert done.returncode == 0, done.stderr
+    assert "statefulset.apps/news-search-milvus created (server dry run)" in done.stdout
+    assert "service/news-search-milvus created (server dry run)" in done.stdout
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_backfill_job_is_accepted_by_the_api_server(control_plane, namespace, overlay):
     done = dry_run(control_plane, namespace, backfill(CONFIG, overlay, namespace))

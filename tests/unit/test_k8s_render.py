@@ -174,6 +174,45 @@ def test_the_longest_name_the_settings_take_fits_kuberays_limits_in_every_object
         load_settings(overrides={"k8s": {"name": "n" * 39}})
 
 
+def test_the_milvus_backend_without_a_server_gets_a_milvus_standalone_that_the_settings_name():
+    settings = load_settings(overrides={"index": {"backend": "milvus"}, "k8s": {"name": "news"}})
+    docs = render(settings, "cpu")
+    for doc in docs:
+        assert manifest_problems(doc) == [], (doc["kind"], doc["metadata"]["name"])
+    (stateful,) = by_kind(docs, "StatefulSet")
+    (service,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "news-milvus"]
+    pod = stateful["spec"]["template"]
+    assert (
+        service["spec"]["selector"]
+        == pod["metadata"]["labels"]
+        == stateful["spec"]["selector"]["matchLabels"]
+    )
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "milvusdb/milvus:v3.0.2" and container["args"] == [
+        "milvus",
+        "run",
+        "standalone",
+    ]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["port"] for p in service["spec"]["ports"]} == set(ports.values())
+    app = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["riverbed.yaml"])
+    assert load_settings(overrides=app).index.milvus.uri == f"http://news-milvus:{ports['grpc']}"
+
+    served = load_settings(overrides={"index": {"backend": "milvus", "milvus": {"uri": "http://mine:19530"}}})
+    assert not by_kind(render(served), "StatefulSet")  # a Milvus of one's own is used as it is
+    assert not by_kind(render(load_settings()), "StatefulSet")  # and none with FAISS
+
+
+def test_every_image_is_pinned_to_a_tag_or_digest():
+    settings = load_settings(overrides={"index": {"backend": "milvus"}})
+    images = []
+    for doc in render(settings, "gpu") + backfill(settings, "gpu"):
+        text = json.dumps(doc)
+        images += [part.split('"')[0] for part in text.split('"image": "')[1:]]
+    assert images and all(("@sha256:" in i or ":" in i.rsplit("/", 1)[-1]) for i in images), images
+    assert not [i for i in images if i.endswith(":latest")]
+
+
 def test_each_builder_the_serve_config_names_is_importable():
     import importlib
 
