@@ -2,7 +2,8 @@
 settings describe. No Pod runs here (no kubelet), so what is checked is what the operator makes of
 the manifest: the RayCluster, one Pod per wanted replica of each group with the settings' image,
 resources and ``ray start`` parameters, the autoscaler, the key from the Secret, the shared data
-claim, and the head Service with Serve's port."""
+claim, readiness probes on Serve's proxy (whose tool the image has), and the head Service with
+Serve's port."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.k8s_render import backfill, render
+from cluster.k8s_render import SERVE_PORT, backfill, render
 from tests.k8s.control_plane import ControlPlane
 from tests.k8s.test_apiserver import CONFIG
+from tests.unit.test_dockerfile import args_of
 
 
 def objects(plane: ControlPlane, kind: str, namespace: str) -> list[dict[str, Any]]:
@@ -80,6 +82,12 @@ def test_the_operator_builds_the_cluster_the_settings_describe(
             limits = pod["spec"]["containers"][0]["resources"]["limits"]
             assert limits["cpu"] == str(group.cpus) and f"--num-cpus={group.cpus}" in ray_start(pod).split()
             assert limits.get("nvidia.com/gpu") == (str(group.gpus) if group.gpus else None)
+
+            # The operator's readiness probe asks Serve's proxy on every worker, with wget: the
+            # image must have it (the Dockerfile installs it).
+            probe = " ".join(pod["spec"]["containers"][0]["readinessProbe"]["exec"]["command"])
+            assert f"localhost:{SERVE_PORT}/-/healthz" in probe and probe.split()[2] == "wget"
+    assert any("apt-get install" in run and " wget " in run for run in args_of("RUN"))
 
     services = objects(control_plane, "services", namespace)
     (head_service,) = [s for s in services if s["metadata"]["name"].endswith("-head-svc")]
