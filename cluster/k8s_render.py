@@ -10,6 +10,10 @@ one source of topics, Serve deployments, replica bounds and resources.
 #   app's deployments take replicas, autoscaling and resources from ``serve.*``); a head
 #   that runs no tasks, a CPU worker group and, in the gpu overlay, a GPU worker group with
 #   ``nvidia.com/gpu`` requests equal to limits; the Ray autoscaler (v2) on
+# UPGRADES: ``upgradeStrategy: None``. KubeRay's default upgrade starts a new cluster beside the
+#   old one and switches when it is ready; here the new cluster's shards could not open the stores
+#   the old one holds (one writer per store), so it would never be ready. Settings (the Serve
+#   config) change in place; a cluster change (image, pod sizes) is a delete and apply
 # MILVUS: with ``index.backend: milvus`` and no ``index.milvus.uri``, a Milvus standalone
 #   StatefulSet (embedded etcd, local storage, its own volume) and a Service, which the settings'
 #   uri then names; a Milvus of your own (cluster mode) is used by its uri instead
@@ -417,6 +421,9 @@ def ray_service(settings: Settings, args: dict[str, Any], overlay: Overlay, name
         "kind": "RayService",
         "metadata": _meta(k.name, namespace),
         "spec": {
+            # A changed cluster spec must not start a second cluster beside the first: both would
+            # open the same single-writer shard stores on the shared claim (see UPGRADES).
+            "upgradeStrategy": {"type": "None"},
             "serveConfigV2": serve_config(args),
             "rayClusterConfig": ray_cluster_spec(settings, overlay, f"{k.name}-config"),
         },

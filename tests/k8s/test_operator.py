@@ -109,3 +109,21 @@ def test_the_operator_starts_the_backfill_jobs_own_cluster_reading_the_jobs_sett
         assert config["metadata"]["name"] in maps
     (rayjob,) = objects(control_plane, "rayjobs", namespace)
     assert rayjob["spec"]["entrypoint"] == job["spec"]["entrypoint"]
+
+
+def test_a_changed_image_does_not_start_a_second_cluster_beside_the_first(
+    control_plane, operator_log, namespace
+):
+    """KubeRay's default upgrade would (it does, without the manifest's ``upgradeStrategy``): the
+    second cluster's shards could not open the stores the first holds."""
+    docs = render(CONFIG, "cpu", namespace)
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(docs))
+    wait_for_pods(control_plane, namespace, 1 + CONFIG.k8s.workers.min_replicas)
+    (first,) = objects(control_plane, "rayclusters", namespace)
+    cluster = docs[-1]["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        pod["template"]["spec"]["containers"][0]["image"] = "riverbed:0.2.0"
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(docs))
+    time.sleep(10)  # the operator reconciles a changed RayService within a second or two
+    names = [c["metadata"]["name"] for c in objects(control_plane, "rayclusters", namespace)]
+    assert names == [first["metadata"]["name"]], control_plane.tail(operator_log)
