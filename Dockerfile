@@ -48,5 +48,6 @@ USER 1000
 ARG TRAIN_IMAGE_MODEL=0
 RUN if [ "$TRAIN_IMAGE_MODEL" = "1" ]; then riverbed finetune image-text --dataset easy-vqa -q; fi
 
-ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["riverbed", "--help"]
+# `docker run riverbed:0.1.0 stats ...`; KubeRay replaces both with its `ray start` command.
+ENTRYPOINT ["/usr/bin/tini", "--", "riverbed"]
+CMD ["--help"]

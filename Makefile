@@ -30,7 +30,7 @@ gpu: setup
 	$(PY) -m pytest tests/gpu -q -m gpu
 
 # The k8s tier's binaries (kube-apiserver, etcd, the KubeRay operator), built once and cached outside
-# the clone; then the manifests against them. `make test` runs the tier when they are cached.
+# the clone; then the manifests against them.
 k8s-tools:
 	bash scripts/k8s-tools.sh build
 
@@ -38,8 +38,10 @@ k8s-check: setup
 	bash scripts/k8s-tools.sh build || echo "k8s-tools: not every binary was built (see above); its tests skip"
 	$(PY) -m pytest tests/k8s tests/unit/test_k8s_render.py tests/unit/test_k8s_validate.py -q
 
-# Lint, types, then every tier (the gpu tier skips itself without CUDA).
+# Lint, types, the k8s tier's API server (built once per machine, about 10 minutes), then every
+# tier (the gpu tier skips itself without CUDA; the k8s tier's operator tests without its binary).
 test: lint typecheck
+	bash scripts/k8s-tools.sh build server || echo "k8s-tools: the API server was not built (see above); the k8s tier skips"
 	$(PY) -m pytest tests -q --durations=25
 
 # Re-pin requirements/lock.txt from requirements/base.in (then `make setup` builds a new venv).

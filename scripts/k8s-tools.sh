@@ -15,8 +15,9 @@
 #   scripts/k8s-tools.sh paths
 #       Print KUBE_APISERVER=... ETCD=... KUBERAY_OPERATOR=... (only the
 #       binaries that exist) on one line; always exits 0.
-#   scripts/k8s-tools.sh build [apiserver|etcd|operator|all]   (default: all)
-#       Build whatever is missing, skip what is cached, then print the paths.
+#   scripts/k8s-tools.sh build [apiserver|etcd|server|operator|all]   (default: all)
+#       Build whatever is missing, skip what is cached, then print the paths
+#       (server: etcd and kube-apiserver, what `make test` builds).
 #       Progress goes to stderr.
 #
 # Environment:
@@ -364,6 +365,10 @@ main() {
             case "${2:-all}" in
                 apiserver) build_apiserver ;;
                 etcd) build_etcd ;;
+                server)
+                    build_etcd
+                    build_apiserver
+                    ;;
                 operator) build_operator ;;
                 all)
                     # Each target runs in its own process (with its own
