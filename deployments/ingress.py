@@ -75,6 +75,8 @@ from schemas.api import (
     ImageSearchRequest,
     ImageSearchResponse,
     Modality,
+    ModelCard,
+    ModelList,
     ProducedRecord,
     RagRequest,
     RagResponse,
@@ -210,6 +212,7 @@ class Ingress:
         self._producer: asyncio.Future[Any] | None = None  # its build: see _producer_build
         self._model: dict[str, Any] | None = None
         self._image_model_info: dict[str, Any] | None = None
+        self._started = int(time.time())
 
     # SEARCH
     @app.post("/v1/search", response_model=SearchResponse, responses=BODY_ERRORS, dependencies=READ)
@@ -331,6 +334,36 @@ class Ingress:
         # The replica answers with the EmbeddingsResponse's JSON: nothing to serialise here.
         body = await self._call(self.bulk_embedder.embed.remote(texts, request.encoding_format))
         return Response(body, media_type="application/json")
+
+    @app.get("/v1/models", response_model=ModelList, responses=PATH_ERRORS, dependencies=READ)
+    async def models(self) -> ModelList:
+        """OpenAI's model list: the embedding model `/v1/embeddings` and the searches use, and the
+        generator `/v1/rag` answers with."""
+        return ModelList(data=await self._model_cards())
+
+    @app.get(
+        "/v1/models/{model:anypath}", response_model=ModelCard, responses=GRAPH_GET_ERRORS, dependencies=READ
+    )
+    async def model(self, model: str, request: Request) -> ModelCard:
+        """One served model (its id may hold `/`), or 404 `model_not_found`."""
+        _check_path_utf8(request, "model")
+        cards = await self._model_cards()
+        for card in cards:
+            if model == card.id:
+                return card
+        served = ", ".join(repr(card.id) for card in cards)
+        raise ApiError(
+            404, "model_not_found", f"model {model!r} is not served here; served: {served}", "model"
+        )
+
+    async def _model_cards(self) -> list[ModelCard]:
+        embedding = await self._describe()
+        llm = self.settings.serve.llm
+        owner = "riverbed" if llm.backend == "local" else (llm.base_url or "openai")
+        return [
+            ModelCard(id=embedding["model"], created=self._started, owned_by="riverbed"),
+            ModelCard(id=llm.model, created=self._started, owned_by=owner),
+        ]
 
     # DOCUMENTS
     @app.post(

@@ -312,6 +312,20 @@ class EmbeddingsResponse(BaseModel):
     usage: EmbeddingsUsage
 
 
+class ModelCard(BaseModel):
+    """A served model, as OpenAI's ``GET /v1/models`` lists one."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="when this server started serving it (Unix seconds)")
+    owned_by: str = Field(description="what serves it: `riverbed` (in process) or the generator's endpoint")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ProducedRecord(BaseModel):
     id: str
     op: Literal["upsert", "delete"]

@@ -138,6 +138,19 @@ def test_embeddings_with_the_official_openai_client(app, http):
         client.embeddings.create(model="text-embedding-3-small", input="x")
 
 
+def test_the_official_openai_client_lists_the_models_the_embeddings_and_rag_answers_name(app, http):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused")
+    listed = [m.id for m in client.models.list()]
+    embedded = client.embeddings.create(model=listed[0], input="Warsaw").model
+    answered = http.post("/v1/rag", json={"question": QUESTION, "k": 1}).json()["model"]
+    assert listed == [embedded, answered]
+    assert client.models.retrieve(embedded).id == embedded  # an id holding "/" too
+    missing = http.get("/v1/models/text-embedding-3-small")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
 def _wait_for(http: httpx.Client, doc_id: str, indexed: bool, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -152,6 +152,16 @@ def test_the_image_routes_and_their_models_are_declared(schema):
     assert {"modality", "image_id", "uri"} <= set(components["Citation"]["properties"])
 
 
+def test_the_model_routes_are_declared_in_openais_shape(schema):
+    ops = operations(schema)
+    listed = ops["GET /v1/models"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert listed["$ref"].endswith("/ModelList")
+    assert "404" in ops["GET /v1/models/{model}"]["responses"]
+    card = schema["components"]["schemas"]["ModelCard"]
+    assert set(card["required"]) >= {"id", "created", "owned_by"}
+    assert card["properties"]["object"]["const"] == "model"
+
+
 def test_image_search_bodies_validate_against_the_declared_schemas(schema):
     from schemas.api import ImageHit, ImageSearchResponse, SearchHit
 
