@@ -25,12 +25,24 @@ add nothing) and the structure is marked stale: it is rebuilt from the store at 
 search, count or snapshot, so vector search never stays behind the store. A failing rebuild never
 fails a write; searches and counts raise :class:`IndexUnavailableError` until one succeeds.
 
+Readers (:meth:`FaissIndex.reader`): a read replica of a shard for another process (a query
+replica), beside the one writer. It builds its own structure from the writer's snapshot (or the
+store), and before each vector search or count it takes the writes committed since the seq it
+reflects: the seq, the tombstones and the new rows are read in one SQLite read transaction, so
+they belong to one commit. When a snapshot has pruned the tombstones it needs, it starts again
+from that snapshot. So a reader sees every write committed before the call began; keyword
+search, lookups and figures read the store directly and see the same. Its IVF centroids and HNSW
+graph are its own (built from the same vectors at other moments): approximate kinds may rank a
+little differently from the writer's; ``flat`` ranks identically.
+
 Thread safety: one lock serialises writes, searches and snapshots; FAISS parallelises each
-search internally (OpenMP). One writer process per shard directory (the store's lock).
+search internally (OpenMP). One writer process per shard directory (the store's lock); any
+number of readers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,7 +68,7 @@ from actors.vector_index import (
     check_queries,
     exact_top_k,
 )
-from schemas.errors import IndexUnavailableError, RetryableError
+from schemas.errors import ConfigError, IndexUnavailableError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.settings import FaissConfig
 from schemas.topology import Offsets, Version
@@ -89,22 +101,39 @@ class FaissIndex(WriteConveniences):
         config: FaissConfig | None = None,
         *,
         max_bytes: int | None = None,
+        _reader: bool = False,
     ) -> None:
         self.path = path
         self._config = config or FaissConfig()
         if self._config.omp_threads is not None:
             faiss.omp_set_num_threads(self._config.omp_threads)  # process-wide: one shard per actor
         self._lock = threading.RLock()
-        self._store: ShardStore | None = ShardStore(path, model, dim, max_bytes=max_bytes)
+        self._reader = _reader
+        self._store: ShardStore | None = (
+            ShardStore.read_only(path) if _reader else ShardStore(path, model, dim, max_bytes=max_bytes)
+        )
         self._index: Any = None  # a faiss.Index
         self._masked = np.zeros(0, np.int64)  # hnsw: ids deleted from the store, still in FAISS
         self._trained_on = 0  # ivf: vectors the centroids were trained on; 0 while flat
         self._stale = False  # a mirroring failed: rebuild from the store before the next use
+        self._seq = 0  # the store's seq the structure reflects (what a reader catches up from)
         try:
             self.restore()
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def reader(cls, path: Path, config: FaissConfig | None = None) -> FaissIndex:
+        """A read replica of the shard stored in ``path`` (see the module's "Readers"): it takes
+        no lock, refuses writes and snapshots, and sees every write committed before each call.
+        ``config`` must be the writer's (its structure kind and parameters)."""
+        return cls(path, "", 0, config, _reader=True)
+
+    @property
+    def seq(self) -> int:
+        """The store's seq the vector structure reflects."""
+        return self._seq
 
     @property
     def model(self) -> str:
@@ -127,14 +156,15 @@ class FaissIndex(WriteConveniences):
         nothing was written). A failure to mirror does not fail the write (see the module's
         "Drift")."""
         with self._lock:
-            changes = self._open().apply(write)
+            changes = self._writable().apply(write)
             self._follow(changes)
+            self._seq = changes.seq
             return changes.result
 
     def set_max_bytes(self, max_bytes: int | None) -> None:
         """Sets the store's quota (see :meth:`ShardStore.set_max_bytes`); None lifts it."""
         with self._lock:
-            self._open().set_max_bytes(max_bytes)
+            self._writable().set_max_bytes(max_bytes)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -213,6 +243,7 @@ class FaissIndex(WriteConveniences):
         a crash mid-way leaves either the old pair or a mismatch that restore detects. Raises
         :class:`RetryableError` if it cannot write (the store, and so every write, is unaffected)."""
         with self._lock:
+            self._writable()
             store = self._fresh()  # never a stale structure under the store's current seq
             tmp, sidecar_tmp = self.path / "index.faiss.tmp", self.path / "index.json.tmp"
             try:
@@ -242,17 +273,21 @@ class FaissIndex(WriteConveniences):
             log.info("shard %s: snapshot at seq %d (%d vectors)", self.path, store.seq, self._index.ntotal)
 
     def restore(self) -> None:
-        """(Re)loads the FAISS structure: snapshot + later store writes, else a full rebuild."""
+        """(Re)loads the FAISS structure: snapshot + later store writes, else a full rebuild (a
+        reader: as of one commit)."""
         with self._lock:
             store = self._open()
-            try:
-                loaded = self._load_snapshot(store)
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # faiss: RuntimeError
-                log.warning("shard %s: snapshot unusable (%s); rebuilding from the store", self.path, exc)
-                loaded = False
-            if not loaded:
-                self._rebuild()
-            self._stale = False
+            with store.read_view() if self._reader else contextlib.nullcontext():
+                seq = store.current_seq() if self._reader else store.seq
+                try:
+                    loaded = self._load_snapshot(store)
+                except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # faiss: RuntimeError
+                    log.warning("shard %s: snapshot unusable (%s); rebuilding from the store", self.path, exc)
+                    loaded = False
+                if not loaded:
+                    self._rebuild()
+                self._stale = False
+                self._seq = seq
 
     def close(self) -> None:
         """Releases memory, the store and its writer lock. Idempotent; no snapshot is taken."""
@@ -268,11 +303,19 @@ class FaissIndex(WriteConveniences):
             raise IndexUnavailableError(f"shard {self.path} is closed")
         return self._store
 
+    def _writable(self) -> ShardStore:
+        if self._reader:
+            raise ConfigError(f"shard {self.path}: a reader cannot write or snapshot; its writer does")
+        return self._open()
+
     def _fresh(self) -> ShardStore:
-        """The open store, after rebuilding the structure if a mirroring left it stale. Raises
-        :class:`IndexUnavailableError` when the rebuild fails (it is tried again next time)."""
+        """The open store, after rebuilding the structure if a mirroring left it stale (a reader:
+        after taking the writes committed since its seq). Raises :class:`IndexUnavailableError`
+        when the rebuild fails (it is tried again next time)."""
         store = self._open()
-        if self._stale:
+        if self._reader:
+            self._catch_up(store)
+        elif self._stale:
             try:
                 self._rebuild()
             except Exception as exc:
@@ -281,6 +324,40 @@ class FaissIndex(WriteConveniences):
                     f"rebuilt yet: {exc}"
                 ) from exc
         return store
+
+    def _catch_up(self, store: ShardStore) -> None:
+        """A reader's structure brought to the store's current commit (see "Readers")."""
+        if not self._follow_commits(store):  # a snapshot forgot the deletions since our seq
+            self.restore()  # from that snapshot
+
+    def _follow_commits(self, store: ShardStore) -> bool:
+        """Takes the writes committed since the reader's seq, as of one commit; False when the
+        tombstones it needs were pruned (nothing was changed)."""
+        with store.read_view():
+            seq = store.current_seq()
+            if seq == self._seq and not self._stale:
+                return True
+            try:
+                removed = store.removed_since(self._seq)
+            except ValueError:
+                return False
+            try:
+                if self._stale:
+                    self._rebuild()
+                else:
+                    if self._config.kind == "hnsw":  # a row added and deleted since was never here
+                        removed = removed[np.isin(removed, faiss.vector_to_array(self._index.id_map))]
+                    self._remove(removed)
+                    for ids, vectors in store.iter_vectors(after_seq=self._seq):
+                        self._index.add_with_ids(vectors, ids)
+                    self._maybe_rebuild()
+            except Exception as exc:
+                self._stale = True
+                raise IndexUnavailableError(
+                    f"shard {self.path}: the reader could not take the writes since seq {self._seq}: {exc}"
+                ) from exc
+            self._seq = seq
+            return True
 
     def _live(self) -> int:
         return int(self._index.ntotal) - len(self._masked)

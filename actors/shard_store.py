@@ -34,6 +34,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,28 @@ class ShardStore(SQLiteStore):
 
     @property
     def seq(self) -> int:
-        """The number of the last write that changed a chunk or document row (0: none yet)."""
+        """The number of the last write that changed a chunk or document row (0: none yet). A
+        read-only store knows the seq it last read: :meth:`current_seq` reads it again."""
         return self._seq
+
+    def current_seq(self) -> int:
+        """The seq as committed now (another process may be writing); remembered as :attr:`seq`."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+            self._seq = int(row[0]) if row else 0
+            return self._seq
+
+    @contextmanager
+    def read_view(self) -> Iterator[None]:
+        """One read transaction: every read inside sees the store as of one commit (WAL), however
+        many writes another process commits meanwhile, so a reader can take the seq, the rows and
+        the tombstones together. Holds this store's lock throughout."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._conn.execute("COMMIT")
 
     # -- writes ---------------------------------------------------------------------------
 
