@@ -244,6 +244,18 @@ class IndexShard:
             "path": str(self.path),
         }
 
+    def reader_source(self) -> dict[str, str] | None:
+        """Where a read replica in another process finds this shard's store (FAISS: its
+        directory and store id), or None when there is none to read: another backend, or the
+        shard cannot serve (unavailable, closed), so its readers must stop too."""
+        if self.config.backend != "faiss":
+            return None
+        try:
+            index = self.index
+        except IndexUnavailableError:
+            return None
+        return {"path": str(self.path), "store_id": index.store_id}
+
     def health(self) -> dict[str, Any]:
         """``{"shard", "status": "ok"|"degraded"|"unavailable", "problem", "chunks", "vectors"}``.
         ``degraded``: the last write failed (``problem`` says why, e.g. disk full); ``unavailable``:

@@ -7,6 +7,10 @@ index's images live in an index of their own, ``<index>-images`` (shard actors
 the retriever searches it the same way when a request names the ``image`` side or modality, and
 an images index that no ingest has created yet is :class:`IndexUnavailableError` as well.
 
+Searches of a FAISS index read the shards' stores in the retriever's own process where its node
+reaches them (read replicas that see every committed write: :mod:`deployments.shard_readers`),
+which spares a call to each shard actor per query; lookups, health and figures ask the actors.
+
 Shard trouble is never a bug: a shard actor that died, is restarting, does not answer within
 :data:`SHARD_TIMEOUT_S`, or reports its data unavailable makes the call raise
 :class:`IndexUnavailableError` naming the index and the shard (HTTP 503), never anything that
@@ -38,7 +42,8 @@ from deployments.fusion import Ranked
 from deployments.graph import GraphReader
 from deployments.http_errors import cause
 from deployments.modal_searcher import ModalSearcher
-from deployments.searcher import Searcher, first_found
+from deployments.searcher import Searcher, Shards, first_found
+from deployments.shard_readers import ReaderShards
 from schemas.api import Modality
 from schemas.errors import IndexUnavailableError, NotFoundError, RetryableError
 from schemas.filters import MetadataFilter
@@ -158,6 +163,11 @@ class RayShards:
                     self.forget()
             raise failure from exc
 
+    async def call_one(self, shard: int, method: str, *args: Any) -> Any:
+        """``method(*args)`` on shard ``shard``'s actor."""
+        handles = await self._current_handles()
+        return await self._one(shard, getattr(handles[shard], method).remote(*args), self.timeout_s)
+
     async def call_all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard actor at once; the results in shard order."""
         handles = await self._current_handles()
@@ -245,6 +255,14 @@ def _unavailable(shard: int, exc: BaseException) -> dict[str, Any]:
     return {"shard": shard, "status": "unavailable", "problem": reason}
 
 
+def searchable(settings: Settings, actors: RayShards) -> Shards:
+    """What searches read: the shards' stores in this process where it reaches them (FAISS, with
+    ``serve.search.readers``: :class:`~deployments.shard_readers.ReaderShards`), else the actors."""
+    if settings.serve.search.readers and settings.index.backend == "faiss":
+        return ReaderShards(actors, settings.index.faiss, settings.serve.search.reader_check_s)
+    return actors
+
+
 @serve.deployment
 class Retriever:
     """Searches, document lookups and shard health for ``settings.index``, over its shard actors,
@@ -265,8 +283,8 @@ class Retriever:
         self.index = settings.index.name
         config = settings.serve.search
         self.searchers: dict[Modality, Searcher] = {
-            "text": Searcher(config, self.shards, graph=self.graph),
-            "image": Searcher(config, self.image_shards, modality="image"),
+            "text": Searcher(config, searchable(settings, self.shards), graph=self.graph),
+            "image": Searcher(config, searchable(settings.image_side(), self.image_shards), modality="image"),
         }
         self.searcher = self.searchers["text"]
         self.modal = ModalSearcher(self.searchers)

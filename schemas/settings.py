@@ -481,6 +481,16 @@ class SearchConfig(_Section):
     embed_batch_wait_s: Annotated[float, Field(ge=0)] = Field(
         0.002, description="how long a query waits for others to share its batch"
     )
+    readers: bool = Field(
+        True,
+        description="search FAISS shards in the retriever's own process (read replicas of their stores, "
+        "which see every committed write) when its node reaches the store; false: every search asks "
+        "the shard actors",
+    )
+    reader_check_s: Annotated[float, Field(gt=0)] = Field(
+        5.0,
+        description="how often the retriever asks each shard actor where its store is and whether it serves",
+    )
 
 
 class GeneratorConfig(_Section):
