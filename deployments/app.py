@@ -54,7 +54,10 @@ def build_app(settings: Settings, servers: str) -> Application:
         .options(**deployment_options(serve_config.bulk_embedder))
         .bind(embed_config, serve_config.embeddings)
     )
-    retriever = _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings)
+    # Text searches embed in the retriever (one call from the ingress, batched there too).
+    retriever = (
+        _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings, embed_config)
+    )
     generator = _serve(Generator).options(**deployment_options(serve_config.generator)).bind(settings)
     # Image queries: the image model loads on the first one, so a model not trained yet costs the
     # app nothing but 503s on the image routes.

@@ -570,12 +570,12 @@ class Ingress:
         self, query: str, k: int, filter: MetadataFilter | None, mode: str, modalities: list[Modality]
     ) -> list[Ranked]:
         """The top ``k`` for ``query`` over ``modalities``, each hit tagged with its modality.
-        Passages alone take the batched path they always took; images need the image model's
-        vectors (503 while it cannot be loaded) except in keyword mode, which reads captions only."""
-        if modalities == ["text"]:
-            vector = None if mode == "keyword" else await self._call(self.embedder.embed.remote(query))
+        Passages alone take one call to the retriever, which embeds and searches in batches;
+        images need the image model's vectors (503 while it cannot be loaded) except in keyword
+        mode, which reads captions only."""
+        if modalities == ["text"]:  # one call: the retriever embeds the query too
             ranked: list[Ranked] = await self._call(
-                self.retriever.search.remote(query, vector, k, filter, mode)
+                self.retriever.search.remote(query, None, k, filter, mode)
             )
             return ranked
         vectors: dict[Modality, Any] = {m: None for m in modalities}

@@ -36,6 +36,7 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
+from actors.embedder import Embedder
 from actors.graph_extract import pipeline_stop_words
 from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked
@@ -48,7 +49,7 @@ from schemas.api import Modality
 from schemas.errors import IndexUnavailableError, NotFoundError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.ids import shard_of
-from schemas.settings import Settings
+from schemas.settings import EmbedConfig, Settings
 from schemas.topology import actor_name
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,13 @@ class Retriever:
     and searches and lookups of its images (``settings.image_side()``). Every shard failure
     surfaces as :class:`IndexUnavailableError` naming the index and shard (HTTP 503)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, embed: EmbedConfig | None = None) -> None:
+        # Text queries may come without their vector: embedded here, the concurrent ones in one
+        # forward pass, so a text search is one call from the ingress.
+        self.embedder: Embedder | None = None
+        if embed is not None:
+            self.embedder = Embedder(embed)
+            self.embedder.warm_up()
         self.shards = RayShards(settings)
         self.image_shards = RayShards(settings.image_side())
         # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
@@ -299,13 +306,22 @@ class Retriever:
         side: Modality = "text",
     ) -> list[Ranked]:
         """One query's top ``k`` in the text index (``side`` text) or the images index (image).
-        Concurrent queries are batched: those with the same ``k``, filter, mode and side cost one
-        call per shard together. Raises :class:`IndexUnavailableError` (naming the shard) when a
-        shard cannot answer, :class:`InvalidRequestError` for a bad filter or mode."""
+        A text query without its ``vector`` (in a mode that needs one) is embedded here.
+        Concurrent queries are batched: the text ones without a vector share one forward pass,
+        and those with the same ``k``, filter, mode and side one search of each shard. Raises
+        :class:`IndexUnavailableError` (naming the shard) when a shard cannot answer,
+        :class:`InvalidRequestError` for a bad filter or mode."""
         result = await self._batched((query, vector, k, filter, mode, side))
         if isinstance(result, Exception):
             raise result
         return result
+
+    async def embed(self, text: str) -> np.ndarray:
+        """The vector a text search embeds ``text`` with (``(dim,)`` float32, unit norm)."""
+        if self.embedder is None:
+            raise RuntimeError("this retriever was built without an embedder: searches bring their vectors")
+        vectors = await asyncio.to_thread(self.embedder.embed, [text])
+        return vectors[0]
 
     async def search_modalities(
         self,
@@ -322,11 +338,28 @@ class Retriever:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def _batched(self, requests: list[_Request]) -> list[list[Ranked] | Exception]:
+        out: list[list[Ranked] | Exception] = [[] for _ in requests]
+        requests = list(requests)
+        unembedded = [
+            i for i, (_, vector, _, _, mode, side) in enumerate(requests)
+            if vector is None and mode != "keyword" and side == "text" and self.embedder is not None
+        ]  # fmt: skip
+        if unembedded:
+            try:
+                texts = [requests[i][0] for i in unembedded]
+                vectors = await asyncio.to_thread(self.embedder.embed, texts)  # type: ignore[union-attr]
+            except Exception as exc:  # their error alone: keyword queries and given vectors go on
+                for i in unembedded:
+                    out[i] = exc
+            else:
+                for i, vector in zip(unembedded, vectors, strict=True):
+                    requests[i] = (requests[i][0], vector, *requests[i][2:])
         groups: dict[tuple[int, str, str, str], list[int]] = {}
         for i, (_, _, k, filter, mode, side) in enumerate(requests):
+            if isinstance(out[i], Exception):
+                continue
             key = (k, filter.model_dump_json() if filter is not None else "", mode, side)
             groups.setdefault(key, []).append(i)
-        out: list[list[Ranked] | Exception] = [[] for _ in requests]
 
         async def run(indices: list[int]) -> None:
             _, _, k, filter, mode, side = requests[indices[0]]

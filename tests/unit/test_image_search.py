@@ -71,7 +71,8 @@ def _shard(directory: Path, items: dict[str, tuple[str, dict, np.ndarray]], titl
 
 
 class LocalRetriever(Retriever.func_or_class):
-    """The Retriever's logic over in-process shards: its ``search`` without Serve's batching."""
+    """The Retriever's logic over in-process shards: its ``search`` without Serve's batching
+    (text queries without a vector embedded as QUERY, as the real one embeds them)."""
 
     def __init__(self, text: LocalShards, images: LocalShards) -> None:
         config = SearchConfig(candidates=5)
@@ -81,6 +82,8 @@ class LocalRetriever(Retriever.func_or_class):
         self.modal = ModalSearcher(self.searchers)
 
     async def search(self, query, vector, k, filter, mode, side="text"):
+        if vector is None and mode != "keyword" and side == "text":  # as the Retriever embeds
+            vector = QUERY
         vectors = None if vector is None else vector.reshape(1, -1)
         return (await self.searchers[side].search_many([query], vectors, k, filter, mode))[0]
 
@@ -187,6 +190,43 @@ def test_batched_queries_go_to_the_side_each_names_and_errors_stay_with_their_gr
     assert keys(image2) == [("image", "i-red"), ("image", "i-blue")] and keys(image1) == [("image", "i-red")]
     assert keys(text2) == [("text", "t-red"), ("text", "same")]
     assert isinstance(failed, InvalidRequestError) and "nope" in str(failed)
+
+
+class CountingEmbedder:
+    """Embeds every text as QUERY and records each forward pass; ``fail`` makes them raise."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.passes: list[list[str]] = []
+        self.fail = fail
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.passes.append(list(texts))
+        if self.fail:
+            raise RuntimeError("the model is gone")
+        return np.stack([QUERY for _ in texts])
+
+
+def test_text_queries_without_a_vector_are_embedded_together_in_one_forward_pass(retriever, monkeypatch):
+    batched = Retriever.func_or_class._batched.__wrapped__
+    given = asyncio.run(batched(retriever, [("red", QUERY, 2, None, "vector", "text")]))[0]
+    embedder = CountingEmbedder()
+    monkeypatch.setattr(retriever, "embedder", embedder, raising=False)
+    requests = [
+        ("red", None, 2, None, "vector", "text"),
+        ("blue", None, 2, None, "hybrid", "text"),
+        ("red", None, 2, None, "keyword", "text"),  # needs no vector
+        ("red", QUERY, 2, None, "vector", "image"),  # brought its own
+    ]
+    vector, hybrid, keyword, image = asyncio.run(batched(retriever, requests))
+    assert embedder.passes == [["red", "blue"]]
+    assert keys(vector) == keys(given) and hybrid and keyword
+    assert keys(image) == [("image", "i-red"), ("image", "i-blue")]
+
+    monkeypatch.setattr(retriever, "embedder", CountingEmbedder(fail=True), raising=False)
+    failed, keyword = asyncio.run(batched(retriever, requests[:1] + requests[2:3]))
+    assert isinstance(failed, RuntimeError) and keys(keyword) == keys(
+        asyncio.run(batched(retriever, requests[2:3]))[0]
+    )
 
 
 def test_merge_helpers_break_ties_by_list_order():
