@@ -376,6 +376,13 @@ class ShardActor(IndexShard):
     def node(self) -> str:
         return str(ray.get_runtime_context().get_node_id())
 
+    def reader_source(self) -> dict[str, str] | None:
+        """:meth:`IndexShard.reader_source`, with this actor's Ray node: only a reader on the same
+        node may read the store (SQLite's WAL shares memory between the processes of one host,
+        so it must never be read from another host, even through a shared volume)."""
+        source = super().reader_source()
+        return None if source is None else {**source, "node": self.node()}
+
 
 def _committed_or_none(servers: str, group: str, timeout_s: float = 30.0) -> Offsets | None:
     """The group's committed offsets, or None when the broker cannot be asked now (then the shard

@@ -260,7 +260,8 @@ def searchable(settings: Settings, actors: RayShards) -> Shards:
     """What searches read: the shards' stores in this process where it reaches them (FAISS, with
     ``serve.search.readers``: :class:`~deployments.shard_readers.ReaderShards`), else the actors."""
     if settings.serve.search.readers and settings.index.backend == "faiss":
-        return ReaderShards(actors, settings.index.faiss, settings.serve.search.reader_check_s)
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return ReaderShards(actors, settings.index.faiss, settings.serve.search.reader_check_s, node)
     return actors
 
 

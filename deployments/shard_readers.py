@@ -10,11 +10,13 @@ actor, whose writes are visible once committed.
 
 Which path a shard takes is decided per shard and re-decided every ``reader_check_s``: the
 retriever asks the shard's actor for :meth:`~actors.index_shard.IndexShard.reader_source` (its
-store's directory and id; None for Milvus, or a shard that cannot serve) and reads locally only
-when this process opens that directory and finds the same store id: the store is on this node, or
-on storage every node mounts. Otherwise, when the actor cannot be asked, or when a reader fails,
-the call goes to the actor, which answers or raises what makes the request a 503 naming the
-shard. So a shard the actor stops serving is no longer read here within ``reader_check_s``.
+store's directory, store id and Ray node; None for Milvus, or a shard that cannot serve) and
+reads locally only when the actor runs on this process's Ray node and this process opens that
+directory and finds the same store id. Never from another node, even where a volume is shared:
+SQLite's WAL index is shared memory between the processes of one host. Otherwise, when the actor
+cannot be asked, or when a reader fails, the call goes to the actor, which answers or raises what
+makes the request a 503 naming the shard. So a shard the actor stops serving is no longer read
+here within ``reader_check_s``.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ class ReaderShards:
         actors: ShardActors,
         config: FaissConfig,
         check_s: float,
+        node: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.actors = actors
+        self.node = node  # this process's Ray node (None: not on Ray, tests)
         self.config = config
         self.check_s = check_s
         self._clock = clock
@@ -136,7 +140,7 @@ class ReaderShards:
     def _open(self, shard: int, source: dict[str, str]) -> FaissIndex | None:
         """A reader of the store ``source`` names, or None when this node does not hold it."""
         path = Path(source["path"])
-        if not path.is_dir():
+        if source.get("node") != self.node or not path.is_dir():
             return None
         try:
             reader = FaissIndex.reader(path, self.config)

@@ -99,6 +99,16 @@ def test_a_shard_its_actor_stops_serving_is_asked_of_the_actor_after_the_check_i
     assert readers.local() == [False, True] and actors.calls["search"] == 1
 
 
+def test_a_shard_on_another_node_is_never_read_here_even_through_a_shared_volume(shards):
+    actors = InProcessActors(shards)
+    actors.sources[0] = {**shards[0].reader_source(), "node": "node-b"}
+    actors.sources[1] = {**shards[1].reader_source(), "node": "node-a"}
+    readers = ReaderShards(actors, CONFIG.faiss, check_s=5.0, node="node-a", clock=FakeClock())
+    queries = np.stack([r.vector for r in make_corpus(seed=27, n_docs=1)])
+    asyncio.run(readers.search(queries, 3, None))
+    assert readers.local() == [False, True] and actors.calls["search"] == 1
+
+
 def test_a_store_of_another_identity_at_that_path_is_not_read_here(shards):
     actors = InProcessActors(shards)
     actors.sources[1] = {**shards[1].reader_source(), "store_id": "another-nodes-store"}
