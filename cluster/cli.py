@@ -401,7 +401,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         result = bench_query(
             settings, Path(args.dataset), args.repeat or 5, args.queries, args.k, args.mode, out
         )
-        one, sixteen = result["http"][0], result["http"][-1]
+        one, sixteen = result["http"][0], next(lv for lv in result["http"] if lv["clients"] == 16)
         text = (
             f"query over {result['chunks']} chunks: HTTP p50 {one['p50_ms']:.1f} ms at 1 client "
             f"(in-process {result['in_process']['p50_ms']:.1f} ms, overhead "
