@@ -29,9 +29,11 @@ Readers (:meth:`FaissIndex.reader`): a read replica of a shard for another proce
 replica), beside the one writer. It builds its own structure from the writer's snapshot (or the
 store), and before each vector search or count it takes the writes committed since the seq it
 reflects: the seq, the tombstones and the new rows are read in one SQLite read transaction, so
-they belong to one commit. When a snapshot has pruned the tombstones it needs, it starts again
-from that snapshot. So a reader sees every write committed before the call began; keyword
-search, lookups and figures read the store directly and see the same. Its IVF centroids and HNSW
+they belong to one commit, and the rows the search then reads (filters, hits) are read in the
+same transaction. A snapshot prunes the tombstones older than the snapshot before it, so a reader
+that searched since then never needs a pruned one; one that did starts again from the newest
+snapshot. So a reader sees every write committed before the call began; keyword search, lookups
+and figures read the store directly and see the same. Its IVF centroids and HNSW
 graph are its own (built from the same vectors at other moments): approximate kinds may rank a
 little differently from the writer's; ``flat`` ranks identically.
 
@@ -48,7 +50,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,7 @@ class FaissIndex(WriteConveniences):
         self._trained_on = 0  # ivf: vectors the centroids were trained on; 0 while flat
         self._stale = False  # a mirroring failed: rebuild from the store before the next use
         self._seq = 0  # the store's seq the structure reflects (what a reader catches up from)
+        self._snapshot_seq = 0  # the seq of the snapshot on disk (0: none)
         try:
             self.restore()
         except BaseException:
@@ -171,8 +174,7 @@ class FaissIndex(WriteConveniences):
     def search(self, vectors: np.ndarray, k: int, filter: MetadataFilter | None = None) -> list[list[Hit]]:
         """Top ``k`` hits per row of ``vectors`` (``(n, dim)`` float32), best first."""
         queries = check_queries(vectors, self.dim, k, f"shard {self.path}")
-        with self._lock:
-            store = self._fresh()
+        with self._lock, self._reading() as store:
             live = self._live()
             if live == 0 or len(queries) == 0:
                 return [[] for _ in range(len(queries))]
@@ -197,14 +199,13 @@ class FaissIndex(WriteConveniences):
 
     def count(self) -> int:
         """Live chunks in the store (O(1)); :meth:`vector_count` counts the FAISS structure."""
-        with self._lock:
-            return self._fresh().count()
+        with self._lock, self._reading() as store:
+            return store.count()
 
     def vector_count(self) -> int:
         """Live vectors in the FAISS structure, counted by FAISS (its size less masked ids), not
         by the store: equal to :meth:`count` when the two agree. O(1)."""
-        with self._lock:
-            self._fresh()
+        with self._lock, self._reading():
             return self._live()
 
     def document_count(self) -> int:
@@ -269,7 +270,10 @@ class FaissIndex(WriteConveniences):
                 tmp.unlink(missing_ok=True)
                 sidecar_tmp.unlink(missing_ok=True)
                 raise RetryableError(f"shard {self.path}: snapshot failed: {exc}") from exc
-            store.prune_tombstones(store.seq)  # a restore from here never needs older deletions
+            # Deletions up to the previous snapshot: a restore from either snapshot, and a reader
+            # that caught up since the previous one, never need them.
+            store.prune_tombstones(self._snapshot_seq)
+            self._snapshot_seq = store.seq
             log.info("shard %s: snapshot at seq %d (%d vectors)", self.path, store.seq, self._index.ntotal)
 
     def restore(self) -> None:
@@ -308,14 +312,28 @@ class FaissIndex(WriteConveniences):
             raise ConfigError(f"shard {self.path}: a reader cannot write or snapshot; its writer does")
         return self._open()
 
-    def _fresh(self) -> ShardStore:
-        """The open store, after rebuilding the structure if a mirroring left it stale (a reader:
-        after taking the writes committed since its seq). Raises :class:`IndexUnavailableError`
-        when the rebuild fails (it is tried again next time)."""
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[ShardStore]:
+        """The store, with the structure reflecting it for the block: the writer's after a rebuild
+        if a mirroring left it stale (:meth:`_fresh`); a reader's inside one read view, caught up
+        to the commit that view sees, so that the FAISS ids and the rows the block reads
+        (filters, hits) belong to the same commit."""
+        if not self._reader:
+            yield self._fresh()
+            return
         store = self._open()
-        if self._reader:
-            self._catch_up(store)
-        elif self._stale:
+        while True:
+            with store.read_view():
+                if self._follow_commits(store):
+                    yield store
+                    return
+            self.restore()  # a snapshot forgot the deletions since our seq: start from it
+
+    def _fresh(self) -> ShardStore:
+        """The open store, after rebuilding the structure if a mirroring left it stale. Raises
+        :class:`IndexUnavailableError` when the rebuild fails (it is tried again next time)."""
+        store = self._open()
+        if self._stale:
             try:
                 self._rebuild()
             except Exception as exc:
@@ -325,39 +343,33 @@ class FaissIndex(WriteConveniences):
                 ) from exc
         return store
 
-    def _catch_up(self, store: ShardStore) -> None:
-        """A reader's structure brought to the store's current commit (see "Readers")."""
-        if not self._follow_commits(store):  # a snapshot forgot the deletions since our seq
-            self.restore()  # from that snapshot
-
     def _follow_commits(self, store: ShardStore) -> bool:
-        """Takes the writes committed since the reader's seq, as of one commit; False when the
-        tombstones it needs were pruned (nothing was changed)."""
-        with store.read_view():
-            seq = store.current_seq()
-            if seq == self._seq and not self._stale:
-                return True
-            try:
-                removed = store.removed_since(self._seq)
-            except ValueError:
-                return False
-            try:
-                if self._stale:
-                    self._rebuild()
-                else:
-                    if self._config.kind == "hnsw":  # a row added and deleted since was never here
-                        removed = removed[np.isin(removed, faiss.vector_to_array(self._index.id_map))]
-                    self._remove(removed)
-                    for ids, vectors in store.iter_vectors(after_seq=self._seq):
-                        self._index.add_with_ids(vectors, ids)
-                    self._maybe_rebuild()
-            except Exception as exc:
-                self._stale = True
-                raise IndexUnavailableError(
-                    f"shard {self.path}: the reader could not take the writes since seq {self._seq}: {exc}"
-                ) from exc
-            self._seq = seq
+        """Inside the caller's read view: takes the writes committed since the reader's seq up to
+        the view's commit; False when the tombstones it needs were pruned (nothing was changed)."""
+        seq = store.current_seq()
+        if seq == self._seq and not self._stale:
             return True
+        try:
+            removed = store.removed_since(self._seq)
+        except ValueError:
+            return False
+        try:
+            if self._stale:
+                self._rebuild()
+            else:
+                if self._config.kind == "hnsw":  # a row added and deleted since was never here
+                    removed = removed[np.isin(removed, faiss.vector_to_array(self._index.id_map))]
+                self._remove(removed)
+                for ids, vectors in store.iter_vectors(after_seq=self._seq):
+                    self._index.add_with_ids(vectors, ids)
+                self._maybe_rebuild()
+        except Exception as exc:
+            self._stale = True
+            raise IndexUnavailableError(
+                f"shard {self.path}: the reader could not take the writes since seq {self._seq}: {exc}"
+            ) from exc
+        self._seq = seq
+        return True
 
     def _live(self) -> int:
         return int(self._index.ntotal) - len(self._masked)
@@ -453,11 +465,13 @@ class FaissIndex(WriteConveniences):
             expected,
         ) or sidecar["seq"] > store.seq:
             raise ValueError("it was made for another model, config or a newer store")
-        if _digest(index_path) != sidecar["blake2b"]:
+        data = index_path.read_bytes()  # once: hashed and loaded from the same bytes
+        if hashlib.blake2b(data, digest_size=16).hexdigest() != sidecar["blake2b"]:
             raise ValueError(f"{index_path.name} does not match its checksum")
-        self._index = faiss.read_index(str(index_path))
+        self._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         self._masked = np.asarray(sidecar["masked"], dtype=np.int64)
         self._trained_on = int(sidecar["trained_on"])
+        self._snapshot_seq = int(sidecar["seq"])
         removed = store.removed_since(sidecar["seq"])
         if self._config.kind == "hnsw":  # a row both added and deleted since was never in FAISS
             removed = removed[np.isin(removed, faiss.vector_to_array(self._index.id_map))]

@@ -54,9 +54,13 @@ def build_app(settings: Settings, servers: str) -> Application:
         .options(**deployment_options(serve_config.bulk_embedder))
         .bind(embed_config, serve_config.embeddings)
     )
-    # Text searches embed in the retriever (one call from the ingress, batched there too).
+    # Text searches embed in the retriever (one call from the ingress, batched there too), on a
+    # GPU only where serve.retriever asks for one.
+    query_embed = embed_config
+    if settings.embed.device == "cuda" and not serve_config.retriever.num_gpus:
+        query_embed = embed_config.model_copy(update={"device": "cpu"})
     retriever = (
-        _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings, embed_config)
+        _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings, query_embed)
     )
     generator = _serve(Generator).options(**deployment_options(serve_config.generator)).bind(settings)
     # Image queries: the image model loads on the first one, so a model not trained yet costs the

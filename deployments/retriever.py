@@ -9,7 +9,8 @@ an images index that no ingest has created yet is :class:`IndexUnavailableError`
 
 Searches of a FAISS index read the shards' stores in the retriever's own process where its node
 reaches them (read replicas that see every committed write: :mod:`deployments.shard_readers`),
-which spares a call to each shard actor per query; lookups, health and figures ask the actors.
+which spares a call to each shard actor per query (chunk lookups and the metadata fields read
+there too); document status, health and figures ask the actors.
 
 Shard trouble is never a bug: a shard actor that died, is restarting, does not answer within
 :data:`SHARD_TIMEOUT_S`, or reports its data unavailable makes the call raise
@@ -164,10 +165,11 @@ class RayShards:
                     self.forget()
             raise failure from exc
 
-    async def call_one(self, shard: int, method: str, *args: Any) -> Any:
-        """``method(*args)`` on shard ``shard``'s actor."""
+    async def call_one(self, shard: int, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """``method(*args)`` on shard ``shard``'s actor (within ``timeout_s``, else the shards')."""
         handles = await self._current_handles()
-        return await self._one(shard, getattr(handles[shard], method).remote(*args), self.timeout_s)
+        call = getattr(handles[shard], method).remote(*args)
+        return await self._one(shard, call, timeout_s or self.timeout_s)
 
     async def call_all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard actor at once; the results in shard order."""
@@ -261,7 +263,10 @@ def searchable(settings: Settings, actors: RayShards) -> Shards:
     ``serve.search.readers``: :class:`~deployments.shard_readers.ReaderShards`), else the actors."""
     if settings.serve.search.readers and settings.index.backend == "faiss":
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return ReaderShards(actors, settings.index.faiss, settings.serve.search.reader_check_s, node)
+        search = settings.serve.search
+        return ReaderShards(
+            actors, settings.index.faiss, search.reader_check_s, node, ask_timeout_s=HEALTH_TIMEOUT_S
+        )
     return actors
 
 
@@ -278,6 +283,9 @@ class Retriever:
         if embed is not None:
             self.embedder = Embedder(embed)
             self.embedder.warm_up()
+        batcher: Any = self._batched  # serve.batch's wrapper carries the setters
+        batcher.set_max_batch_size(settings.serve.search.embed_batch_size)
+        batcher.set_batch_wait_timeout_s(settings.serve.search.embed_batch_wait_s)
         self.shards = RayShards(settings)
         self.image_shards = RayShards(settings.image_side())
         # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
@@ -337,15 +345,19 @@ class Retriever:
         """The top ``k`` over passages and images together: see :meth:`ModalSearcher.search`."""
         return await self.modal.search(query, vectors, k, filter, mode, modalities, same_space)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    # Two batches at once: one embedding while the other searches.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
     async def _batched(self, requests: list[_Request]) -> list[list[Ranked] | Exception]:
         out: list[list[Ranked] | Exception] = [[] for _ in requests]
         requests = list(requests)
         unembedded = [
             i for i, (_, vector, _, _, mode, side) in enumerate(requests)
-            if vector is None and mode != "keyword" and side == "text" and self.embedder is not None
+            if vector is None and mode != "keyword" and side == "text"
         ]  # fmt: skip
-        if unembedded:
+        if unembedded and self.embedder is None:  # a bug in whoever built this replica: a 500
+            for i in unembedded:
+                out[i] = RuntimeError("this retriever was built without an embedder: send the query's vector")
+        elif unembedded:
             try:
                 texts = [requests[i][0] for i in unembedded]
                 vectors = await asyncio.to_thread(self.embedder.embed, texts)  # type: ignore[union-attr]

@@ -14,15 +14,18 @@ store's directory, store id and Ray node; None for Milvus, or a shard that canno
 reads locally only when the actor runs on this process's Ray node and this process opens that
 directory and finds the same store id. Never from another node, even where a volume is shared:
 SQLite's WAL index is shared memory between the processes of one host. Otherwise, when the actor
-cannot be asked, or when a reader fails, the call goes to the actor, which answers or raises what
-makes the request a 503 naming the shard. So a shard the actor stops serving is no longer read
-here within ``reader_check_s``.
+cannot be asked (within ``ask_timeout_s``), or when a reader fails, the call goes to the actor,
+which answers or raises what makes the request a 503 naming the shard. A reader that serves keeps
+serving while its actor is asked again in the background, so a shard the actor stops serving, or
+whose actor moved to another node, is no longer read here within ``reader_check_s`` plus
+``ask_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +36,17 @@ import numpy as np
 from actors.faiss_index import FaissIndex
 from actors.vector_index import ChunkRecord, Hit
 from deployments.searcher import first_found
+from schemas.errors import IndexUnavailableError
 from schemas.filters import MetadataFilter
 from schemas.settings import FaissConfig
 
 log = logging.getLogger(__name__)
+
+
+READER_TROUBLE = (IndexUnavailableError, sqlite3.Error, OSError, RuntimeError)
+"""What a reader raises when it, not the request, is in trouble (its store closed or gone, an
+I/O error, FAISS failing): the call then goes to the actor. A bad request's error is raised as
+the actor would raise it."""
 
 
 class ShardActors(Protocol):
@@ -44,7 +54,7 @@ class ShardActors(Protocol):
 
     n_shards: int
 
-    async def call_one(self, shard: int, method: str, *args: Any) -> Any: ...
+    async def call_one(self, shard: int, method: str, *args: Any, timeout_s: float | None = None) -> Any: ...
 
 
 class ReaderShards:
@@ -57,16 +67,20 @@ class ReaderShards:
         check_s: float,
         node: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ask_timeout_s: float = 5.0,
     ) -> None:
         self.actors = actors
         self.node = node  # this process's Ray node (None: not on Ray, tests)
         self.config = config
         self.check_s = check_s
+        self.ask_timeout_s = ask_timeout_s
         self._clock = clock
         n = actors.n_shards
         self._readers: list[FaissIndex | None] = [None] * n
+        self._sources: list[dict[str, str] | None] = [None] * n  # what each reader was opened for
         self._checked = [-float("inf")] * n
         self._locks = [asyncio.Lock() for _ in range(n)]
+        self._refreshing: set[asyncio.Future[None]] = set()
 
     def local(self) -> list[bool]:
         """Per shard, whether it is read in this process now."""
@@ -92,7 +106,7 @@ class ReaderShards:
         for i, reader in enumerate(self._readers):
             if reader is not None:
                 reader.close()
-            self._readers[i] = None
+            self._readers[i], self._sources[i] = None, None
 
     async def _all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every shard, in shard order; the lowest failing shard's error."""
@@ -109,33 +123,38 @@ class ReaderShards:
         if reader is not None:
             try:
                 return await asyncio.to_thread(getattr(reader, method), *args)
-            except Exception as exc:  # the actor says what is wrong, or answers
+            except READER_TROUBLE as exc:  # the actor says what is wrong, or answers
                 log.warning("shard %d: its reader failed (%s); asking the actor", shard, exc)
-                self._drop(shard)
+                await self._drop(shard, reader)
         return await self.actors.call_one(shard, method, *args)
 
     async def _reader(self, shard: int) -> FaissIndex | None:
-        """Shard ``shard``'s reader, after asking its actor where its store is when that was last
-        asked ``check_s`` ago (one question at a time per shard)."""
-        if self._clock() - self._checked[shard] < self.check_s:
-            return self._readers[shard]
+        """Shard ``shard``'s reader. Every ``check_s`` its actor is asked again where its store is
+        (one question at a time per shard): while a reader serves, in the background, so that a
+        slow actor never holds a search up; without one, before answering."""
+        if self._clock() - self._checked[shard] >= self.check_s and not self._locks[shard].locked():
+            self._checked[shard] = self._clock()
+            refresh = asyncio.ensure_future(self._refresh(shard))
+            if self._readers[shard] is None:
+                await refresh
+            else:
+                self._refreshing.add(refresh)  # held until done: the loop keeps only weak references
+                refresh.add_done_callback(self._refreshing.discard)
+        return self._readers[shard]
+
+    async def _refresh(self, shard: int) -> None:
         async with self._locks[shard]:
-            if self._clock() - self._checked[shard] < self.check_s:
-                return self._readers[shard]
             try:
-                source = await self.actors.call_one(shard, "reader_source")
-            except Exception:  # the actor cannot be asked: the call goes to it, and says why
+                source = await self.actors.call_one(shard, "reader_source", timeout_s=self.ask_timeout_s)
+            except Exception:  # the actor cannot be asked: calls go to it, and say why
                 source = None
             self._checked[shard] = self._clock()
-            reader = self._readers[shard]
-            if source is None:
-                self._drop(shard)
-            elif (
-                reader is None or str(reader.path) != source["path"] or reader.store_id != source["store_id"]
-            ):
-                self._drop(shard)
+            if source == self._sources[shard] and self._readers[shard] is not None:
+                return
+            await self._drop(shard, self._readers[shard])
+            if source is not None:
                 self._readers[shard] = await asyncio.to_thread(self._open, shard, source)
-            return self._readers[shard]
+                self._sources[shard] = source
 
     def _open(self, shard: int, source: dict[str, str]) -> FaissIndex | None:
         """A reader of the store ``source`` names, or None when this node does not hold it."""
@@ -153,7 +172,10 @@ class ReaderShards:
         log.info("shard %d: read in process from %s", shard, path)
         return reader
 
-    def _drop(self, shard: int) -> None:
-        reader, self._readers[shard] = self._readers[shard], None
-        if reader is not None:
-            reader.close()
+    async def _drop(self, shard: int, reader: FaissIndex | None) -> None:
+        """Closes ``reader`` if it is still shard ``shard``'s (off the event loop: closing waits
+        for a search in progress)."""
+        if reader is None or self._readers[shard] is not reader:
+            return
+        self._readers[shard], self._sources[shard] = None, None
+        await asyncio.to_thread(reader.close)

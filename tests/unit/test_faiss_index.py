@@ -149,29 +149,40 @@ def test_a_snapshot_ahead_of_its_store_is_not_trusted(
     reopened.close()
 
 
-def test_snapshot_prunes_tombstones_and_an_older_snapshot_is_not_trusted(
+def test_a_snapshot_forgets_deletions_up_to_the_one_before_so_only_older_snapshots_are_rebuilt(
     shard_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     index = open_index(shard_dir, KINDS["flat"])
+    store = index._open()
     corpus = make_corpus(seed=5)
     index.upsert(corpus)
-    index.snapshot()
-    old = {name: (shard_dir / name).read_bytes() for name in ("index.faiss", "index.json")}
+    snapshots = []  # (seq, files) of each snapshot
+
+    def snapshot() -> None:
+        index.snapshot()
+        files = {name: (shard_dir / name).read_bytes() for name in ("index.faiss", "index.json")}
+        snapshots.append((store.seq, files))
+
+    snapshot()
     index.delete([corpus[0].chunk_id])
-    store = index._open()
-    assert len(store.removed_since(store.seq - 1)) == 1
-    index.snapshot()
-    assert len(store.removed_since(store.seq)) == 0
+    snapshot()
+    assert len(store.removed_since(snapshots[0][0])) == 1  # kept: the first snapshot still needs it
+    index.delete([corpus[1].chunk_id])
+    snapshot()  # forgets the deletions up to the second snapshot
     with pytest.raises(ValueError, match="forgotten"):
-        store.removed_since(store.seq - 1)
+        store.removed_since(snapshots[0][0])
+    assert len(store.removed_since(snapshots[1][0])) == 1
     index.close()
-    for name, data in old.items():  # the older snapshot cannot know what was deleted since
-        (shard_dir / name).write_bytes(data)
-    with caplog.at_level(logging.INFO, logger="actors.faiss_index"):
-        reopened = open_index(shard_dir, KINDS["flat"])
-    assert "forgotten" in caplog.text and "rebuilt" in caplog.text
-    assert reopened.count() == len(corpus) - 1 and reopened.get([corpus[0].chunk_id]) == [None]
-    reopened.close()
+    for (_, files), restored in ((snapshots[1], "restored the snapshot"), (snapshots[0], "rebuilt")):
+        for name, data in files.items():
+            (shard_dir / name).write_bytes(data)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="actors.faiss_index"):
+            reopened = open_index(shard_dir, KINDS["flat"])
+        assert restored in caplog.text
+        assert reopened.count() == reopened.vector_count() == len(corpus) - 2
+        assert reopened.get([corpus[0].chunk_id, corpus[1].chunk_id]) == [None, None]
+        reopened.close()
 
 
 def test_hnsw_masks_deletes_and_rebuilds_past_a_fifth(shard_dir: Path) -> None:

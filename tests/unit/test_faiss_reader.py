@@ -16,6 +16,7 @@ import pytest
 from actors.faiss_index import FaissIndex
 from actors.testing import InMemoryIndex
 from schemas.errors import ConfigError, IndexUnavailableError
+from schemas.filters import MetadataFilter
 from tests.contract.helpers import DIM, MODEL, assert_same_hits, ids, make_corpus, scratch_dir, unit
 from tests.unit.test_faiss_index import KINDS
 
@@ -80,22 +81,26 @@ def test_a_flat_reader_ranks_exactly_as_the_writer_and_an_exact_reference(shard_
     writer.close()
 
 
-def test_a_snapshot_that_pruned_the_readers_tombstones_makes_it_start_again_from_that_snapshot(
+def test_a_reader_behind_two_snapshots_starts_again_from_the_newest_and_one_that_kept_up_never_does(
     shard_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     writer = FaissIndex(shard_dir, MODEL, DIM, KINDS["flat"])
     corpus = make_corpus(seed=14)
     writer.upsert(corpus)
-    reader = FaissIndex.reader(shard_dir, KINDS["flat"])
-    writer.delete([r.chunk_id for r in corpus[:5]])
-    writer.snapshot()  # forgets the deletions the reader has not taken yet
-    writer.upsert(make_corpus(seed=15, n_docs=3))
+    lagging = FaissIndex.reader(shard_dir, KINDS["flat"])
+    current = FaissIndex.reader(shard_dir, KINDS["flat"])
     with caplog.at_level(logging.INFO, logger="actors.faiss_index"):
-        assert reader.vector_count() == writer.count()
-    assert "restored the snapshot" in caplog.text
-    assert not {c for c in found_self(reader, corpus[:5])} & {r.chunk_id for r in corpus[:5]}
-    reader.close()
-    writer.close()
+        for gone in (corpus[:3], corpus[3:5]):
+            writer.delete([r.chunk_id for r in gone])
+            writer.snapshot()  # forgets the deletions up to the snapshot before it
+            assert current.vector_count() == writer.count()  # keeps up between snapshots
+        assert "restored the snapshot" not in caplog.text
+        writer.upsert(make_corpus(seed=15, n_docs=3))
+        assert lagging.vector_count() == writer.count() == current.vector_count()
+    assert caplog.text.count("restored the snapshot") == 1  # the lagging one, once
+    assert not set(found_self(lagging, corpus[:5])) & {r.chunk_id for r in corpus[:5]}
+    for index in (lagging, current, writer):
+        index.close()
 
 
 def test_a_reader_searching_while_the_writer_writes_never_misses_a_commit_nor_doubles_a_vector(
@@ -127,6 +132,39 @@ def test_a_reader_searching_while_the_writer_writes_never_misses_a_commit_nor_do
     top = reader.search(np.stack([r.vector for r in corpus]), 2)
     assert all(len({h.chunk_id for h in row}) == 2 for row in top)  # no vector twice
     assert [row[0].chunk_id for row in top] == [r.chunk_id for r in corpus]
+    reader.close()
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_filtered_searches_during_writes_read_the_rows_of_the_commit_they_caught_up_to(
+    shard_dir: Path, kind: str
+) -> None:
+    """The ids a filter allows and the hits' rows come from the same commit as the structure:
+    a row committed meanwhile is neither missing from the structure nor a stored row without
+    a vector (HNSW's exact path reconstructs every allowed id)."""
+    writer = FaissIndex(shard_dir, MODEL, DIM, KINDS[kind])
+    corpus = make_corpus(seed=18, n_docs=150)
+    writer.upsert(corpus[:50])
+    reader = FaissIndex.reader(shard_dir, KINDS[kind])
+    done = threading.Event()
+
+    def write() -> None:
+        for start in range(50, len(corpus), 5):
+            writer.upsert(corpus[start : start + 5])
+        done.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    broad = MetadataFilter.parse({"lang": {"ne": "xx"}})
+    queries = unit(np.random.default_rng(19), 4)
+    searches = 0
+    while not done.is_set() or searches == 0:
+        for row in reader.search(queries, 5, broad):
+            assert len(row) == 5
+        searches += 1
+    thread.join()
+    assert searches > 1 and reader.vector_count() == len(corpus)
     reader.close()
     writer.close()
 

@@ -36,7 +36,7 @@ class InProcessActors:
         self.calls: Counter[str] = Counter()
         self.sources: dict[int, Any] = {}  # what reader_source answers instead, per shard
 
-    async def call_one(self, shard: int, method: str, *args: Any) -> Any:
+    async def call_one(self, shard: int, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         self.calls[method] += 1
         if method == "reader_source" and shard in self.sources:
             return self.sources[shard]
@@ -85,18 +85,43 @@ def test_a_committed_write_is_found_by_the_next_search(shards):
     assert found[1][0][0].chunk_id == new[0].chunk_id
 
 
-def test_a_shard_its_actor_stops_serving_is_asked_of_the_actor_after_the_check_interval(shards):
+def test_a_shard_its_actor_stops_serving_is_asked_of_the_actor_once_a_check_has_said_so(shards):
     actors, clock = InProcessActors(shards), FakeClock()
     readers = ReaderShards(actors, CONFIG.faiss, check_s=5.0, clock=clock)
     queries = np.stack([r.vector for r in make_corpus(seed=24, n_docs=1)])
-    asyncio.run(readers.search(queries, 3, None))
-    shards[0].close()  # the actor no longer serves shard 0: reader_source says None
-    assert shards[0].reader_source() is None
-    assert readers.local() == [True, True]  # until the next check
-    clock.now += 5.0
-    with pytest.raises(IndexUnavailableError, match="shard 0"):
-        asyncio.run(readers.search(queries, 3, None))  # the actor's own answer
-    assert readers.local() == [False, True] and actors.calls["search"] == 1
+
+    async def scenario() -> None:
+        await readers.search(queries, 3, None)
+        shards[0].close()  # the actor no longer serves shard 0: reader_source says None
+        assert shards[0].reader_source() is None
+        clock.now += 5.0
+        await readers.search(queries, 3, None)  # the reader answers while its actor is asked again
+        await asyncio.sleep(0.1)  # the check in the background ends
+        assert readers.local() == [False, True] and actors.calls["reader_source"] == 4
+        with pytest.raises(IndexUnavailableError, match="shard 0"):
+            await readers.search(queries, 3, None)  # the actor's own answer
+        assert actors.calls["search"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_is_dropped_when_its_actor_moves_to_another_node_with_the_same_store(shards):
+    actors, clock = InProcessActors(shards), FakeClock()
+    readers = ReaderShards(actors, CONFIG.faiss, check_s=5.0, node="node-a", clock=clock)
+    for shard in (0, 1):
+        actors.sources[shard] = {**shards[shard].reader_source(), "node": "node-a"}
+    queries = np.stack([r.vector for r in make_corpus(seed=28, n_docs=1)])
+
+    async def scenario() -> None:
+        await readers.search(queries, 3, None)
+        assert readers.local() == [True, True]
+        actors.sources[1] = {**actors.sources[1], "node": "node-b"}  # restarted elsewhere, same volume
+        clock.now += 5.0
+        await readers.search(queries, 3, None)
+        await asyncio.sleep(0.1)
+        assert readers.local() == [True, False]
+
+    asyncio.run(scenario())
 
 
 def test_a_shard_on_another_node_is_never_read_here_even_through_a_shared_volume(shards):
@@ -134,3 +159,11 @@ def test_milvus_indexes_and_readers_off_search_through_the_actors():
     for overrides in ({"index": {"backend": "milvus"}}, {"serve": {"search": {"readers": False}}}):
         settings = load_settings(overrides=overrides)
         assert isinstance(searchable(settings, RayShards(settings)), RayShards)
+
+
+def test_a_bad_request_is_refused_as_the_actor_would_and_keeps_the_reader(shards):
+    actors = InProcessActors(shards)
+    readers = ReaderShards(actors, CONFIG.faiss, check_s=5.0, clock=FakeClock())
+    with pytest.raises(ValueError, match="shard"):
+        asyncio.run(readers.search(np.ones((1, DIM + 1), np.float32), 3, None))
+    assert readers.local() == [True, True] and actors.calls["search"] == 0
