@@ -274,6 +274,11 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
                 time.sleep(1.0)
     finally:
         results = pipeline.stop()
+        if args.release:
+            from cluster.pipeline import release_shards
+
+            for side in (settings, settings.image_side(), settings.graph_side()):
+                release_shards(side)
         if not args.quiet:
             print(file=sys.stderr)
     totals: dict[str, Any] = {}
@@ -766,6 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="run the ingest pipeline (Kafka → chunk → embed → shards)", parents=[common]
     )
     ingest.add_argument("--until-idle", action="store_true", help="exit once lag is 0 and all is committed")
+    ingest.add_argument(
+        "--release",
+        action="store_true",
+        help="at the end, stop the index's shard actors too (a batch job on a cluster nothing serves "
+        "from; by default they stay up for `serve`)",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     stats = sub.add_parser(

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from cluster.k8s_validate import APP_BUILDER, INGEST_BUILDER
+from cluster.kafka_admin import TOPIC_HEADROOM
 from schemas.settings import Settings, WorkerGroupConfig
 
 Overlay = Literal["cpu", "gpu"]
@@ -54,6 +55,12 @@ def cluster_settings(settings: Settings) -> dict[str, Any]:
     """The settings the pods run with: the given ones (non-default values only, so defaults stay
     the image's), with the broker, the data home and the Serve bind address of the cluster."""
     chosen = settings.model_dump(mode="json", exclude_defaults=True, exclude={"k8s", "home", "cache_dir"})
+    for section, field in SECRET_FIELDS:  # from the Secret only (model_dump masks them anyway)
+        chosen.get(section[0], {}).get(section[1], {}).pop(field, None)
+    if settings.embed.num_cpus is None:  # "every core" would be the node's, not the pod's
+        chosen.setdefault("embed", {})["num_cpus"] = max(1, settings.k8s.workers.cpus - 1)
+    if settings.k8s.metrics_open:  # Prometheus scrapes it inside the cluster
+        chosen.setdefault("serve", {}).setdefault("auth", {})["metrics"] = "open"
     chosen.setdefault("kafka", {})["bootstrap_servers"] = kafka_bootstrap(settings)
     if renders_milvus(settings):
         index = chosen.setdefault("index", {})
@@ -62,8 +69,19 @@ def cluster_settings(settings: Settings) -> dict[str, Any]:
     chosen["home"] = DATA_DIR
     serve = chosen.setdefault("serve", {})
     serve.update(host="0.0.0.0", port=SERVE_PORT)
-    serve.get("auth", {}).pop("keys", None)  # from the Secret only
     return chosen
+
+
+SECRET_FIELDS = ((("serve", "auth"), "keys"), (("index", "milvus"), "token"), (("serve", "llm"), "api_key"))
+"""Settings that are secrets: never rendered, read by the pods from the Secret ``k8s.api_keys_secret``
+(:data:`SECRET_ENV`)."""
+SECRET_ENV = (
+    ("RIVERBED_SERVE__AUTH__KEYS", "keys", False),
+    ("RIVERBED_INDEX__MILVUS__TOKEN", "milvus-token", True),
+    ("RIVERBED_SERVE__LLM__API_KEY", "llm-api-key", True),
+)
+"""(environment variable, key in the Secret, optional): the API keys (required: an app on a
+non-loopback address needs them), a Milvus server's token and an OpenAI-compatible generator's key."""
 
 
 def render(settings: Settings, overlay: Overlay = "cpu", namespace: str = "riverbed") -> list[dict[str, Any]]:
@@ -245,7 +263,7 @@ def kafka(settings: Settings, namespace: str) -> list[dict[str, Any]]:
                     "transaction.state.log.min.isr": min_isr,
                     "default.replication.factor": replicas,
                     "min.insync.replicas": min_isr,
-                    "message.max.bytes": settings.kafka.max_record_bytes,
+                    "message.max.bytes": settings.kafka.max_record_bytes + TOPIC_HEADROOM,
                 },
             },
             "entityOperator": {"topicOperator": {}},
@@ -274,7 +292,7 @@ def topics(settings: Settings, namespace: str) -> list[dict[str, Any]]:
                     "partitions": partitions,
                     "replicas": replicas,
                     "config": {
-                        "max.message.bytes": settings.kafka.max_record_bytes,
+                        "max.message.bytes": settings.kafka.max_record_bytes + TOPIC_HEADROOM,
                         "min.insync.replicas": min(2, replicas),
                     },
                 },
@@ -299,10 +317,19 @@ def _container(settings: Settings, name: str, group: WorkerGroupConfig, *, head:
         "resources": _resources(group),
         "env": [
             {"name": "RIVERBED_CONFIG", "value": f"{CONFIG_DIR}/riverbed.yaml"},
-            {
-                "name": "RIVERBED_SERVE__AUTH__KEYS",
-                "valueFrom": {"secretKeyRef": {"name": k.api_keys_secret, "key": "keys"}},
-            },
+            *(
+                {
+                    "name": variable,
+                    "valueFrom": {
+                        "secretKeyRef": {
+                            "name": k.api_keys_secret,
+                            "key": key,
+                            **({"optional": True} if optional else {}),
+                        }
+                    },
+                }
+                for variable, key, optional in SECRET_ENV
+            ),
         ],
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -328,8 +355,10 @@ def _pod(
         "containers": [_container(settings, name, group, head=head)],
         "volumes": [{"name": "config", "configMap": {"name": config}}, data],
     }
+    if group.gpus:  # GPU nodes are commonly tainted so that only GPU pods land there
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     template: dict[str, Any] = {"spec": spec}
-    if head:
+    if head and settings.k8s.metrics_open:
         template["metadata"] = {
             "annotations": {
                 "prometheus.io/scrape": "true",
@@ -430,7 +459,7 @@ def ray_service(settings: Settings, args: dict[str, Any], overlay: Overlay, name
     }
 
 
-BACKFILL_ENTRYPOINT = "riverbed ingest --until-idle --quiet"
+BACKFILL_ENTRYPOINT = "riverbed ingest --until-idle --release --quiet"
 
 
 def backfill_name(settings: Settings) -> str:
@@ -457,7 +486,7 @@ def backfill(
         "spec": {
             "entrypoint": BACKFILL_ENTRYPOINT,
             "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 3600,
+            "ttlSecondsAfterFinished": 0,  # its shards released, the cluster goes at once
             "rayClusterSpec": ray_cluster_spec(settings, overlay, config),
         },
     }

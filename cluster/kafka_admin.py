@@ -49,6 +49,11 @@ def topic_specs(topics: TopicsConfig) -> dict[str, int]:
     }
 
 
+TOPIC_HEADROOM = 1024 * 1024
+"""A topic's ``max.message.bytes`` over ``kafka.max_record_bytes``: a dead letter is the original
+record plus its headers."""
+
+
 def ensure_topics(servers: str, specs: dict[str, int], *, max_message_bytes: int | None = None) -> list[str]:
     """Creates the missing topics (one replica each on a single-node broker, else the broker's
     default replication). Existing topics are left as they are. Returns the names created."""
@@ -56,8 +61,9 @@ def ensure_topics(servers: str, specs: dict[str, int], *, max_message_bytes: int
     try:
         existing = set(admin.list_topics())
         brokers = len(admin.describe_cluster().get("brokers", [])) or 1
-        # Headroom over the record limit: a dead letter is the original record plus headers.
-        configs = {"max.message.bytes": str(max_message_bytes + 1024 * 1024)} if max_message_bytes else None
+        configs = (
+            {"max.message.bytes": str(max_message_bytes + TOPIC_HEADROOM)} if max_message_bytes else None
+        )
         missing = [
             NewTopic(
                 name,

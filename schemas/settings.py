@@ -754,6 +754,11 @@ class KubernetesConfig(_Section):
         description="the Secret whose key 'keys' holds serve.auth.keys as JSON, given to the pods as "
         "RIVERBED_SERVE__AUTH__KEYS (never a literal key in a manifest)",
     )
+    metrics_open: bool = Field(
+        True,
+        description="the cluster's /metrics answers without a key, for Prometheus (scrape annotations "
+        "on the head); false: it needs the read key, and no annotations are rendered",
+    )
     milvus_image: str = Field(
         "milvusdb/milvus:v3.0.2",
         description="the Milvus standalone rendered when index.backend is milvus and index.milvus.uri "

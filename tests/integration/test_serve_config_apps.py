@@ -82,9 +82,23 @@ def test_the_ingest_app_fills_what_the_query_app_serves_and_survives_a_dead_sour
     assert first[0].id in {h["document_id"] for h in hits}
 
     # A source dies for good: the ingest replica's health check fails and Serve replaces it.
+    before = ingest_progress()
+    assert before["running"], before
+    killed_at = time.monotonic()
     source = ray.get_actor(actor_name(settings.index.name, "source", 0), namespace=settings.ray.namespace)
     ray.kill(source, no_restart=True)
     produce(settings, more)
     more_ids = [d.id for d in more]
     assert wait_indexed(url, more_ids, timeout_s=300) == set(more_ids)
     assert indexed(url, ids) == set(ids)  # what was there stays
+    after = ingest_progress()
+    assert after["running"] and after["elapsed_s"] < time.monotonic() - killed_at  # a run started since
+
+
+def ingest_progress() -> dict:
+    """The ingest replica's own account of its pipeline, through a Serve handle."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Ingest", app_name="riverbed-ingest")
+    handle._init(_run_router_in_separate_loop=True)  # a test has no event loop of its own
+    return handle.progress.remote().result()

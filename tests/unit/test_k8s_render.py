@@ -67,10 +67,11 @@ def test_topics_are_the_settings_topics():
         d["spec"]["topicName"]: (d["spec"]["partitions"], d["spec"]["config"]["max.message.bytes"])
         for d in by_kind(render(SETTINGS), "KafkaTopic")
     }
+    room = 2_000_000 + 1_048_576  # a dead letter is the record plus its headers
     assert topics == {
-        "news.docs": (12, 2_000_000),
-        "riverbed.images": (1, 2_000_000),
-        "riverbed.dead-letter": (1, 2_000_000),
+        "news.docs": (12, room),
+        "riverbed.images": (1, room),
+        "riverbed.dead-letter": (1, room),
     }
 
 
@@ -89,14 +90,63 @@ def test_the_app_gets_the_configs_settings_with_the_cluster_broker_and_bind_addr
     assert yaml.safe_load(config_map["data"]["riverbed.yaml"]) == app["args"]
 
 
-def test_no_manifest_carries_a_key_and_the_pods_take_keys_from_the_secret():
-    docs = render(SETTINGS, "gpu")
-    assert KEY not in json.dumps(docs)
-    cluster = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
-    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+def test_no_manifest_carries_a_secret_and_the_pods_read_each_from_the_secret():
+    token, llm_key = "milvus-token-" + "t" * 20, "llm-key-" + "l" * 20
+    settings = load_settings(
+        overrides={
+            **SETTINGS.model_dump(mode="python", exclude={"serve", "index"}),
+            "serve": {"auth": {"keys": [{"key": KEY, "scopes": ["read"]}]},
+                      "llm": {"backend": "openai", "base_url": "http://llm:8000/v1", "api_key": llm_key}},
+            "index": {"backend": "milvus", "milvus": {"uri": "http://milvus:19530", "token": token}},
+        }
+    )  # fmt: skip
+    docs = render(settings, "gpu") + backfill(settings, "gpu")
+    text = json.dumps(docs)
+    assert KEY not in text and token not in text and llm_key not in text and "*****" not in text
+    args = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["riverbed.yaml"])
+    assert args["index"]["milvus"] == {"uri": "http://milvus:19530"} and "api_key" not in args["serve"]["llm"]
+    clusters = [
+        by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"],
+        by_kind(docs, "RayJob")[0]["spec"]["rayClusterSpec"],
+    ]
+    pods = [c["headGroupSpec"]["template"] for c in clusters] + [
+        g["template"] for c in clusters for g in c["workerGroupSpecs"]
+    ]
+    assert len(pods) == 6
     for pod in pods:
-        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-        assert env["RIVERBED_SERVE__AUTH__KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "riverbed-api-keys"
+        env = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in pod["spec"]["containers"][0]["env"]
+            if "valueFrom" in e
+        }
+        assert env == {
+            "RIVERBED_SERVE__AUTH__KEYS": {"name": "riverbed-api-keys", "key": "keys"},
+            "RIVERBED_INDEX__MILVUS__TOKEN": {
+                "name": "riverbed-api-keys",
+                "key": "milvus-token",
+                "optional": True,
+            },
+            "RIVERBED_SERVE__LLM__API_KEY": {
+                "name": "riverbed-api-keys",
+                "key": "llm-api-key",
+                "optional": True,
+            },
+        }
+
+
+def test_the_pods_settings_fit_the_pods_and_let_prometheus_scrape():
+    args = yaml.safe_load(by_kind(render(SETTINGS), "ConfigMap")[0]["data"]["riverbed.yaml"])
+    built = load_settings(overrides=args)
+    assert built.embed.num_cpus == SETTINGS.k8s.workers.cpus - 1  # not the node's cores
+    assert built.serve.auth.metrics == "open"
+    head = by_kind(render(SETTINGS), "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    chosen = load_settings(overrides={"embed": {"num_cpus": 2}, "k8s": {"metrics_open": False}})
+    docs = render(chosen)
+    args = yaml.safe_load(by_kind(docs, "ConfigMap")[0]["data"]["riverbed.yaml"])
+    assert args["embed"]["num_cpus"] == 2 and load_settings(overrides=args).serve.auth.metrics == "read"
+    head = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert "metadata" not in head["template"]  # no scrape annotations for a route that needs a key
 
 
 def test_worker_groups_follow_the_settings_and_gpus_are_requested_as_limited():
@@ -111,6 +161,10 @@ def test_worker_groups_follow_the_settings_and_gpus_are_requested_as_limited():
     (group,) = [g for g in gpu if g["groupName"] == "gpu"]
     resources = group["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    assert group["template"]["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert "tolerations" not in cpu[0]["template"]["spec"]
 
 
 def test_every_pod_mounts_the_one_shared_data_claim_so_a_shard_reopens_its_store_anywhere():
@@ -147,7 +201,7 @@ def test_the_backfill_job_builds_the_named_index_on_its_own_cluster_with_the_ser
     config, job = backfill(target, overlay)
     assert custom_resource_problems(job) == []
     assert job["metadata"]["name"] == "news-backfill"
-    assert job["spec"]["entrypoint"] == "riverbed ingest --until-idle --quiet"
+    assert job["spec"]["entrypoint"] == "riverbed ingest --until-idle --release --quiet"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     built = load_settings(overrides=yaml.safe_load(config["data"]["riverbed.yaml"]))
     assert (built.index.name, built.ray.address) == ("docs-v2", "auto")  # joins the job's own cluster
