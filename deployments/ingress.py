@@ -341,21 +341,6 @@ class Ingress:
         generator `/v1/rag` answers with."""
         return ModelList(data=await self._model_cards())
 
-    @app.get(
-        "/v1/models/{model:anypath}", response_model=ModelCard, responses=GRAPH_GET_ERRORS, dependencies=READ
-    )
-    async def model(self, model: str, request: Request) -> ModelCard:
-        """One served model (its id may hold `/`), or 404 `model_not_found`."""
-        _check_path_utf8(request, "model")
-        cards = await self._model_cards()
-        for card in cards:
-            if model == card.id:
-                return card
-        served = ", ".join(repr(card.id) for card in cards)
-        raise ApiError(
-            404, "model_not_found", f"model {model!r} is not served here; served: {served}", "model"
-        )
-
     async def _model_cards(self) -> list[ModelCard]:
         embedding = await self._describe()
         llm = self.settings.serve.llm

@@ -146,9 +146,6 @@ def test_the_official_openai_client_lists_the_models_the_embeddings_and_rag_answ
     embedded = client.embeddings.create(model=listed[0], input="Warsaw").model
     answered = http.post("/v1/rag", json={"question": QUESTION, "k": 1}).json()["model"]
     assert listed == [embedded, answered]
-    assert client.models.retrieve(embedded).id == embedded  # an id holding "/" too
-    missing = http.get("/v1/models/text-embedding-3-small")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def _wait_for(http: httpx.Client, doc_id: str, indexed: bool, timeout_s: float = 120) -> dict:
