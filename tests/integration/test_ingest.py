@@ -252,3 +252,30 @@ def test_vectors_are_normalised_and_match_the_model(pipeline_settings):
     got = np.stack([r.vector for r in records])
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
     assert np.allclose(got, want, atol=1e-4)
+
+
+def test_a_batch_ingest_with_release_leaves_no_shard_actor_and_its_data_on_disk(pipeline_settings, tmp_path):
+    """`riverbed ingest --until-idle --release` (the backfill RayJob's entrypoint): every document
+    is stored, and the shard actors are gone at the end, so another cluster can open the stores."""
+    import signal
+
+    import yaml
+
+    from cluster.cli import main
+    from tests.integration.conftest import _dump
+
+    s = pipeline_settings
+    docs = squad_documents(6, prefix="release-")
+    produce(s, docs)
+    config = tmp_path / "riverbed.yaml"
+    config.write_text(yaml.safe_dump(_dump(s)))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert main(["--config", str(config), "ingest", "--until-idle", "--release", "--quiet"]) == 0
+    finally:  # the command installs its own; pytest keeps its
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    for i in range(s.index.n_shards):
+        with pytest.raises(ValueError):
+            ray.get_actor(actor_name(s.index.name, "shard", i), namespace=s.ray.namespace)
+    assert set(read_stores(s).per_document) == {d.id for d in docs}

@@ -100,5 +100,6 @@ def ingest_progress() -> dict:
     from ray import serve
 
     handle = serve.get_deployment_handle("Ingest", app_name="riverbed-ingest")
-    handle._init(_run_router_in_separate_loop=True)  # a test has no event loop of its own
+    with contextlib.suppress(RuntimeError):  # initialised by an earlier call (the same handle)
+        handle._init(_run_router_in_separate_loop=True)  # a test has no event loop of its own
     return handle.progress.remote().result()
