@@ -466,7 +466,7 @@ class FaissIndex(WriteConveniences):
         ) or sidecar["seq"] > store.seq:
             raise ValueError("it was made for another model, config or a newer store")
         data = index_path.read_bytes()  # once: hashed and loaded from the same bytes
-        if hashlib.blake2b(data, digest_size=16).hexdigest() != sidecar["blake2b"]:
+        if _digest_bytes(data) != sidecar["blake2b"]:
             raise ValueError(f"{index_path.name} does not match its checksum")
         self._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         self._masked = np.asarray(sidecar["masked"], dtype=np.int64)
@@ -509,6 +509,11 @@ def _all_vectors(store: ShardStore) -> tuple[np.ndarray, np.ndarray]:
     if not batches:
         return np.zeros(0, np.int64), np.zeros((0, store.dim), np.float32)
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def _digest_bytes(data: bytes) -> str:
+    """What :func:`_digest` gives for a file holding ``data``."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _digest(path: Path) -> str:
