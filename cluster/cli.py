@@ -406,14 +406,19 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         result = bench_query(
             settings, Path(args.dataset), args.repeat or 5, args.queries, args.k, args.mode, out
         )
-        one, sixteen = result["http"][0], next(lv for lv in result["http"] if lv["clients"] == 16)
-        text = (
-            f"query over {result['chunks']} chunks: HTTP p50 {one['p50_ms']:.1f} ms at 1 client "
-            f"(in-process {result['in_process']['p50_ms']:.1f} ms, overhead "
-            f"{result['overhead_p50_ms_1_client']:.1f} ms); 16 clients {sixteen['qps']:.0f} q/s vs "
-            f"in-process batched {result['in_process']['batched_qps']:.0f} q/s "
-            f"({result['throughput_ratio_16_vs_in_process_batched']:.2f}x); report in {out}/query.md"
-        )
+        lines = [f"query over {result['chunks']} chunks (edge: {result['edge']}):"]
+        for mode, figures in result["modes"].items():
+            one = figures["http"][0]
+            sixteen = next(lv for lv in figures["http"] if lv["clients"] == 16)
+            lines.append(
+                f"  {mode}: HTTP p50 {one['p50_ms']:.1f} ms at 1 client (in-process "
+                f"{figures['in_process']['p50_ms']:.1f} ms, "
+                f"overhead {figures['overhead_p50_ms_1_client']:.1f} ms); "
+                f"16 clients {sixteen['qps']:.0f} q/s vs in-process batched "
+                f"{figures['in_process']['batched_qps']:.0f} q/s "
+                f"({figures['throughput_ratio_16_vs_in_process_batched']:.2f}x)"
+            )
+        text = "\n".join([*lines, f"report in {out}/query.md"])
     elif args.which == "ingest":
         from cluster.bench.ingest import bench_ingest
         from cluster.bench.report import parse_backends
@@ -463,7 +468,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         from cluster.bench.load import bench_load
 
         seconds = 30.0 if args.seconds is None else args.seconds
-        result = bench_load(settings, Path(args.dataset), seconds, args.requests, args.mode, args.k, out)
+        result = bench_load(
+            settings, Path(args.dataset), seconds, args.requests, args.mode or "vector", args.k, out
+        )
         text = result["summary"]
     elif args.which == "fuzz":
         from cluster.bench.fuzz import bench_fuzz
@@ -908,7 +915,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="ann: this many random unit vectors (and random queries) instead of the dataset's",
     )
-    bench.add_argument("--mode", choices=SEARCH_MODES, default="vector", help="query, load: search mode")
+    bench.add_argument(
+        "--mode",
+        choices=SEARCH_MODES,
+        default=None,
+        help="query: the one search mode to measure (default: vector, keyword and hybrid); load: the "
+        "search mode (default vector)",
+    )
     bench.add_argument(
         "--texts", type=int, default=None, help="batching: embed only this many texts of the mix"
     )

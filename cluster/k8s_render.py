@@ -36,6 +36,7 @@ import yaml
 
 from cluster.k8s_validate import APP_BUILDER, INGEST_BUILDER
 from cluster.kafka_admin import TOPIC_HEADROOM
+from cluster.ray_runtime import serve_environment
 from schemas.settings import Settings, WorkerGroupConfig
 
 Overlay = Literal["cpu", "gpu"]
@@ -317,6 +318,8 @@ def _container(settings: Settings, name: str, group: WorkerGroupConfig, *, head:
         "resources": _resources(group),
         "env": [
             {"name": "RIVERBED_CONFIG", "value": f"{CONFIG_DIR}/riverbed.yaml"},
+            # Serve's data plane, read by every Ray process when it imports Serve
+            *({"name": k, "value": v} for k, v in sorted(serve_environment(settings, local=False).items())),
             *(
                 {
                     "name": variable,

@@ -7,7 +7,8 @@ one. Without it, the first command starts a local head (``ray start --head``) an
 - what identifies it: its GCS address, its session directory (unique to one Ray instance) and the
   pid and start time of each of its processes;
 - the environment it serves: the interpreter its workers run, where riverbed's packages are, a
-  hash of their sources, and Ray's version.
+  hash of their sources, Ray's version, and the Serve data plane its processes were started with
+  (:func:`serve_environment`: Serve reads it when its modules are imported).
 
 Later commands reuse the head when their environment is the same. A command from another
 environment (another clone, another venv, edited code) logs what differs and restarts the head:
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,13 @@ STOP_GRACE_S = 10.0
 class Environment:
     """What a head's workers run: the interpreter path (as given, not resolved: two venvs may
     link the same binary), the directory holding riverbed's packages, the code version
-    (:func:`code_version`) and Ray's version."""
+    (:func:`code_version`), Ray's version, and the Serve data plane (:func:`serve_signature`)."""
 
     python: str
     package: str
     code: str
     ray: str
+    serve: str = ""
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Environment | None:
@@ -73,7 +75,13 @@ class Environment:
         if not isinstance(env, Mapping):
             return None
         try:
-            return cls(str(env["python"]), str(env["package"]), str(env["code"]), str(env["ray"]))
+            return cls(
+                str(env["python"]),
+                str(env["package"]),
+                str(env["code"]),
+                str(env["ray"]),
+                str(env.get("serve", "")),
+            )
         except KeyError:
             return None
 
@@ -105,6 +113,12 @@ def current_environment() -> Environment:
     return Environment(sys.executable, str(root), code_version(root), version("ray"))
 
 
+def head_environment(settings: Settings) -> Environment:
+    """What a local head started by this process for ``settings`` serves: :func:`current_environment`
+    with the settings' Serve data plane."""
+    return replace(current_environment(), serve=serve_signature(settings))
+
+
 def environment_differences(head: Environment | None, here: Environment) -> list[str]:
     """What differs between the environment a head serves and this command's, one phrase each;
     empty when they are the same. A head with no recorded environment differs."""
@@ -120,6 +134,11 @@ def environment_differences(head: Environment | None, here: Environment) -> list
         found.append(f"riverbed code: the head runs version {head.code}, this command {here.code} (edited)")
     if head.ray != here.ray:
         found.append(f"Ray: the head runs {head.ray}, this command {here.ray}")
+    if head.serve != here.serve:
+        found.append(
+            f"Serve data plane: the head runs {head.serve or 'none recorded'}, "
+            f"this command's settings {here.serve}"
+        )
     return found
 
 
@@ -335,13 +354,51 @@ on two cores busy loading the embedders' models that took longer than 5 s, and t
 death failed ``serve.start``."""
 
 
+def serve_environment(settings: Settings, *, local: bool = True) -> dict[str, str]:
+    """The ``RAY_SERVE_*`` variables of the Serve data plane ``settings`` ask for, which every
+    process of the cluster must have from its start (Serve reads them when its modules are
+    imported): ``serve.throughput_optimized``, and HAProxy mode (:meth:`ServeConfig.data_plane`
+    on a ``local`` head; elsewhere only when ``serve.edge`` names ``haproxy``)."""
+    serve = settings.serve
+    haproxy = serve.data_plane() == "haproxy" if local else serve.edge == "haproxy"
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0"}
+    if serve.throughput_optimized:
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    return env
+
+
+def serve_signature(settings: Settings) -> str:
+    """:func:`serve_environment` as one recorded string (a head started with another is restarted)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(serve_environment(settings).items()))
+
+
+def haproxy_environment(settings: Settings) -> dict[str, str]:
+    """Where a local head's HAProxy keeps its files and answers its stats and metrics: a directory
+    of this home's and free ports, not Ray's machine-wide defaults (``/tmp/haproxy-serve``, ports
+    8404 and 9101), so that two homes' heads on one machine never share them. The directory is
+    ``/tmp/rbhap-<hash of the home>``, not under the home: Ray adds a 56-character node id
+    below it, and HAProxy refuses a unix socket path over 97 characters."""
+    digest = hashlib.sha256(str(settings.state_dir.resolve()).encode()).hexdigest()[:8]
+    files = Path("/tmp") / f"rbhap-{digest}"
+    files.mkdir(mode=0o700, exist_ok=True)
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(files / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+
+
 def prepare_environment(settings: Settings) -> None:
     """Sets what Ray reads from the environment when it is imported; call before `import ray`
     (the CLI does, first thing). Idempotent."""
     if settings.ray.address:
         return
-    if settings.serve.throughput_optimized:  # read by the head's workers, which inherit it
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # The Serve data plane: the settings decide (a head started by this process inherits it).
+    os.environ.update(serve_environment(settings))
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
     token = str(settings.state_dir / "ray_auth_token")
     if "ray" in sys.modules and os.environ.get("RAY_AUTH_TOKEN_PATH") != token:
@@ -371,7 +428,7 @@ def start_local_head(settings: Settings) -> str:
     the running one when its recorded environment is this one; otherwise (none running, or one
     started from another environment, which is stopped first, saying what differs) a new one."""
     _use_local_token(settings)
-    here = current_environment()
+    here = head_environment(settings)
     with _home_lock(settings):
         record = read_head_record(settings)
         if record is not None:
@@ -408,7 +465,10 @@ def _start_head(settings: Settings, env: Environment) -> str:
         f"--num-cpus={local_head_cpus(settings)}",
     ]
     log.info("starting a local Ray head on 127.0.0.1:%d", port)
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    environ = {**os.environ, **serve_environment(settings)}
+    if settings.serve.data_plane() == "haproxy":
+        environ.update(haproxy_environment(settings))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=environ)
     if proc.returncode != 0:
         raise ConfigError(f"`ray start --head` failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     address = f"127.0.0.1:{port}"
@@ -482,7 +542,8 @@ def connect(settings: Settings, *, start: bool = True) -> str:
         address = local_head_address(settings)
         record = read_head_record(settings)
         if address is not None and record is not None:
-            differences = environment_differences(Environment.from_record(record), current_environment())
+            here = head_environment(settings)
+            differences = environment_differences(Environment.from_record(record), here)
             if differences:
                 log.warning(
                     "the local Ray head at %s serves another environment: %s", address, "; ".join(differences)

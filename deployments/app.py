@@ -1,4 +1,5 @@
-"""The Serve application: ingress → query embedder, bulk embedder, image embedder, retriever, generator.
+"""The Serve application: ingress → retriever (embeds queries, searches), bulk embedder, image embedder,
+generator.
 
 Replicas, autoscaling, ``max_ongoing_requests`` and resources of each deployment come from
 ``serve.<deployment>`` in the settings (:class:`schemas.settings.DeploymentConfig`).
@@ -14,7 +15,6 @@ from deployments.bulk_embedder import BulkEmbedder
 from deployments.generator import Generator
 from deployments.image_embedder import ImageEmbedder
 from deployments.ingress import Ingress
-from deployments.query_embedder import QueryEmbedder
 from deployments.retriever import Retriever
 from schemas.settings import DeploymentConfig, Settings, serve_config_settings
 
@@ -43,19 +43,14 @@ def build_app(settings: Settings, servers: str) -> Application:
     serve_config = settings.serve
     # Torch threads (the Embedder reads them from num_cpus): serve.embedder_threads.
     embed_config = settings.embed.model_copy(update={"num_cpus": float(serve_config.embedder_threads)})
-    embedder = (
-        _serve(QueryEmbedder)
-        .options(**deployment_options(serve_config.embedder))
-        .bind(embed_config, serve_config.search)
-    )
     # /v1/embeddings: its own replicas and queue, so bulk requests never wait in the queries' batches.
     bulk_embedder = (
         _serve(BulkEmbedder)
         .options(**deployment_options(serve_config.bulk_embedder))
         .bind(embed_config, serve_config.embeddings)
     )
-    # Text searches embed in the retriever (one call from the ingress, batched there too), on a
-    # GPU only where serve.retriever asks for one.
+    # Queries embed in the retriever (a text search is one call from the ingress, its embedding
+    # and search batched there), on a GPU only where serve.retriever asks for one.
     query_embed = embed_config
     if settings.embed.device == "cuda" and not serve_config.retriever.num_gpus:
         query_embed = embed_config.model_copy(update={"device": "cpu"})
@@ -71,7 +66,7 @@ def build_app(settings: Settings, servers: str) -> Application:
     return (
         _serve(Ingress)
         .options(**deployment_options(serve_config.ingress))
-        .bind(settings, servers, embedder, bulk_embedder, retriever, generator, image_embedder)
+        .bind(settings, servers, bulk_embedder, retriever, generator, image_embedder)
     )
 
 

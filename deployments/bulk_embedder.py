@@ -1,6 +1,6 @@
 """BulkEmbedder deployment: ``POST /v1/embeddings`` requests, apart from search queries.
 
-Search and RAG embed one query per request through the QueryEmbedder's shared batches; a bulk
+Search and RAG embed one query per request in the retriever's shared batches; a bulk
 request (up to ``serve.embeddings.max_inputs`` texts) would hold those batches for seconds. Here
 each request is served on its own replica (``serve.bulk_embedder``), in three steps:
 
@@ -13,7 +13,7 @@ each request is served on its own replica (``serve.bulk_embedder``), in three st
   only passes them on (serialising thousands of vectors would otherwise run on its event loop).
 
 All three run on one worker thread whose nice value is raised to :data:`BULK_NICE` (Linux keeps a
-nice value per thread): when bulk embedding and the query embedder's replica want the same core,
+nice value per thread): when bulk embedding and the retriever's query embedding want the same core,
 the kernel gives it to the queries. Its torch work stays on that thread: with one torch thread
 (``serve.embedder_threads``' default) torch computes in the calling thread, and any thread pool
 torch or the tokenizer starts is started from it, so it inherits the nice value. The event loop

@@ -4,7 +4,7 @@ It holds :class:`actors.image_model.ImageTextModel` (``images.model``; texts thr
 text side, which for Riverbed's LiT model is the index's own text embedder) and embeds:
 
 - text queries (``/v1/images/search`` with ``query``, and ``/v1/search`` over images when the
-  model has a text space of its own), batched across concurrent requests like the QueryEmbedder's;
+  model has a text space of its own), batched across concurrent requests like the retriever's;
 - image queries (``image_b64``), decoded with the ingest's own rules and limits (``images.max_bytes``,
   ``images.max_pixels``; PNG, JPEG, WebP, GIF): an image that cannot be read is a 400 naming
   ``image_b64``, never a 500.
@@ -17,7 +17,7 @@ command that trains it; a failed load is tried again at most every :data:`RELOAD
 model trained while the app runs is picked up without a restart.
 
 The model runs one call at a time (it is not thread-safe), on a worker thread, with
-``serve.embedder_threads`` torch threads (the replica's share of the cores, as the QueryEmbedder).
+``serve.embedder_threads`` torch threads (the replica's share of the cores, as the retriever's text model).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The HTTP ingress (FastAPI through ``serve.ingress``): the app's whole HTTP surface.
 
-It validates requests, calls the QueryEmbedder (search and RAG queries), BulkEmbedder
-(``/v1/embeddings``), ImageEmbedder (image queries, and text queries against images), Retriever
+It validates requests, calls the Retriever (which embeds search and RAG queries and searches),
+BulkEmbedder (``/v1/embeddings``), ImageEmbedder (image queries, and text queries against images)
 and Generator deployments, and answers in the shapes of ``schemas/api.py``. Documents and images
 posted here are produced onto their topics (the stream stays the source of truth): they become
 searchable once the pipeline has written them. OpenAPI docs are at ``/docs``.
@@ -10,7 +10,7 @@ Passages and images: the images of the index live in its images index. ``/v1/ima
 searches it by a text or an image (or, ``target: "text"``, the passages by an image), and
 ``/v1/search`` and ``/v1/rag`` search it too when ``modalities`` names ``image``. Which query
 vector searches which index: when the image model shares the text embedder's space (Riverbed's
-LiT model), the text query's ONE vector from the QueryEmbedder searches both (vector mode: the
+LiT model), the text query's ONE vector (the retriever's text model) searches both (vector mode: the
 hits rank together by score; hybrid: fused with vector ranks over both); otherwise the images are
 searched with the image model's own text vector and the two lists are fused by rank (see
 :mod:`deployments.modal_searcher`). A route that needs the
@@ -189,7 +189,6 @@ class Ingress:
         self,
         settings: Settings,
         servers: str,
-        embedder: Any,
         bulk_embedder: Any,
         retriever: Any,
         generator: Any,
@@ -197,7 +196,6 @@ class Ingress:
     ) -> None:
         self.settings = settings
         self.servers = servers
-        self.embedder = embedder
         # By reference (an actor call): a response of thousands of vectors is past the 4 MiB
         # that Serve's gRPC channel between replicas accepts.
         self.bulk_embedder = bulk_embedder.options(_by_reference=True)
@@ -569,7 +567,7 @@ class Ingress:
             same_space = (await self._image_model())["same_space"]
             text_vector = None
             if "text" in modalities or same_space:
-                text_vector = self._call(self.embedder.embed.remote(query))
+                text_vector = self._call(self.retriever.embed.remote(query))
             image_vector = None if same_space else self._call(self.image_embedder.embed_text.remote(query))
             text, image = await asyncio.gather(_awaited(text_vector), _awaited(image_vector))
             vectors = {m: (image if m == "image" and not same_space else text) for m in modalities}
@@ -593,7 +591,7 @@ class Ingress:
 
     async def _describe(self) -> dict[str, Any]:
         if self._model is None:
-            self._model = await self._call(self.embedder.describe.remote())
+            self._model = await self._call(self.retriever.describe.remote())
         return self._model
 
     async def _produce(self, envelopes: list[DocumentEnvelope | ImageEnvelope]) -> list[ProducedRecord]:

@@ -283,9 +283,10 @@ class Retriever:
         if embed is not None:
             self.embedder = Embedder(embed)
             self.embedder.warm_up()
-        batcher: Any = self._batched  # serve.batch's wrapper carries the setters
-        batcher.set_max_batch_size(settings.serve.search.embed_batch_size)
-        batcher.set_batch_wait_timeout_s(settings.serve.search.embed_batch_wait_s)
+        for method in (self._batched, self._embed_batched):
+            batcher: Any = method  # serve.batch's wrapper carries the setters
+            batcher.set_max_batch_size(settings.serve.search.embed_batch_size)
+            batcher.set_batch_wait_timeout_s(settings.serve.search.embed_batch_wait_s)
         self.shards = RayShards(settings)
         self.image_shards = RayShards(settings.image_side())
         # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
@@ -326,11 +327,23 @@ class Retriever:
         return result
 
     async def embed(self, text: str) -> np.ndarray:
-        """The vector a text search embeds ``text`` with (``(dim,)`` float32, unit norm)."""
+        """The vector a text search embeds ``text`` with (``(dim,)`` float32, unit norm): what a
+        search of the images or of both modalities sends with the query. Concurrent calls share
+        one forward pass."""
         if self.embedder is None:
             raise RuntimeError("this retriever was built without an embedder: searches bring their vectors")
-        vectors = await asyncio.to_thread(self.embedder.embed, [text])
-        return vectors[0]
+        return await self._embed_batched(text)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _embed_batched(self, texts: list[str]) -> list[np.ndarray]:
+        vectors = await asyncio.to_thread(self.embedder.embed, texts)  # type: ignore[union-attr]
+        return list(vectors)
+
+    def describe(self) -> dict[str, Any]:
+        """The text model that queries are embedded with: ``{"model", "dim", "device"}``."""
+        if self.embedder is None:
+            raise RuntimeError("this retriever was built without an embedder: searches bring their vectors")
+        return {"model": self.embedder.model_name, "dim": self.embedder.dim, "device": self.embedder.device}
 
     async def search_modalities(
         self,

@@ -283,7 +283,7 @@ def bench_peer(base: Settings, dataset: Path, n_queries: int, k: int, out_dir: P
         batch = settings.serve.search.embed_batch_size
         rb_raw, tx_raw = query_both(embedder, searcher, embeddings, texts, k, batch)
         _say("riverbed: in-process copies of the shards")
-        local = in_process(settings, texts, k, "vector")
+        local = in_process(settings, texts, k, ["vector"])["vector"]
     finally:
         if embeddings is not None:
             embeddings.close()

@@ -5,8 +5,13 @@
 # QUERIES: SQuAD questions, the same list for every measurement
 # IN-PROCESS: the same model (Embedder) and copies of the same shards (FaissIndex) in this
 #   process: one query at a time (latency), and batched encode + search (throughput)
-# HTTP: the Serve app on the same shard actors; 1, 4, 16 and 64 concurrent clients, each sending its
-#   next query as soon as the previous answer arrived (closed loop)
+# HTTP: the Serve app on the same shard actors, with an API key (as a deployment would run it);
+#   1, 4, 16 and 64 concurrent clients, each sending its next query as soon as the previous answer
+#   arrived (closed loop)
+# MODES: vector, keyword and hybrid by default (``--mode`` names one), each measured in-process and
+#   over HTTP on the same index
+# EDGE: what answers HTTP (serve.edge: with the bench's key, ``auto`` is HAProxy; ``--set
+#   serve.edge=proxy`` measures Serve's proxy; the local head restarts when it changes)
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import shutil
 import sys
 import tempfile
@@ -32,7 +38,7 @@ from cluster.pipeline import ingest_documents
 from cluster.serving import start_serving
 from cluster.stats import index_stats
 from deployments.searcher import LocalShards, Searcher
-from schemas.settings import Settings, load_settings
+from schemas.settings import ApiKey, AuthConfig, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +53,23 @@ def percentile(values: list[float], q: float) -> float:
 
 CLIENTS = (1, 4, 16, 64)
 """Concurrent closed-loop clients, one measurement each (16 is the one compared in-process)."""
+MODES = ("vector", "keyword", "hybrid")
+"""The search modes measured when ``--mode`` names none."""
 
 
-def bench_settings(base: Settings, repeat: int) -> Settings:
-    """A dedicated index and topic, so the bench never touches the user's index."""
+def bench_settings(base: Settings, repeat: int, key: str | None = None) -> Settings:
+    """A dedicated index and topic, so the bench never touches the user's index; ``key`` (read
+    scope) as the app's only API key."""
     name = f"bench-query-x{repeat}"
     dump = base.model_dump(mode="json")
     dump["index"] = {**dump["index"], "name": name}
     dump["kafka"]["topics"] = {**dump["kafka"]["topics"], "documents": f"bench.{name}.documents"}
     dump["serve"] = {**dump["serve"], "ingest": False}
-    return load_settings(overrides=dump)
+    settings = load_settings(overrides=dump)
+    if key is None:
+        return settings
+    auth = AuthConfig(keys=[ApiKey(key=key, scopes=["read"], name=name)])
+    return settings.model_copy(update={"serve": settings.serve.model_copy(update={"auth": auth})})
 
 
 def build_index(settings: Settings, corpus: Path, repeat: int) -> dict[str, Any]:
@@ -80,9 +93,9 @@ def load_queries(dataset: Path, n: int) -> list[str]:
     return [queries[i] for i in rng.permutation(len(queries))[:n]]
 
 
-def in_process(settings: Settings, queries: list[str], k: int, mode: str) -> dict[str, Any]:
-    """Latency of one query at a time and throughput of batched encode + search, in this process,
-    on copies of the shards (the live ones are locked by their actors)."""
+def in_process(settings: Settings, queries: list[str], k: int, modes: list[str]) -> dict[str, dict[str, Any]]:
+    """Per mode: latency of one query at a time and throughput of batched encode + search, in
+    this process, on copies of the shards (the live ones are locked by their actors)."""
     embedder = Embedder(settings.embed)
     embedder.warm_up()
     with tempfile.TemporaryDirectory(prefix="riverbed-bench-") as tmp:
@@ -101,33 +114,42 @@ def in_process(settings: Settings, queries: list[str], k: int, mode: str) -> dic
             shard.warm_up()
             shards.append(shard)
         searcher = Searcher(settings.serve.search, LocalShards(shards))
-
-        async def one(q: str, v: np.ndarray | None) -> None:
-            await searcher.search(q, v, k, None, mode)
-
         embedder.embed(queries[:8])
-        latencies = []
-        for q in queries:
-            t0 = time.perf_counter()
-            v = embedder.embed([q])[0]
-            asyncio.run(one(q, v))
-            latencies.append(time.perf_counter() - t0)
-
-        batch = settings.serve.search.embed_batch_size
-        t0 = time.perf_counter()
-        for start in range(0, len(queries), batch):
-            part = queries[start : start + batch]
-            vectors = embedder.embed(part)
-
-            async def many(part: list[str] = part, vectors: np.ndarray = vectors) -> None:
-                await asyncio.gather(
-                    *(searcher.search(q, v, k, None, mode) for q, v in zip(part, vectors, strict=True))
-                )
-
-            asyncio.run(many())
-        batched_s = time.perf_counter() - t0
+        measured = {mode: _in_process_mode(embedder, searcher, settings, queries, k, mode) for mode in modes}
         for shard in shards:
             shard.close()
+    return measured
+
+
+def _in_process_mode(
+    embedder: Embedder, searcher: Searcher, settings: Settings, queries: list[str], k: int, mode: str
+) -> dict[str, Any]:
+    """One mode's in-process figures (keyword queries are not embedded, as the app does)."""
+    embeds = mode != "keyword"
+
+    async def one(q: str, v: np.ndarray | None) -> None:
+        await searcher.search(q, v, k, None, mode)
+
+    latencies = []
+    for q in queries:
+        t0 = time.perf_counter()
+        v = embedder.embed([q])[0] if embeds else None
+        asyncio.run(one(q, v))
+        latencies.append(time.perf_counter() - t0)
+
+    batch = settings.serve.search.embed_batch_size
+    t0 = time.perf_counter()
+    for start in range(0, len(queries), batch):
+        part = queries[start : start + batch]
+        vectors: list[np.ndarray | None] = list(embedder.embed(part)) if embeds else [None] * len(part)
+
+        async def many(part: list[str] = part, vectors: list[np.ndarray | None] = vectors) -> None:
+            await asyncio.gather(
+                *(searcher.search(q, v, k, None, mode) for q, v in zip(part, vectors, strict=True))
+            )
+
+        asyncio.run(many())
+    batched_s = time.perf_counter() - t0
     return {
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
@@ -136,12 +158,15 @@ def in_process(settings: Settings, queries: list[str], k: int, mode: str) -> dic
     }
 
 
-async def _http_level(url: str, queries: list[str], k: int, mode: str, clients: int) -> dict[str, Any]:
+async def _http_level(
+    url: str, queries: list[str], k: int, mode: str, clients: int, key: str
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     position = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as client:
         for q in queries[:4]:  # warm the connections and the replicas
             await client.post("/v1/search", json={"query": q, "k": k, "mode": mode})
 
@@ -170,73 +195,90 @@ async def _http_level(url: str, queries: list[str], k: int, mode: str, clients: 
 
 
 def bench_query(
-    base: Settings, dataset: Path, repeat: int, n_queries: int, k: int, mode: str, out_dir: Path
+    base: Settings, dataset: Path, repeat: int, n_queries: int, k: int, mode: str | None, out_dir: Path
 ) -> dict[str, Any]:
-    settings = bench_settings(base, repeat)
+    """In-process and HTTP figures for each search mode (``mode``, or :data:`MODES`)."""
+    key = secrets.token_urlsafe(32)
+    settings = bench_settings(base, repeat, key)
+    modes = [mode] if mode else list(MODES)
     stats = build_index(settings, dataset / "corpus.jsonl", repeat)
     queries = load_queries(dataset, n_queries)
 
-    _say(f"in-process: {len(queries)} queries, {mode}, k={k}")
-    local = in_process(settings, queries, k, mode)
+    _say(f"in-process: {len(queries)} queries, modes {', '.join(modes)}, k={k}")
+    local = in_process(settings, queries, k, modes)
 
-    _say("HTTP: starting the app")
+    edge = settings.serve.data_plane()
+    _say(f"HTTP: starting the app (edge: {edge})")
     serving = start_serving(settings, ingest=False)
-    levels = []
+    http: dict[str, list[dict[str, Any]]] = {}
     try:
-        for clients in CLIENTS:
-            level = asyncio.run(_http_level(serving.url, queries, k, mode, clients))
-            _say(
-                f"  {clients:2d} clients: p50 {level['p50_ms']:.1f} ms  p99 {level['p99_ms']:.1f} ms  "
-                f"{level['qps']:.0f} q/s"
-            )
-            levels.append(level)
+        for m in modes:
+            http[m] = []
+            for clients in CLIENTS:
+                level = asyncio.run(_http_level(serving.url, queries, k, m, clients, key))
+                _say(
+                    f"  {m:7s} {clients:2d} clients: p50 {level['p50_ms']:.1f} ms  "
+                    f"p99 {level['p99_ms']:.1f} ms  {level['qps']:.0f} q/s  {level['errors']} errors"
+                )
+                http[m].append(level)
     finally:
         serving.stop()
 
-    one, sixteen = levels[0], next(lv for lv in levels if lv["clients"] == 16)
+    per_mode = {}
+    for m in modes:
+        one, sixteen = http[m][0], next(lv for lv in http[m] if lv["clients"] == 16)
+        per_mode[m] = {
+            "in_process": local[m],
+            "http": http[m],
+            "overhead_p50_ms_1_client": one["p50_ms"] - local[m]["p50_ms"],
+            "throughput_ratio_16_vs_in_process_batched": sixteen["qps"] / local[m]["batched_qps"],
+        }
     result = {
         "machine": machine(),
         "index": settings.index.name,
         "chunks": stats["chunks"],
         "queries": len(queries),
-        "mode": mode,
         "k": k,
-        "in_process": local,
-        "http": levels,
-        "overhead_p50_ms_1_client": one["p50_ms"] - local["p50_ms"],
-        "throughput_ratio_16_vs_in_process_batched": sixteen["qps"] / local["batched_qps"],
+        "edge": edge,
+        "modes": per_mode,
     }
     rows = [
         ("chunks indexed", str(stats["chunks"])),
-        ("queries", f"{len(queries)} SQuAD questions, mode {mode}, k {k}"),
-        ("in-process p50 / p99 (one at a time)", f"{local['p50_ms']:.1f} / {local['p99_ms']:.1f} ms"),
-        ("in-process batched throughput", f"{local['batched_qps']:.0f} q/s"),
-        *(
-            (
-                f"HTTP {lv['clients']} clients p50 / p99",
-                f"{lv['p50_ms']:.1f} / {lv['p99_ms']:.1f} ms, {lv['qps']:.0f} q/s",
-            )
-            for lv in levels
-        ),
-        ("HTTP + Serve overhead at p50, 1 client", f"{result['overhead_p50_ms_1_client']:.1f} ms"),
-        (
-            "HTTP 16 clients / in-process batched",
-            f"{result['throughput_ratio_16_vs_in_process_batched']:.2f}x",
-        ),
+        ("queries", f"{len(queries)} SQuAD questions, k {k}"),
+        ("edge (serve.edge)", edge),
     ]
+    for m, figures in per_mode.items():
+        lp = figures["in_process"]
+        rows += [
+            (f"{m}: in-process p50 / p99 (one at a time)", f"{lp['p50_ms']:.1f} / {lp['p99_ms']:.1f} ms"),
+            (f"{m}: in-process batched throughput", f"{lp['batched_qps']:.0f} q/s"),
+            *(
+                (
+                    f"{m}: HTTP {lv['clients']} clients p50 / p99",
+                    f"{lv['p50_ms']:.1f} / {lv['p99_ms']:.1f} ms, {lv['qps']:.0f} q/s, {lv['errors']} errors",
+                )
+                for lv in figures["http"]
+            ),
+            (f"{m}: HTTP + Serve overhead at p50, 1 client", f"{figures['overhead_p50_ms_1_client']:.1f} ms"),
+            (
+                f"{m}: HTTP 16 clients / in-process batched",
+                f"{figures['throughput_ratio_16_vs_in_process_batched']:.2f}x",
+            ),
+        ]
     write_report(out_dir, "query", result, rows)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    right: dict[str, tuple[list[float], list[float]]] = {}
+    for m, figures in per_mode.items():
+        levels = figures["http"]
+        series[f"{m} p50 (ms)"] = ([float(lv["clients"]) for lv in levels], [lv["p50_ms"] for lv in levels])
+        right[f"{m} q/s"] = ([float(lv["clients"]) for lv in levels], [lv["qps"] for lv in levels])
     write_plot(
         out_dir,
         "query",
-        title=f"/v1/search ({mode}, k={k}) over {stats['chunks']} chunks",
-        series={
-            "HTTP p50 (ms)": ([lv["clients"] for lv in levels], [lv["p50_ms"] for lv in levels]),
-            "HTTP p99 (ms)": ([lv["clients"] for lv in levels], [lv["p99_ms"] for lv in levels]),
-        },
-        right_series={
-            "HTTP throughput (q/s)": ([lv["clients"] for lv in levels], [lv["qps"] for lv in levels])
-        },
-        hlines={"in-process batched (q/s)": local["batched_qps"]},
+        title=f"/v1/search (k={k}, edge {edge}) over {stats['chunks']} chunks",
+        series=series,
+        right_series=right,
+        hlines={f"{m} in-process batched (q/s)": f["in_process"]["batched_qps"] for m, f in per_mode.items()},
         xlabel="concurrent clients",
     )
     return result

@@ -60,7 +60,7 @@ def test_down_stops_only_the_head_of_its_home(ray_session: None, home: Settings,
     record = rt.read_head_record(home)
     assert record is not None and record["address"] == address
     assert record["session_dir"] and Path(record["session_dir"]).is_dir()
-    assert record["environment"] == rt.current_environment().__dict__
+    assert record["environment"] == rt.head_environment(home).__dict__
     names = {e["name"] for e in record["processes"]}
     assert {"gcs_server", "raylet"} <= names
     assert rt.start_local_head(home) == address  # same environment: reused
@@ -86,7 +86,7 @@ def test_head_of_another_environment_is_restarted(ray_session: None, home: Setti
     assert second != first
     assert _alive(record["processes"]) == []
     restarted = rt.read_head_record(home)
-    assert restarted is not None and restarted["environment"] == rt.current_environment().__dict__
+    assert restarted is not None and restarted["environment"] == rt.head_environment(home).__dict__
     assert rt.local_head_address(home) == second
     assert _session_ray_answers()
 

@@ -72,7 +72,8 @@ def _shard(directory: Path, items: dict[str, tuple[str, dict, np.ndarray]], titl
 
 class LocalRetriever(Retriever.func_or_class):
     """The Retriever's logic over in-process shards: its ``search`` without Serve's batching
-    (text queries without a vector embedded as QUERY, as the real one embeds them)."""
+    (text queries without a vector embedded as QUERY, as the real one embeds them, and ``embed``
+    too)."""
 
     def __init__(self, text: LocalShards, images: LocalShards) -> None:
         config = SearchConfig(candidates=5)
@@ -86,6 +87,9 @@ class LocalRetriever(Retriever.func_or_class):
             vector = QUERY
         vectors = None if vector is None else vector.reshape(1, -1)
         return (await self.searchers[side].search_many([query], vectors, k, filter, mode))[0]
+
+    async def embed(self, text):  # the vector sent with image-side searches
+        return QUERY
 
 
 @pytest.fixture(scope="module")
@@ -413,11 +417,6 @@ class FakeHandle:
         return self
 
 
-class FakeTextEmbedder:
-    def embed(self, text: str) -> np.ndarray:
-        return QUERY
-
-
 class FakeImageEmbedder:
     def __init__(self, same_space: bool, problem: str | None = None) -> None:
         self.same_space, self.problem = same_space, problem
@@ -457,7 +456,7 @@ IngressClass: Any = Ingress.func_or_class.__mro__[1]  # the class under Serve's 
 def make_ingress(
     retriever: LocalRetriever, image_embedder: FakeImageEmbedder, generator: FakeGenerator | None = None
 ) -> Any:
-    parts = (FakeTextEmbedder(), object(), retriever, generator or FakeGenerator(), image_embedder)
+    parts = (object(), retriever, generator or FakeGenerator(), image_embedder)
     handles = [FakeHandle(x) for x in parts]
     return IngressClass(load_settings(), "127.0.0.1:9", *handles)
 

@@ -324,3 +324,21 @@ def test_kubectl_kustomize_builds_each_overlay_into_the_render(defaults, overlay
     ).stdout  # fmt: skip
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(yaml.safe_load_all(built), key=key) == sorted(render(defaults, overlay), key=key)
+
+
+@pytest.mark.parametrize(("edge", "haproxy"), [("auto", "0"), ("proxy", "0"), ("haproxy", "1")])
+def test_every_ray_pod_starts_with_the_serve_data_plane_of_the_settings(edge: str, haproxy: str):
+    settings = load_settings(overrides={**SETTINGS.model_dump(mode="python"), "serve": {
+        **SETTINGS.serve.model_dump(mode="python"), "edge": edge}})  # fmt: skip
+    docs = render(settings, "cpu") + backfill(settings, "cpu")
+    clusters = [
+        by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"],
+        by_kind(docs, "RayJob")[0]["spec"]["rayClusterSpec"],
+    ]
+    pods = [c["headGroupSpec"]["template"] for c in clusters] + [
+        g["template"] for c in clusters for g in c["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == haproxy  # auto: the proxy in pods (keys or not)

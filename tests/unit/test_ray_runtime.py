@@ -47,6 +47,36 @@ def test_edited_code_differs():
     assert found == ["riverbed code: the head runs version 0ld, this command c0ffee (edited)"]
 
 
+def test_another_serve_data_plane_differs_and_older_records_have_none():
+    proxy = load_settings(overrides={"serve": {"edge": "proxy"}})
+    keyed = load_settings(overrides={"serve": {"auth": {"keys": [{"key": "k" * 32, "scopes": ["read"]}]}}})
+    assert rt.serve_environment(proxy)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert rt.serve_environment(keyed)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # auto, with keys
+    assert rt.serve_environment(keyed, local=False)["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # pods: named only
+    head, here = (
+        replace(HERE, serve=rt.serve_signature(proxy)),
+        replace(HERE, serve=rt.serve_signature(keyed)),
+    )
+    [found] = rt.environment_differences(head, here)
+    assert found.startswith("Serve data plane:") and "RAY_SERVE_ENABLE_HA_PROXY=0" in found
+    old = {"address": "x:1", "environment": {k: v for k, v in here.__dict__.items() if k != "serve"}}
+    recorded = rt.Environment.from_record(old)
+    assert recorded is not None and rt.environment_differences(recorded, here) != []
+
+
+def test_haproxy_files_and_ports_are_the_homes_own(tmp_path: Path):
+    settings = load_settings(overrides={"home": str(tmp_path)})
+    env = rt.haproxy_environment(settings)
+    paths = [env[k] for k in env if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    other = rt.haproxy_environment(load_settings(overrides={"home": str(tmp_path / "other")}))
+    base = env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]
+    assert all(p == base or Path(p).parent == Path(base) for p in paths)
+    assert other["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != base
+    node_id = "f" * 56  # Ray puts each node's files below the directory; HAProxy's limit is 97
+    assert all(len(str(Path(base) / node_id / Path(p).name)) <= 97 for p in paths)
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] != "9101"
+
+
 def test_head_without_recorded_environment_differs():
     assert rt.Environment.from_record({"address": "127.0.0.1:1"}) is None
     assert "recorded no environment" in rt.environment_differences(None, HERE)[0]
@@ -101,8 +131,10 @@ def _fake_head(monkeypatch: pytest.MonkeyPatch, settings, env: rt.Environment | 
     calls: list[str] = []
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     record = {"address": "127.0.0.1:7", "session_dir": "/tmp/ray/session_x"}
-    if env is not None:
-        record["environment"] = env.__dict__
+    if env is not None:  # started for these settings' Serve data plane unless ``env`` names another
+        record["environment"] = (
+            env if env.serve else replace(env, serve=rt.serve_signature(settings))
+        ).__dict__
     (settings.state_dir / "ray.json").write_text(json.dumps(record))
     monkeypatch.setattr(rt, "_reachable", lambda address: True)
     monkeypatch.setattr(rt, "current_environment", lambda: HERE)

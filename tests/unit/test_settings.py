@@ -156,6 +156,27 @@ def test_an_open_app_is_allowed_only_on_loopback(host, keys, refused):
         check_exposure(serve)
 
 
+@pytest.mark.parametrize(
+    ("edge", "keys", "plane"),
+    [
+        ("auto", [], "proxy"),
+        ("auto", [KEY], "haproxy"),
+        ("proxy", [KEY], "proxy"),
+        ("haproxy", [KEY], "haproxy"),
+    ],
+)
+def test_the_edge_is_haproxy_only_with_keys_unless_named(edge, keys, plane):
+    serve = load_settings(overrides={"serve": {"edge": edge, "auth": {"keys": keys}}}).serve
+    check_exposure(serve)
+    assert serve.data_plane() == plane
+
+
+def test_haproxy_without_keys_is_refused_naming_both_settings():
+    serve = load_settings(overrides={"serve": {"edge": "haproxy"}}).serve
+    with pytest.raises(ConfigError, match=r"serve\.edge is 'haproxy' and serve\.auth\.keys is empty"):
+        check_exposure(serve)
+
+
 def test_images_defaults_name_the_trained_model():
     s = load_settings()
     assert s.images.model == "riverbed/lit-easy-vqa"
