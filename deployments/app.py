@@ -14,6 +14,7 @@ from ray.serve import Application
 from deployments.bulk_embedder import BulkEmbedder
 from deployments.generator import Generator
 from deployments.image_embedder import ImageEmbedder
+from deployments.in_process import InIngressRetriever
 from deployments.ingress import Ingress
 from deployments.retriever import Retriever
 from schemas.settings import DeploymentConfig, Settings, serve_config_settings
@@ -32,6 +33,8 @@ def deployment_options(config: DeploymentConfig) -> dict[str, Any]:
             "min_replicas": config.min_replicas,
             "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests,
+            "upscale_delay_s": config.upscale_delay_s,
+            "downscale_delay_s": config.downscale_delay_s,
         }
     else:
         options["num_replicas"] = config.num_replicas
@@ -54,9 +57,19 @@ def build_app(settings: Settings, servers: str) -> Application:
     query_embed = embed_config
     if settings.embed.device == "cuda" and not serve_config.retriever.num_gpus:
         query_embed = embed_config.model_copy(update={"device": "cpu"})
-    retriever = (
-        _serve(Retriever).options(**deployment_options(serve_config.retriever)).bind(settings, query_embed)
-    )
+    ingress_options = deployment_options(serve_config.ingress)
+    retriever: Any
+    if serve_config.search_in_ingress:  # each ingress replica embeds and searches itself
+        retriever = InIngressRetriever(settings, query_embed)
+        actor = ingress_options["ray_actor_options"]
+        actor["num_cpus"] += serve_config.retriever.num_cpus
+        actor["num_gpus"] += serve_config.retriever.num_gpus
+    else:
+        retriever = (
+            _serve(Retriever)
+            .options(**deployment_options(serve_config.retriever))
+            .bind(settings, query_embed)
+        )
     generator = _serve(Generator).options(**deployment_options(serve_config.generator)).bind(settings)
     # Image queries: the image model loads on the first one, so a model not trained yet costs the
     # app nothing but 503s on the image routes.
@@ -65,7 +78,7 @@ def build_app(settings: Settings, servers: str) -> Application:
     )
     return (
         _serve(Ingress)
-        .options(**deployment_options(serve_config.ingress))
+        .options(**ingress_options)
         .bind(settings, servers, bulk_embedder, retriever, generator, image_embedder)
     )
 

@@ -51,6 +51,7 @@ from deployments.http_errors import (
     install_error_handlers,
     set_max_body_bytes,
 )
+from deployments.in_process import InIngressRetriever
 from deployments.metrics import CONTENT_TYPE, health_report, http_metrics
 from deployments.openapi import (
     BODY_ERRORS,
@@ -199,7 +200,8 @@ class Ingress:
         # By reference (an actor call): a response of thousands of vectors is past the 4 MiB
         # that Serve's gRPC channel between replicas accepts.
         self.bulk_embedder = bulk_embedder.options(_by_reference=True)
-        self.retriever = retriever
+        # serve.search_in_ingress: this replica embeds and searches in its own process.
+        self.retriever = retriever.build() if isinstance(retriever, InIngressRetriever) else retriever
         self.generator = generator
         self.image_embedder = image_embedder
         self.search_config = settings.serve.search

@@ -435,6 +435,12 @@ class DeploymentConfig(_Section):
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: PositiveInt = 4
     target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="auto: how long the load must ask for more replicas before one is added"
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        600.0, description="auto: how long the load must ask for fewer replicas before one is removed"
+    )
     max_ongoing_requests: PositiveInt = 64
     max_queued_requests: Annotated[int, Field(ge=-1)] = Field(
         -1,
@@ -678,6 +684,12 @@ class ServeConfig(_Section):
         DeploymentConfig(num_cpus=0.3, max_ongoing_requests=128),
         description="replicas that embed queries (the text model, serve.embedder_threads torch threads) "
         "and search the shards: a text search is one call to one of them",
+    )
+    search_in_ingress: bool = Field(
+        False,
+        description="each ingress replica embeds and searches in its own process (its own query model "
+        "and shard readers; serve.retriever's CPUs and GPUs are added to the ingress's, and its "
+        "replicas are the ingress's): no call between replicas for a search",
     )
     image_embedder: DeploymentConfig = Field(
         DeploymentConfig(num_cpus=0.05, max_ongoing_requests=64),
