@@ -311,12 +311,22 @@ class ShardStore(SQLiteStore):
         if not terms or k < 1:
             return []
         match = " OR ".join(f'"{t}"' for t in terms)
-        where, params = (filter or MetadataFilter()).to_sql("c.metadata")
+        # The top k by score first, over rowids and scores alone; then the k rows' columns (sorting
+        # every match with its text was 1.5x slower: measured 19 vs 12.5 ms a SQuAD question on
+        # 5,600 chunks). Only a filter needs the chunk rows of every match, for their metadata.
+        if filter is None:
+            top = "SELECT rowid AS id, -bm25(chunks_fts, 1.0, ?) AS score FROM chunks_fts"
+            top += " WHERE chunks_fts MATCH ? ORDER BY score DESC, rowid LIMIT ?"
+            params: list[Any] = []
+        else:
+            where, params = filter.to_sql("m.metadata")
+            top = "SELECT m.id AS id, -bm25(chunks_fts, 1.0, ?) AS score FROM chunks_fts"
+            top += f" JOIN chunks m ON m.id = chunks_fts.rowid WHERE chunks_fts MATCH ? AND {where}"
+            top += " ORDER BY score DESC, m.id LIMIT ?"
         sql = (
-            "SELECT c.chunk_id, c.document_id, c.number, c.text, c.title, c.span_start, c.span_end,"
-            f" c.metadata, {self._alignment}, -bm25(chunks_fts, 1.0, ?) AS score"
-            " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid"
-            f" WHERE chunks_fts MATCH ? AND {where} ORDER BY score DESC, c.id LIMIT ?"
+            f"WITH top AS ({top}) SELECT c.chunk_id, c.document_id, c.number, c.text, c.title,"
+            f" c.span_start, c.span_end, c.metadata, {self._alignment}, top.score"
+            " FROM top JOIN chunks c ON c.id = top.id ORDER BY top.score DESC, c.id"
         )
         with self._lock:
             rows = self._conn.execute(sql, [float(title_weight), match, *params, int(k)]).fetchall()

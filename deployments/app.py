@@ -1,5 +1,6 @@
-"""The Serve application: ingress → retriever (embeds queries, searches), bulk embedder, image embedder,
-generator.
+"""The Serve application: ingress → retriever (embeds queries, searches; inside each ingress
+replica with ``serve.search_in_ingress``, else a deployment of its own), bulk embedder, image
+embedder, generator.
 
 Replicas, autoscaling, ``max_ongoing_requests`` and resources of each deployment come from
 ``serve.<deployment>`` in the settings (:class:`schemas.settings.DeploymentConfig`).

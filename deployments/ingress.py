@@ -214,6 +214,11 @@ class Ingress:
         self._image_model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
+    async def embed_query(self, text: str) -> Any:
+        """The vector a text search embeds ``text`` with (``(dim,)`` float32): for a handle (the
+        retriever may live in this replica, out of a handle's reach)."""
+        return await self._call(self.retriever.embed.remote(text))
+
     # SEARCH
     @app.post("/v1/search", response_model=SearchResponse, responses=BODY_ERRORS, dependencies=READ)
     async def search(self, request: SearchRequest) -> SearchResponse:

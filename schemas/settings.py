@@ -686,10 +686,12 @@ class ServeConfig(_Section):
         "and search the shards: a text search is one call to one of them",
     )
     search_in_ingress: bool = Field(
-        False,
+        True,
         description="each ingress replica embeds and searches in its own process (its own query model "
-        "and shard readers; serve.retriever's CPUs and GPUs are added to the ingress's, and its "
-        "replicas are the ingress's): no call between replicas for a search",
+        "and shard readers; serve.retriever's CPUs and GPUs are added to the ingress's, and the "
+        "ingress's replicas and autoscaling apply): no call between replicas for a search, measured "
+        "1.18x the 16-client throughput on 2 cores; false: the Retriever is a deployment of its own, "
+        "scaled apart from the ingress",
     )
     image_embedder: DeploymentConfig = Field(
         DeploymentConfig(num_cpus=0.05, max_ongoing_requests=64),

@@ -229,6 +229,28 @@ def http(app: ServedIndex) -> Iterator[Any]:
         yield client
 
 
+def run_cluster_script(module: str, *args: str, timeout_s: float = 900) -> dict[str, Any]:
+    """Runs ``python -m module *args`` (a script that builds a Ray cluster of its own: the test
+    session's Ray cannot be replaced in-process) and returns the last JSON line it printed; fails
+    with its stderr when it printed none or exited non-zero."""
+    import json
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no result (exit {result.returncode}):\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"{lines[-1]}\n{result.stderr[-4000:]}"
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
+
+
 def free_port() -> int:
     import socket
 

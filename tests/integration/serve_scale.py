@@ -1,10 +1,11 @@
 """Run by ``test_serve_scale.py`` in a process of its own (the test session's Ray cannot be replaced
 in-process): the app on a two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``),
-the retriever autoscaled on ongoing requests (one replica, at most two), and a closed-loop load of
-concurrent searches over HTTP until Serve has added the second replica; then more load.
+the ingress (which embeds and searches) autoscaled on ongoing requests (one replica, at most
+two), and a closed-loop load of concurrent searches over HTTP until Serve has added the second
+replica; then more load.
 
-Each node has room for one retriever replica (``serve.retriever.num_cpus`` 1.5 on nodes of 2
-CPUs: Ray counts whole CPUs per node), so the second replica lands on the other node. Prints one
+Each node has room for one ingress replica (1.5 CPUs with the retriever's on nodes of 2 CPUs:
+Ray counts whole CPUs per node), so the second replica lands on the other node. Prints one
 JSON line: the replicas (node, pid, and the CPU seconds their process used during the last load
 window, read from the OS, which shows that requests reached each), when the second one ran, and
 the load's answers by status.
@@ -28,7 +29,7 @@ WINDOW_S = 15
 
 
 def _replicas() -> list[dict]:
-    """The retriever's live replica actors: their node id and pid, read from the GCS's actor table
+    """The ingress's live replica actors: their node id and pid, read from the GCS's actor table
     (as `riverbed ps` reads it; both nodes share the address 127.0.0.1)."""
     from ray._private.state import state as global_state
 
@@ -38,7 +39,7 @@ def _replicas() -> list[dict]:
     found = []
     for raw in global_state._connect_and_get_accessor().get_actor_table(None, None):
         data = table.FromString(raw)
-        if data.state == table.ActorState.Value("ALIVE") and data.class_name.endswith(":Retriever"):
+        if data.state == table.ActorState.Value("ALIVE") and data.class_name.endswith(":Ingress"):
             found.append({"node": data.address.node_id.hex(), "pid": int(data.pid)})
     return found
 
@@ -71,7 +72,7 @@ def main() -> None:
         pipeline = Pipeline(settings)
         pipeline.start()
         pipeline.wait_idle(timeout_s=600, interval_s=0.5)
-        pipeline.stop()  # its embedder's CPU goes back: the retriever's second replica needs it
+        pipeline.stop()  # its embedder's CPU goes back: the second ingress replica needs it
         serving = start_serving(settings, ingest=False)
         statuses: Counter[int] = Counter()
         stop = threading.Event()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import ray
@@ -21,7 +19,7 @@ from cluster.pipeline import Pipeline
 from cluster.stats import index_stats
 from schemas.settings import EmbeddedKafkaConfig, load_settings
 from schemas.topology import actor_name
-from tests.integration.conftest import REPO
+from tests.integration.conftest import run_cluster_script
 from tests.integration.ingest_helpers import expected_chunks, produce, read_stores, squad_documents
 
 
@@ -105,18 +103,7 @@ def test_killing_the_source_actor_mid_stream_loses_and_duplicates_nothing(pipeli
 def test_losing_the_node_of_a_shard_and_the_embedder_mid_ingest(pipeline_settings):
     overrides = pipeline_settings.model_dump(mode="json")
     overrides["embed"]["num_cpus"] = 2  # more than the head has: the embedder goes to the worker
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.integration.node_loss", json.dumps(overrides), "400"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no result (exit {result.returncode}):\n{result.stderr[-4000:]}"
-    out = json.loads(lines[-1])
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = run_cluster_script("tests.integration.node_loss", json.dumps(overrides), "400")
     assert out["embedder_on_worker"] and sorted(out["shard_nodes"]) == [False, True], out
     assert 0.2 <= out["removed_at"] < 1.0, out
     assert out["per_document_matches"] and out["chunks"] == out["expected_chunks"], out
@@ -131,18 +118,7 @@ def test_losing_nodes_and_their_disks_loses_nothing_on_milvus_by_uri(pipeline_se
     overrides = pipeline_settings.model_dump(mode="json")
     overrides["embed"]["num_cpus"] = 2
     overrides["index"].update(backend="milvus", milvus={"uri": milvus_server.uri})
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.integration.node_loss", json.dumps(overrides), "300", "--lose-disk"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no result (exit {result.returncode}):\n{result.stderr[-4000:]}"
-    out = json.loads(lines[-1])
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = run_cluster_script("tests.integration.node_loss", json.dumps(overrides), "300", "--lose-disk")
     assert out["embedder_on_worker"] and out["shard_nodes"] == [True, True], out
     assert 0.2 <= out["removed_at"] < 1.0, out
     assert out["per_document_matches"] and out["chunks"] == out["expected_chunks"], out

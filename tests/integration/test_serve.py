@@ -526,7 +526,7 @@ def test_embeddings_are_the_vectors_search_embeds_queries_with(app, http, minilm
     np.testing.assert_array_equal(got, _vectors(packed.json()))  # one vector, two encodings
     np.testing.assert_allclose(got, minilm.embed(texts), atol=1e-5)
     picked = [0, 1, len(texts) - 1]
-    searched = _ask("Retriever", "embed", *[(texts[i],) for i in picked])  # what /v1/search embeds
+    searched = _ask("Ingress", "embed_query", *[(texts[i],) for i in picked])  # what /v1/search embeds
     np.testing.assert_allclose(got[picked], np.stack(searched), atol=1e-5)
 
 
