@@ -33,7 +33,7 @@ import numpy as np
 from actors.embedder import Embedder
 from actors.index_shard import IndexShard, shard_directory
 from cluster.bench.ingest import load_corpus
-from cluster.bench.report import machine, write_plot, write_report
+from cluster.bench.report import Series, machine, write_curves, write_report
 from cluster.pipeline import ingest_documents
 from cluster.serving import start_serving
 from cluster.stats import index_stats
@@ -242,9 +242,16 @@ def bench_query(
         "edge": edge,
         "modes": per_mode,
     }
+    report(out_dir, result)
+    return result
+
+
+def report(out_dir: Path, result: dict[str, Any]) -> None:
+    """Writes ``query.{json,md,png}`` of a ``result`` (also to redraw a saved one)."""
+    per_mode, k, edge = result["modes"], result["k"], result["edge"]
     rows = [
-        ("chunks indexed", str(stats["chunks"])),
-        ("queries", f"{len(queries)} SQuAD questions, k {k}"),
+        ("chunks indexed", str(result["chunks"])),
+        ("queries", f"{result['queries']} SQuAD questions, k {k}"),
         ("edge (serve.edge)", edge),
     ]
     for m, figures in per_mode.items():
@@ -266,19 +273,21 @@ def bench_query(
             ),
         ]
     write_report(out_dir, "query", result, rows)
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    right: dict[str, tuple[list[float], list[float]]] = {}
+    latency: Series = {}
+    throughput: Series = {}
     for m, figures in per_mode.items():
-        levels = figures["http"]
-        series[f"{m} p50 (ms)"] = ([float(lv["clients"]) for lv in levels], [lv["p50_ms"] for lv in levels])
-        right[f"{m} q/s"] = ([float(lv["clients"]) for lv in levels], [lv["qps"] for lv in levels])
-    write_plot(
+        clients = [float(lv["clients"]) for lv in figures["http"]]
+        latency[m] = (clients, [lv["p50_ms"] for lv in figures["http"]])
+        throughput[m] = (clients, [lv["qps"] for lv in figures["http"]])
+    write_curves(
         out_dir,
         "query",
-        title=f"/v1/search (k={k}, edge {edge}) over {stats['chunks']} chunks",
-        series=series,
-        right_series=right,
-        hlines={f"{m} in-process batched (q/s)": f["in_process"]["batched_qps"] for m, f in per_mode.items()},
+        title=f"/v1/search over HTTP (k={k}, edge {edge}, {result['chunks']} chunks); dotted: in-process",
+        panels={"p50 (ms)": latency, "queries/s": throughput},
+        hlines={
+            "p50 (ms)": {m: f["in_process"]["p50_ms"] for m, f in per_mode.items()},
+            "queries/s": {m: f["in_process"]["batched_qps"] for m, f in per_mode.items()},
+        },
         xlabel="concurrent clients",
+        log_axes=True,
     )
-    return result

@@ -111,6 +111,44 @@ def write_plot(
     return _save(fig, out_dir, name)
 
 
+def write_curves(
+    out_dir: Path,
+    name: str,
+    title: str,
+    panels: dict[str, Series],
+    xlabel: str,
+    hlines: dict[str, dict[str, float]] | None = None,
+    log_axes: bool = False,
+) -> Path:
+    """Writes ``<name>.png``: one panel per entry of ``panels`` (its y-axis label -> series), side
+    by side; a series keeps its colour in every panel, and its reference line in ``hlines[panel]``
+    (dotted) takes the colour of the series of the same label. ``log_axes``: both axes logarithmic."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=120, squeeze=False)
+    colours: dict[str, str] = {}
+    for ax, (ylabel, series) in zip(axes[0], panels.items(), strict=True):
+        for label, (xs, ys) in series.items():
+            colour = colours.setdefault(label, f"C{len(colours)}")
+            ax.plot(xs, ys, marker="o", color=colour, label=label)
+        for label, y in ((hlines or {}).get(ylabel) or {}).items():
+            colour = colours.setdefault(label, f"C{len(colours)}")
+            ax.axhline(y, color=colour, linestyle=":", label=f"{label}, in-process")
+        if log_axes:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            xs_all = sorted({x for xs, _ in series.values() for x in xs})
+            ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[0][0].legend(loc="best", fontsize=7)  # one legend: a label has one colour in every panel
+    fig.suptitle(title)
+    return _save(fig, out_dir, name)
+
+
 def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str, float]]) -> Path:
     """Writes ``<name>.png``: one small bar chart per panel (its title -> {bar label: value}), side
     by side, each on its own scale, so measures in different units share one figure. A bar label
