@@ -18,7 +18,7 @@ from actors.vector_index import ChunkRecord, DocumentRow, Hit, ShardWrite
 from deployments.fusion import matched_terms
 from schemas.errors import ConfigError, ProcessingError, RetryableError, StorageFullError
 from schemas.settings import FaissConfig
-from tests.contract.helpers import DIM, MODEL, make_corpus, make_document, scratch_dir
+from tests.contract.helpers import DIM, MODEL, make_corpus, make_document, scratch_dir, unit
 
 FLAT = FaissConfig(kind="flat", omp_threads=1)
 
@@ -324,3 +324,33 @@ def test_a_version_2_store_migrates_and_its_chunks_answer_with_offsets_only_wher
     reopened = ShardStore.read_only(shard_dir)
     assert reopened.get(["old#1"]) == [realigned]
     reopened.close()
+
+
+def test_keyword_search_leaves_out_words_most_chunks_hold_and_ranks_as_with_them(shard_dir: Path) -> None:
+    """A word in at least half the chunks scores FTS5's floor IDF: leaving it out of the match
+    keeps the ranking (checked against the full OR match, run here in SQL), and a query of such
+    words alone still matches them."""
+    rng = np.random.default_rng(7)
+    words = ["river", "bank", "money", "stream", "loan", "water", "fish", "boat"]
+    records = []
+    for i, vector in enumerate(unit(rng, 60)):
+        text = " ".join(["the", *rng.choice(words, size=int(rng.integers(1, 5))), "of"])
+        records.append(ChunkRecord(f"d{i}#0", f"d{i}", 0, text, None, 0, len(text), {}, vector))
+    index = FaissIndex(shard_dir, MODEL, DIM, FLAT)
+    index.upsert(records)
+    store = index._open()
+    query, k = "the river of the bank", 8
+    full = store._conn.execute(
+        "SELECT c.chunk_id, -bm25(chunks_fts, 1.0, 0.5) AS score FROM chunks_fts"
+        " JOIN chunks c ON c.id = chunks_fts.rowid WHERE chunks_fts MATCH ?"
+        " ORDER BY score DESC, c.id LIMIT ?",
+        ('"the" OR "river" OR "of" OR "bank"', k),
+    ).fetchall()
+    got = index.keyword_search([query], k)[0]
+    assert [h.chunk_id for h in got] == [cid for cid, _ in full]
+    assert [h.score for h in got] == pytest.approx([score for _, score in full], abs=1e-4)
+    # Chunks holding none of the rarer words (they would score ~1e-6) no longer fill the list.
+    rare = sum(1 for r in records if {"river", "bank"} & set(r.text.split()))
+    assert 0 < rare < 60 and len(index.keyword_search([query], 100)[0]) == rare
+    assert len(index.keyword_search(["the of"], 100)[0]) == 60  # only common words: all of them match
+    index.close()
