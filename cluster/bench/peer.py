@@ -19,9 +19,11 @@
 #   Ray head and the Kafka broker are up before any clock starts.
 # QUERIES: a seeded sample of the held-out split (odd stable_hash of the query id), same list for both
 # LATENCY: one query at a time in this process, the two systems interleaved: Riverbed =
-#   ``Embedder.embed([q])`` + ``Searcher.search`` in vector mode over the shard actors (one Ray call
-#   per shard); txtai = ``Embeddings.search(q, k)`` with content enabled (it returns the text, as
-#   Riverbed does). Then Riverbed again over in-process copies of its shards (no Ray hop).
+#   ``Embedder.embed([q])`` + ``Searcher.search`` in vector mode over the shards as the app reads
+#   them (``searchable``: read replicas of the live stores in this process, which asks each shard
+#   actor where its store is; the actors themselves with ``serve.search.readers: false``);
+#   txtai = ``Embeddings.search(q, k)`` with content enabled (it returns the text, as Riverbed
+#   does). Then Riverbed again over in-process copies of its shards (no Ray hop at all).
 # BATCHED: ``serve.search.embed_batch_size`` questions per call: ``Embedder.embed`` +
 #   ``Searcher.search_many`` vs ``Embeddings.batchsearch``
 # RECALL: recall@k and MRR@k per document from the k hits of the latency run (Riverbed's chunks
@@ -54,7 +56,7 @@ from cluster.kafka_admin import bootstrap_servers, ensure_topics, topic_specs
 from cluster.pipeline import Pipeline, drop_index
 from cluster.producer import produce_all, read_records
 from cluster.ray_runtime import connect
-from deployments.retriever import RayShards
+from deployments.retriever import RayShards, searchable
 from deployments.searcher import Searcher
 from schemas.envelope import DocumentEnvelope
 from schemas.errors import ConfigError
@@ -279,7 +281,7 @@ def bench_peer(base: Settings, dataset: Path, n_queries: int, k: int, out_dir: P
         truncated = sum(n >= embedder.max_seq_length for n in embedder.count_tokens(passages))
 
         _say(f"queries: {len(texts)} held-out questions, k={k}, one at a time, then batched")
-        searcher = Searcher(settings.serve.search, RayShards(settings))
+        searcher = Searcher(settings.serve.search, searchable(settings, RayShards(settings)))
         batch = settings.serve.search.embed_batch_size
         rb_raw, tx_raw = query_both(embedder, searcher, embeddings, texts, k, batch)
         _say("riverbed: in-process copies of the shards")
