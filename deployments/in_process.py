@@ -52,10 +52,6 @@ class InProcessHandle:
             raise AttributeError(name)
         return _Method(getattr(self._instance, name))
 
-    def options(self, **_: Any) -> InProcessHandle:
-        """As a handle's ``options``: routing options mean nothing in-process."""
-        return self
-
 
 @dataclass(frozen=True)
 class InIngressRetriever:

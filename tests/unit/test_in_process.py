@@ -37,7 +37,7 @@ def test_calls_go_through_the_shape_of_a_handle():
     handle = InProcessHandle(thing)
 
     async def run() -> tuple:
-        return await handle.search.remote("q", k=2), await handle.options(stream=False).describe.remote()
+        return await handle.search.remote("q", k=2), await handle.describe.remote()
 
     assert asyncio.run(run()) == (["q", "q"], {"model": "m"})
     assert thing.calls == ["q"]
