@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.errors import ConfigError
-from schemas.settings import IMAGE_FINETUNE_RESOURCES, TRAINED_IMAGE_MODEL, ImageFinetuneConfig, ImagesConfig
+from schemas.settings import (
+    IMAGE_FINETUNE_RESOURCES,
+    TEXT_FINETUNE_RESOURCES,
+    TRAINED_IMAGE_MODEL,
+    TRAINED_READER,
+    TRAINED_RERANKER,
+    ImageFinetuneConfig,
+    ImagesConfig,
+    TextFinetuneConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -142,3 +151,43 @@ def resolve_image_model(images: ImagesConfig, text_model: str, cache_dir: Path) 
             f"`riverbed finetune image-text --dataset {TRAINED_MODELS[images.model]}`"
         )
     return ResolvedModel(images.model, str(where))
+
+
+# TRAINED TEXT MODELS: name -> (what `riverbed finetune KIND` trains, the data it trains on).
+TRAINED_TEXT_MODELS: dict[str, tuple[str, str]] = {
+    TRAINED_RERANKER: ("reranker", "squad-v1.1-dev:tune"),
+    TRAINED_READER: ("reader", "squad-v1.1-dev:tune+squad-v2.0-dev:tune"),
+}
+TEXT_RECIPES = {"reranker": 1, "reader": 1}
+TRAINING_RECORD = "riverbed-training.json"
+"""What a trained text model's directory holds besides its weights: how it was trained, and the
+reader's calibrated abstention threshold."""
+"""Bumped when a training recipe changes what it makes, so older models are not found."""
+
+
+def trained_text_model_dir(cache_dir: Path, name: str, finetune: TextFinetuneConfig) -> Path:
+    """Where the trained text model ``name`` (one of :data:`TRAINED_TEXT_MODELS`) is, or will be
+    once trained with ``finetune``: named by a hash of the recipe, the training settings (not the
+    resources it runs on) and the data."""
+    kind, data = TRAINED_TEXT_MODELS[name]
+    made_of = {
+        "recipe": f"{kind}-{TEXT_RECIPES[kind]}",
+        "finetune": finetune.model_dump(mode="json", exclude=set(TEXT_FINETUNE_RESOURCES)),
+        "data": data,
+    }
+    key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+    return trained_model_dir(cache_dir, name.rsplit("/", 1)[-1], key)
+
+
+def resolve_text_model(name: str, finetune: TextFinetuneConfig, cache_dir: Path) -> ResolvedModel:
+    """:func:`resolve_model`, where the name of a model Riverbed trains resolves to its directory in
+    the cache. ConfigError, saying the command that trains it, when it is not there yet."""
+    if name not in TRAINED_TEXT_MODELS:
+        return resolve_model(name)
+    where = trained_text_model_dir(cache_dir, name, finetune)
+    if not (where / "config.json").is_file():
+        raise ConfigError(
+            f"{name!r} is not trained for these settings yet (looked in {where}): run "
+            f"`riverbed finetune {TRAINED_TEXT_MODELS[name][0]}`"
+        )
+    return ResolvedModel(name, str(where))

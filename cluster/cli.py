@@ -691,6 +691,58 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _show_progress(args: argparse.Namespace) -> Any:
+    """A progress callback printing training steps and epochs to stderr (none with --quiet)."""
+
+    def show(event: dict[str, Any]) -> None:
+        if args.quiet:
+            return
+        if event["kind"] == "step":
+            line = (
+                f"[{event['elapsed_s']:6.1f}s] epoch {event['epoch']}/{event['epochs']}  "
+                f"step {event['step']}/{event['steps']}  loss {event['loss']:.3f}"
+            )
+        else:
+            line = (
+                f"[{event['elapsed_s']:6.1f}s] epoch {event['epoch']}/{event['epochs']} done in "
+                f"{event['epoch_s']:.1f} s: loss {event['loss']:.3f}"
+            )
+        print(line, file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_finetune_text(args: argparse.Namespace, settings: Settings) -> int:
+    """Trains the reranker or the extractive reader (or finds it in the cache)."""
+    from cluster.finetune_text import SQUAD_V1, SQUAD_V2, finetune_reader, finetune_reranker
+
+    out = Path(args.out) if args.out else None
+    dataset = Path(args.dataset) if args.dataset else SQUAD_V1
+    if args.finetune_command == "reranker":
+        result = finetune_reranker(
+            settings,
+            dataset,
+            index=getattr(args, "index", None),  # the global --index: one that holds the corpus already
+            out=out,
+            on_progress=_show_progress(args),
+        )
+    else:
+        unanswerable = Path(args.unanswerable) if args.unanswerable else SQUAD_V2
+        result = finetune_reader(settings, dataset, unanswerable, out=out, on_progress=_show_progress(args))
+    data = {"path": str(result.path), "cached": result.cached, **result.record}
+    line = f"{'found' if result.cached else 'trained'} {result.path}"
+    if "threshold" in result.record:
+        r = result.record
+        line += (
+            f"\nabstention threshold {r['threshold']:.3f} "
+            f"(calibration: SQuAD v2 F1 {r['calibration_f1']:.3f}, "
+            f"abstention precision {r['calibration_abstention_precision']:.3f} / recall "
+            f"{r['calibration_abstention_recall']:.3f})"
+        )
+    emit(args, data, line)
+    return 0
+
+
 def _chosen(args: argparse.Namespace, section: str, field: str) -> bool:
     """Whether the user set ``section.field``: with ``--set``, in the environment, or in the
     config file (``--config`` or ``$RIVERBED_CONFIG``), whatever the value."""
@@ -1030,6 +1082,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="then score it zero-shot on this split of the dataset (default: test)",
     )
     image_text.set_defaults(func=cmd_finetune)
+    reranker = finetune_sub.add_parser(
+        "reranker",
+        help="train the cross-encoder reranker (serve.search.rerank) on Ray Train; "
+        "settings: finetune.reranker.*",
+        parents=[common],
+    )
+    reranker.add_argument(
+        "--dataset",
+        help="BEIR-layout directory whose tune questions it learns from (default: SQuAD v1.1 dev)",
+    )
+    reranker.add_argument("--out", help="write the model here (needed with another --dataset)")
+    reranker.set_defaults(func=cmd_finetune_text)
+    reader = finetune_sub.add_parser(
+        "reader",
+        help="train the extractive reader (serve.llm.backend: extractive) on Ray Train and set its "
+        "abstention threshold; settings: finetune.reader.*",
+        parents=[common],
+    )
+    reader.add_argument("--dataset", help="BEIR-layout answerable questions (default: SQuAD v1.1 dev)")
+    reader.add_argument(
+        "--unanswerable", help="BEIR-layout questions with unanswerable ones (default: SQuAD v2.0 dev)"
+    )
+    reader.add_argument("--out", help="write the model here (needed with other datasets)")
+    reader.set_defaults(func=cmd_finetune_text)
 
     demo = sub.add_parser("demo", help="run the main job end to end on the sample corpus", parents=[common])
     demo.add_argument("--data", default="data/squad-v1.1-dev", help="BEIR-layout directory to ingest")

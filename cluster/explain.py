@@ -50,6 +50,8 @@ def format_explanation(answer: dict[str, Any]) -> str:
             parts.append(f"keyword #{ex['keyword_rank']} ({ex['keyword_score']:.2f} BM25)")
         elif answer["mode"] != "vector":
             parts.append("keyword: no match in its candidates")
+        if ex.get("rerank_score") is not None:
+            parts.append(f"reranked ({ex['rerank_score']:.3f})")
         lines.append(f"\n{i}. {hit['chunk_id']}  [{hit['title']}]  " + ", ".join(parts))
         lines.append("   " + _marked(hit["text"], ex.get("matched_terms", [])))
     return "\n".join(lines)

@@ -17,15 +17,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +30,11 @@ from actors.lit_model import LitRecord, build_lit_model, save_lit_model, vision_
 from actors.models import resolve_model, trained_model_dir, trained_model_key
 from cluster.image_datasets import ImageDataset, load_image_dataset
 from cluster.lit_training import CHECKPOINT_FILE, train_loop
-from schemas.errors import ConfigError, RiverbedError
+from cluster.ray_train import Progress, exclusive, fit_on_ray
+from schemas.errors import ConfigError
 from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -53,18 +47,6 @@ class FinetuneResult:
 
 
 # THE DRIVER
-@contextlib.contextmanager
-def _exclusive(target: Path) -> Iterator[None]:
-    """Holds a lock beside ``target`` (one trainer per model key on this machine)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f".{target.name}.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def model_target(settings: Settings, data: ImageDataset) -> Path:
     """Where the model trained on ``data`` with these settings lives in the cache."""
     key = trained_model_key(settings.images.finetune, data.identity, settings.embed.model)
@@ -91,7 +73,7 @@ def finetune_image_text(
     data = load_image_dataset(dataset, "train", limit)
     target = model_target(settings, data)
     cached = True
-    with _exclusive(target):
+    with exclusive(target):
         if not (target / "config.json").is_file():
             cached = False
             _train(settings, data, target, on_progress or (lambda event: None))
@@ -127,7 +109,9 @@ def _train(settings: Settings, data: ImageDataset, target: Path, on_progress: Pr
         "caption_vectors": caption_vectors.tolist(),
     }
     started = time.monotonic()
-    weights, history = _fit_on_ray(settings, config, f"{target.name}-{int(time.time())}", on_progress)
+    weights, history = fit_on_ray(
+        settings, finetune, train_loop, config, f"{target.name}-{int(time.time())}", on_progress, _read_tower
+    )
     seconds = time.monotonic() - started
 
     # SAVE
@@ -152,96 +136,7 @@ def _train(settings: Settings, data: ImageDataset, target: Path, on_progress: Pr
     log.info("saved %s (%.0f s of training)", target, seconds)
 
 
-def _fit_on_ray(
-    settings: Settings, config: dict[str, Any], name: str, on_progress: Progress
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Runs :func:`train_loop` on Ray Train as run ``name``; returns the tower's final weights (a
-    state dict) and the per-epoch metrics. The run's directory is removed afterwards when local."""
-    import ray
+def _read_tower(checkpoint: Path) -> dict[str, Any]:
     import torch
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
-    from cluster.ray_runtime import connect
-
-    finetune = settings.images.finetune
-    connect(settings)
-    use_gpu = finetune.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    storage = finetune.storage_path or str((settings.cache_dir / "ray-train").resolve())
-    queue = Queue(actor_options={"num_cpus": 0})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={**config, "queue": queue},
-        scaling_config=ScalingConfig(
-            num_workers=finetune.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": finetune.num_cpus or 1},
-        ),
-        run_config=RunConfig(name=name, storage_path=storage),
-    )
-    try:
-        with _relay(queue, on_progress), _sigint_handler_kept():
-            result = trainer.fit()
-        if result.checkpoint is None:
-            raise RiverbedError(f"training {name} ended without a checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            weights = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu")
-    except RiverbedError:
-        raise
-    except Exception as exc:  # Ray Train's TrainingFailedError and whatever a worker raised
-        raise RiverbedError(f"training {name} failed: {exc}") from exc
-    finally:
-        with contextlib.suppress(Exception):
-            ray.kill(queue.actor)  # type: ignore[arg-type]
-        if "://" not in storage:
-            shutil.rmtree(Path(storage) / name, ignore_errors=True)
-    return weights, list((result.metrics or {}).get("history", []))
-
-
-@contextlib.contextmanager
-def _sigint_handler_kept() -> Iterator[None]:
-    """Puts the process's SIGINT handler back after the block. ``TorchTrainer.fit`` installs
-    one (Ctrl-C aborts the run) and leaves it installed; its closure holds the run's controller
-    actor handle, so without this the finished controller lives as long as the driver (a
-    notebook's, a test session's) and Ctrl-C would later go to a run that is over."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # Ray Train installs nothing off the main thread (and signal.signal would raise)
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: a handler not set from Python, which we cannot restore
-            signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _relay(queue: Any, on_progress: Progress) -> Iterator[None]:
-    """Passes what the workers put on ``queue`` to ``on_progress``, from a thread, while the
-    block runs (the block keeps the main thread: Ray Train handles Ctrl-C there)."""
-    from ray.util.queue import Empty
-
-    done = threading.Event()
-
-    def relay() -> None:
-        while True:
-            try:
-                event = queue.get(timeout=0.5)
-            except Empty:
-                if done.is_set():  # the block is over and the queue drained
-                    return
-                continue
-            except Exception:  # the queue is gone (the run failed): stop relaying
-                return
-            on_progress(event)
-
-    thread = threading.Thread(target=relay, name="finetune-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=10)
+    return torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu")

@@ -42,6 +42,8 @@ class Ranked:
     """Its rank in the knowledge graph's ranking (``mode: graph``; None: the graph did not bring it)."""
     graph_entities: tuple[str, ...] = ()
     """The entities that brought it in through the graph, the strongest first."""
+    rerank_score: float | None = None
+    """The cross-encoder's score for it (``serve.search.rerank``; None: not reranked)."""
 
     @property
     def key(self) -> tuple[Modality, str]:

@@ -14,9 +14,19 @@ from typing import Any
 
 from ray import serve
 
+from actors.generator import Generator as LLM
 from actors.generator import Message, make_generator
+from actors.reader import ExtractiveReader, make_reader
 from actors.vector_index import Hit
-from deployments.rag import RagAnswer, abstain_for_weak_retrieval, build_messages, parse_answer, refine_span
+from deployments.rag import (
+    ABSTENTION,
+    RagAnswer,
+    abstain_for_weak_retrieval,
+    build_messages,
+    parse_answer,
+    refine_span,
+    span_answer,
+)
 from schemas.settings import Settings
 
 ABSTAIN_POOL = 10
@@ -30,10 +40,28 @@ class Answerer:
 
     def __init__(self, settings: Settings) -> None:
         self.config = settings.serve.rag
-        self.generator = make_generator(settings.serve.llm, settings.cache_dir)
+        llm = settings.serve.llm
+        self.reader: ExtractiveReader | None = None
+        self.threshold = 0.0
+        self._generator: LLM | None = None
+        if llm.backend == "extractive":
+            self.reader, self.threshold = make_reader(llm, settings.finetune, settings.cache_dir)
+        else:
+            self._generator = make_generator(llm, settings.cache_dir)
+
+    @property
+    def generator(self) -> LLM:
+        """The generative model (not with the extractive backend)."""
+        if self._generator is None:
+            raise RuntimeError("the extractive backend has no generator")
+        return self._generator
+
+    @property
+    def model_name(self) -> str:
+        return self.reader.model_name if self.reader is not None else self.generator.model_name
 
     def warm_up(self) -> None:
-        self.generator.warm_up()
+        (self.reader or self.generator).warm_up()
 
     def prompt(
         self, question: str, hits: list[Hit], vector_scores: list[float | None], k: int | None = None
@@ -62,11 +90,32 @@ class Answerer:
         """``{"answer", "abstained", "reason", "citations": [Citation fields], "passages": [Hit],
         "model"}``; ``passages`` are those the prompt held, in prompt order. ``vector_scores[i]``:
         the cosine of ``hits[i]`` with the question (None when only keyword search found it)."""
+        if self.reader is not None:
+            return self._read(question, hits, vector_scores, k)
         plan = self.prompt(question, hits, vector_scores, k)
         if plan.abstention is not None:
             return self.result(plan.abstention, [])
         generation = self.generator.generate(plan.messages)
         return self.result(parse_answer(generation.text, plan.passages, question=question), plan.passages)
+
+    def _read(
+        self, question: str, hits: list[Hit], vector_scores: list[float | None], k: int | None
+    ) -> dict[str, Any]:
+        """The extractive backend: weak retrieval abstains as for generation; else the reader's
+        best span over the first ``k`` hits, cited exactly, or an abstention when its margin over
+        the no-answer score is at most the threshold (``reason="model_abstained"``)."""
+        scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
+        weak = abstain_for_weak_retrieval(
+            scored if scored else hits, self.config.min_score if scored else -1.0
+        )
+        if weak is not None:
+            return self.result(weak, [])
+        assert self.reader is not None
+        passages = hits[:k]
+        span = self.reader.read(question, [h.text for h in passages])
+        if span.passage < 0 or span.margin <= self.threshold or not span.text.strip():
+            return self.result(RagAnswer(ABSTENTION, abstained=True, reason="model_abstained"), passages)
+        return self.result(span_answer(span, passages), passages)
 
     def result(self, answer: RagAnswer, passages: list[Hit]) -> dict[str, Any]:
         citations = []
@@ -85,7 +134,7 @@ class Answerer:
             "reason": answer.reason,
             "citations": citations,
             "passages": passages,
-            "model": self.generator.model_name,
+            "model": self.model_name,
         }
 
 

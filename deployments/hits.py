@@ -43,6 +43,7 @@ def search_hit(ranked: Ranked, explain_query: str | None = None) -> SearchHit:
             keyword_rank=ranked.keyword_rank,
             keyword_score=ranked.keyword_score,
             fused_score=ranked.fused_score,
+            rerank_score=ranked.rerank_score,
             graph_rank=ranked.graph_rank,
             graph_entities=list(ranked.graph_entities),
             matched_terms=matched_terms(explain_query, hit),

@@ -93,7 +93,9 @@ class ModalSearcher:
     ) -> list[Ranked]:
         vectors = None if vector is None else vector.reshape(1, -1)
         searcher = self._searcher(modality)
-        return (await searcher.search_many([query], vectors, k, filter, mode, check_filter=False))[0]
+        return (
+            await searcher.search_many([query], vectors, k, filter, mode, check_filter=False, rerank=False)
+        )[0]
 
     def _searcher(self, modality: Modality) -> Searcher:
         searcher = self.searchers.get(modality)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from actors.reader import ReadSpan
 from actors.vector_index import Hit
 
 ABSTENTION = "I cannot answer this from the given documents."
@@ -43,7 +44,7 @@ SYSTEM_PROMPT = (
 )
 
 AbstainReason = Literal["no_passages", "weak_retrieval", "model_abstained", "empty_answer"]
-CitationMethod = Literal["marker", "overlap"]
+CitationMethod = Literal["marker", "overlap", "span"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Citation:
     ``span``: code points of the DOCUMENT's text covered by ``text`` (the hit's ``start, end``;
     :func:`refine_span` narrows it). ``number``: the passage's 1-based number in the prompt.
     ``method``: ``"marker"`` when the model cited it as ``[n]``, ``"overlap"`` when the model gave
-    no valid marker and the passage holds most of the answer's content words.
+    no valid marker and the passage holds most of the answer's content words, ``"span"`` when an
+    extractive reader read the answer out of it (``span`` and ``text`` are then the answer's own).
     """
 
     chunk_id: str
@@ -261,6 +263,22 @@ def _is_abstention(answer: str) -> bool:
 
 def _content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+def span_answer(span: ReadSpan, passages: Sequence[Hit]) -> RagAnswer:
+    """An extractive reader's span as the answer, citing exactly the words it read: the document
+    span is the passage's start plus the span's offsets when the passage text is as long as its
+    span (nothing was cleaned in it), else the answer's words found in the passage
+    (:func:`refine_span`)."""
+    hit = passages[span.passage]
+    if len(hit.text) == hit.end - hit.start:
+        citation = Citation(
+            hit.chunk_id, hit.document_id, (hit.start + span.start, hit.start + span.end), span.text,
+            span.passage + 1, "span",
+        )  # fmt: skip
+    else:
+        citation = _citation(span.passage + 1, hit, "span")
+    return RagAnswer(span.text, abstained=False, citations=[citation], raw=span.text)
 
 
 def _citation(number: int, hit: Hit, method: CitationMethod) -> Citation:

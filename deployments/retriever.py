@@ -39,6 +39,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
 from actors.embedder import Embedder
 from actors.graph_extract import pipeline_stop_words
+from actors.reranker import Reranker
 from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked
 from deployments.graph import GraphReader
@@ -270,6 +271,19 @@ def searchable(settings: Settings, actors: RayShards) -> Shards:
     return actors
 
 
+def text_reranker(settings: Settings) -> Reranker | None:
+    """The cross-encoder that text searches are reranked with (loaded now), or None when
+    ``serve.search.rerank`` is off."""
+    if not settings.serve.search.rerank:
+        return None
+    serve_config = settings.serve
+    reranker = Reranker(  # as many torch threads as the query model (serve.embedder_threads)
+        serve_config.search, settings.cache_dir, settings.finetune, float(serve_config.embedder_threads)
+    )
+    reranker.warm_up()
+    return reranker
+
+
 @serve.deployment
 class Retriever:
     """Searches, document lookups and shard health for ``settings.index``, over its shard actors,
@@ -299,8 +313,11 @@ class Retriever:
         )
         self.index = settings.index.name
         config = settings.serve.search
+        self.reranker = text_reranker(settings)
         self.searchers: dict[Modality, Searcher] = {
-            "text": Searcher(config, searchable(settings, self.shards), graph=self.graph),
+            "text": Searcher(
+                config, searchable(settings, self.shards), graph=self.graph, reranker=self.reranker
+            ),
             "image": Searcher(config, searchable(settings.image_side(), self.image_shards), modality="image"),
         }
         self.searcher = self.searchers["text"]

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import networkx as nx
@@ -69,6 +70,14 @@ class GraphSource(Protocol):
     async def expand(self, seeds: list[str], hops: int) -> nx.MultiDiGraph: ...
 
 
+class PassageScorer(Protocol):
+    """A reranker (:class:`actors.reranker.Reranker`): scores each query's passages together."""
+
+    def score_many(
+        self, queries: Sequence[str], passages: Sequence[Sequence[tuple[str | None, str]]]
+    ) -> list[np.ndarray]: ...
+
+
 class LocalShards:
     """:class:`Shards` over in-process shards (same answers as the actors, without Ray)."""
 
@@ -111,10 +120,12 @@ class Searcher:
         clock: Callable[[], float] = time.monotonic,
         modality: Modality = "text",
         graph: GraphSource | None = None,
+        reranker: PassageScorer | None = None,
     ) -> None:
         self.config = config
         self.shards = shards
         self.graph = graph
+        self.reranker = reranker if config.rerank and modality == "text" else None
         self.modality: Modality = modality
         self.fields_ttl_s = fields_ttl_s
         self._clock = clock
@@ -176,18 +187,44 @@ class Searcher:
         mode: str = "hybrid",
         *,
         check_filter: bool = True,
+        rerank: bool = True,
     ) -> list[list[Ranked]]:
         """The top ``k`` for each query (row ``i`` of ``vectors`` is query ``i``'s embedding),
         best first, with ONE call per shard for the whole list and mode. Vector and keyword
         searches of hybrid queries run concurrently; each contributes ``max(k, config.candidates)``
         candidates to the fusion. ``check_filter=False``: the caller has checked the filter's
-        fields (against several indexes: a field only the other one has matches nothing here)."""
+        fields (against several indexes: a field only the other one has matches nothing here).
+
+        With a reranker (``config.rerank``, text only; ``rerank=False`` skips it), each query's
+        best ``config.rerank_candidates`` are reordered by the cross-encoder, which gives them
+        their ``score`` (and ``rerank_score``); hits past them keep their order, after them."""
         if check_filter:
             await self.check_filter(filter)
-        results = await self._search_many(queries, vectors, k, filter, mode)
+        reranker = self.reranker if rerank else None
+        fetch = max(k, self.config.rerank_candidates) if reranker is not None else k
+        results = await self._search_many(queries, vectors, fetch, filter, mode)
+        if reranker is not None:
+            results = await self._rerank(reranker, queries, results, k)
         if self.modality != "text":
             results = [[dataclasses.replace(r, modality=self.modality) for r in ranked] for ranked in results]
         return results
+
+    async def _rerank(
+        self, reranker: PassageScorer, queries: Sequence[str], results: list[list[Ranked]], k: int
+    ) -> list[list[Ranked]]:
+        """Each query's first ``rerank_candidates`` reordered by ``reranker`` (one call for all
+        queries, on a worker thread: it is CPU-bound), then the rest, cut to ``k``."""
+        n = self.config.rerank_candidates
+        heads = [ranked[:n] for ranked in results]
+        scores = await asyncio.to_thread(
+            reranker.score_many, list(queries), [[(r.hit.title, r.hit.text) for r in head] for head in heads]
+        )
+        out = []
+        for ranked, head, scored in zip(results, heads, scores, strict=True):
+            order = sorted(range(len(head)), key=lambda i: -float(scored[i]))  # stable: ties keep rank
+            top = [replace(head[i], score=float(scored[i]), rerank_score=float(scored[i])) for i in order]
+            out.append((top + ranked[n:])[:k])
+        return out
 
     async def _search_many(
         self,

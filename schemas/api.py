@@ -167,6 +167,9 @@ class Explanation(BaseModel):
     keyword_rank: int | None = None
     keyword_score: float | None = None
     fused_score: float | None = None
+    rerank_score: float | None = Field(
+        None, description="serve.search.rerank: the cross-encoder's score, which ordered the reranked hits"
+    )
     graph_rank: int | None = Field(
         None, description="mode graph: the hit's rank in the knowledge graph's ranking"
     )

@@ -230,6 +230,101 @@ TRAINED_IMAGE_MODEL = "riverbed/lit-easy-vqa"
 --dataset easy-vqa` trains with ``images.finetune``, found in the cache (not on any hub)."""
 
 
+TRAINED_RERANKER = "riverbed/reranker-squad"
+"""The name of Riverbed's own cross-encoder: `riverbed finetune reranker` trains it with
+``finetune.reranker`` on SQuAD v1.1's tune questions, found in the cache (not on any hub)."""
+
+TRAINED_READER = "riverbed/reader-squad"
+"""The name of Riverbed's own extractive reader: `riverbed finetune reader` trains it with
+``finetune.reader`` on the tune questions of SQuAD v1.1 and v2.0, found in the cache."""
+
+
+class TextFinetuneConfig(_Section):
+    """What every text model that Riverbed trains shares: the weights it starts from, the schedule
+    (AdamW, linear warm-up then linear decay), and where it runs (Ray Train workers). Every field
+    but the resources (``workers``, ``use_gpu``, ``num_cpus``, ``storage_path``) is part of the
+    trained model's identity."""
+
+    base_model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="the encoder the model starts from (a Hugging Face id or path; the head is new)",
+    )
+    epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    lr: Annotated[float, Field(gt=0, le=1)] = 5e-5
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.01
+    max_tokens: Annotated[int, Field(ge=16, le=4096)] = Field(
+        256, description="tokens of question and passage together that the model reads at once"
+    )
+    questions: PositiveInt | None = Field(
+        None, description="train on this many of the tune questions (seeded sample); unset: all"
+    )
+    seed: int = 0
+    workers: PositiveInt = Field(1, description="Ray Train workers (data-parallel; one process each)")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="one GPU per worker; auto: when the Ray cluster has a GPU"
+    )
+    num_cpus: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="logical CPUs each worker reserves (= its torch threads); unset: it reserves 1 and "
+        "runs a thread on every core of its node",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train's run storage (a path every node reaches, or a URI); "
+        "unset: <cache_dir>/ray-train",
+    )
+
+
+class RerankerFinetuneConfig(TextFinetuneConfig):
+    """`riverbed finetune reranker`: a cross-encoder (the encoder plus a one-logit head) trained on
+    groups of one passage that answers a question and ``negatives`` that do not, mined from
+    Riverbed's own vector and keyword search of the corpus (listwise softmax loss over the group)."""
+
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(8, description="questions per step")
+    negatives: Annotated[int, Field(ge=1, le=64)] = Field(
+        3, description="hard negatives per question in each step (drawn from the mined ones)"
+    )
+    mine_depth: Annotated[int, Field(ge=1, le=1000)] = Field(
+        20, description="hits taken from each of vector and keyword search to mine negatives from"
+    )
+    # 2,500 of SQuAD v1.1's 5,285 tune questions: one epoch is about 16 minutes on 2 CPU cores.
+    questions: PositiveInt | None = Field(
+        2500, description="train on this many of the tune questions (seeded sample); unset: all"
+    )
+
+
+class ReaderFinetuneConfig(TextFinetuneConfig):
+    """`riverbed finetune reader`: an extractive reader (the encoder plus a start/end head) trained
+    on question + gold passage windows; unanswerable questions point at the first token, whose
+    score is the no-answer score. The abstention threshold is then set on the tune questions of
+    the unanswerable-question dataset."""
+
+    max_tokens: Annotated[int, Field(ge=32, le=4096)] = Field(
+        384, description="tokens of question and passage window together"
+    )
+    stride: Annotated[int, Field(ge=0, le=1024)] = Field(
+        128, description="tokens shared by consecutive windows of a passage longer than one"
+    )
+    max_answer_tokens: Annotated[int, Field(ge=1, le=512)] = Field(30, description="longest span read out")
+    # 2,500 tune questions of each dataset: one epoch is about 10 minutes on 2 CPU cores.
+    questions: PositiveInt | None = Field(
+        2500, description="train on this many tune questions of each dataset (seeded sample); unset: all"
+    )
+
+
+class FinetuneConfig(_Section):
+    """How Riverbed trains its own text models (the image-text model's are ``images.finetune``)."""
+
+    reranker: RerankerFinetuneConfig = RerankerFinetuneConfig()
+    reader: ReaderFinetuneConfig = ReaderFinetuneConfig()
+
+
+TEXT_FINETUNE_RESOURCES = frozenset({"workers", "use_gpu", "num_cpus", "storage_path"})
+"""Fields of :class:`TextFinetuneConfig` that say where training runs: left out of the identity."""
+
+
 class ImagesConfig(_Section):
     """The image-text model that embeds images (and text queries against them)."""
 
@@ -497,11 +592,28 @@ class SearchConfig(_Section):
         5.0,
         description="how often the retriever asks each shard actor where its store is and whether it serves",
     )
+    rerank: bool = Field(
+        False, description="rerank the top rerank_candidates of every text search with rerank_model"
+    )
+    rerank_model: str = Field(
+        TRAINED_RERANKER,
+        description=f"{TRAINED_RERANKER!r}: Riverbed's own cross-encoder (`riverbed finetune reranker`, "
+        "cached under cache_dir/models); or any sentence-transformers CrossEncoder id or local path",
+    )
+    rerank_candidates: PositiveInt = Field(
+        20, description="hits reranked per query (the best of them first; the rest keep their order after)"
+    )
+    rerank_max_tokens: Annotated[int, Field(ge=16, le=4096)] = Field(
+        256, description="tokens of query and passage the reranker reads per pair"
+    )
+    rerank_device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class GeneratorConfig(_Section):
-    backend: Literal["local", "openai"] = Field(
-        "local", description="local: a transformers causal LM; openai: any OpenAI-compatible chat endpoint"
+    backend: Literal["local", "openai", "extractive"] = Field(
+        "local",
+        description="local: a transformers causal LM; openai: any OpenAI-compatible chat endpoint; "
+        "extractive: a reader that answers with a span of a passage (reader_model), or abstains",
     )
     model: str = Field(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -513,6 +625,16 @@ class GeneratorConfig(_Section):
     max_new_tokens: PositiveInt = 96
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    reader_model: str = Field(
+        TRAINED_READER,
+        description=f"extractive: {TRAINED_READER!r} (Riverbed's own, `riverbed finetune reader`), or any "
+        "question-answering model id or path (start/end logits, e.g. a SQuAD 2.0 model)",
+    )
+    no_answer_threshold: float | None = Field(
+        None,
+        description="extractive: answer only when the best span's score beats the no-answer score by more "
+        "than this; unset: the threshold the reader was calibrated with (else 0)",
+    )
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> GeneratorConfig:
@@ -834,6 +956,7 @@ class Settings(BaseSettings):
     graph: GraphConfig = GraphConfig()
     serve: ServeConfig = ServeConfig()
     k8s: KubernetesConfig = KubernetesConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @field_validator("home", "cache_dir")
     @classmethod

@@ -40,7 +40,15 @@ from cluster.eval.metrics import (
     rouge_l,
     token_f1,
 )
-from cluster.eval.retrieval import _say, eval_settings, load_qrels, open_index, report_name, select
+from cluster.eval.retrieval import (
+    _say,
+    eval_reranker,
+    eval_settings,
+    load_qrels,
+    open_index,
+    report_name,
+    select,
+)
 from cluster.pipeline import release_shards
 from deployments.generator import ABSTAIN_POOL, Answerer
 from deployments.rag import build_messages
@@ -141,7 +149,7 @@ def eval_rag(
         chosen = [q for q in select(gold, split, sample, seed) if q in questions]
         texts = [questions[q]["text"] for q in chosen]
         vectors = Embedder(settings.embed).embed(texts) if mode != "keyword" else None
-        searcher = Searcher(settings.serve.search, RayShards(settings))
+        searcher = Searcher(settings.serve.search, RayShards(settings), reranker=eval_reranker(settings))
         ranked = []
         for lo in range(0, len(chosen), 64):
             batch = slice(lo, lo + 64)
@@ -158,10 +166,10 @@ def eval_rag(
         # ANSWER and SCORE
         answerer = Answerer(settings)
         answerer.warm_up()
-        generator = answerer.generator
+        generator = answerer.generator if answerer.reader is None else None
         scorer = generator if isinstance(generator, LocalGenerator) else None  # needs token likelihoods
         _say(
-            f"answering {len(chosen)} questions with {generator.model_name} "
+            f"answering {len(chosen)} questions with {answerer.model_name} "
             f"({mode}, k {rag.k}, index {settings.index.name})"
         )
         records: list[dict[str, Any]] = []
@@ -180,7 +188,7 @@ def eval_rag(
             nll, tokens = None, 0
             if scorer is not None and not impossible and hits:
                 messages, _ = build_messages(
-                    question, [r.hit for r in hits], rag.max_context_tokens, generator.count_tokens
+                    question, [r.hit for r in hits], rag.max_context_tokens, scorer.count_tokens
                 )
                 nll, tokens = scorer.score(messages, references[0])
             records.append(
@@ -229,7 +237,10 @@ def eval_rag(
         "k": rag.k,
         "min_score": rag.min_score,
         "embed_model": settings.embed.model,
-        "generator": generator.model_name,
+        "generator": answerer.model_name,
+        "backend": settings.serve.llm.backend,
+        "no_answer_threshold": answerer.threshold if answerer.reader is not None else None,
+        "rerank": settings.serve.search.rerank_model if settings.serve.search.rerank else None,
         "perplexity_note": None if scorer is not None else "the generator backend gives no token likelihoods",
         "seconds_per_question": (time.monotonic() - started) / len(records) if records else math.nan,
         **summary,
@@ -238,7 +249,9 @@ def eval_rag(
     abst = summary["abstention"]
     write_report(
         out_dir,
-        report_name("rag", dataset, corpus, split),
+        report_name("rag", dataset, corpus, split)
+        + ("-extractive" if answerer.reader is not None else "")
+        + ("-rerank" if settings.serve.search.rerank else ""),
         report,
         [
             ("questions (answerable / unanswerable)", f"{summary['answerable']} / {summary['unanswerable']}"),
@@ -254,7 +267,7 @@ def eval_rag(
             ("abstention precision / recall", _fmt(abst, "precision", "recall")),
             ("perplexity of reference answers", _fmt(summary, "perplexity")),
             ("SQuAD v2 EM / F1 (abstaining right on unanswerable)", _fmt(summary, "v2_exact_match", "v2_f1")),
-            ("generator / mode / k", f"{generator.model_name} / {mode} / {rag.k}"),
+            ("generator / mode / k", f"{answerer.model_name} / {mode} / {rag.k}"),
         ],
     )
     return report

@@ -25,6 +25,7 @@ from typing import Any
 
 from actors.embedder import Embedder
 from actors.graph_extract import pipeline_stop_words
+from actors.reranker import Reranker
 from cluster.bench.report import machine, write_report
 from cluster.eval.graph_quality import linkage
 from cluster.eval.metrics import documents_in_order, score_run
@@ -128,6 +129,16 @@ def build_index(settings: Settings, corpus: Path) -> None:
     )
 
 
+def eval_reranker(settings: Settings) -> Reranker | None:
+    """The reranker the app would use (``serve.search.rerank``), loaded, or None."""
+    if not settings.serve.search.rerank:
+        return None
+    reranker = Reranker(settings.serve.search, settings.cache_dir, settings.finetune)
+    reranker.warm_up()
+    _say(f"reranking the top {settings.serve.search.rerank_candidates} with {reranker.location}")
+    return reranker
+
+
 def eval_retrieval(
     base: Settings,
     dataset: Path,
@@ -172,7 +183,8 @@ def eval_retrieval(
             if "graph" in modes
             else None
         )  # as the app's Retriever links questions
-        searcher = Searcher(settings.serve.search, RayShards(settings), graph=graph)
+        reranker = eval_reranker(settings)
+        searcher = Searcher(settings.serve.search, RayShards(settings), graph=graph, reranker=reranker)
         results: dict[str, Any] = {}
         for mode in modes:
             runs: dict[str, list[str]] = {}
@@ -209,6 +221,15 @@ def eval_retrieval(
         "index": settings.index.name,
         "ingest_s": round(ingest_s, 1),
         "model": settings.embed.model,
+        "rerank": (
+            {
+                "model": reranker.model_name,
+                "location": reranker.location,
+                "candidates": settings.serve.search.rerank_candidates,
+            }
+            if reranker is not None
+            else None
+        ),
         "modes": results,
     }
     if graph_report is not None:
@@ -239,7 +260,7 @@ def eval_retrieval(
             rows.append((f"graph: {kind} questions linked within 0 / 1 / 2 hops", _linked(linked)))
     write_report(
         out_dir,
-        report_name("retrieval", dataset, corpus, split),
+        report_name("retrieval", dataset, corpus, split) + ("-rerank" if reranker is not None else ""),
         report,
         [("mode: R@1 / R@5 / R@10 / R@20 / MRR@10 / nDCG@10 / all@2 / all@5 / all@10", ""), *rows],
     )

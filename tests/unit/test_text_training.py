@@ -1,0 +1,102 @@
+"""The pure parts of training the reranker and the reader: schedule, batches, groups, span labels,
+and the driver's data handling (tune split only, answers located in their passages)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from actors.models import resolve_model
+from cluster.finetune_text import SQUAD_V1, SQUAD_V2, answer_start, held_out_texts, read_beir, tune_questions
+from cluster.text_training import (
+    ReaderExample,
+    RerankGroup,
+    epoch_batches,
+    group_pairs,
+    lr_factor,
+    pad_batch,
+    reader_features,
+)
+from schemas.ids import in_tune_split
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero():
+    assert [lr_factor(s, 10, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4) == 1.0 and lr_factor(7, 10, 4) == 0.5 and lr_factor(10, 10, 4) == 0.0
+    assert lr_factor(0, 10, 0) == 1.0
+
+
+def test_epoch_batches_cover_every_item_once_and_workers_get_equal_shares():
+    one = epoch_batches(10, 3, random.Random(0))
+    assert sorted(i for b in one for i in b) == list(range(10)) and [len(b) for b in one].count(3) == 3
+    parts = [epoch_batches(10, 3, random.Random(0), rank, 2) for rank in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 2
+    seen = [i for part in parts for b in part for i in b]
+    assert len(seen) == len(set(seen))
+
+
+def test_group_pairs_put_the_positive_first_and_draw_distinct_negatives():
+    groups = [
+        RerankGroup("q0", ("T", "gold"), (("A", "n1"), ("B", "n2"), (None, "n3"))),
+        RerankGroup("q1", (None, "gold1"), ((None, "only"),)),
+    ]
+    pairs, size = group_pairs(groups, [0, 1], 2, random.Random(1))
+    assert size == 3 and len(pairs) == 6
+    assert pairs[0] == ("q0", "T: gold") and pairs[3] == ("q1", "gold1")
+    assert len({p for _, p in pairs[1:3]}) == 2 and {p for _, p in pairs[1:3]} <= {"A: n1", "B: n2", "n3"}
+    assert pairs[4:] == [("q1", "only"), ("q1", "only")]  # too few mined: drawn again
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model("sentence-transformers/all-MiniLM-L6-v2").location)
+
+
+def test_reader_labels_point_at_the_answer_tokens_or_at_the_first_token(tokenizer):
+    context = " ".join(f"word{i}" for i in range(60)) + " The capital is Warsaw today. " + "tail " * 40
+    at = context.index("Warsaw")
+    examples = [
+        ReaderExample("What is the capital?", context, at, "Warsaw"),
+        ReaderExample("Who won?", context, -1, ""),
+    ]
+    features = reader_features(tokenizer, examples, max_tokens=64, stride=16)
+    assert len(features["input_ids"]) > 4  # long passages read in several windows
+    holding = []
+    for w, source in enumerate(features["example"]):
+        s, e = features["start_positions"][w], features["end_positions"][w]
+        offsets = features["offset_mapping"][w]
+        if source == 1:
+            assert (s, e) == (0, 0)
+        elif (s, e) != (0, 0):
+            holding.append(w)
+            assert context[offsets[s][0] : offsets[e][1]] == "Warsaw"
+        else:  # a window without all of the answer
+            inside = [o for o in offsets if o is not None]
+            assert not (inside[0][0] <= at and inside[-1][1] >= at + len("Warsaw"))
+    assert holding, "some window holds the answer"
+    batch = pad_batch(features, [0, 1], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2 and batch["start_positions"].tolist() == [
+        features["start_positions"][0],
+        features["start_positions"][1],
+    ]
+
+
+def test_answer_start_finds_the_first_answer_in_the_text_exactly_then_ignoring_case():
+    assert answer_start("In 1066 the Normans came.", ["the normans", "1066"]) == (3, "1066")
+    assert answer_start("The Normans came.", ["the normans"]) == (0, "The Normans")
+    assert answer_start("Nothing here.", ["absent", " "]) == (-1, "")
+
+
+def test_training_questions_are_tune_split_only_and_never_a_held_out_question_asked_again():
+    _, gold1, q1 = read_beir(SQUAD_V1)
+    _, gold2, q2 = read_beir(SQUAD_V2, "qrels_all.tsv")
+    held = held_out_texts(q1, q2)
+    v1 = tune_questions(q1, gold1, held)
+    v2 = tune_questions(q2, gold2, held)
+    assert v1 and v2 and all(in_tune_split(q) for q in v1 + v2)
+    assert not {" ".join(q2[q]["text"].lower().split()) for q in v2} & held
+    # SQuAD v2.0 asks v1.1's questions again under new ids: some tune ids carry a held-out text
+    assert len(v2) < len([q for q in gold2 if q in q2 and in_tune_split(q)])
