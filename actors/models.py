@@ -24,6 +24,7 @@ from schemas.errors import ConfigError
 from schemas.settings import (
     IMAGE_FINETUNE_RESOURCES,
     TEXT_FINETUNE_RESOURCES,
+    TRAINED_EMBEDDER,
     TRAINED_IMAGE_MODEL,
     TRAINED_READER,
     TRAINED_RERANKER,
@@ -157,8 +158,9 @@ def resolve_image_model(images: ImagesConfig, text_model: str, cache_dir: Path) 
 TRAINED_TEXT_MODELS: dict[str, tuple[str, str]] = {
     TRAINED_RERANKER: ("reranker", "squad-v1.1-dev:tune"),
     TRAINED_READER: ("reader", "squad-v1.1-dev:tune+squad-v2.0-dev:tune"),
+    TRAINED_EMBEDDER: ("embedder", "squad-v1.1-dev:tune"),
 }
-TEXT_RECIPES = {"reranker": 1, "reader": 1}
+TEXT_RECIPES = {"reranker": 1, "reader": 1, "embedder": 1}
 TRAINING_RECORD = "riverbed-training.json"
 """What a trained text model's directory holds besides its weights: how it was trained, and the
 reader's calibrated abstention threshold."""

@@ -290,6 +290,52 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_index_reindex(args: argparse.Namespace, settings: Settings) -> int:
+    """Replays the documents topic into a new index embedded with ``--model`` (until it has caught
+    up, or on with ``--follow``), while the served index goes on serving."""
+    from cluster.index_admin import check_reindex_target
+    from cluster.ray_runtime import connect
+
+    connect(settings)
+    target = check_reindex_target(settings, args.target, args.model)
+    if not args.quiet:
+        print(
+            f"reindexing topic {settings.kafka.topics.documents} into {args.target} with {args.model}",
+            file=sys.stderr,
+        )
+    ingest_args = argparse.Namespace(**{**vars(args), "until_idle": not args.follow, "release": False})
+    return cmd_ingest(ingest_args, target)
+
+
+def cmd_index_alias(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.index_admin import move_alias
+    from cluster.ray_runtime import connect
+
+    connect(settings)
+    moved = move_alias(settings, args.alias, args.target)
+    before = f" (was {moved['previous']})" if moved["previous"] else ""
+    emit(args, moved, f"alias {moved['alias']} -> {moved['index']}{before}; model {moved['model']}")
+    return 0
+
+
+def cmd_index_list(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.index_admin import list_indexes
+    from cluster.ray_runtime import connect
+
+    connect(settings)
+    rows = list_indexes(settings, broker=not args.no_broker)
+    lines = []
+    for r in rows:
+        serves = f"  aliases: {', '.join(r['aliases'])}" if r["aliases"] else ""
+        mark = " (index.name)" if r["configured"] else ""
+        lines.append(
+            f"{r['index']}{mark}: {r['model']} (dim {r['dim']}), {r['documents']} documents, "
+            f"{r['chunks']} chunks, lag {r['lag']}{serves}"
+        )
+    emit(args, rows, "\n".join(lines) or f"no index under {settings.home / 'data'}")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.stats import index_stats
 
@@ -714,11 +760,25 @@ def _show_progress(args: argparse.Namespace) -> Any:
 
 def cmd_finetune_text(args: argparse.Namespace, settings: Settings) -> int:
     """Trains the reranker or the extractive reader (or finds it in the cache)."""
-    from cluster.finetune_text import SQUAD_V1, SQUAD_V2, finetune_reader, finetune_reranker
+    from cluster.finetune_text import (
+        SQUAD_V1,
+        SQUAD_V2,
+        finetune_embedder,
+        finetune_reader,
+        finetune_reranker,
+    )
 
     out = Path(args.out) if args.out else None
     dataset = Path(args.dataset) if args.dataset else SQUAD_V1
-    if args.finetune_command == "reranker":
+    if args.finetune_command == "embedder":
+        result = finetune_embedder(
+            settings,
+            dataset,
+            index=getattr(args, "index", None),
+            out=out,
+            on_progress=_show_progress(args),
+        )
+    elif args.finetune_command == "reranker":
         result = finetune_reranker(
             settings,
             dataset,
@@ -898,7 +958,9 @@ def build_parser() -> argparse.ArgumentParser:
         k8s_parser.set_defaults(func=cmd_k8s)
 
     index = sub.add_parser(
-        "index", help="manage indexes (copy one to another name or backend)", parents=[common]
+        "index",
+        help="manage indexes: copy, reindex with another model, aliases, list",
+        parents=[common],
     )
     index_sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     copy = index_sub.add_parser(
@@ -912,6 +974,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", dest="target", required=True, metavar="INDEX", help="the new index (must be empty)"
     )
     copy.set_defaults(func=cmd_index_copy)
+    reindex = index_sub.add_parser(
+        "reindex",
+        help="build a new index from the documents topic with another embedding model, while the served "
+        "one keeps serving; then move the alias (index alias)",
+        parents=[common],
+    )
+    reindex.add_argument("--model", required=True, help="the embedding model (id or path) of the new index")
+    reindex.add_argument(
+        "--as", dest="target", required=True, metavar="INDEX", help="the new index (never a served one)"
+    )
+    reindex.add_argument("--follow", action="store_true", help="keep ingesting once caught up (Ctrl-C stops)")
+    reindex.set_defaults(func=cmd_index_reindex)
+    alias = index_sub.add_parser(
+        "alias", help="point an alias at an index (an app serving index.alias follows it)", parents=[common]
+    )
+    alias.add_argument("alias")
+    alias.add_argument("--to", dest="target", required=True, metavar="INDEX")
+    alias.set_defaults(func=cmd_index_alias)
+    listing = index_sub.add_parser(
+        "list", help="indexes under this home: model, documents, chunks, lag, aliases", parents=[common]
+    )
+    listing.add_argument("--no-broker", action="store_true", help="skip the lag (no broker needed)")
+    listing.set_defaults(func=cmd_index_list)
 
     bench = sub.add_parser(
         "bench",
@@ -1094,6 +1179,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reranker.add_argument("--out", help="write the model here (needed with another --dataset)")
     reranker.set_defaults(func=cmd_finetune_text)
+    embedder = finetune_sub.add_parser(
+        "embedder",
+        help="fine-tune the embedding model on the tune questions with mined hard negatives (Ray Train); "
+        "a new index is built with it (riverbed index reindex --model PATH); settings: finetune.embedder.*",
+        parents=[common],
+    )
+    embedder.add_argument(
+        "--dataset",
+        help="BEIR-layout directory whose tune questions it learns from (default: SQuAD v1.1 dev)",
+    )
+    embedder.add_argument("--out", help="write the model here (needed with another --dataset)")
+    embedder.set_defaults(func=cmd_finetune_text)
     reader = finetune_sub.add_parser(
         "reader",
         help="train the extractive reader (serve.llm.backend: extractive) on Ray Train and set its "

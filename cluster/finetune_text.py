@@ -40,7 +40,7 @@ from cluster.ray_train import Progress, exclusive, fit_on_ray
 from cluster.text_training import ReaderExample, RerankGroup, train_loop
 from schemas.errors import ConfigError
 from schemas.ids import in_tune_split
-from schemas.settings import TRAINED_READER, TRAINED_RERANKER, Settings
+from schemas.settings import TRAINED_EMBEDDER, TRAINED_READER, TRAINED_RERANKER, Settings
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,11 @@ def _target(settings: Settings, name: str, out: Path | None, default_data: bool)
             f"{name!r} names the model trained on the packaged SQuAD data: give --out DIR to train on "
             "another dataset (then name the model by that path)"
         )
-    finetune = settings.finetune.reranker if name == TRAINED_RERANKER else settings.finetune.reader
+    finetune = {
+        TRAINED_RERANKER: settings.finetune.reranker,
+        TRAINED_READER: settings.finetune.reader,
+        TRAINED_EMBEDDER: settings.finetune.embedder,
+    }[name]
     return trained_text_model_dir(settings.cache_dir, name, finetune)
 
 
@@ -144,8 +148,34 @@ def finetune_reranker(
 ) -> TextFinetuneResult:
     """Trains (or finds in the cache) the cross-encoder (see the module docstring). ``index``: an
     index that already holds ``dataset``'s corpus (else one is built and released)."""
-    finetune = settings.finetune.reranker
-    target = _target(settings, TRAINED_RERANKER, out, dataset.resolve() == SQUAD_V1.resolve())
+    return _finetune_on_mined(settings, "reranker", dataset, index, out, on_progress)
+
+
+def finetune_embedder(
+    settings: Settings,
+    dataset: Path = SQUAD_V1,
+    *,
+    index: str | None = None,
+    out: Path | None = None,
+    on_progress: Progress | None = None,
+) -> TextFinetuneResult:
+    """Trains (or finds in the cache) the fine-tuned embedding model, a sentence-transformers
+    directory (see the module docstring); ``index`` as for :func:`finetune_reranker`."""
+    return _finetune_on_mined(settings, "embedder", dataset, index, out, on_progress)
+
+
+def _finetune_on_mined(
+    settings: Settings,
+    kind: str,
+    dataset: Path,
+    index: str | None,
+    out: Path | None,
+    on_progress: Progress | None,
+) -> TextFinetuneResult:
+    """MINE, TRAIN, SAVE for the models that learn from mined groups (reranker, embedder)."""
+    finetune = settings.finetune.reranker if kind == "reranker" else settings.finetune.embedder
+    name = TRAINED_RERANKER if kind == "reranker" else TRAINED_EMBEDDER
+    target = _target(settings, name, out, dataset.resolve() == SQUAD_V1.resolve())
     with exclusive(target):
         if out is None and (target / RECORD_FILE).is_file():
             return TextFinetuneResult(target, True, json.loads((target / RECORD_FILE).read_text()))
@@ -155,9 +185,11 @@ def finetune_reranker(
         )
         if not chosen:
             raise ConfigError(f"{dataset} has no tune-split questions with a judged passage")
-        groups, mined_s = _mine(settings, dataset, index, passages, gold, questions, chosen)
+        groups, mined_s = _mine(
+            settings, dataset, index, passages, gold, questions, chosen, finetune.mine_depth
+        )
         config = {
-            "kind": "reranker",
+            "kind": kind,
             "finetune": finetune.model_dump(mode="json"),
             "base": resolve_model(finetune.base_model).location,
             "groups": [asdict(g) for g in groups],
@@ -180,6 +212,7 @@ def _mine(
     gold: dict[str, str],
     questions: dict[str, dict[str, Any]],
     chosen: list[str],
+    depth: int,
 ) -> tuple[list[RerankGroup], float]:
     """MINE (see the module docstring); returns the groups and the seconds it took."""
     from cluster.eval.retrieval import eval_settings, open_index
@@ -192,7 +225,6 @@ def _mine(
     search = mining.serve.search.model_copy(update={"rerank": False})
     mining = mining.model_copy(update={"serve": mining.serve.model_copy(update={"search": search})})
     open_index(mining, dataset / "corpus.jsonl" if index is None else None)
-    depth = settings.finetune.reranker.mine_depth
     try:
         texts = [questions[q]["text"] for q in chosen]
         vectors = Embedder(mining.embed).embed(texts)

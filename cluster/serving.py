@@ -91,6 +91,23 @@ def start_serving(settings: Settings, *, ingest: bool, pipeline: Pipeline | None
     # RAY
     connect(settings)
     # SHARDS and INGEST
+    if settings.index.alias is not None:
+        from deployments.alias import alias_target, for_index
+
+        if ingest or pipeline is not None:
+            raise ConfigError(
+                f"index.alias {settings.index.alias!r}: the app serves whichever index the alias points at, "
+                "and each index is ingested on its own (`riverbed ingest --index NAME`, `riverbed index "
+                "reindex`): serve it with --no-ingest (serve.ingest false)"
+            )
+        served = for_index(settings, alias_target(settings))
+        recorded = recorded_model(served)
+        if recorded is None:
+            raise ConfigError(
+                f"alias {settings.index.alias!r} points at {served.index.name!r}, which holds no data"
+            )
+        shard_handles(served, *recorded)
+        return _deploy(settings, servers, None)
     if ingest and pipeline is None:
         started = Pipeline(settings)
         deploying: list[bool] = []

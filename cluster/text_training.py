@@ -7,6 +7,10 @@ Both models start from an encoder (``finetune.*.base_model``) with a new head:
   mined for it; the (question, passage) pairs of a question form one softmax over its group, the
   loss the cross-entropy of the gold passage (a listwise loss: the model learns to put the gold
   passage above the near misses that retrieval confuses it with).
+- **Embedder** (a sentence-transformers bi-encoder, fine-tuned as a whole): each step embeds
+  ``batch_size`` questions and their gold chunks plus ``negatives`` mined chunks each; every
+  question's softmax runs over all chunks of the step (its own gold one the target, the batch's
+  others and the mined ones negatives), on cosine similarities times ``scale``.
 - **Reader** (start and end logits per token): SQuAD-style windows of question + passage
   (:func:`reader_features`); a window that does not hold the answer, and every window of an
   unanswerable question, points at the first token, whose start + end score is the window's
@@ -29,7 +33,18 @@ from typing import Any
 
 from actors.embedder import cpu_threads
 from actors.reranker import pair_text
-from schemas.settings import ReaderFinetuneConfig, RerankerFinetuneConfig, TextFinetuneConfig
+from schemas.settings import (
+    EmbedderFinetuneConfig,
+    ReaderFinetuneConfig,
+    RerankerFinetuneConfig,
+    TextFinetuneConfig,
+)
+
+CONFIGS: dict[str, type[TextFinetuneConfig]] = {
+    "reranker": RerankerFinetuneConfig,
+    "reader": ReaderFinetuneConfig,
+    "embedder": EmbedderFinetuneConfig,
+}
 
 PROGRESS_EVERY_S = 5.0
 
@@ -74,14 +89,17 @@ def group_pairs(
     pairs: list[tuple[str, str]] = []
     for i in batch:
         group = groups[i]
-        pool = list(group.negatives)
-        if len(pool) >= negatives:
-            drawn = rng.sample(pool, negatives)
-        else:
-            drawn = [rng.choice(pool) for _ in range(negatives)]
+        drawn = _draw(group.negatives, negatives, rng)
         for title, text in (group.positive, *drawn):
             pairs.append((group.query, pair_text(title, text)))
     return pairs, 1 + negatives
+
+
+def _draw(pool: Sequence[Any], n: int, rng: random.Random) -> list[Any]:
+    """``n`` of ``pool`` without replacement, or with it when the pool is smaller."""
+    if not n or not pool:
+        return []
+    return rng.sample(list(pool), n) if len(pool) >= n else [rng.choice(pool) for _ in range(n)]
 
 
 @dataclass(frozen=True)
@@ -168,9 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     kind = config["kind"]
-    finetune: TextFinetuneConfig = (
-        RerankerFinetuneConfig if kind == "reranker" else ReaderFinetuneConfig
-    ).model_validate(config["finetune"])
+    finetune = CONFIGS[kind].model_validate(config["finetune"])
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(finetune.num_cpus))
@@ -183,14 +199,39 @@ def train_loop(config: dict[str, Any]) -> None:
             queue.put(event)
 
     step_fn: Callable[[Any, list[int], random.Random], Any]
-    if kind == "reranker":
+    model: Any
+    groups = [
+        RerankGroup(g["query"], tuple(g["positive"]), tuple(tuple(n) for n in g["negatives"]))
+        for g in config.get("groups", [])
+    ]
+    if kind == "embedder":
+        assert isinstance(finetune, EmbedderFinetuneConfig)
+        from sentence_transformers import SentenceTransformer
+
+        embed_config = finetune
+        st = SentenceTransformer(config["base"], device=str(device))
+        st.max_seq_length = min(st.max_seq_length or finetune.max_tokens, finetune.max_tokens)
+        model = st
+        count = len(groups)
+
+        def vectors(m: Any, texts: list[str]) -> Any:
+            features = st.preprocess(texts)
+            features = {k: v.to(device) if hasattr(v, "to") else v for k, v in features.items()}
+            return torch.nn.functional.normalize(m(features)["sentence_embedding"], dim=-1)
+
+        def step_fn(m: Any, batch: list[int], rng: random.Random) -> Any:
+            queries = [groups[i].query for i in batch]
+            chunks = [groups[i].positive[1] for i in batch]
+            for i in batch:
+                pool = groups[i].negatives
+                chunks += [text for _, text in _draw(pool, embed_config.negatives, rng)]
+            scores = vectors(m, queries) @ vectors(m, chunks).T * embed_config.scale
+            return torch.nn.functional.cross_entropy(scores, torch.arange(len(batch), device=device))
+
+    elif kind == "reranker":
         assert isinstance(finetune, RerankerFinetuneConfig)
         rerank = finetune
         model = AutoModelForSequenceClassification.from_pretrained(config["base"], num_labels=1)
-        groups = [
-            RerankGroup(g["query"], tuple(g["positive"]), tuple(tuple(n) for n in g["negatives"]))
-            for g in config["groups"]
-        ]
         count = len(groups)
 
         def step_fn(m: Any, batch: list[int], rng: random.Random) -> Any:
@@ -220,7 +261,10 @@ def train_loop(config: dict[str, Any]) -> None:
     history = _fit(model, core, finetune, count, step_fn, rank, world, tell)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if rank == 0:
+        if rank == 0 and kind == "embedder":
+            core.save(directory)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        elif rank == 0:
             core.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
             checkpoint = ray.train.Checkpoint.from_directory(directory)

@@ -18,6 +18,7 @@ from deployments.image_embedder import ImageEmbedder
 from deployments.in_process import InIngressRetriever
 from deployments.ingress import Ingress
 from deployments.retriever import Retriever
+from schemas.errors import ConfigError
 from schemas.settings import DeploymentConfig, Settings, serve_config_settings
 
 APP_NAME = "riverbed"
@@ -59,6 +60,10 @@ def build_app(settings: Settings, servers: str) -> Application:
     if settings.embed.device == "cuda" and not serve_config.retriever.num_gpus:
         query_embed = embed_config.model_copy(update={"device": "cpu"})
     ingress_options = deployment_options(serve_config.ingress)
+    if settings.index.alias is not None and not serve_config.search_in_ingress:
+        raise ConfigError(
+            "index.alias is followed by the ingress's own retriever: it needs serve.search_in_ingress true"
+        )
     retriever: Any
     if serve_config.search_in_ingress:  # each ingress replica embeds and searches itself
         retriever = InIngressRetriever(settings, query_embed)

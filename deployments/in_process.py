@@ -65,4 +65,8 @@ class InIngressRetriever:
         from deployments.retriever import Retriever  # the class Serve's decorator wraps
 
         retriever_class: Any = Retriever.func_or_class  # type: ignore[attr-defined]
+        if self.settings.index.alias is not None:  # follow the index the alias points at
+            from deployments.alias import AliasedRetriever
+
+            return InProcessHandle(AliasedRetriever(self.settings, self.embed, retriever_class))
         return InProcessHandle(retriever_class(self.settings, self.embed))

@@ -349,10 +349,11 @@ class Ingress:
     async def _model_cards(self) -> list[ModelCard]:
         embedding = await self._describe()
         llm = self.settings.serve.llm
-        owner = "riverbed" if llm.backend == "local" else (llm.base_url or "openai")
+        owner = "riverbed" if llm.backend != "openai" else (llm.base_url or "openai")
+        answers = llm.reader_model if llm.backend == "extractive" else llm.model
         return [
             ModelCard(id=embedding["model"], created=self._started, owned_by="riverbed"),
-            ModelCard(id=llm.model, created=self._started, owned_by=owner),
+            ModelCard(id=answers, created=self._started, owned_by=owner),
         ]
 
     # DOCUMENTS
@@ -597,7 +598,7 @@ class Ingress:
         return self._image_model_info
 
     async def _describe(self) -> dict[str, Any]:
-        if self._model is None:
+        if self._model is None or self.settings.index.alias is not None:  # an alias may move
             self._model = await self._call(self.retriever.describe.remote())
         return self._model
 

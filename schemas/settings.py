@@ -234,6 +234,10 @@ TRAINED_RERANKER = "riverbed/reranker-squad"
 """The name of Riverbed's own cross-encoder: `riverbed finetune reranker` trains it with
 ``finetune.reranker`` on SQuAD v1.1's tune questions, found in the cache (not on any hub)."""
 
+TRAINED_EMBEDDER = "riverbed/embedder-squad"
+"""The name `riverbed finetune embedder` saves its model under in the cache (an index is built
+with it by naming its directory: ``embed.model``, or ``riverbed index reindex --model``)."""
+
 TRAINED_READER = "riverbed/reader-squad"
 """The name of Riverbed's own extractive reader: `riverbed finetune reader` trains it with
 ``finetune.reader`` on the tune questions of SQuAD v1.1 and v2.0, found in the cache."""
@@ -295,6 +299,25 @@ class RerankerFinetuneConfig(TextFinetuneConfig):
     )
 
 
+class EmbedderFinetuneConfig(TextFinetuneConfig):
+    """`riverbed finetune embedder`: the bi-encoder (a sentence-transformers model) trained on
+    question -> chunk with the other questions' chunks in the batch and ``negatives`` mined near
+    misses per question as negatives (a softmax over cosine similarities times ``scale``)."""
+
+    batch_size: Annotated[int, Field(ge=2, le=4096)] = Field(32, description="questions per step")
+    lr: Annotated[float, Field(gt=0, le=1)] = 2e-5
+    negatives: Annotated[int, Field(ge=0, le=64)] = Field(
+        1, description="mined hard negatives per question in each step (besides the batch's other chunks)"
+    )
+    mine_depth: Annotated[int, Field(ge=1, le=1000)] = Field(
+        20, description="hits taken from each of vector and keyword search to mine negatives from"
+    )
+    scale: Annotated[float, Field(gt=0, le=1000)] = Field(20.0, description="cosine similarities times this")
+    questions: PositiveInt | None = Field(
+        2500, description="train on this many of the tune questions (seeded sample); unset: all"
+    )
+
+
 class ReaderFinetuneConfig(TextFinetuneConfig):
     """`riverbed finetune reader`: an extractive reader (the encoder plus a start/end head) trained
     on question + gold passage windows; unanswerable questions point at the first token, whose
@@ -319,6 +342,7 @@ class FinetuneConfig(_Section):
 
     reranker: RerankerFinetuneConfig = RerankerFinetuneConfig()
     reader: ReaderFinetuneConfig = ReaderFinetuneConfig()
+    embedder: EmbedderFinetuneConfig = EmbedderFinetuneConfig()
 
 
 TEXT_FINETUNE_RESOURCES = frozenset({"workers", "use_gpu", "num_cpus", "storage_path"})
@@ -445,6 +469,14 @@ class IndexConfig(_Section):
         None,
         description="quota of each shard's SQLite store, in bytes: a write that needs more waits (retried, "
         "health degraded) until space is made or the quota raised; unset: only the disk limits it",
+    )
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = Field(
+        None,
+        description="serve: answer from the index this alias points at (`riverbed index alias ALIAS --to "
+        "INDEX`) and follow it when it moves; unset: index.name",
+    )
+    alias_check_s: Annotated[float, Field(gt=0)] = Field(
+        2.0, description="how often a serving app checks where index.alias points"
     )
 
     @field_validator("name")
