@@ -500,6 +500,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             f"{result['pipeline_chunks_per_s']} chunks/s (ratio {result['ratio']}); 2-hop queries p50 "
             f"{hops['p50_ms']} ms, p99 {hops['p99_ms']} ms; report in {out}/graph.md"
         )
+    elif args.which == "rerank":
+        from cluster.bench.rerank import bench_rerank
+
+        result = bench_rerank(settings, out, args.queries)
+        text = (
+            f"rerank ({result['model']}): {result['candidates']} passages a query, "
+            f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, {result['pairs_per_s']} pairs/s "
+            f"(report in {out}/rerank.md)"
+        )
     elif args.which == "batching":
         from cluster.bench.batching import bench_batching
 
@@ -1017,6 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
             "fuzz",
             "images",
             "graph",
+            "rerank",
         ],
     )
     bench.add_argument(
@@ -1037,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queries",
         type=int,
         default=400,
-        help="query, ann, peer: questions sent per measurement; graph: entities queried",
+        help="query, ann, peer, rerank: questions sent per measurement; graph: entities queried",
     )
     bench.add_argument("--k", type=int, default=10, help="query, ann, peer, load: hits per search")
     bench.add_argument(

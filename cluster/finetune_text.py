@@ -308,8 +308,9 @@ def finetune_reader(
         train_ids = _sample(tune_questions(q1, g1, held), finetune.questions, finetune.seed)
         v2_ids = tune_questions(q2, g2, held)
         random.Random(finetune.seed).shuffle(v2_ids)
-        calibration_ids = v2_ids[: len(v2_ids) // 5]
         trained_texts = {_norm(q1[q]["text"]) for q in train_ids}
+        # calibrated on questions the reader never trained on (v2.0 asks many of v1.1's again)
+        calibration_ids = [q for q in v2_ids[: len(v2_ids) // 5] if _norm(q2[q]["text"]) not in trained_texts]
         v2_train = [q for q in v2_ids[len(v2_ids) // 5 :] if _norm(q2[q]["text"]) not in trained_texts]
         v2_train = _sample(v2_train, finetune.questions, finetune.seed)
         calibration = [e for e in (_example(q2[q], p2[g2[q]]) for q in calibration_ids) if e is not None]

@@ -158,3 +158,25 @@ def test_a_model_with_more_than_one_label_is_refused(tmp_path):
 def test_the_trained_reranker_not_yet_trained_names_the_command(tmp_path):
     with pytest.raises(ConfigError, match="riverbed finetune reranker"):
         Reranker(SearchConfig(rerank_model=TRAINED_RERANKER), tmp_path)
+
+
+def test_bench_rerank_times_one_query_of_candidates_at_a_time(cross_encoder, tmp_path):
+    from cluster.bench.rerank import bench_rerank
+    from schemas.settings import load_settings
+
+    settings = load_settings(
+        overrides={
+            "cache_dir": str(tmp_path),
+            "serve": {
+                "search": {
+                    "rerank_model": str(cross_encoder),
+                    "rerank_candidates": 4,
+                    "rerank_max_tokens": 64,
+                }
+            },
+        }
+    )
+    result = bench_rerank(settings, tmp_path / "out", queries=3)
+    assert result["queries"] == 3 and result["candidates"] == 4
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["pairs_per_s"] > 0
+    assert (tmp_path / "out" / "rerank.md").is_file()
