@@ -196,8 +196,10 @@ class Searcher:
         fields (against several indexes: a field only the other one has matches nothing here).
 
         With a reranker (``config.rerank``, text only; ``rerank=False`` skips it), each query's
-        best ``config.rerank_candidates`` are reordered by the cross-encoder, which gives them
-        their ``score`` (and ``rerank_score``); hits past them keep their order, after them."""
+        best ``config.rerank_candidates`` are reordered: the cross-encoder scores them
+        (``rerank_score``) and its ranking is fused with retrieval's by reciprocal rank
+        (``rerank_weight`` to 1, offset ``rerank_rrf_k``), which gives their ``score``; hits past
+        them keep their order, after them."""
         if check_filter:
             await self.check_filter(filter)
         reranker = self.reranker if rerank else None
@@ -219,10 +221,17 @@ class Searcher:
         scores = await asyncio.to_thread(
             reranker.score_many, list(queries), [[(r.hit.title, r.hit.text) for r in head] for head in heads]
         )
+        c = self.config
         out = []
         for ranked, head, scored in zip(results, heads, scores, strict=True):
-            order = sorted(range(len(head)), key=lambda i: -float(scored[i]))  # stable: ties keep rank
-            top = [replace(head[i], score=float(scored[i]), rerank_score=float(scored[i])) for i in order]
+            by_model = sorted(range(len(head)), key=lambda i: -float(scored[i]))  # stable: ties keep rank
+            model_rank = {i: rank for rank, i in enumerate(by_model, 1)}
+            fused = [
+                c.rerank_weight / (c.rerank_rrf_k + model_rank[i]) + 1 / (c.rerank_rrf_k + i + 1)
+                for i in range(len(head))
+            ]
+            order = sorted(range(len(head)), key=lambda i: -fused[i])
+            top = [replace(head[i], score=fused[i], rerank_score=float(scored[i])) for i in order]
             out.append((top + ranked[n:])[:k])
         return out
 

@@ -75,7 +75,9 @@ def shards() -> Iterator[list[IndexShard]]:
 
 
 def test_the_top_candidates_are_reordered_by_the_reranker_and_the_rest_keep_their_order(shards):
-    config = SearchConfig(rerank=True, rerank_candidates=3, candidates=10)
+    config = SearchConfig(
+        rerank=True, rerank_candidates=3, candidates=10, rerank_weight=1e6
+    )  # the model's order
     scorer = WordScorer("river")
     searcher = Searcher(config, LocalShards(shards), reranker=scorer)
     plain = Searcher(config.model_copy(update={"rerank": False}), LocalShards(shards))
@@ -90,6 +92,23 @@ def test_the_top_candidates_are_reordered_by_the_reranker_and_the_rest_keep_thei
     assert [r.rerank_score for r in after[:3]] == [float(r.hit.text.count("river")) for r in head]
     assert all(r.rerank_score is None for r in after[3:])
     assert after[0].keyword_rank is not None  # the fusion's explanation is kept
+
+
+def test_the_reranker_rank_is_fused_with_the_retrieval_rank(shards):
+    config = SearchConfig(rerank=True, rerank_candidates=4, rerank_weight=1.5, rerank_rrf_k=2)
+    plain = asyncio.run(
+        Searcher(SearchConfig(), LocalShards(shards)).search("river bank", None, 4, None, "keyword")
+    )
+    fused = asyncio.run(
+        Searcher(config, LocalShards(shards), reranker=WordScorer("river")).search(
+            "river bank", None, 4, None, "keyword"
+        )
+    )
+    counts = [r.hit.text.count("river") for r in plain]
+    by_model = sorted(range(4), key=lambda i: -counts[i])
+    value = {plain[i].hit.chunk_id: 1.5 / (2 + by_model.index(i) + 1) + 1 / (2 + i + 1) for i in range(4)}
+    assert [r.hit.chunk_id for r in fused] == sorted(value, key=lambda c: -value[c])
+    assert [r.score for r in fused] == pytest.approx(sorted(value.values(), reverse=True))
 
 
 def test_no_reranking_without_the_setting_or_for_images_or_when_asked_not_to(shards):
