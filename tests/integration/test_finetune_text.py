@@ -19,12 +19,12 @@ TINY = {"questions": 12, "batch_size": 4, "epochs": 3, "lr": 3e-4, "warmup_fract
 
 
 def test_tiny_reranker_learns_its_groups_and_reranks_the_evaluation(settings, ray_session, tmp_path):
-    small_dataset(tmp_path / "v1", 30)
+    small_dataset(tmp_path / "v1cut", 30)
     dump = settings.model_dump(mode="json")
     dump["finetune"] = {"reranker": {**TINY, "max_tokens": 96, "negatives": 2, "mine_depth": 5}}
     tiny = load_settings(overrides=dump)
     events: list[dict] = []
-    result = finetune_reranker(tiny, tmp_path / "v1", out=tmp_path / "rr", on_progress=events.append)
+    result = finetune_reranker(tiny, tmp_path / "v1cut", out=tmp_path / "rr", on_progress=events.append)
     record = json.loads((tmp_path / "rr" / "riverbed-training.json").read_text())
     assert not result.cached and record == result.record and record["kind"] == "reranker"
     assert record["data"]["questions"] == 12 and record["data"]["negatives_per_question"] >= 2
@@ -38,12 +38,12 @@ def test_tiny_reranker_learns_its_groups_and_reranks_the_evaluation(settings, ra
 
     dump["serve"] = {**dump["serve"], "search": search.model_dump(mode="json")}
     report = eval_retrieval(
-        load_settings(overrides=dump), tmp_path / "v1", split="all", sample=10, modes=("hybrid",),
+        load_settings(overrides=dump), tmp_path / "v1cut", split="all", sample=10, modes=("hybrid",),
         out_dir=tmp_path / "out",
     )  # fmt: skip
     assert report["rerank"]["location"] == str(result.path) and report["rerank"]["candidates"] == 20
     assert 0 < report["modes"]["hybrid"]["recall@20"] <= 1
-    assert (tmp_path / "out" / "retrieval-v1-all-rerank.json").is_file()
+    assert (tmp_path / "out" / "retrieval-v1cut-all-rerank.json").is_file()
 
 
 def test_tiny_reader_is_calibrated_and_answers_rag_with_spans_or_abstains(settings, ray_session, tmp_path):
