@@ -2,8 +2,11 @@
 
 Abstains without generating when retrieval is weak (the best passage's vector score is below
 ``serve.rag.min_score``: nothing close to the question is indexed), and after generating when the
-model says the passages do not hold the answer. The model (``serve.llm``) is loaded once per
-replica; the local backend keeps a converted copy of GGUF models in the model cache.
+model says the passages do not hold the answer. With ``serve.llm.backend: extractive`` a reader
+(:mod:`actors.reader`) answers instead: a span of one passage, cited exactly, or an abstention
+when the span does not beat the no-answer score by more than the threshold. The model
+(``serve.llm``) is loaded once per replica; the local backend keeps a converted copy of GGUF
+models in the model cache.
 """
 
 from __future__ import annotations
@@ -71,18 +74,22 @@ class Answerer:
         Weak retrieval is judged on every hit given (callers pass a pool of candidates: with few
         passages, say one, the best fused hit is often one only keyword search found, which has no
         vector score); the prompt holds the first ``k`` (all when None)."""
-        # Judged on vector scores (rag.min_score's scale); hits only keyword search found have none,
-        # and with no vector score at all (keyword mode) only "no passages" abstains here.
-        scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
-        weak = abstain_for_weak_retrieval(
-            scored if scored else hits, self.config.min_score if scored else -1.0
-        )
+        weak = self._weak(hits, vector_scores)
         if weak is not None:
             return PromptPlan(weak, [], [])
         messages, used = build_messages(
             question, hits[:k], self.config.max_context_tokens, self.generator.count_tokens
         )
         return PromptPlan(None, messages, used)
+
+    def _weak(self, hits: list[Hit], vector_scores: list[float | None]) -> RagAnswer | None:
+        """The abstention for weak retrieval, or None. Judged on vector scores (rag.min_score's
+        scale); hits only keyword search found have none, and with no vector score at all
+        (keyword mode) only "no passages" abstains here."""
+        scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
+        return abstain_for_weak_retrieval(
+            scored if scored else hits, self.config.min_score if scored else -1.0
+        )
 
     def answer(
         self, question: str, hits: list[Hit], vector_scores: list[float | None], k: int | None = None
@@ -104,10 +111,7 @@ class Answerer:
         """The extractive backend: weak retrieval abstains as for generation; else the reader's
         best span over the first ``k`` hits, cited exactly, or an abstention when its margin over
         the no-answer score is at most the threshold (``reason="model_abstained"``)."""
-        scored = [replace(h, score=v) for h, v in zip(hits, vector_scores, strict=True) if v is not None]
-        weak = abstain_for_weak_retrieval(
-            scored if scored else hits, self.config.min_score if scored else -1.0
-        )
+        weak = self._weak(hits, vector_scores)
         if weak is not None:
             return self.result(weak, [])
         assert self.reader is not None
