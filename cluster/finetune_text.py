@@ -305,13 +305,20 @@ def finetune_reader(
         qrels2 = "qrels_all.tsv" if (unanswerable / "qrels_all.tsv").is_file() else "qrels.tsv"
         p2, g2, q2 = read_beir(unanswerable, qrels2)
         held = held_out_texts(q1, q2)
-        train_ids = _sample(tune_questions(q1, g1, held), finetune.questions, finetune.seed)
+        # CALIBRATION questions: a seeded fifth of the unanswerable set's tune questions, kept out of
+        # training by TEXT in both datasets (SQuAD v2.0 asks v1.1's answerable questions again under
+        # other ids: split by id alone, every answerable calibration question was trained on)
         v2_ids = tune_questions(q2, g2, held)
         random.Random(finetune.seed).shuffle(v2_ids)
+        calibration_ids = v2_ids[: len(v2_ids) // 5]
+        kept_out = {_norm(q2[q]["text"]) for q in calibration_ids}
+        v1_ids = [q for q in tune_questions(q1, g1, held) if _norm(q1[q]["text"]) not in kept_out]
+        train_ids = _sample(v1_ids, finetune.questions, finetune.seed)
         trained_texts = {_norm(q1[q]["text"]) for q in train_ids}
-        # calibrated on questions the reader never trained on (v2.0 asks many of v1.1's again)
-        calibration_ids = [q for q in v2_ids[: len(v2_ids) // 5] if _norm(q2[q]["text"]) not in trained_texts]
-        v2_train = [q for q in v2_ids[len(v2_ids) // 5 :] if _norm(q2[q]["text"]) not in trained_texts]
+        v2_train = [
+            q for q in v2_ids[len(v2_ids) // 5 :]
+            if _norm(q2[q]["text"]) not in kept_out and _norm(q2[q]["text"]) not in trained_texts
+        ]  # fmt: skip
         v2_train = _sample(v2_train, finetune.questions, finetune.seed)
         calibration = [e for e in (_example(q2[q], p2[g2[q]]) for q in calibration_ids) if e is not None]
         examples = [e for e in (_example(q1[q], p1[g1[q]]) for q in train_ids) if e is not None]
@@ -330,6 +337,7 @@ def finetune_reader(
             "examples": len(examples),
             "unanswerable_examples": sum(e.answer_start < 0 for e in examples),
             "calibration_questions": len(calibration),
+            "calibration_answerable": sum(e.answer_start >= 0 for e in calibration),
         }
 
         def calibrate(directory: Path) -> dict[str, Any]:
