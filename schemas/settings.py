@@ -137,7 +137,26 @@ class EmbedConfig(_Section):
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
 
 
-class ImageFinetuneConfig(_Section):
+class TrainResourcesConfig(_Section):
+    """Where a `riverbed finetune` training runs (never part of the trained model's identity)."""
+
+    workers: PositiveInt = Field(1, description="Ray Train workers (data-parallel; one process each)")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="one GPU per worker; auto: when the Ray cluster has a GPU"
+    )
+    num_cpus: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="logical CPUs each worker reserves (= its torch threads); unset: it reserves 1 and "
+        "runs a thread on every core of its node",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train's run storage (a path every node reaches, or a URI such as s3://...); "
+        "unset: <cache_dir>/ray-train, enough on one machine",
+    )
+
+
+class ImageFinetuneConfig(TrainResourcesConfig):
     """How `riverbed finetune image-text` trains Riverbed's own image-text model (LiT: "locked
     image-text tuning" with the roles swapped: a small ViT learns from scratch while the text tower
     stays the index's text embedder, frozen, so image vectors land in the space of the text chunks).
@@ -193,20 +212,6 @@ class ImageFinetuneConfig(_Section):
         "0: train on all of them, report none",
     )
     seed: int = Field(0, description="seeds the weights, the validation cut, the batches and the flips")
-    workers: PositiveInt = Field(1, description="Ray Train workers (data-parallel; one process each)")
-    use_gpu: bool | Literal["auto"] = Field(
-        "auto", description="one GPU per worker; auto: when the Ray cluster has a GPU"
-    )
-    num_cpus: Annotated[float, Field(gt=0)] | None = Field(
-        None,
-        description="logical CPUs each worker reserves (= its torch threads); unset: it reserves 1 and "
-        "runs a thread on every core of its node",
-    )
-    storage_path: str | None = Field(
-        None,
-        description="Ray Train's run storage (a path every node reaches, or a URI such as s3://...); "
-        "unset: <cache_dir>/ray-train, enough on one machine",
-    )
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> ImageFinetuneConfig:
@@ -243,7 +248,7 @@ TRAINED_READER = "riverbed/reader-squad"
 ``finetune.reader`` on the tune questions of SQuAD v1.1 and v2.0, found in the cache."""
 
 
-class TextFinetuneConfig(_Section):
+class TextFinetuneConfig(TrainResourcesConfig):
     """What every text model that Riverbed trains shares: the weights it starts from, the schedule
     (AdamW, linear warm-up then linear decay), and where it runs (Ray Train workers). Every field
     but the resources (``workers``, ``use_gpu``, ``num_cpus``, ``storage_path``) is part of the
@@ -265,20 +270,6 @@ class TextFinetuneConfig(_Section):
         None, description="train on this many of the tune questions (seeded sample); unset: all"
     )
     seed: int = 0
-    workers: PositiveInt = Field(1, description="Ray Train workers (data-parallel; one process each)")
-    use_gpu: bool | Literal["auto"] = Field(
-        "auto", description="one GPU per worker; auto: when the Ray cluster has a GPU"
-    )
-    num_cpus: Annotated[float, Field(gt=0)] | None = Field(
-        None,
-        description="logical CPUs each worker reserves (= its torch threads); unset: it reserves 1 and "
-        "runs a thread on every core of its node",
-    )
-    storage_path: str | None = Field(
-        None,
-        description="Ray Train's run storage (a path every node reaches, or a URI); "
-        "unset: <cache_dir>/ray-train",
-    )
 
 
 class RerankerFinetuneConfig(TextFinetuneConfig):
