@@ -160,7 +160,7 @@ TRAINED_TEXT_MODELS: dict[str, tuple[str, str]] = {
     TRAINED_READER: ("reader", "squad-v1.1-dev:tune+squad-v2.0-dev:tune"),
     TRAINED_EMBEDDER: ("embedder", "squad-v1.1-dev:tune"),
 }
-TEXT_RECIPES = {"reranker": 1, "reader": 2, "embedder": 1}
+TEXT_RECIPES = {"reranker": 1, "reader": 3, "embedder": 1}
 TRAINING_RECORD = "riverbed-training.json"
 """What a trained text model's directory holds besides its weights: how it was trained, and the
 reader's calibrated abstention threshold."""

@@ -8,11 +8,16 @@
 #       of other documents are its hard negatives, a hit of its gold document holding an answer
 #       its positive (else the gold passage itself)
 # READ (reader): question + gold passage with the answer's place in it; unanswerable questions
-#       with the passage they were written against; a seeded fifth of the unanswerable-question
-#       set's tune questions is kept out of training to set the abstention threshold on
+#       with the passage they were written against; per answerable question ``distractors`` other
+#       passages of its article (those sharing most words with it, holding none of its answers)
+#       as no-answer examples, since the served reader reads retrieval's top k and most of those
+#       do not answer; a seeded fifth of the unanswerable-question set's tune questions is kept
+#       out of training to set the abstention threshold on
 # TRAIN: cluster.text_training.train_loop on Ray Train (``finetune.*.workers``, CPU or GPU)
-# CALIBRATE (reader): the threshold on the no-answer margin that scores best on the kept-out
-#       questions (SQuAD v2's F1: an abstention on an unanswerable question scores 1)
+# CALIBRATE (reader): each kept-out question read against its passage and the
+#       ``calibration_passages`` - 1 distractors of its article (as serving reads k passages: the
+#       best margin of several is higher than one passage's); the threshold on that margin that
+#       scores best (SQuAD v2's F1: an abstention on an unanswerable question scores 1)
 # SAVE: save_pretrained files + riverbed-training.json (settings, data, history, threshold),
 #       moved into place atomically; cached under a hash of the settings (a second call with the
 #       same settings finds it), or written to ``--out``
@@ -25,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -113,6 +119,44 @@ def answer_start(context: str, answers: list[str]) -> tuple[int, str]:
         if at >= 0:
             return at, context[at : at + len(answer)]
     return -1, ""
+
+
+_WORD = re.compile(r"\w{3,}")
+
+
+def distractors(
+    question: dict[str, Any],
+    gold: str,
+    passages: dict[str, dict[str, Any]],
+    by_title: dict[str, list[str]],
+    n: int,
+) -> list[str]:
+    """Up to ``n`` ids of other passages of the gold passage's article (same title) that hold none
+    of the question's answers (compared ignoring case), those sharing most words (3+ letters,
+    ignoring case) with the question first, then by id."""
+    if n <= 0:
+        return []
+    answers = [a.lower() for a in question.get("answers", []) if a.strip()]
+    words = set(_WORD.findall(question["text"].lower()))
+
+    def shared(pid: str) -> int:
+        return len(words & set(_WORD.findall(passages[pid]["text"].lower())))
+
+    others = [
+        pid
+        for pid in by_title.get(passages[gold].get("title") or "", [])
+        if pid != gold and not any(a in passages[pid]["text"].lower() for a in answers)
+    ]
+    return sorted(others, key=lambda pid: (-shared(pid), pid))[:n]
+
+
+def titles(passages: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Passage ids by their title (untitled passages are left out: they have no article)."""
+    grouped: dict[str, list[str]] = {}
+    for pid, passage in passages.items():
+        if passage.get("title"):
+            grouped.setdefault(passage["title"], []).append(pid)
+    return grouped
 
 
 def _sample(ids: list[str], n: int | None, seed: int) -> list[str]:
@@ -296,6 +340,7 @@ def finetune_reader(
     (see the module docstring). ``unanswerable``: a dataset whose questions include unanswerable
     ones (``is_impossible``), judged against the passage they were written for (``qrels_all.tsv``)."""
     finetune = settings.finetune.reader
+    extra = finetune.calibration_passages - 1
     default_data = dataset.resolve() == SQUAD_V1.resolve() and unanswerable.resolve() == SQUAD_V2.resolve()
     target = _target(settings, TRAINED_READER, out, default_data)
     with exclusive(target):
@@ -320,8 +365,19 @@ def finetune_reader(
             if _norm(q2[q]["text"]) not in kept_out and _norm(q2[q]["text"]) not in trained_texts
         ]  # fmt: skip
         v2_train = _sample(v2_train, finetune.questions, finetune.seed)
-        calibration = [e for e in (_example(q2[q], p2[g2[q]]) for q in calibration_ids) if e is not None]
+        articles1, articles2 = titles(p1), titles(p2)
+        calibration = [
+            (e, [p2[p]["text"] for p in (g2[q], *distractors(q2[q], g2[q], p2, articles2, extra))])
+            for q in calibration_ids
+            if (e := _example(q2[q], p2[g2[q]])) is not None
+        ]
         examples = [e for e in (_example(q1[q], p1[g1[q]]) for q in train_ids) if e is not None]
+        distracting = [
+            ReaderExample(q1[q]["text"], p1[d]["text"], -1, "")
+            for q in train_ids
+            for d in distractors(q1[q], g1[q], p1, articles1, finetune.distractors)
+        ]
+        examples += distracting
         examples += [e for e in (_example(q2[q], p2[g2[q]]) for q in v2_train) if e is not None]
         if not examples or not calibration:
             raise ConfigError(f"{dataset} / {unanswerable}: no tune-split questions to train or calibrate on")
@@ -336,21 +392,23 @@ def finetune_reader(
             "unanswerable": str(unanswerable),
             "examples": len(examples),
             "unanswerable_examples": sum(e.answer_start < 0 for e in examples),
+            "distractor_examples": len(distracting),
             "calibration_questions": len(calibration),
-            "calibration_answerable": sum(e.answer_start >= 0 for e in calibration),
+            "calibration_answerable": sum(e.answer_start >= 0 for e, _ in calibration),
+            "calibration_passages": sum(len(texts) for _, texts in calibration),
         }
 
         def calibrate(directory: Path) -> dict[str, Any]:
             reader = ExtractiveReader(
                 str(directory), finetune.max_tokens, finetune.stride, finetune.max_answer_tokens
             )
-            spans = [reader.read(e.question, [e.context]) for e in calibration]
+            spans = [reader.read(e.question, texts) for e, texts in calibration]
             scores = [
                 (
                     span.margin,
                     best_over(token_f1, span.text, [e.answer_text]) if e.answer_start >= 0 else None,
                 )
-                for span, e in zip(spans, calibration, strict=True)
+                for span, (e, _) in zip(spans, calibration, strict=True)
             ]
             return calibrate_threshold(scores)
 

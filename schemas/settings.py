@@ -330,6 +330,18 @@ class ReaderFinetuneConfig(TextFinetuneConfig):
     questions: PositiveInt | None = Field(
         None, description="train on this many tune questions of each dataset (seeded sample); unset: all"
     )
+    # Trained on gold passages alone, the reader found confident spans in the wrong one of the
+    # three passages it reads when serving: a fifth of its answers cited a passage without the answer.
+    distractors: Annotated[int, Field(ge=0, le=10)] = Field(
+        1,
+        description="per answerable question, this many other passages of its article (sharing most "
+        "words with it, holding no answer) trained on as passages that do not answer",
+    )
+    calibration_passages: Annotated[int, Field(ge=1, le=20)] = Field(
+        3,
+        description="passages each calibration question is read against (its own and the most similar "
+        "of its article), as serving reads serve.rag.k: set the two alike",
+    )
 
 
 class FinetuneConfig(_Section):

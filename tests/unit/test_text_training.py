@@ -8,7 +8,16 @@ import random
 import pytest
 
 from actors.models import resolve_model
-from cluster.finetune_text import SQUAD_V1, SQUAD_V2, answer_start, held_out_texts, read_beir, tune_questions
+from cluster.finetune_text import (
+    SQUAD_V1,
+    SQUAD_V2,
+    answer_start,
+    distractors,
+    held_out_texts,
+    read_beir,
+    titles,
+    tune_questions,
+)
 from cluster.text_training import (
     ReaderExample,
     RerankGroup,
@@ -88,6 +97,25 @@ def test_answer_start_finds_the_first_answer_in_the_text_exactly_then_ignoring_c
     assert answer_start("In 1066 the Normans came.", ["the normans", "1066"]) == (3, "1066")
     assert answer_start("The Normans came.", ["the normans"]) == (0, "The Normans")
     assert answer_start("Nothing here.", ["absent", " "]) == (-1, "")
+
+
+def test_distractors_are_the_articles_most_question_like_passages_without_the_answer():
+    passages = {
+        "a0": {"title": "Normandy", "text": "The Normans settled Normandy in 911."},
+        "a1": {"title": "Normandy", "text": "Normandy's dukes fought; the Normans raided the coast."},
+        "a2": {"title": "Normandy", "text": "Rollo signed a treaty in 911 with the Franks."},
+        "a3": {"title": "Normandy", "text": "Cider and cheese come from the region."},
+        "b0": {"title": "Paris", "text": "The Normans besieged Paris many times."},
+        "c0": {"text": "An untitled passage about the Normans."},
+    }
+    by_title = titles(passages)
+    assert by_title == {"Normandy": ["a0", "a1", "a2", "a3"], "Paris": ["b0"]}
+    question = {"text": "When did the Normans settle Normandy?", "answers": ["911", "in 911"]}
+    # a2 holds the answer (not a distractor); a1 shares "normans" and "normandy"; b0 is another article
+    assert distractors(question, "a0", passages, by_title, 2) == ["a1", "a3"]
+    assert distractors(question, "a0", passages, by_title, 0) == []
+    assert distractors({"text": "Who besieged Paris?", "answers": []}, "b0", passages, by_title, 3) == []
+    assert distractors({"text": "Who?", "answers": ["x"]}, "c0", passages, by_title, 3) == []
 
 
 def test_training_questions_are_tune_split_only_and_never_a_held_out_question_asked_again():
