@@ -588,6 +588,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    if args.what == "compare":
+        return _eval_compare(args)
+    if args.reports:
+        raise ConfigError(f"eval {args.what} takes no report files (eval compare does)")
+    if not args.dataset:
+        raise ConfigError(f"eval {args.what} needs --dataset DIR")
     if args.what == "images":
         return _eval_images(args, settings)
     args.split = args.split or "heldout"
@@ -619,6 +625,21 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             f"@20 {r['recall@20']:.3f}  MRR@10 {r['mrr@10']:.3f}  nDCG@10 {r['ndcg@10']:.3f}  "
             f"all@2 {r['all@2']:.3f}  @5 {r['all@5']:.3f}  @10 {r['all@10']:.3f}"
         )
+    emit(args, report, "\n".join(lines))
+    return 0
+
+
+def _eval_compare(args: argparse.Namespace) -> int:
+    from cluster.eval.compare import compare_retrieval
+
+    report = compare_retrieval([Path(p) for p in args.reports], Path(args.out))
+    width = max(len(label) for label in report["methods"])
+    lines = [f"{'method':{width}s}  R@10   MRR@10"]
+    lines += [
+        f"{label:{width}s}  {scores.get('recall@10', 0):.3f}  {scores.get('mrr@10', 0):.3f}"
+        for label, scores in report["methods"].items()
+    ]
+    lines.append(f"wrote {report['markdown']} and {report['plot']}")
     emit(args, report, "\n".join(lines))
     return 0
 
@@ -1110,15 +1131,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure retrieval (recall, MRR, nDCG) or answers (EM, F1, citations, abstention) on a "
         "BEIR-layout dataset (with --index NAME: that index as it is; without: the corpus ingested "
         "into a fresh index); or images (zero-shot caption accuracy, text->image and image->image "
-        "precision) through the pipeline and the app",
+        "precision) through the pipeline and the app; compare: retrieval reports of the same "
+        "questions side by side (a table and a bar chart of MRR@10 and recall@10 per method)",
         parents=[common],
     )
-    evaluate.add_argument("what", choices=["retrieval", "rag", "images"])
+    evaluate.add_argument("what", choices=["retrieval", "rag", "images", "compare"])
+    evaluate.add_argument("reports", nargs="*", help="compare: the retrieval reports (.json) to compare")
     evaluate.add_argument(
         "--dataset",
-        required=True,
-        help="directory with corpus.jsonl, queries.jsonl, qrels.tsv; images: easy-vqa, or a directory of "
-        "images with NAME.txt captions",
+        help="retrieval, rag, images (required): directory with corpus.jsonl, queries.jsonl, qrels.tsv; "
+        "images: easy-vqa, or a directory of images with NAME.txt captions",
     )
     evaluate.add_argument("--corpus", help="take the corpus from this dataset instead (cross-lingual runs)")
     evaluate.add_argument(

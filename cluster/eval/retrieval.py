@@ -217,6 +217,8 @@ def eval_retrieval(
         "dataset": str(dataset),
         "corpus": str(corpus_file),
         "split": split,
+        "sample": sample,
+        "seed": seed,
         "queries": len(chosen),
         "index": settings.index.name,
         "ingest_s": round(ingest_s, 1),

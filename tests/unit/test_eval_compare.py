@@ -1,0 +1,107 @@
+"""`riverbed eval compare`: methods labelled from their reports, only runs over the same questions
+compared, the table and the chart written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from cluster.eval.compare import compare_retrieval
+from schemas.errors import ConfigError
+
+SCORES = {"recall@1": 0.6, "recall@5": 0.8, "recall@10": 0.9, "mrr@10": 0.7, "ndcg@10": 0.75}
+
+
+def _report(tmp_path: Path, name: str, **fields: object) -> Path:
+    report = {
+        "dataset": "data/squad-v1.1-dev",
+        "corpus": "data/squad-v1.1-dev/corpus.jsonl",
+        "split": "heldout",
+        "sample": 1000,
+        "seed": 0,
+        "queries": 1000,
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "rerank": None,
+        "modes": {"vector": dict(SCORES), "keyword": dict(SCORES), "hybrid": {**SCORES, "mrr@10": 0.85}},
+        **fields,
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_methods_are_labelled_by_mode_reranking_and_model(tmp_path):
+    base = _report(tmp_path, "base")
+    reranked = _report(
+        tmp_path,
+        "rerank",
+        rerank={"model": "riverbed/reranker-squad"},
+        modes={"hybrid": {**SCORES, "mrr@10": 0.87}},
+    )
+    tuned = _report(
+        tmp_path,
+        "tuned",
+        model="/cache/models/embedder-squad-f0b0",
+        modes={"vector": {**SCORES, "recall@10": 0.957}, "keyword": {**SCORES, "mrr@10": 0.1}},
+    )
+    result = compare_retrieval([base, reranked, tuned], tmp_path / "out")
+    assert list(result["methods"]) == [
+        "vector",
+        "keyword",
+        "hybrid",
+        "hybrid + rerank",
+        "vector (embedder-squad-f0b0)",
+    ]
+    assert result["methods"]["hybrid + rerank"]["mrr@10"] == 0.87
+    assert result["methods"]["vector (embedder-squad-f0b0)"]["recall@10"] == 0.957
+    # keyword search embeds nothing: another model's keyword row is the same method, kept once
+    assert result["methods"]["keyword"]["mrr@10"] == SCORES["mrr@10"]
+    md = Path(result["markdown"]).read_text()
+    assert Path(result["markdown"]).name == "retrieval-compare-squad-v1.1-dev-heldout.md"
+    assert "| hybrid + rerank | 0.600 | 0.800 | 0.900 | 0.870 | 0.750 |" in md
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("split", "tune"), ("queries", 999), ("dataset", "data/squad-v2.0-dev"), ("seed", 1), ("sample", 500)],
+)
+def test_runs_over_other_questions_are_refused_naming_the_field(tmp_path, field, value):
+    base = _report(tmp_path, "base")
+    other = _report(tmp_path, "other", **{field: value})
+    with pytest.raises(ConfigError, match=f"{field} .* differs"):
+        compare_retrieval([base, other], tmp_path / "out")
+
+
+def test_an_older_report_without_sample_and_seed_still_compares(tmp_path):
+    older = tmp_path / "older.json"
+    report = json.loads(_report(tmp_path, "x").read_text())
+    del report["sample"], report["seed"]
+    older.write_text(json.dumps(report))
+    assert compare_retrieval([_report(tmp_path, "base"), older], tmp_path / "out")["methods"]
+
+
+def test_missing_and_foreign_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such report"):
+        compare_retrieval([tmp_path / "absent.json"], tmp_path)
+    (tmp_path / "rag.json").write_text(json.dumps({"questions": 200}))
+    with pytest.raises(ConfigError, match="not a retrieval report"):
+        compare_retrieval([tmp_path / "rag.json"], tmp_path)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not a JSON report"):
+        compare_retrieval([tmp_path / "bad.json"], tmp_path)
+    with pytest.raises(ConfigError, match="at least one"):
+        compare_retrieval([], tmp_path)
+
+
+def test_the_cli_compares_and_refuses_what_does_not_fit(tmp_path, capsys):
+    base = _report(tmp_path, "base")
+    assert main(["eval", "compare", str(base), "--out", str(tmp_path / "out"), "--home", str(tmp_path)]) == 0
+    assert "hybrid" in capsys.readouterr().out
+    assert main(["eval", "retrieval", "--home", str(tmp_path)]) != 0
+    assert "needs --dataset" in capsys.readouterr().err
+    assert main(["eval", "retrieval", str(base), "--dataset", "d", "--home", str(tmp_path)]) != 0
+    assert "takes no report files" in capsys.readouterr().err
