@@ -5,7 +5,8 @@ Used by the pipeline's driver, `riverbed stats` and the HTTP app's ``/metrics``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from kafka import KafkaAdminClient
 
@@ -35,6 +36,26 @@ def committed_offsets(servers: str, group: str, timeout_s: float = 15.0) -> dict
 
     Retries while the group coordinator is not yet available (a fresh broker creates its offsets
     topic on the first group request); raises RetryableError after ``timeout_s``."""
+    by_group = _ask_coordinator(servers, group, timeout_s, lambda admin: admin.list_group_offsets(group))
+    out: dict[str, dict[int, int]] = {}
+    for tp, meta in by_group.get(group, {}).items():
+        if meta.offset >= 0:
+            out.setdefault(tp.topic, {})[tp.partition] = int(meta.offset)
+    return out
+
+
+def group_members(servers: str, group: str, timeout_s: float = 15.0) -> list[str]:
+    """The client ids of the consumers in ``group`` now (none for an empty or unknown group), each
+    with the host it connects from (``client-id@/host``). Retries as :func:`committed_offsets`."""
+    described = _ask_coordinator(servers, group, timeout_s, lambda admin: admin.describe_groups([group]))
+    members = (described.get(group) or {}).get("members") or []
+    return sorted(f"{m.get('client_id', '?')}@{m.get('client_host', '?')}" for m in members)
+
+
+def _ask_coordinator(
+    servers: str, group: str, timeout_s: float, call: Callable[[KafkaAdminClient], Any]
+) -> Any:
+    """``call(admin)``, retried while ``group``'s coordinator is not available yet."""
     import time
 
     from kafka.errors import (
@@ -48,16 +69,10 @@ def committed_offsets(servers: str, group: str, timeout_s: float = 15.0) -> dict
     try:
         while True:
             try:
-                by_group = admin.list_group_offsets(group)
-                break
+                return call(admin)
             except (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError) as exc:
                 if time.monotonic() > deadline:
-                    raise RetryableError(f"offsets of group {group} on {servers}: {exc}") from exc
+                    raise RetryableError(f"group {group} on {servers}: {exc}") from exc
                 time.sleep(0.5)
     finally:
         admin.close()
-    out: dict[str, dict[int, int]] = {}
-    for tp, meta in by_group.get(group, {}).items():
-        if meta.offset >= 0:
-            out.setdefault(tp.topic, {})[tp.partition] = int(meta.offset)
-    return out

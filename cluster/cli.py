@@ -235,6 +235,10 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     from cluster.pipeline import Pipeline, Progress
 
+    if getattr(args, "alone", False):
+        from cluster.kafka_admin import refuse_if_consumed
+
+        refuse_if_consumed(settings)
     pipeline = Pipeline(settings)
     pipeline.start()
     last = {"t": 0.0, "docs": 0, "chunks": 0}
@@ -318,6 +322,20 @@ def cmd_index_alias(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_index_release(args: argparse.Namespace, settings: Settings) -> int:
+    from cluster.index_admin import release_index
+    from cluster.ray_runtime import connect
+
+    connect(settings)
+    released = release_index(settings, args.target)
+    emit(
+        args,
+        released,
+        f"index {released['index']}: stopped {len(released['stopped'])} shard actors; its data stays on disk",
+    )
+    return 0
+
+
 def cmd_index_list(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.index_admin import list_indexes
     from cluster.ray_runtime import connect
@@ -356,6 +374,15 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_k8s(args: argparse.Namespace, settings: Settings) -> int:
     from cluster.k8s_render import backfill, kustomize_tree, render, to_yaml
 
+    if args.k8s_command == "backfill":
+        overrides = _overrides(args)
+        overrides.get("index", {}).pop("name", None)
+        served = load_settings(args.config, overrides).index.name
+        if settings.index.name == served:
+            raise ConfigError(
+                f"k8s backfill builds a new index beside the served one: give --index NAME other than "
+                f"{served!r}, the index the config serves"
+            )
     if args.k8s_command in ("render", "backfill"):
         build = render if args.k8s_command == "render" else backfill
         docs = build(settings, args.overlay, args.namespace)
@@ -926,6 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="at the end, stop the index's shard actors too (a batch job on a cluster nothing serves "
         "from; by default they stay up for `serve`)",
     )
+    ingest.add_argument(
+        "--alone",
+        action="store_true",
+        help="refuse to start while another ingest of this index runs anywhere (its consumer groups have "
+        "members): a backfill job must not join a served index's group",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     stats = sub.add_parser(
@@ -989,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser(
         "index",
-        help="manage indexes: copy, reindex with another model, aliases, list",
+        help="manage indexes: copy, reindex with another model, aliases, list, release",
         parents=[common],
     )
     index_sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -1027,6 +1060,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--no-broker", action="store_true", help="skip the lag (no broker needed)")
     listing.set_defaults(func=cmd_index_list)
+    release = index_sub.add_parser(
+        "release",
+        help="stop an index's shard actors (text, images, graph) to free their memory, e.g. the old index "
+        "after an alias move; its data stays, and reading it starts them again (never a served index)",
+        parents=[common],
+    )
+    release.add_argument("target", metavar="INDEX")
+    release.set_defaults(func=cmd_index_release)
 
     bench = sub.add_parser(
         "bench",

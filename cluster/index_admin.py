@@ -1,4 +1,4 @@
-"""`riverbed index list`, `index alias` and the checks of `index reindex`.
+"""`riverbed index list`, `index alias`, `index release` and the checks of `index reindex`.
 
 A new embedding model means a new index: `riverbed index reindex --model PATH --as NAME` replays
 the documents topic into ``NAME`` (its own consumer group starts at the topic's beginning) with
@@ -6,6 +6,11 @@ the documents topic into ``NAME`` (its own consumer group starts at the topic's 
 then moves the alias that the app serves (``index.alias``), which the app follows without a failed
 request (:mod:`deployments.alias`). The index an app serves (``index.name``, or where an alias
 points) is never a reindex target: replaying into it would mix two models' vectors.
+
+Once the alias has moved, the old index's shard actors (detached: they outlive the commands that
+started them) still hold its vectors in memory; `riverbed index release NAME` stops them (text,
+image and graph shards). Its data stays on disk, and the next command that reads it starts them
+again. It refuses a served index and one being ingested (its source or embedder actors alive).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from actors.index_alias import list_aliases, write_alias
 from deployments.alias import for_index
 from schemas.errors import ConfigError
 from schemas.settings import Settings
-from schemas.topology import GRAPH_SUFFIX, IMAGES_SUFFIX
+from schemas.topology import GRAPH_SUFFIX, IMAGES_SUFFIX, graph_index, images_index
 
 
 def indexes(settings: Settings) -> list[str]:
@@ -32,9 +37,7 @@ def check_reindex_target(settings: Settings, target: str, model: str) -> Setting
     vectors."""
     from cluster.serving import recorded_model
 
-    served = {settings.index.name: "index.name"} | {
-        index: f"alias {alias!r}" for alias, index in list_aliases(settings.state_dir).items()
-    }
+    served = served_indexes(settings)
     if target in served:
         raise ConfigError(
             f"index {target!r} is served ({served[target]} names it): reindex into a new name, then move "
@@ -47,6 +50,48 @@ def check_reindex_target(settings: Settings, target: str, model: str) -> Setting
             f"index {target!r} already holds vectors of {recorded[0]!r}, not {model!r}: pick another name"
         )
     return new
+
+
+def served_indexes(settings: Settings) -> dict[str, str]:
+    """The indexes served under this home, each with what names it (``index.name``, an alias)."""
+    return {settings.index.name: "index.name"} | {
+        index: f"alias {alias!r}" for alias, index in list_aliases(settings.state_dir).items()
+    }
+
+
+def release_index(settings: Settings, target: str) -> dict[str, Any]:
+    """Stops the shard actors of index ``target`` and of its images and graph indexes (see the
+    module docstring); ``{"index", "stopped": [actor names]}``. ConfigError when ``target`` is
+    served or being ingested."""
+    import ray
+
+    served = served_indexes(settings)
+    if target in served:
+        raise ConfigError(
+            f"index {target!r} is served ({served[target]} names it): move the alias away first "
+            "(`riverbed index alias ALIAS --to NAME`)"
+        )
+    sides = {target, images_index(target), graph_index(target)}
+    mine = {  # <index>/<role>/<i> (schemas.topology.actor_name) -> role
+        a["name"]: parts[1]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == settings.ray.namespace
+        and len(parts := a["name"].rsplit("/", 2)) == 3
+        and parts[0] in sides
+    }
+    busy = sorted(name for name, role in mine.items() if role != "shard")
+    if busy:
+        raise ConfigError(
+            f"index {target!r} is being ingested ({', '.join(busy)} running): stop that ingest first"
+        )
+    stopped = []
+    for name in sorted(mine):
+        try:
+            ray.kill(ray.get_actor(name, namespace=settings.ray.namespace))
+            stopped.append(name)
+        except ValueError:  # gone meanwhile
+            continue
+    return {"index": target, "stopped": stopped}
 
 
 def move_alias(settings: Settings, alias: str, target: str) -> dict[str, Any]:

@@ -462,7 +462,7 @@ def ray_service(settings: Settings, args: dict[str, Any], overlay: Overlay, name
     }
 
 
-BACKFILL_ENTRYPOINT = "riverbed ingest --until-idle --release --quiet"
+BACKFILL_ENTRYPOINT = "riverbed ingest --alone --until-idle --release --quiet"
 
 
 def backfill_name(settings: Settings) -> str:

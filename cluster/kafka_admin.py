@@ -8,9 +8,9 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from actors.kafka_offsets import committed_offsets, end_offsets
+from actors.kafka_offsets import committed_offsets, end_offsets, group_members
 from cluster.local_kafka import LocalKafka
-from schemas.errors import RetryableError
+from schemas.errors import ConfigError, RetryableError
 from schemas.settings import Settings, TopicsConfig
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ __all__ = [
     "end_offsets",
     "ensure_topics",
     "local_kafka",
+    "refuse_if_consumed",
     "topic_specs",
 ]
 
@@ -38,6 +39,21 @@ def bootstrap_servers(settings: Settings, *, start: bool = True) -> str:
     if state is None:
         raise RetryableError("the embedded Kafka broker is not running: start it with `riverbed kafka start`")
     return state.bootstrap_servers
+
+
+def refuse_if_consumed(settings: Settings) -> None:
+    """ConfigError when a consumer group of this index (its documents, images or graph group) has
+    members now: another ingest of the index is running, in this cluster or another. A second one
+    would split the partitions with it and write the same shard stores from two places."""
+    servers = bootstrap_servers(settings)
+    for side in (settings, settings.image_side(), settings.graph_side()):
+        members = group_members(servers, side.consumer_group)
+        if members:
+            raise ConfigError(
+                f"index {settings.index.name!r} is being ingested elsewhere: consumer group "
+                f"{side.consumer_group!r} has {len(members)} members ({', '.join(members[:4])}); "
+                "stop that ingest, or ingest into a new index"
+            )
 
 
 def topic_specs(topics: TopicsConfig) -> dict[str, int]:

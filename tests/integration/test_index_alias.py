@@ -16,7 +16,7 @@ import pytest
 
 from actors.index_alias import read_alias
 from actors.models import resolve_model
-from cluster.index_admin import check_reindex_target, list_indexes, move_alias
+from cluster.index_admin import check_reindex_target, list_indexes, move_alias, release_index
 from cluster.pipeline import Pipeline
 from schemas.errors import ConfigError
 from schemas.settings import load_settings
@@ -100,7 +100,13 @@ def test_reindex_with_a_new_model_then_moving_the_alias_under_load_fails_no_requ
         deadline = time.monotonic() + 120
         while (not models or models[-1] != str(new_model)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        time.sleep(5)  # and it keeps answering from the new index
+        time.sleep(2)  # and it keeps answering from the new index
+        # the old index's shards are released while the clients go on: no request notices
+        with pytest.raises(ConfigError, match="is served"):
+            release_index(settings, new_name)
+        released = release_index(settings, old_name)
+        time.sleep(3)
+        running = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     finally:
         stop.set()
         for t in threads:
@@ -112,5 +118,9 @@ def test_reindex_with_a_new_model_then_moving_the_alias_under_load_fails_no_requ
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(actor_name(name, "shard", i), namespace=settings.ray.namespace))
     assert read_alias(settings.state_dir, "live") == new_name
+    old_shards = {actor_name(old_name, "shard", i) for i in range(settings.index.n_shards)}
+    assert set(released["stopped"]) == old_shards and not old_shards & running
+    assert actor_name(new_name, "shard", 0) in running
+    assert {r["index"]: r for r in list_indexes(settings)}[old_name]["chunks"] > 0  # its data stays
     assert models[0] == MINILM and models[-1] == str(new_model), models
     assert set(statuses) == {200} and statuses[200] > 20, statuses

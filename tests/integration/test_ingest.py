@@ -279,3 +279,43 @@ def test_a_batch_ingest_with_release_leaves_no_shard_actor_and_its_data_on_disk(
         with pytest.raises(ValueError):
             ray.get_actor(actor_name(s.index.name, "shard", i), namespace=s.ray.namespace)
     assert set(read_stores(s).per_document) == {d.id for d in docs}
+
+
+def test_an_ingest_alone_refuses_to_start_while_another_consumer_reads_the_index(
+    pipeline_settings, tmp_path, capsys
+):
+    """`riverbed ingest --alone` (the backfill RayJob's entrypoint) refuses while the index's
+    consumer group has a member (here a plain consumer standing for another cluster's ingest), and
+    the check passes once it has left."""
+    import time
+
+    import yaml
+
+    from cluster.cli import main
+    from cluster.kafka_admin import refuse_if_consumed
+    from schemas.errors import ConfigError
+    from tests.integration.conftest import _dump
+
+    s = pipeline_settings
+    produce(s, squad_documents(1, prefix="alone-"))
+    config = tmp_path / "riverbed.yaml"
+    config.write_text(yaml.safe_dump(_dump(s)))
+    other = KafkaConsumer(
+        s.kafka.topics.documents,
+        bootstrap_servers=s.kafka.bootstrap_servers,
+        group_id=s.consumer_group,
+        client_id="another-cluster",
+        enable_auto_commit=False,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not other.assignment() and time.monotonic() < deadline:
+            other.poll(timeout_ms=500)
+        assert other.assignment()
+        with pytest.raises(ConfigError, match=r"being ingested elsewhere.*1 members \(another-cluster@"):
+            refuse_if_consumed(s)
+        assert main(["--config", str(config), "ingest", "--alone", "--until-idle"]) != 0
+        assert "being ingested elsewhere" in capsys.readouterr().err
+    finally:
+        other.close()
+    refuse_if_consumed(s)  # the group is empty again: a new ingest may start

@@ -201,7 +201,7 @@ def test_the_backfill_job_builds_the_named_index_on_its_own_cluster_with_the_ser
     config, job = backfill(target, overlay)
     assert custom_resource_problems(job) == []
     assert job["metadata"]["name"] == "news-backfill"
-    assert job["spec"]["entrypoint"] == "riverbed ingest --until-idle --release --quiet"
+    assert job["spec"]["entrypoint"] == "riverbed ingest --alone --until-idle --release --quiet"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     built = load_settings(overrides=yaml.safe_load(config["data"]["riverbed.yaml"]))
     assert (built.index.name, built.ray.address) == ("docs-v2", "auto")  # joins the job's own cluster
@@ -217,6 +217,20 @@ def test_the_backfill_job_builds_the_named_index_on_its_own_cluster_with_the_ser
         v if v["name"] != "config" else {"name": "config", "configMap": {"name": config["metadata"]["name"]}}
         for v in service["headGroupSpec"]["template"]["spec"]["volumes"]
     ]  # the same data claim as the service's
+
+
+def test_the_backfill_command_refuses_the_index_the_config_serves(tmp_path, capsys):
+    from cluster.cli import main
+
+    config = tmp_path / "riverbed.yaml"
+    config.write_text(yaml.safe_dump({"index": {"name": "docs"}}))
+    base = ["--config", str(config), "--home", str(tmp_path)]
+    for served in ([], ["--index", "docs"], ["--set", "index.name=docs"]):
+        assert main([*base, *served, "k8s", "backfill"]) != 0
+        assert "other than 'docs', the index the config serves" in capsys.readouterr().err
+    assert main([*base, "--index", "docs-v2", "k8s", "backfill", "--json"]) == 0
+    job = by_kind(json.loads(capsys.readouterr().out), "RayJob")[0]
+    assert job["spec"]["entrypoint"].startswith("riverbed ingest --alone")
 
 
 def test_the_longest_name_the_settings_take_fits_kuberays_limits_in_every_object():
