@@ -23,7 +23,6 @@ from pathlib import Path
 from schemas.errors import ConfigError
 from schemas.settings import (
     IMAGE_FINETUNE_RESOURCES,
-    TEXT_FINETUNE_RESOURCES,
     TRAINED_EMBEDDER,
     TRAINED_IMAGE_MODEL,
     TRAINED_READER,
@@ -174,7 +173,7 @@ def trained_text_model_dir(cache_dir: Path, name: str, finetune: TextFinetuneCon
     kind, data = TRAINED_TEXT_MODELS[name]
     made_of = {
         "recipe": f"{kind}-{TEXT_RECIPES[kind]}",
-        "finetune": finetune.model_dump(mode="json", exclude=set(TEXT_FINETUNE_RESOURCES)),
+        "finetune": finetune.key_fields(),
         "data": data,
     }
     key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]

@@ -211,6 +211,14 @@ def train_loop(config: dict[str, Any]) -> None:
         embed_config = finetune
         st = SentenceTransformer(config["base"], device=str(device))
         st.max_seq_length = min(st.max_seq_length or finetune.max_tokens, finetune.max_tokens)
+        if finetune.lora_rank is not None:
+            from peft import LoraConfig, get_peft_model
+
+            # adapters on the encoder (peft picks the attention projections of known architectures);
+            # every other weight frozen; merged back before saving (see below)
+            lora = LoraConfig(r=finetune.lora_rank, lora_alpha=finetune.lora_alpha)
+            encoder: Any = st[0]
+            encoder.model = get_peft_model(encoder.model, lora)
         model = st
         count = len(groups)
 
@@ -262,6 +270,8 @@ def train_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0 and kind == "embedder":
+            if hasattr(core[0].model, "merge_and_unload"):  # LoRA: a plain model, loadable anywhere
+                core[0].model = core[0].model.merge_and_unload()
             core.save(directory)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         elif rank == 0:
@@ -285,8 +295,9 @@ def _fit(
     import ray.train
     import torch
 
-    decay = [p for n, p in core.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in core.named_parameters() if p.ndim < 2]
+    trained = [p for p in core.parameters() if p.requires_grad]  # not the weights LoRA freezes
+    decay = [p for p in trained if p.ndim >= 2]
+    rest = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": finetune.weight_decay}, {"params": rest, "weight_decay": 0.0}],
         lr=finetune.lr,
@@ -306,7 +317,7 @@ def _fit(
             loss = step_fn(model, batch, draws)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(core.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))

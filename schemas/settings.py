@@ -271,6 +271,10 @@ class TextFinetuneConfig(TrainResourcesConfig):
     )
     seed: int = 0
 
+    def key_fields(self) -> dict[str, Any]:
+        """The settings a trained model's cache key is made of (all but the resources)."""
+        return self.model_dump(mode="json", exclude=set(TEXT_FINETUNE_RESOURCES))
+
 
 class RerankerFinetuneConfig(TextFinetuneConfig):
     """`riverbed finetune reranker`: a cross-encoder (the encoder plus a one-logit head) trained on
@@ -307,6 +311,23 @@ class EmbedderFinetuneConfig(TextFinetuneConfig):
     questions: PositiveInt | None = Field(
         2500, description="train on this many of the tune questions (seeded sample); unset: all"
     )
+    lora_rank: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        None,
+        description="train LoRA adapters of this rank (peft; the encoder's attention projections) "
+        "instead of every weight, then merge them into the saved model; unset: full fine-tuning. "
+        "Adapters want a higher lr (1e-4 to 1e-3)",
+    )
+    lora_alpha: Annotated[int, Field(ge=1, le=4096)] = Field(
+        32, description="LoRA scaling: the adapters' update is multiplied by lora_alpha / lora_rank"
+    )
+
+    def key_fields(self) -> dict[str, Any]:
+        """As the base's, but without the LoRA fields while ``lora_rank`` is unset: they came after
+        models were trained without them, which are still found."""
+        fields = super().key_fields()
+        if self.lora_rank is None:
+            del fields["lora_rank"], fields["lora_alpha"]
+        return fields
 
 
 class ReaderFinetuneConfig(TextFinetuneConfig):

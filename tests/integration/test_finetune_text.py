@@ -1,7 +1,7 @@
-"""Tiny training runs of the reranker and the reader on Ray Train (the session's Ray and broker):
-negatives mined by Riverbed's own search of a real index, models saved where their users load
-them, the reader's abstention threshold calibrated; then `eval retrieval` reranks with the model
-and `eval rag` answers with the reader."""
+"""Tiny training runs of the reranker, the embedder (LoRA) and the reader on Ray Train (the
+session's Ray and broker): negatives mined by Riverbed's own search of a real index, models saved
+where their users load them, the reader's abstention threshold calibrated; then `eval retrieval`
+reranks with the model and `eval rag` answers with the reader."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from actors.reader import make_reader
 from actors.reranker import Reranker
 from cluster.eval.rag import eval_rag
 from cluster.eval.retrieval import eval_retrieval
-from cluster.finetune_text import finetune_reader, finetune_reranker
+from cluster.finetune_text import finetune_embedder, finetune_reader, finetune_reranker
 from schemas.settings import load_settings
 from tests.integration.test_eval import small_dataset
 
@@ -44,6 +44,31 @@ def test_tiny_reranker_learns_its_groups_and_reranks_the_evaluation(settings, ra
     assert report["rerank"]["location"] == str(result.path) and report["rerank"]["candidates"] == 20
     assert 0 < report["modes"]["hybrid"]["recall@20"] <= 1
     assert (tmp_path / "out" / "retrieval-v1cut-all-rerank.json").is_file()
+
+
+def test_tiny_lora_embedder_trains_its_adapters_and_saves_a_plain_model(settings, ray_session, tmp_path):
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from actors.models import resolve_model
+
+    small_dataset(tmp_path / "v1cut", 30)
+    dump = settings.model_dump(mode="json")
+    lora = {**TINY, "lr": 1e-3, "max_tokens": 96, "mine_depth": 5, "lora_rank": 4, "lora_alpha": 8}
+    dump["finetune"] = {"embedder": lora}
+    tiny = load_settings(overrides=dump)
+    result = finetune_embedder(tiny, tmp_path / "v1cut", out=tmp_path / "emb")
+    record = result.record
+    assert record["kind"] == "embedder" and record["finetune"]["lora_rank"] == 4
+    losses = [epoch["loss"] for epoch in record["history"]]
+    assert losses[-1] < losses[0], f"the loss did not fall over 3 epochs: {losses}"
+    # merged: a plain sentence-transformers model (no adapter files), whose vectors moved
+    assert not list((tmp_path / "emb").rglob("adapter_config.json"))
+    texts = ["Who led the Normans?", "The Normans were led by Rollo."]
+    trained = SentenceTransformer(str(tmp_path / "emb"), device="cpu").encode(texts)
+    base_model = resolve_model(tiny.finetune.embedder.base_model).location
+    base = SentenceTransformer(base_model, device="cpu").encode(texts)
+    assert trained.shape == base.shape and not np.allclose(trained, base, atol=1e-4)
 
 
 def test_tiny_reader_is_calibrated_and_answers_rag_with_spans_or_abstains(settings, ray_session, tmp_path):

@@ -128,3 +128,19 @@ def test_training_questions_are_tune_split_only_and_never_a_held_out_question_as
     assert not {" ".join(q2[q]["text"].lower().split()) for q in v2} & held
     # SQuAD v2.0 asks v1.1's questions again under new ids: some tune ids carry a held-out text
     assert len(v2) < len([q for q in gold2 if q in q2 and in_tune_split(q)])
+
+
+def test_the_lora_fields_join_the_embedders_cache_key_only_when_lora_is_on(tmp_path):
+    from actors.models import trained_text_model_dir
+    from schemas.settings import TRAINED_EMBEDDER, EmbedderFinetuneConfig
+
+    full = EmbedderFinetuneConfig()
+    assert "lora_rank" not in full.key_fields() and "workers" not in full.key_fields()
+    lora = EmbedderFinetuneConfig(lora_rank=8)
+    assert lora.key_fields()["lora_rank"] == 8 and lora.key_fields()["lora_alpha"] == 32
+    where = {
+        c: trained_text_model_dir(tmp_path, TRAINED_EMBEDDER, c)
+        for c in (full, lora, EmbedderFinetuneConfig(lora_alpha=64), EmbedderFinetuneConfig(workers=4))
+    }
+    # alpha alone (LoRA off) and resources name the same model as the defaults; LoRA another
+    assert len(set(where.values())) == 2 and where[full] != where[lora]
