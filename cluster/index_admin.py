@@ -53,10 +53,12 @@ def check_reindex_target(settings: Settings, target: str, model: str) -> Setting
 
 
 def served_indexes(settings: Settings) -> dict[str, str]:
-    """The indexes served under this home, each with what names it (``index.name``, an alias)."""
-    return {settings.index.name: "index.name"} | {
-        index: f"alias {alias!r}" for alias, index in list_aliases(settings.state_dir).items()
-    }
+    """The indexes served under this home, each with what names it: every alias's target, and
+    ``index.name`` unless the app serves an alias (``index.alias``; then ``index.name`` is only
+    what commands ingest into by default)."""
+    configured = {} if settings.index.alias else {settings.index.name: "index.name"}
+    aliases = list_aliases(settings.state_dir)
+    return configured | {index: f"alias {alias!r}" for alias, index in aliases.items()}
 
 
 def release_index(settings: Settings, target: str) -> dict[str, Any]:

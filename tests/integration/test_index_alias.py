@@ -61,11 +61,11 @@ def test_reindex_with_a_new_model_then_moving_the_alias_under_load_fails_no_requ
     produce(settings, docs)
     _ingest(settings)  # the first index, with the configured model
 
+    move_alias(settings, "live", old_name)
     # the served index is never a reindex target; the new one is built beside it
     with pytest.raises(ConfigError, match="is served"):
         check_reindex_target(settings, old_name, str(new_model))
     _ingest(check_reindex_target(settings, new_name, str(new_model)))
-    move_alias(settings, "live", old_name)
 
     rows = {r["index"]: r for r in list_indexes(settings)}
     assert rows[old_name]["model"] == MINILM and rows[new_name]["model"] == str(new_model)

@@ -41,3 +41,14 @@ def test_an_app_serving_an_alias_that_points_nowhere_says_how_to_point_it(tmp_pa
         alias_target(settings)
     write_alias(settings.state_dir, "live", "v2")
     assert alias_target(settings) == "v2"
+
+
+def test_served_indexes_are_the_alias_targets_and_the_configured_index_unless_an_alias_is_served(tmp_path):
+    from cluster.index_admin import served_indexes
+
+    plain = load_settings(overrides={"home": str(tmp_path), "index": {"name": "docs"}})
+    assert served_indexes(plain) == {"docs": "index.name"}
+    write_alias(plain.state_dir, "live", "docs-v2")
+    assert served_indexes(plain) == {"docs": "index.name", "docs-v2": "alias 'live'"}
+    aliased = load_settings(overrides={"home": str(tmp_path), "index": {"name": "docs", "alias": "live"}})
+    assert served_indexes(aliased) == {"docs-v2": "alias 'live'"}  # docs is only where ingest writes
