@@ -17,6 +17,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from schemas.errors import ConfigError
 
@@ -32,6 +33,12 @@ def alias_path(state_dir: Path, alias: str) -> Path:
 
 def read_alias(state_dir: Path, alias: str) -> str | None:
     """The index ``alias`` points at, or None when it points nowhere yet."""
+    record = alias_record(state_dir, alias)
+    return None if record is None else str(record["index"])
+
+
+def alias_record(state_dir: Path, alias: str) -> dict[str, Any] | None:
+    """``alias``'s file (``{"alias", "index", "previous", "set_at"}``), or None when there is none."""
     path = alias_path(state_dir, alias)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -42,7 +49,7 @@ def read_alias(state_dir: Path, alias: str) -> str | None:
     index = data.get("index") if isinstance(data, dict) else None
     if not isinstance(index, str) or not index:
         raise ConfigError(f"alias file {path} names no index")
-    return index
+    return dict(data)
 
 
 def write_alias(state_dir: Path, alias: str, index: str) -> str | None:

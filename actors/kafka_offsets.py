@@ -47,8 +47,24 @@ def committed_offsets(servers: str, group: str, timeout_s: float = 15.0) -> dict
 def group_members(servers: str, group: str, timeout_s: float = 15.0) -> list[str]:
     """The client ids of the consumers in ``group`` now (none for an empty or unknown group), each
     with the host it connects from (``client-id@/host``). Retries as :func:`committed_offsets`."""
-    described = _ask_coordinator(servers, group, timeout_s, lambda admin: admin.describe_groups([group]))
-    members = (described.get(group) or {}).get("members") or []
+    from kafka.errors import (
+        CoordinatorLoadInProgressError,
+        CoordinatorNotAvailableError,
+        GroupIdNotFoundError,
+        NotCoordinatorError,
+    )
+
+    def describe(admin: KafkaAdminClient) -> dict[str, Any]:
+        found: dict[str, Any] = admin.describe_groups([group]).get(group) or {}
+        error = str(found.get("error") or "")  # kafka-python reports a group's error, never raises it
+        if not error or GroupIdNotFoundError.__name__ in error:  # a group never joined has no members
+            return found
+        retried = (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
+        if any(kind.__name__ in error for kind in retried):
+            raise CoordinatorNotAvailableError(error)  # unknown until the coordinator answers: retried
+        raise RetryableError(f"members of group {group} on {servers}: {error}")
+
+    members = _ask_coordinator(servers, group, timeout_s, describe).get("members") or []
     return sorted(f"{m.get('client_id', '?')}@{m.get('client_host', '?')}" for m in members)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from typing import Any
 from actors.embedder import cpu_threads
 from actors.models import TRAINING_RECORD, resolve_text_model
 from schemas.settings import FinetuneConfig, GeneratorConfig
+
+log = logging.getLogger(__name__)
 
 WINDOWS_PER_BATCH = 16
 
@@ -200,16 +203,26 @@ class ExtractiveReader:
 
 
 def make_reader(
-    config: GeneratorConfig, finetune: FinetuneConfig, cache_dir: Path
+    config: GeneratorConfig, finetune: FinetuneConfig, cache_dir: Path, passages: int | None = None
 ) -> tuple[ExtractiveReader, float]:
     """The reader ``config.reader_model`` names (Riverbed's own from the cache, or any
     question-answering model) and its abstention threshold: ``config.no_answer_threshold``, else
-    the one it was calibrated with, else 0."""
+    the one it was calibrated with, else 0. ``passages``: how many it will read per question
+    (``serve.rag.k``); a calibrated threshold set reading another number is logged as a warning
+    (the best margin of more passages runs higher)."""
     resolved = resolve_text_model(config.reader_model, finetune.reader, cache_dir)
     threshold = config.no_answer_threshold
     record = Path(resolved.location) / TRAINING_RECORD
     if threshold is None and record.is_file():
-        threshold = json.loads(record.read_text()).get("threshold")
+        trained = json.loads(record.read_text())
+        threshold = trained.get("threshold")
+        calibrated_on = trained.get("finetune", {}).get("calibration_passages", 1)
+        if passages is not None and threshold is not None and passages != calibrated_on:
+            log.warning(
+                "reader %s: its abstention threshold was calibrated reading %d passages a question, "
+                "and serve.rag.k is %d: set serve.rag.k to %d (or serve.llm.no_answer_threshold)",
+                resolved.name, calibrated_on, passages, calibrated_on,
+            )  # fmt: skip
     shape = finetune.reader
     reader = ExtractiveReader(
         resolved.location, shape.max_tokens, shape.stride, shape.max_answer_tokens, config.device

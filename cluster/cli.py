@@ -1313,7 +1313,13 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `eval compare`'s report list from the words right after "compare" only: the
+    # rest of them (after an option such as --out) come back unknown, and are reports too
+    if extra and getattr(args, "what", None) == "compare" and not any(e.startswith("-") for e in extra):
+        args.reports = [*args.reports, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     for name, default in _GLOBAL_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.index_alias import list_aliases, write_alias
+from actors.index_alias import alias_record, list_aliases, write_alias
 from deployments.alias import for_index
 from schemas.errors import ConfigError
 from schemas.settings import Settings
@@ -61,18 +61,42 @@ def served_indexes(settings: Settings) -> dict[str, str]:
     return configured | {index: f"alias {alias!r}" for alias, index in aliases.items()}
 
 
-def release_index(settings: Settings, target: str) -> dict[str, Any]:
+SWITCH_GRACE_S = 60.0
+"""After an alias moves, what each ingress replica may take beyond ``index.alias_check_s`` to
+notice it and warm the new index's retriever up (load its model) before it stops reading the old."""
+
+
+def release_index(settings: Settings, target: str, now: float | None = None) -> dict[str, Any]:
     """Stops the shard actors of index ``target`` and of its images and graph indexes (see the
     module docstring); ``{"index", "stopped": [actor names]}``. ConfigError when ``target`` is
-    served or being ingested."""
+    served, an alias moved away from it less than ``alias_check_s`` + :data:`SWITCH_GRACE_S` ago
+    (replicas may still read it), it is an images or graph index (release the index itself), or
+    it is being ingested."""
+    import time
+
     import ray
 
+    if target.endswith((IMAGES_SUFFIX, GRAPH_SUFFIX)):
+        raise ConfigError(
+            f"index {target!r} is the images or graph index beside another: release that index instead "
+            "(its images and graph go with it)"
+        )
     served = served_indexes(settings)
     if target in served:
         raise ConfigError(
             f"index {target!r} is served ({served[target]} names it): move the alias away first "
             "(`riverbed index alias ALIAS --to NAME`)"
         )
+    grace = settings.index.alias_check_s + SWITCH_GRACE_S
+    now = time.time() if now is None else now
+    for alias in list_aliases(settings.state_dir):
+        record = alias_record(settings.state_dir, alias) or {}
+        left = float(record.get("set_at") or 0) + grace - now
+        if record.get("previous") == target and left > 0:
+            raise ConfigError(
+                f"alias {alias!r} moved from index {target!r} {grace - left:.0f} s ago: serving replicas may "
+                f"still read it; release it in {left:.0f} s"
+            )
     sides = {target, images_index(target), graph_index(target)}
     mine = {  # <index>/<role>/<i> (schemas.topology.actor_name) -> role
         a["name"]: parts[1]

@@ -48,7 +48,9 @@ class Answerer:
         self.threshold = 0.0
         self._generator: LLM | None = None
         if llm.backend == "extractive":
-            self.reader, self.threshold = make_reader(llm, settings.finetune, settings.cache_dir)
+            self.reader, self.threshold = make_reader(
+                llm, settings.finetune, settings.cache_dir, settings.serve.rag.k
+            )
         else:
             self._generator = make_generator(llm, settings.cache_dir)
 

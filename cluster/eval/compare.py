@@ -8,7 +8,8 @@ what they are. Reports are compared only when
 they scored the same questions: the same dataset, corpus, split and number of questions, and the
 same sample and seed where both reports record them; anything else is a ``ConfigError`` naming the
 field that differs. A method named twice (the same mode of two reports of the same model and
-reranking) keeps its first report's scores.
+reranking) is shown once when the scores agree (keyword search of two embedding models), else
+each is labelled with its report's file name too.
 """
 
 from __future__ import annotations
@@ -64,13 +65,18 @@ def methods(reports: Sequence[dict[str, Any]], paths: Sequence[Path]) -> list[tu
                     "compare runs over the same questions"
                 )
     rows: dict[str, dict[str, float]] = {}
-    for report in reports:
+    for report, path in zip(reports, paths, strict=True):
         model = str(report.get("model", ""))
         rerank = " + rerank" if report.get("rerank") else ""
         other_model = f" ({Path(model).name or model})" if model != str(first.get("model", "")) else ""
         for mode, scores in report["modes"].items():
             label = f"{mode}{rerank}{other_model if mode != 'keyword' else ''}"
-            rows.setdefault(label, {c: float(scores[c]) for c in COLUMNS if c in scores})
+            row = {c: float(scores[c]) for c in COLUMNS if c in scores}
+            if label in rows and rows[label] != row:  # e.g. another reranker: told apart by its report
+                label = f"{label} [{path.stem}]"
+            rows.setdefault(label, row)
+    if not rows:
+        raise ConfigError(f"{', '.join(str(p) for p in paths)}: the reports score no mode")
     return list(rows.items())
 
 
@@ -80,7 +86,8 @@ def compare_retrieval(paths: Sequence[Path], out_dir: Path) -> dict[str, Any]:
     reports = read_reports(paths)
     rows = methods(reports, paths)
     first = reports[0]
-    name = report_name("retrieval-compare", Path(first["dataset"]), None, str(first["split"]))
+    corpus = Path(first["corpus"]).parent if first.get("corpus") else None  # the report names the file
+    name = report_name("retrieval-compare", Path(first["dataset"]), corpus, str(first["split"]))
     preamble = (
         f"{first['queries']} {first['split']} questions of {first['dataset']}; "
         f"reports: {', '.join(str(p) for p in paths)}\n"

@@ -45,7 +45,7 @@ def test_methods_are_labelled_by_mode_reranking_and_model(tmp_path):
         tmp_path,
         "tuned",
         model="/cache/models/embedder-squad-f0b0",
-        modes={"vector": {**SCORES, "recall@10": 0.957}, "keyword": {**SCORES, "mrr@10": 0.1}},
+        modes={"vector": {**SCORES, "recall@10": 0.957}, "keyword": dict(SCORES)},
     )
     result = compare_retrieval([base, reranked, tuned], tmp_path / "out")
     assert list(result["methods"]) == [
@@ -57,8 +57,7 @@ def test_methods_are_labelled_by_mode_reranking_and_model(tmp_path):
     ]
     assert result["methods"]["hybrid + rerank"]["mrr@10"] == 0.87
     assert result["methods"]["vector (embedder-squad-f0b0)"]["recall@10"] == 0.957
-    # keyword search embeds nothing: another model's keyword row is the same method, kept once
-    assert result["methods"]["keyword"]["mrr@10"] == SCORES["mrr@10"]
+    # keyword search embeds nothing: another model's keyword row, scoring the same, is shown once
     md = Path(result["markdown"]).read_text()
     assert Path(result["markdown"]).name == "retrieval-compare-squad-v1.1-dev-heldout.md"
     assert "| hybrid + rerank | 0.600 | 0.800 | 0.900 | 0.870 | 0.750 |" in md
@@ -97,10 +96,35 @@ def test_missing_and_foreign_files_are_named(tmp_path):
         compare_retrieval([], tmp_path)
 
 
+def test_two_rerankers_are_told_apart_and_a_cross_lingual_run_is_named_by_its_corpus(tmp_path):
+    base = _report(tmp_path, "base", rerank={"model": "a"})
+    other = _report(
+        tmp_path, "other-reranker", rerank={"model": "b"}, modes={"hybrid": {**SCORES, "mrr@10": 0.5}}
+    )
+    result = compare_retrieval([base, other], tmp_path / "out")
+    assert result["methods"]["hybrid + rerank [other-reranker]"]["mrr@10"] == 0.5
+    assert result["methods"]["hybrid + rerank"]["mrr@10"] == 0.85
+    crossed = _report(tmp_path, "de", dataset="data/xquad/de", corpus="data/xquad/en/corpus.jsonl")
+    result = compare_retrieval([crossed], tmp_path / "out")
+    assert Path(result["plot"]).name == "retrieval-compare-xquad-de-on-xquad-en-heldout.png"
+    empty = _report(tmp_path, "empty", modes={})
+    with pytest.raises(ConfigError, match="score no mode"):
+        compare_retrieval([empty], tmp_path / "out")
+
+
 def test_the_cli_compares_and_refuses_what_does_not_fit(tmp_path, capsys):
     base = _report(tmp_path, "base")
-    assert main(["eval", "compare", str(base), "--out", str(tmp_path / "out"), "--home", str(tmp_path)]) == 0
-    assert "hybrid" in capsys.readouterr().out
+    other = _report(tmp_path, "other", rerank={"model": "r"})
+    # reports before, after and around the options
+    for argv in (
+        ["eval", "compare", str(base), str(other), "--out", str(tmp_path / "out")],
+        ["eval", "compare", "--out", str(tmp_path / "out"), str(base), str(other)],
+        ["eval", "compare", str(base), "--out", str(tmp_path / "out"), str(other)],
+    ):
+        assert main([*argv, "--home", str(tmp_path)]) == 0
+        assert "hybrid + rerank" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "retrieval", "--dataset", "d", "--bogus", "--home", str(tmp_path)])
     assert main(["eval", "retrieval", "--home", str(tmp_path)]) != 0
     assert "needs --dataset" in capsys.readouterr().err
     assert main(["eval", "retrieval", str(base), "--dataset", "d", "--home", str(tmp_path)]) != 0

@@ -52,3 +52,25 @@ def test_served_indexes_are_the_alias_targets_and_the_configured_index_unless_an
     assert served_indexes(plain) == {"docs": "index.name", "docs-v2": "alias 'live'"}
     aliased = load_settings(overrides={"home": str(tmp_path), "index": {"name": "docs", "alias": "live"}})
     assert served_indexes(aliased) == {"docs-v2": "alias 'live'"}  # docs is only where ingest writes
+
+
+def test_release_refuses_served_side_and_just_abandoned_indexes_by_name(tmp_path):
+    import time
+
+    from cluster.index_admin import SWITCH_GRACE_S, release_index
+
+    settings = load_settings(
+        overrides={"home": str(tmp_path), "index": {"name": "docs", "alias": "live", "alias_check_s": 5}}
+    )
+    write_alias(settings.state_dir, "live", "docs")
+    with pytest.raises(ConfigError, match="'docs' is served \\(alias 'live' names it\\)"):
+        release_index(settings, "docs")
+    with pytest.raises(ConfigError, match="images or graph index beside another"):
+        release_index(settings, "docs-images")
+    write_alias(settings.state_dir, "live", "docs-v2")
+    with pytest.raises(ConfigError, match=r"moved from index 'docs' 0 s ago.*release it in 65 s"):
+        release_index(settings, "docs")
+    later = time.time() + 5 + SWITCH_GRACE_S + 1
+    with pytest.raises(ConfigError, match=r"moved from index 'docs' 60 s ago.*release it in 5 s"):
+        release_index(settings, "docs", now=later - 6)
+    # past the grace it stops the shards (tests/integration/test_index_alias.py: needs Ray)

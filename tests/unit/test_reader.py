@@ -69,10 +69,14 @@ def test_reading_gives_a_span_of_one_passage_with_its_own_offsets(qa_model):
     assert reader.read("anything", []) is NOTHING
 
 
-def test_make_reader_takes_the_calibrated_threshold_unless_one_is_set(qa_model, tmp_path):
+def test_make_reader_takes_the_calibrated_threshold_unless_one_is_set(qa_model, tmp_path, caplog):
     finetune = FinetuneConfig()
     config = GeneratorConfig(backend="extractive", reader_model=str(qa_model))
     assert make_reader(config, finetune, tmp_path)[1] == 1.25
+    # its record names no calibration_passages: calibrated reading one passage; serving 3 is worth a word
+    assert make_reader(config, finetune, tmp_path, passages=1)[1] == 1.25 and "calibrated" not in caplog.text
+    make_reader(config, finetune, tmp_path, passages=3)
+    assert "calibrated reading 1 passages a question, and serve.rag.k is 3" in caplog.text
     assert make_reader(config.model_copy(update={"no_answer_threshold": -2.0}), finetune, tmp_path)[1] == -2.0
     with pytest.raises(ConfigError, match="riverbed finetune reader"):
         make_reader(GeneratorConfig(backend="extractive", reader_model=TRAINED_READER), finetune, tmp_path)

@@ -132,7 +132,12 @@ def test_training_questions_are_tune_split_only_and_never_a_held_out_question_as
 
 def test_the_lora_fields_join_the_embedders_cache_key_only_when_lora_is_on(tmp_path):
     from actors.models import trained_text_model_dir
-    from schemas.settings import TRAINED_EMBEDDER, EmbedderFinetuneConfig
+    from schemas.settings import (
+        TRAINED_EMBEDDER,
+        TRAINED_RERANKER,
+        EmbedderFinetuneConfig,
+        RerankerFinetuneConfig,
+    )
 
     full = EmbedderFinetuneConfig()
     assert "lora_rank" not in full.key_fields() and "workers" not in full.key_fields()
@@ -144,3 +149,8 @@ def test_the_lora_fields_join_the_embedders_cache_key_only_when_lora_is_on(tmp_p
     }
     # alpha alone (LoRA off) and resources name the same model as the defaults; LoRA another
     assert len(set(where.values())) == 2 and where[full] != where[lora]
+    # the defaults' keys, as the models trained before the LoRA fields were cached: a change here
+    # loses every trained model, so it must be a deliberate one (a recipe bump)
+    assert where[full].name == "embedder-squad-f0b0220c3bb79023"
+    reranker = trained_text_model_dir(tmp_path, TRAINED_RERANKER, RerankerFinetuneConfig())
+    assert reranker.name == "reranker-squad-95b7f5ac9b60cf47"
