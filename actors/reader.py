@@ -76,39 +76,62 @@ def best_span(
     return best
 
 
+def abstention_outcome(scored: Sequence[tuple[float, float | None]], threshold: float) -> dict[str, float]:
+    """What a threshold does on ``scored`` questions (each ``(margin, f1)``, ``f1`` None for an
+    unanswerable one; the reader answers when the margin is above the threshold):
+    ``{"threshold", "v2_f1", "abstention_precision", "abstention_recall", "answered",
+    "answerable_f1"}``; ``v2_f1`` is SQuAD v2's F1 (an abstention on an unanswerable question
+    scores 1), ``answered`` and ``answerable_f1`` are over the answerable questions."""
+    total, abstained, right, answered, answerable_f1 = 0.0, 0, 0, 0, 0.0
+    impossible = sum(1 for _, f1 in scored if f1 is None)
+    for margin, f1 in scored:
+        if margin > threshold:
+            total += f1 or 0.0
+            answered += f1 is not None
+            answerable_f1 += f1 or 0.0
+        else:
+            abstained += 1
+            right += f1 is None
+            total += 1.0 if f1 is None else 0.0
+    possible = max(1, len(scored) - impossible)
+    return {
+        "threshold": round(threshold, 4) if math.isfinite(threshold) else -1e9,
+        "v2_f1": round(total / max(1, len(scored)), 4),
+        "abstention_precision": round(right / abstained, 4) if abstained else 0.0,
+        "abstention_recall": round(right / impossible, 4) if impossible else 0.0,
+        "answered": round(answered / possible, 4),
+        "answerable_f1": round(answerable_f1 / possible, 4),
+    }
+
+
 def calibrate_threshold(scored: Sequence[tuple[float, float | None]]) -> dict[str, Any]:
-    """The abstention threshold that scores best on ``scored`` questions: each ``(margin, f1)``,
-    ``f1`` the answer's token F1 when the question is answerable, None when it is not. Answering
-    (margin above the threshold) scores the F1, abstaining scores 1 on an unanswerable question and
-    0 on an answerable one (SQuAD v2's F1). Returns ``{"threshold", "calibration_f1",
-    "calibration_abstention_precision", "calibration_abstention_recall"}``."""
+    """The abstention threshold that scores best on ``scored`` questions by SQuAD v2's F1 (see
+    :func:`abstention_outcome`). Returns ``{"threshold", "calibration_f1",
+    "calibration_abstention_precision", "calibration_abstention_recall", "calibration_curve"}``;
+    the curve is :func:`abstention_outcome` at every tenth percentile of the margins and at the
+    threshold chosen, so a user can pick another trade-off (``serve.llm.no_answer_threshold``)."""
     if not scored:
         raise ValueError("no scored questions to calibrate on")
     margins = sorted({m for m, _ in scored if math.isfinite(m)})
     midpoints = [(a + b) / 2 for a, b in itertools.pairwise(margins)]
     candidates = [-math.inf, *midpoints, *([margins[-1] + 1] if margins else [])]
-
-    def outcome(threshold: float) -> tuple[float, float, float]:
-        total, abstained, right = 0.0, 0, 0
-        impossible = sum(1 for _, f1 in scored if f1 is None)
-        for margin, f1 in scored:
-            if margin > threshold:
-                total += f1 or 0.0
-            else:
-                abstained += 1
-                right += f1 is None
-                total += 1.0 if f1 is None else 0.0
-        precision = right / abstained if abstained else 0.0
-        recall = right / impossible if impossible else 0.0
-        return total / len(scored), precision, recall
-
-    best = max(candidates, key=lambda t: (outcome(t)[0], -abs(t) if math.isfinite(t) else -math.inf))
-    f1, precision, recall = outcome(best)
+    best = max(
+        candidates,
+        key=lambda t: (abstention_outcome(scored, t)["v2_f1"], -abs(t) if math.isfinite(t) else -math.inf),
+    )
+    chosen = abstention_outcome(scored, best)
+    deciles = (
+        [margins[min(len(margins) - 1, len(margins) * i // 10)] for i in range(1, 10)] if margins else []
+    )
+    curve = sorted(
+        {t: abstention_outcome(scored, t) for t in [*deciles, best]}.values(), key=lambda r: r["threshold"]
+    )
     return {
         "threshold": best if math.isfinite(best) else -1e9,
-        "calibration_f1": round(f1, 4),
-        "calibration_abstention_precision": round(precision, 4),
-        "calibration_abstention_recall": round(recall, 4),
+        "calibration_f1": chosen["v2_f1"],
+        "calibration_abstention_precision": chosen["abstention_precision"],
+        "calibration_abstention_recall": chosen["abstention_recall"],
+        "calibration_curve": curve,
     }
 
 

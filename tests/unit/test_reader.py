@@ -36,6 +36,15 @@ def test_calibration_picks_the_threshold_that_scores_best():
     assert result["calibration_f1"] == pytest.approx((1 + 0.5 + 1 + 1 + 1 + 0) / 6, abs=1e-4)
     assert result["calibration_abstention_precision"] == pytest.approx(3 / 4)
     assert result["calibration_abstention_recall"] == 1.0
+    # the curve: each tenth percentile of the margins and the chosen threshold, in order
+    curve = result["calibration_curve"]
+    assert [row["threshold"] for row in curve] == sorted(row["threshold"] for row in curve)
+    chosen = next(row for row in curve if row["threshold"] == round(t, 4))
+    assert chosen["answered"] == pytest.approx(2 / 3, abs=1e-4)
+    assert chosen["answerable_f1"] == pytest.approx(0.5)
+    lowest = curve[0]  # at the lowest margin, only that question (answerable, margin -1) abstains
+    assert lowest["threshold"] == -1.0 and lowest["abstention_precision"] == 0.0
+    assert lowest["answered"] == pytest.approx(2 / 3, abs=1e-4) and lowest["abstention_recall"] == 0.0
     everything = calibrate_threshold([(1.0, 1.0), (2.0, 0.8)])
     assert everything["threshold"] < 1.0  # nothing unanswerable: answer all
     with pytest.raises(ValueError):
