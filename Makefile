@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PACKAGES := schemas actors deployments cluster
 
-.PHONY: setup demo test lint typecheck unit integration gpu k8s-tools k8s-check lock clean
+.PHONY: setup demo test lint typecheck unit integration gpu k8s-tools k8s-check lock lock-gpu clean
 
+# GPU=1: the venv of requirements/lock-gpu.txt (FAISS for CUDA 13 instead of faiss-cpu).
 setup:
-	@bash scripts/setup.sh
+	@$(if $(GPU),RIVERBED_GPU=$(GPU) ,)bash scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/riverbed demo $(if $(SERVE),--serve,)
@@ -44,11 +45,26 @@ test: lint typecheck
 	bash scripts/k8s-tools.sh build server || echo "k8s-tools: the API server was not built (see above); the k8s tier skips"
 	$(PY) -m pytest tests -q --durations=25
 
-# Re-pin requirements/lock.txt from requirements/base.in (then `make setup` builds a new venv).
+# Re-pin requirements/lock.txt from requirements/base.in (then `make setup` builds a new venv), and
+# requirements/lock-gpu.txt beside it: base.in with faiss-gpu-cuvs (CUDA 13, as the lock's torch) in
+# place of faiss-cpu, held to lock.txt's pins so both environments run the same versions; the override
+# drops the faiss-cpu other packages ask for (txtai, the bench peer), whose `faiss` module it provides
+# (`make lock-gpu` alone re-derives it from the current lock.txt).
+UV = $${RIVERBED_CACHE:-$$HOME/.cache/riverbed}/bootstrap/uv-*/bin/uv
+UV_COMPILE = --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes
 lock:
 	@bash scripts/setup.sh >/dev/null 2>&1 || true
-	$${RIVERBED_CACHE:-$$HOME/.cache/riverbed}/bootstrap/uv-*/bin/uv pip compile requirements/base.in \
-	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes -o requirements/lock.txt
+	$(UV) pip compile requirements/base.in $(UV_COMPILE) -o requirements/lock.txt
+	@$(MAKE) --no-print-directory lock-gpu
+
+lock-gpu:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT \
+	  && grep -q '^faiss-cpu$$' requirements/base.in \
+	  && sed 's/^faiss-cpu$$/faiss-gpu-cuvs/' requirements/base.in > "$$tmp/gpu.in" \
+	  && grep -oE '^[A-Za-z0-9._-]+==[^ ]+' requirements/lock.txt > "$$tmp/pins.txt" \
+	  && echo "faiss-cpu; python_version < '0'" > "$$tmp/no-faiss-cpu.txt" \
+	  && (cd "$$tmp" && $(UV) pip compile gpu.in -c pins.txt --override no-faiss-cpu.txt $(UV_COMPILE) --no-header --quiet \
+	      -o "$(CURDIR)/requirements/lock-gpu.txt")
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -54,8 +54,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ModuleNotFoundError as exc:  # FAISS is an extra: riverbed[cpu] or riverbed[gpu]
+    raise ModuleNotFoundError(
+        "index.backend 'faiss' needs FAISS, which is not installed here: pip install 'riverbed[cpu]' "
+        "(faiss-cpu), or 'riverbed[gpu]' (faiss-gpu-cuvs, CUDA 13) where faiss-cpu is not installed; "
+        "or set index.backend to milvus",
+        name="faiss",
+    ) from exc
 
 from actors.shard_store import ShardStore
 from actors.store_write import StoreChanges

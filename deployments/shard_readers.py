@@ -29,16 +29,18 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from actors.faiss_index import FaissIndex
 from actors.vector_index import ChunkRecord, Hit
 from deployments.searcher import first_found
 from schemas.errors import IndexUnavailableError
 from schemas.filters import MetadataFilter
 from schemas.settings import FaissConfig
+
+if TYPE_CHECKING:  # imported where a reader opens: a Milvus-only install has no FAISS
+    from actors.faiss_index import FaissIndex
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,8 @@ class ReaderShards:
         path = Path(source["path"])
         if source.get("node") != self.node or not path.is_dir():
             return None
+        from actors.faiss_index import FaissIndex
+
         try:
             reader = FaissIndex.reader(path, self.config)
         except Exception as exc:

@@ -4,6 +4,8 @@
 #   1. ${RIVERBED_CACHE:-~/.cache/riverbed}/venvs/<key>: every third-party package, pinned by
 #      requirements/lock.txt (+ requirements/nodeps.txt). <key> is a hash of those files and the
 #      Python version, so a changed lock builds a new venv and an unchanged one is reused as is.
+#      RIVERBED_GPU=1 (`make setup GPU=1`) takes requirements/lock-gpu.txt instead: the same pins
+#      with FAISS for CUDA 13 (faiss-gpu-cuvs) in place of faiss-cpu, which cannot share a venv with it.
 #   2. ./.venv: a thin per-clone venv that sees the cached packages through a .pth file and holds
 #      only Riverbed itself (editable), so two clones never fight and .venv/bin/riverbed works.
 #
@@ -22,8 +24,15 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found. Riverbed needs P
 pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$pyver" = "3.11" ] || die "$PYTHON is Python $pyver; the lock file is built for 3.11 (set PYTHON=/path/to/python3.11)."
 
+LOCK=requirements/lock.txt
+case "${RIVERBED_GPU:-0}" in
+  1|true|yes) LOCK=requirements/lock-gpu.txt ;;
+  0|false|no|"") ;;
+  *) die "RIVERBED_GPU=$RIVERBED_GPU: use 1 (FAISS for CUDA 13, requirements/lock-gpu.txt) or 0 (faiss-cpu)." ;;
+esac
+
 mkdir -p "$CACHE"
-key=$( (cat requirements/lock.txt requirements/nodeps.txt; echo "py$pyver uv$UV_VERSION") | sha256sum | cut -c1-16)
+key=$( (cat "$LOCK" requirements/nodeps.txt; echo "py$pyver uv$UV_VERSION") | sha256sum | cut -c1-16)
 venv="$CACHE/venvs/$key"
 uv_home="$CACHE/bootstrap/uv-$UV_VERSION"
 uv="$uv_home/bin/uv"
@@ -41,10 +50,10 @@ exec 9>"$CACHE/.setup.lock"
 flock 9
 
 if [ ! -f "$venv/.complete" ]; then
-  echo "setup: building the package venv $venv (first time for this lock: several minutes)" >&2
+  echo "setup: building the package venv $venv from $LOCK (first time for this lock: several minutes)" >&2
   rm -rf "$venv"
   "$uv" venv --quiet --python "$PYTHON" "$venv"
-  "$uv" pip sync --quiet --python "$venv/bin/python" requirements/lock.txt
+  "$uv" pip sync --quiet --python "$venv/bin/python" "$LOCK"
   "$uv" pip install --quiet --python "$venv/bin/python" --no-deps -r requirements/nodeps.txt
   date -u +%FT%TZ > "$venv/.complete"
 fi

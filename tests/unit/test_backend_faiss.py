@@ -5,6 +5,9 @@ specifics beyond the contract: test_faiss_index.py and test_shard_store.py."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import ClassVar
 
@@ -73,3 +76,28 @@ def test_a_store_from_before_the_keyword_index_is_indexed_on_open(tmp_path: Path
 
 def test_fts_terms_are_distinct_lowercased_words() -> None:
     assert fts_terms('Who "won" Super_Bowl 50? who WON') == ["who", "won", "super_bowl", "50"]
+
+
+def test_without_faiss_the_faiss_backend_says_what_to_install_and_milvus_serving_still_imports() -> None:
+    """FAISS is an extra (``riverbed[cpu]`` or ``riverbed[gpu]``): an install without it fails where
+    the faiss backend is used, naming both extras, and a retriever (Milvus-only install) still imports.
+    A fresh interpreter, with ``faiss`` made unimportable."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        sys.modules["faiss"] = None  # import faiss now raises ModuleNotFoundError
+        import deployments.retriever  # the serving path of a Milvus-only install
+        try:
+            import actors.faiss_index
+        except ModuleNotFoundError as exc:
+            print(exc.name, "|", exc)
+        """
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, message = done.stdout.strip().split(" | ", 1)
+    assert name == "faiss"
+    assert "riverbed[cpu]" in message and "riverbed[gpu]" in message and "milvus" in message

@@ -50,7 +50,10 @@ def test_the_base_is_python_3_11_pinned_to_a_patch_release():
 
 def test_the_lock_is_installed_with_its_hashes_and_riverbed_without_resolving_anything():
     runs = " && ".join(args_of("RUN"))
-    assert "pip install --require-hashes --no-deps -r requirements/lock.txt" in runs
+    assert 'pip install --require-hashes --no-deps -r "$LOCK"' in runs
+    # lock.txt by default; the build argument takes the GPU lock (FAISS for CUDA 13), nothing else
+    assert "LOCK=requirements/lock.txt" in args_of("ARG")
+    assert (REPO / "requirements" / "lock-gpu.txt").is_file()
     assert "pip install --no-deps -r requirements/nodeps.txt" in runs
     assert "pip install --no-deps --no-build-isolation -e ." in runs
 

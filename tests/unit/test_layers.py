@@ -7,7 +7,8 @@
 - Shared names are defined once, in their home module (``schemas/topology.py``, ``schemas/ids.py``,
   ``schemas/metadata.py``, ``schemas/errors.py``), and imported everywhere else.
 - ``pyproject.toml`` declares every package the layers import (in ``dependencies``, or in an
-  extra for optional commands), and ``requirements/lock.txt`` pins each of them.
+  extra for optional commands), and ``requirements/lock.txt`` pins each of them; the ``gpu``
+  extra's FAISS is pinned in ``requirements/lock-gpu.txt`` instead, whose other pins are lock.txt's.
 - No source file cites documents a clone does not have (the old design and style notes); the
   contracts live in the code's docstrings and in ``docs/contracts.md``.
 """
@@ -30,8 +31,8 @@ RANK = {layer: rank for rank, layer in enumerate(LAYERS)}
 FIRST_PARTY = (*LAYERS, "tests", "scripts")
 """Top-level names that are ours: an import of one not in ``LAYERS`` is always wrong in a layer."""
 
-UNLOCKED_EXTRAS = {"gpu"}
-"""Extras installed only on machines that need them, and so not pinned in requirements/lock.txt."""
+GPU_EXTRA_SWAPS = {"faiss-cpu": "faiss-gpu-cuvs"}
+"""What requirements/lock-gpu.txt (the ``gpu`` extra's environment) pins in place of lock.txt's."""
 
 # Built by concatenation so that this file does not cite them itself.
 UNSHIPPED_DOCS = ("DESIGN" + ".md", "STYLE" + ".md")
@@ -250,17 +251,37 @@ def test_pyproject_declares_every_imported_package() -> None:
     assert not missing, "declare in pyproject.toml [project] dependencies or an extra:\n" + "\n".join(missing)
 
 
+def _pins(lock_file: str) -> dict[str, str]:
+    """``{distribution: version}`` of a lock file under requirements/."""
+    lock = (REPO / "requirements" / lock_file).read_text(encoding="utf-8")
+    return {
+        _distribution(name): version
+        for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock, flags=re.M)
+    }
+
+
 def test_every_declared_package_is_pinned_in_the_lock() -> None:
-    lock = (REPO / "requirements" / "lock.txt").read_text(encoding="utf-8")
-    pinned = {_distribution(m) for m in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", lock, flags=re.M)}
+    pinned, pinned_gpu = set(_pins("lock.txt")), set(_pins("lock-gpu.txt"))
     declared = declared_distributions()
     unpinned = sorted(
         (extra or "dependencies", name)
         for extra, names in declared.items()
-        if extra not in UNLOCKED_EXTRAS
-        for name in names - pinned
+        for name in names - (pinned_gpu if extra == "gpu" else pinned)
     )
-    assert not unpinned, f"declared in pyproject.toml but not pinned in requirements/lock.txt: {unpinned}"
+    assert not unpinned, f"declared in pyproject.toml but not pinned in its lock file: {unpinned}"
+
+
+def test_the_gpu_lock_is_the_lock_with_faiss_for_cuda() -> None:
+    """lock-gpu.txt (``make lock-gpu``) runs the versions lock.txt runs, FAISS swapped: the two
+    FAISS wheels install the same package, so the CPU one must be absent, not merely shadowed."""
+    cpu, gpu = _pins("lock.txt"), _pins("lock-gpu.txt")
+    differing = sorted(name for name in cpu.keys() & gpu.keys() if cpu[name] != gpu[name])
+    assert not differing, f"lock-gpu.txt pins other versions than lock.txt: {differing}"
+    assert not cpu.keys() - gpu.keys() - GPU_EXTRA_SWAPS.keys(), "lock-gpu.txt misses lock.txt's packages"
+    assert not GPU_EXTRA_SWAPS.keys() & gpu.keys(), "lock-gpu.txt must not pin faiss-cpu"
+    assert set(GPU_EXTRA_SWAPS.values()) <= gpu.keys()
+    assert declared_distributions()["gpu"] == set(GPU_EXTRA_SWAPS.values())
+    assert declared_distributions()["cpu"] == set(GPU_EXTRA_SWAPS)
 
 
 def test_no_source_cites_documents_a_clone_does_not_have() -> None:
