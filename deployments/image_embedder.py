@@ -36,6 +36,7 @@ from ray import serve
 from actors.image_decode import ImageLimits, InvalidImageError, decode, image_bytes
 from actors.image_model import ImageTextModel
 from deployments.http_errors import ModelUnavailableError
+from deployments.stage_batching import Batcher
 from schemas.errors import ConfigError, InvalidRequestError
 from schemas.settings import ImagesConfig, Settings
 
@@ -160,17 +161,20 @@ class ImageEmbedder:
         serve_config = settings.serve
         images = settings.images.model_copy(update={"num_cpus": float(serve_config.embedder_threads)})
         self.queries = ImageQueryModel(images, settings.embed.model, settings.cache_dir)
-        batcher: Any = self.embed_text  # serve.batch's wrapper carries the setters
-        batcher.set_max_batch_size(serve_config.search.embed_batch_size)
-        batcher.set_batch_wait_timeout_s(serve_config.search.embed_batch_wait_s)
+        search = serve_config.search  # concurrent text queries share one forward pass
+        self._texts: Batcher[str, np.ndarray] = Batcher(
+            self._embed_texts, search.embed_batch_size, search.embed_batch_wait_s
+        )
 
     async def describe(self) -> dict[str, Any]:
         """See :meth:`ImageQueryModel.describe` (the first call loads the model, off the loop)."""
         return await asyncio.to_thread(self.queries.describe)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
-        """One vector per text in the model's text space; callers pass ONE text each."""
+    async def embed_text(self, text: str) -> np.ndarray:
+        """The text's vector in the model's text space (concurrent calls share one forward pass)."""
+        return await self._texts(text)
+
+    async def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
         vectors = await asyncio.to_thread(self.queries.embed_texts, texts)
         return list(vectors)
 

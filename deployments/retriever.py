@@ -47,11 +47,12 @@ from deployments.http_errors import cause
 from deployments.modal_searcher import ModalSearcher
 from deployments.searcher import Searcher, Shards, first_found
 from deployments.shard_readers import ReaderShards
+from deployments.stage_batching import Batcher
 from schemas.api import Modality
 from schemas.errors import IndexUnavailableError, NotFoundError, RetryableError
 from schemas.filters import MetadataFilter
 from schemas.ids import shard_of
-from schemas.settings import EmbedConfig, Settings
+from schemas.settings import EmbedConfig, SearchConfig, Settings
 from schemas.topology import actor_name
 
 log = logging.getLogger(__name__)
@@ -297,10 +298,7 @@ class Retriever:
         if embed is not None:
             self.embedder = Embedder(embed)
             self.embedder.warm_up()
-        for method in (self._batched, self._embed_batched):
-            batcher: Any = method  # serve.batch's wrapper carries the setters
-            batcher.set_max_batch_size(settings.serve.search.embed_batch_size)
-            batcher.set_batch_wait_timeout_s(settings.serve.search.embed_batch_wait_s)
+        self._batchers(settings.serve.search)
         self.shards = RayShards(settings)
         self.image_shards = RayShards(settings.image_side())
         # An app served without its graph answers graph routes 404 and graph mode 400 (it is not
@@ -338,7 +336,9 @@ class Retriever:
         and those with the same ``k``, filter, mode and side one search of each shard. Raises
         :class:`IndexUnavailableError` (naming the shard) when a shard cannot answer,
         :class:`InvalidRequestError` for a bad filter or mode."""
-        result = await self._batched((query, vector, k, filter, mode, side))
+        if vector is None and mode != "keyword" and side == "text":
+            vector = await self._embedding(query)
+        result = await self._searching((query, vector, k, filter, mode, side))
         if isinstance(result, Exception):
             raise result
         return result
@@ -347,13 +347,23 @@ class Retriever:
         """The vector a text search embeds ``text`` with (``(dim,)`` float32, unit norm): what a
         search of the images or of both modalities sends with the query. Concurrent calls share
         one forward pass."""
-        if self.embedder is None:
-            raise RuntimeError("this retriever was built without an embedder: searches bring their vectors")
-        return await self._embed_batched(text)
+        return await self._embedding(text)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _embed_batched(self, texts: list[str]) -> list[np.ndarray]:
-        vectors = await asyncio.to_thread(self.embedder.embed, texts)  # type: ignore[union-attr]
+    def _batchers(self, config: SearchConfig) -> None:
+        """The two stages a search goes through, each batched continuously
+        (:mod:`deployments.stage_batching`): the query model's forward pass, then the shards' search.
+        They run side by side: one batch embeds while the one before it searches."""
+        self._embedding: Batcher[str, np.ndarray] = Batcher(
+            self._embed_texts, config.embed_batch_size, config.embed_batch_wait_s
+        )
+        self._searching: Batcher[_Request, list[Ranked] | Exception] = Batcher(
+            self._search_batch, config.embed_batch_size
+        )
+
+    async def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        if self.embedder is None:  # a bug in whoever built this replica: a 500
+            raise RuntimeError("this retriever was built without an embedder: searches bring their vectors")
+        vectors = await asyncio.to_thread(self.embedder.embed, texts)
         return list(vectors)
 
     def describe(self) -> dict[str, Any]:
@@ -375,32 +385,12 @@ class Retriever:
         """The top ``k`` over passages and images together: see :meth:`ModalSearcher.search`."""
         return await self.modal.search(query, vectors, k, filter, mode, modalities, same_space)
 
-    # Two batches at once: one embedding while the other searches.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
-    async def _batched(self, requests: list[_Request]) -> list[list[Ranked] | Exception]:
+    async def _search_batch(self, requests: list[_Request]) -> list[list[Ranked] | Exception]:
+        """The search stage: the requests with the same ``k``, filter, mode and side in one search
+        of each shard; a group's error (a bad filter, a shard down) is its requests' alone."""
         out: list[list[Ranked] | Exception] = [[] for _ in requests]
-        requests = list(requests)
-        unembedded = [
-            i for i, (_, vector, _, _, mode, side) in enumerate(requests)
-            if vector is None and mode != "keyword" and side == "text"
-        ]  # fmt: skip
-        if unembedded and self.embedder is None:  # a bug in whoever built this replica: a 500
-            for i in unembedded:
-                out[i] = RuntimeError("this retriever was built without an embedder: send the query's vector")
-        elif unembedded:
-            try:
-                texts = [requests[i][0] for i in unembedded]
-                vectors = await asyncio.to_thread(self.embedder.embed, texts)  # type: ignore[union-attr]
-            except Exception as exc:  # their error alone: keyword queries and given vectors go on
-                for i in unembedded:
-                    out[i] = exc
-            else:
-                for i, vector in zip(unembedded, vectors, strict=True):
-                    requests[i] = (requests[i][0], vector, *requests[i][2:])
         groups: dict[tuple[int, str, str, str], list[int]] = {}
         for i, (_, _, k, filter, mode, side) in enumerate(requests):
-            if isinstance(out[i], Exception):
-                continue
             key = (k, filter.model_dump_json() if filter is not None else "", mode, side)
             groups.setdefault(key, []).append(i)
 

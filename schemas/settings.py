@@ -638,9 +638,13 @@ class SearchConfig(_Section):
     title_weight: Annotated[float, Field(ge=0)] = Field(
         0.5, description="keyword: BM25 weight of the title column (the text's is 1)"
     )
-    embed_batch_size: PositiveInt = Field(32, description="queries per batched forward pass")
+    embed_batch_size: PositiveInt = Field(
+        32, description="queries per batched forward pass (and per batched search of the shards)"
+    )
     embed_batch_wait_s: Annotated[float, Field(ge=0)] = Field(
-        0.002, description="how long a query waits for others to share its batch"
+        0.0,
+        description="how long a query that finds the query model idle waits for others to share its "
+        "forward pass (0: it starts at once; queries arriving while a pass runs share the next one)",
     )
     readers: bool = Field(
         True,

@@ -180,9 +180,9 @@ def test_one_modality_is_that_indexes_search_tagged_with_it(retriever):
 
 
 def test_batched_queries_go_to_the_side_each_names_and_errors_stay_with_their_group(retriever):
-    """The Retriever's Serve-batched search (its undecorated body): a batch mixing text and image
-    queries answers each from its own index; a bad filter fails only the queries that sent it."""
-    batched = Retriever.func_or_class._batched.__wrapped__
+    """The Retriever's search stage, one batch: mixing text and image queries answers each from its
+    own index; a bad filter fails only the queries that sent it."""
+    batched = Retriever.func_or_class._search_batch
     bad = MetadataFilter.parse({"nope": "x"})
     requests = [
         ("red", QUERY, 2, None, "vector", "image"),
@@ -210,27 +210,56 @@ class CountingEmbedder:
         return np.stack([QUERY for _ in texts])
 
 
-def test_text_queries_without_a_vector_are_embedded_together_in_one_forward_pass(retriever, monkeypatch):
-    batched = Retriever.func_or_class._batched.__wrapped__
-    given = asyncio.run(batched(retriever, [("red", QUERY, 2, None, "vector", "text")]))[0]
+class BatchedRetriever(LocalRetriever):
+    """LocalRetriever with the Retriever's own ``search`` and ``embed``: both batching stages."""
+
+    search = Retriever.func_or_class.search
+    embed = Retriever.func_or_class.embed
+
+    def __init__(self, local: LocalRetriever, embedder: CountingEmbedder) -> None:
+        self.__dict__.update(local.__dict__)
+        self.embedder = embedder
+        self._batchers(SearchConfig())
+
+
+def test_concurrent_text_queries_without_a_vector_share_one_forward_pass(retriever):
     embedder = CountingEmbedder()
-    monkeypatch.setattr(retriever, "embedder", embedder, raising=False)
-    requests = [
-        ("red", None, 2, None, "vector", "text"),
-        ("blue", None, 2, None, "hybrid", "text"),
-        ("red", None, 2, None, "keyword", "text"),  # needs no vector
-        ("red", QUERY, 2, None, "vector", "image"),  # brought its own
-    ]
-    vector, hybrid, keyword, image = asyncio.run(batched(retriever, requests))
-    assert embedder.passes == [["red", "blue"]]
+    batched = BatchedRetriever(retriever, embedder)
+    given = asyncio.run(batched.search("red", QUERY, 2, None, "vector", "text"))
+    assert embedder.passes == []  # it brought its vector
+
+    async def together() -> list:
+        return await asyncio.gather(
+            batched.search("red", None, 2, None, "vector", "text"),
+            batched.search("blue", None, 2, None, "hybrid", "text"),
+            batched.search("red", None, 2, None, "keyword", "text"),  # needs no vector
+            batched.search("red", QUERY, 2, None, "vector", "image"),  # brought its own
+            batched.embed("green"),  # what an image-side search is sent with
+        )
+
+    vector, hybrid, keyword, image, green = asyncio.run(together())
+    assert embedder.passes == [["red", "blue", "green"]]
     assert keys(vector) == keys(given) and hybrid and keyword
     assert keys(image) == [("image", "i-red"), ("image", "i-blue")]
+    assert np.array_equal(green, QUERY)
+    # searches: the given one; then the two that need no embedding, while the pass runs; then the two
+    # it embedded, which it answers together
+    assert (batched._searching.batches, batched._searching.items) == (3, 5)
 
-    monkeypatch.setattr(retriever, "embedder", CountingEmbedder(fail=True), raising=False)
-    failed, keyword = asyncio.run(batched(retriever, requests[:1] + requests[2:3]))
-    assert isinstance(failed, RuntimeError) and keys(keyword) == keys(
-        asyncio.run(batched(retriever, requests[2:3]))[0]
-    )
+
+def test_a_failed_forward_pass_fails_its_queries_and_not_the_keyword_ones(retriever):
+    batched = BatchedRetriever(retriever, CountingEmbedder(fail=True))
+
+    async def together() -> list:
+        return await asyncio.gather(
+            batched.search("red", None, 2, None, "vector", "text"),
+            batched.search("red", None, 2, None, "keyword", "text"),
+            return_exceptions=True,
+        )
+
+    failed, keyword = asyncio.run(together())
+    assert isinstance(failed, RuntimeError) and "the model is gone" in str(failed)
+    assert keys(keyword) == keys(asyncio.run(batched.search("red", None, 2, None, "keyword", "text")))
 
 
 def test_merge_helpers_break_ties_by_list_order():
