@@ -46,7 +46,8 @@ def deployment_options(config: DeploymentConfig) -> dict[str, Any]:
 def build_app(settings: Settings, servers: str) -> Application:
     """The application for ``settings.index`` (``servers``: the Kafka bootstrap servers)."""
     serve_config = settings.serve
-    # Torch threads (the Embedder reads them from num_cpus): serve.embedder_threads.
+    # Torch threads (the Embedder reads them from num_cpus): serve.embedder_threads for bulk
+    # requests, serve.query_threads for queries.
     embed_config = settings.embed.model_copy(update={"num_cpus": float(serve_config.embedder_threads)})
     # /v1/embeddings: its own replicas and queue, so bulk requests never wait in the queries' batches.
     bulk_embedder = (
@@ -56,9 +57,9 @@ def build_app(settings: Settings, servers: str) -> Application:
     )
     # Queries embed in the retriever (a text search is one call from the ingress, its embedding
     # and search batched there), on a GPU only where serve.retriever asks for one.
-    query_embed = embed_config
+    query_embed = settings.embed.model_copy(update={"num_cpus": float(serve_config.query_threads)})
     if settings.embed.device == "cuda" and not serve_config.retriever.num_gpus:
-        query_embed = embed_config.model_copy(update={"device": "cpu"})
+        query_embed = query_embed.model_copy(update={"device": "cpu"})
     ingress_options = deployment_options(serve_config.ingress)
     if settings.index.alias is not None and not serve_config.search_in_ingress:
         raise ConfigError(

@@ -278,8 +278,8 @@ def text_reranker(settings: Settings) -> Reranker | None:
     if not settings.serve.search.rerank:
         return None
     serve_config = settings.serve
-    reranker = Reranker(  # as many torch threads as the query model (serve.embedder_threads)
-        serve_config.search, settings.cache_dir, settings.finetune, float(serve_config.embedder_threads)
+    reranker = Reranker(  # as many torch threads as the query model (serve.query_threads)
+        serve_config.search, settings.cache_dir, settings.finetune, float(serve_config.query_threads)
     )
     reranker.warm_up()
     return reranker

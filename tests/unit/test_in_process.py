@@ -68,12 +68,13 @@ def test_the_app_builds_the_retriever_in_the_ingress_with_its_resources():
     serve = {  # search_in_ingress by default
         "ingress": {"num_cpus": 0.1},
         "retriever": {"num_cpus": 0.5, "num_gpus": 0.25},
+        "query_threads": 3,
     }
     ingress = _ingress({"serve": serve})
     retriever = [a for a in ingress.init_args if isinstance(a, InIngressRetriever)]
     assert len(retriever) == 1
     assert ingress.ray_actor_options == {"num_cpus": pytest.approx(0.6), "num_gpus": 0.25}
-    assert retriever[0].embed.num_cpus == 1  # serve.embedder_threads torch threads, as the deployment
+    assert retriever[0].embed.num_cpus == 3  # serve.query_threads torch threads, as the deployment
 
 
 def test_the_retriever_can_be_a_deployment_of_its_own():
