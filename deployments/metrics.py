@@ -13,7 +13,7 @@ documents.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 SHARD_STATUSES = ("ok", "degraded", "unavailable")
 SOURCE_COUNTERS = ("records", "documents", "chunks", "deletes", "unchanged", "batches")
 
@@ -44,9 +45,22 @@ class HttpMetrics:
             registry=self.registry,
         )
 
+        self.batch_size = Histogram(
+            "riverbed_query_batch_size",
+            "Queries per batch of a stage of this process's search path (embed: the query model's "
+            "forward pass; search: one search of the shards)",
+            ["stage"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def batched(self, stage: str) -> Callable[[int], None]:
+        """What a :class:`~deployments.stage_batching.Batcher` of ``stage`` reports its batch sizes to."""
+        return self.batch_size.labels(stage).observe
 
     def render(self, ingest: Mapping[str, Any] | None) -> bytes:
         """The request metrics, plus the ingest snapshot ``ingest`` (see :func:`ingest_metrics`)."""

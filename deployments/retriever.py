@@ -44,6 +44,7 @@ from actors.vector_index import ChunkRecord, Hit
 from deployments.fusion import Ranked
 from deployments.graph import GraphReader
 from deployments.http_errors import cause
+from deployments.metrics import http_metrics
 from deployments.modal_searcher import ModalSearcher
 from deployments.searcher import Searcher, Shards, first_found
 from deployments.shard_readers import ReaderShards
@@ -353,11 +354,12 @@ class Retriever:
         """The two stages a search goes through, each batched continuously
         (:mod:`deployments.stage_batching`): the query model's forward pass, then the shards' search.
         They run side by side: one batch embeds while the one before it searches."""
+        metrics = http_metrics()  # riverbed_query_batch_size, on /metrics of an ingress that searches
         self._embedding: Batcher[str, np.ndarray] = Batcher(
-            self._embed_texts, config.embed_batch_size, config.embed_batch_wait_s
+            self._embed_texts, config.embed_batch_size, config.embed_batch_wait_s, metrics.batched("embed")
         )
         self._searching: Batcher[_Request, list[Ranked] | Exception] = Batcher(
-            self._search_batch, config.embed_batch_size
+            self._search_batch, config.embed_batch_size, observe=metrics.batched("search")
         )
 
     async def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:

@@ -28,17 +28,22 @@ Out = TypeVar("Out")
 
 class Batcher(Generic[In, Out]):
     """``await batcher(item)`` → ``run(batch)``'s result for ``item``, ``run`` taking a list of
-    items and returning one result per item, in order. Not thread-safe: one event loop's
-    coroutines call it (a replica's)."""
+    items and returning one result per item, in order; ``observe`` is told each batch's size. Not
+    thread-safe: one event loop's coroutines call it (a replica's)."""
 
     def __init__(
-        self, run: Callable[[list[In]], Awaitable[Sequence[Out]]], max_batch_size: int, wait_s: float = 0.0
+        self,
+        run: Callable[[list[In]], Awaitable[Sequence[Out]]],
+        max_batch_size: int,
+        wait_s: float = 0.0,
+        observe: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         if wait_s < 0:
             raise ValueError(f"wait_s must not be negative, not {wait_s}")
         self._run = run
+        self._observe = observe
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self._queue: deque[tuple[In, asyncio.Future[Out]]] = deque()
@@ -79,6 +84,8 @@ class Batcher(Generic[In, Out]):
     async def _one(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
         self.batches += 1
         self.items += len(batch)
+        if self._observe is not None:
+            self._observe(len(batch))
         try:
             results = await self._run([item for item, _ in batch])
             if len(results) != len(batch):

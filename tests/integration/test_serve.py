@@ -339,6 +339,12 @@ def test_health_metrics_and_docs(app, http):
     counted = [line for line in text.splitlines() if line.startswith("riverbed_http_requests_total{")]
     assert any('method="POST",route="/v1/search",status="200"' in line for line in counted), counted
     assert "riverbed_http_request_duration_seconds_bucket" in text
+    batches = {  # the search above went through both stages of the ingress's own retriever
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("riverbed_query_batch_size_count{")
+    }
+    assert batches.get('stage="embed"', 0) >= 1 and batches.get('stage="search"', 0) >= 1, batches
     assert f'riverbed_consumer_lag{{index="{app.settings.index.name}"' in text
     index = app.settings.index.name
     assert f'riverbed_index_chunks{{index="{index}",shard="0"}}' in text

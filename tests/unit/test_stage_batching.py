@@ -130,6 +130,18 @@ def test_wait_s_holds_a_lone_call_for_company_but_not_a_full_batch():
     assert full < 0.25 and batches == [[0, 1]]
 
 
+def test_each_batch_size_is_reported():
+    async def main() -> tuple[list[int], list[list[int]]]:
+        stage, sizes = Stage(), []
+        batcher = Batcher(stage.run, max_batch_size=3, observe=sizes.append)
+        await asyncio.gather(*(batcher(i) for i in range(5)))
+        await batcher(9)
+        return sizes, stage.batches
+
+    sizes, batches = asyncio.run(main())
+    assert sizes == [len(batch) for batch in batches] == [3, 2, 1]
+
+
 def test_one_batcher_serves_successive_event_loops():
     stage = Stage()
     batcher = Batcher(stage.run, max_batch_size=4)
