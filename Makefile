@@ -7,7 +7,8 @@ PACKAGES := schemas actors deployments cluster
 
 .PHONY: setup demo test lint typecheck unit integration gpu k8s-tools k8s-check lock lock-gpu clean
 
-# GPU=1: the venv of requirements/lock-gpu.txt (FAISS for CUDA 13 instead of faiss-cpu).
+# GPU=1: the venv of requirements/lock-gpu.txt (FAISS for CUDA 13 instead of faiss-cpu), kept by
+# every later target of this clone until GPU=0.
 setup:
 	@$(if $(GPU),RIVERBED_GPU=$(GPU) ,)bash scripts/setup.sh
 
@@ -47,9 +48,9 @@ test: lint typecheck
 
 # Re-pin requirements/lock.txt from requirements/base.in (then `make setup` builds a new venv), and
 # requirements/lock-gpu.txt beside it: base.in with faiss-gpu-cuvs (CUDA 13, as the lock's torch) in
-# place of faiss-cpu, held to lock.txt's pins so both environments run the same versions; the override
-# drops the faiss-cpu other packages ask for (txtai, the bench peer), whose `faiss` module it provides
-# (`make lock-gpu` alone re-derives it from the current lock.txt).
+# place of faiss-cpu, held to lock.txt's pins (FAISS's version included) so both environments run the
+# same versions; the override drops the faiss-cpu other packages ask for (txtai, the bench peer), whose
+# `faiss` module it provides (`make lock-gpu` alone re-derives it from the current lock.txt).
 UV = $${RIVERBED_CACHE:-$$HOME/.cache/riverbed}/bootstrap/uv-*/bin/uv
 UV_COMPILE = --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --generate-hashes
 lock:
@@ -58,13 +59,16 @@ lock:
 	@$(MAKE) --no-print-directory lock-gpu
 
 lock-gpu:
-	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT \
-	  && grep -q '^faiss-cpu$$' requirements/base.in \
+	@bash scripts/setup.sh >/dev/null 2>&1 || true
+	@uv=$$(realpath "$$(ls -d $(UV) | tail -1)") && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT \
+	  && { grep -q '^faiss-cpu$$' requirements/base.in \
+	       || { echo "lock-gpu: requirements/base.in has no line 'faiss-cpu' to swap" >&2; exit 1; }; } \
 	  && sed 's/^faiss-cpu$$/faiss-gpu-cuvs/' requirements/base.in > "$$tmp/gpu.in" \
 	  && grep -oE '^[A-Za-z0-9._-]+==[^ ]+' requirements/lock.txt > "$$tmp/pins.txt" \
+	  && sed -n 's/^faiss-cpu==/faiss-gpu-cuvs==/p' "$$tmp/pins.txt" >> "$$tmp/pins.txt" \
 	  && echo "faiss-cpu; python_version < '0'" > "$$tmp/no-faiss-cpu.txt" \
-	  && (cd "$$tmp" && $(UV) pip compile gpu.in -c pins.txt --override no-faiss-cpu.txt $(UV_COMPILE) --no-header --quiet \
-	      -o "$(CURDIR)/requirements/lock-gpu.txt")
+	  && (cd "$$tmp" && "$$uv" pip compile gpu.in -c pins.txt --override no-faiss-cpu.txt $(UV_COMPILE) \
+	      --no-header --quiet -o "$(CURDIR)/requirements/lock-gpu.txt")
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -59,6 +59,8 @@ import numpy as np
 try:
     import faiss
 except ModuleNotFoundError as exc:  # FAISS is an extra: riverbed[cpu] or riverbed[gpu]
+    if exc.name != "faiss":  # FAISS is there, and something it needs is not: that error says what
+        raise
     raise ModuleNotFoundError(
         "index.backend 'faiss' needs FAISS, which is not installed here: pip install 'riverbed[cpu]' "
         "(faiss-cpu), or 'riverbed[gpu]' (faiss-gpu-cuvs, CUDA 13) where faiss-cpu is not installed; "

@@ -17,7 +17,8 @@ command that trains it; a failed load is tried again at most every :data:`RELOAD
 model trained while the app runs is picked up without a restart.
 
 The model runs one call at a time (it is not thread-safe), on a worker thread, with
-``serve.embedder_threads`` torch threads (the replica's share of the cores, as the retriever's text model).
+``serve.embedder_threads`` torch threads (the replica's share of the cores; the text query model
+has ``serve.query_threads``).
 """
 
 from __future__ import annotations

@@ -353,13 +353,14 @@ class Retriever:
     def _batchers(self, config: SearchConfig) -> None:
         """The two stages a search goes through, each batched continuously
         (:mod:`deployments.stage_batching`): the query model's forward pass, then the shards' search.
-        They run side by side: one batch embeds while the one before it searches."""
+        They run side by side: one batch embeds while the one before it searches; two searches may
+        run at once, so that one held up (a shard slow to answer, a reranking) does not hold up all."""
         metrics = http_metrics()  # riverbed_query_batch_size, on /metrics of an ingress that searches
         self._embedding: Batcher[str, np.ndarray] = Batcher(
             self._embed_texts, config.embed_batch_size, config.embed_batch_wait_s, metrics.batched("embed")
         )
         self._searching: Batcher[_Request, list[Ranked] | Exception] = Batcher(
-            self._search_batch, config.embed_batch_size, observe=metrics.batched("search")
+            self._search_batch, config.embed_batch_size, observe=metrics.batched("search"), lanes=2
         )
 
     async def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:

@@ -6,6 +6,7 @@
 #      Python version, so a changed lock builds a new venv and an unchanged one is reused as is.
 #      RIVERBED_GPU=1 (`make setup GPU=1`) takes requirements/lock-gpu.txt instead: the same pins
 #      with FAISS for CUDA 13 (faiss-gpu-cuvs) in place of faiss-cpu, which cannot share a venv with it.
+#      The choice holds for later runs of this clone until RIVERBED_GPU=0 (`make setup GPU=0`).
 #   2. ./.venv: a thin per-clone venv that sees the cached packages through a .pth file and holds
 #      only Riverbed itself (editable), so two clones never fight and .venv/bin/riverbed works.
 #
@@ -24,11 +25,16 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found. Riverbed needs P
 pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$pyver" = "3.11" ] || die "$PYTHON is Python $pyver; the lock file is built for 3.11 (set PYTHON=/path/to/python3.11)."
 
-LOCK=requirements/lock.txt
-case "${RIVERBED_GPU:-0}" in
+# The lock: RIVERBED_GPU when it is set, else the one this clone's .venv was last built from (so a
+# `make setup GPU=1` holds for the `make test` after it), else lock.txt.
+gpu=${RIVERBED_GPU-}
+if [ -z "$gpu" ] && [ -f .venv/.riverbed-lock ]; then
+  [ "$(cat .venv/.riverbed-lock)" = requirements/lock-gpu.txt ] && gpu=1 || gpu=0
+fi
+case "${gpu:-0}" in
   1|true|yes) LOCK=requirements/lock-gpu.txt ;;
-  0|false|no|"") ;;
-  *) die "RIVERBED_GPU=$RIVERBED_GPU: use 1 (FAISS for CUDA 13, requirements/lock-gpu.txt) or 0 (faiss-cpu)." ;;
+  0|false|no) LOCK=requirements/lock.txt ;;
+  *) die "RIVERBED_GPU=$gpu: use 1 (FAISS for CUDA 13, requirements/lock-gpu.txt) or 0 (faiss-cpu)." ;;
 esac
 
 mkdir -p "$CACHE"
@@ -79,4 +85,5 @@ if [ ! -f .venv/.riverbed-key ] || [ "$(cat .venv/.riverbed-key)" != "$venv" ] |
   done
   echo "$venv" > .venv/.riverbed-key
 fi
+echo "$LOCK" > .venv/.riverbed-lock
 echo "setup: ready (.venv -> $venv)" >&2

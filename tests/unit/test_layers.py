@@ -280,6 +280,7 @@ def test_the_gpu_lock_is_the_lock_with_faiss_for_cuda() -> None:
     assert not cpu.keys() - gpu.keys() - GPU_EXTRA_SWAPS.keys(), "lock-gpu.txt misses lock.txt's packages"
     assert not GPU_EXTRA_SWAPS.keys() & gpu.keys(), "lock-gpu.txt must not pin faiss-cpu"
     assert set(GPU_EXTRA_SWAPS.values()) <= gpu.keys()
+    assert all(gpu[new] == cpu[old] for old, new in GPU_EXTRA_SWAPS.items()), "FAISS versions differ"
     assert declared_distributions()["gpu"] == set(GPU_EXTRA_SWAPS.values())
     assert declared_distributions()["cpu"] == set(GPU_EXTRA_SWAPS)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 
 import pytest
@@ -142,6 +143,104 @@ def test_each_batch_size_is_reported():
     assert sizes == [len(batch) for batch in batches] == [3, 2, 1]
 
 
+def test_a_failing_size_report_costs_no_request():
+    def broken(size: int) -> None:
+        raise RuntimeError("the metrics registry is gone")
+
+    async def main() -> list[int]:
+        batcher = Batcher(Stage().run, max_batch_size=4, observe=broken)
+        return await asyncio.wait_for(asyncio.gather(batcher(1), batcher(2)), 5)
+
+    assert asyncio.run(main()) == [10, 20]
+
+
+def test_wait_s_is_for_a_batch_that_finds_the_stage_idle_not_for_the_backlog_of_a_busy_one():
+    async def main() -> tuple[float, list[list[int]]]:
+        stage = Stage(gated=True)
+        batcher = Batcher(stage.run, max_batch_size=8, wait_s=0.3)
+        first = asyncio.create_task(batcher(1))
+        while not stage.batches:  # it waited wait_s for company, then started alone
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(batcher(2))
+        await asyncio.sleep(0.05)
+        assert stage.gate is not None
+        released = time.perf_counter()
+        stage.gate.set()
+        while len(stage.batches) < 2:
+            await asyncio.sleep(0.001)
+        started = time.perf_counter() - released  # the backlog went at once
+        stage.gate.set()
+        await asyncio.gather(first, second)
+        return started, stage.batches
+
+    started, batches = asyncio.run(main())
+    assert batches == [[1], [2]] and started < 0.2
+
+
+def test_a_second_lane_opens_only_while_every_lane_runs_a_batch():
+    async def main(lanes: int) -> list[list[int]]:
+        stage = Stage(gated=True)
+        batcher = Batcher(stage.run, max_batch_size=8, lanes=lanes)
+        slow = asyncio.create_task(batcher(1))  # held until released below
+        await asyncio.sleep(0.01)
+        others = [asyncio.create_task(batcher(i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        seen = [list(b) for b in stage.batches]
+        assert stage.gate is not None
+        while not all(t.done() for t in (slow, *others)):
+            stage.gate.set()
+            await asyncio.sleep(0.001)
+        return seen
+
+    assert asyncio.run(main(lanes=2)) == [[1], [2, 3]]  # the two behind the slow one did not wait
+    assert asyncio.run(main(lanes=1)) == [[1]]  # one lane: they wait for it
+
+
+def test_no_second_lane_opens_while_a_batch_waits_for_company():
+    async def main() -> list[list[int]]:
+        stage = Stage()
+        batcher = Batcher(stage.run, max_batch_size=8, wait_s=0.2, lanes=2)
+        first = asyncio.create_task(batcher(1))
+        await asyncio.sleep(0.02)  # the first waits for company: the second joins it
+        await asyncio.gather(first, batcher(2))
+        return stage.batches
+
+    assert asyncio.run(main()) == [[1, 2]]
+
+
+def test_a_cancelled_worker_cancels_the_calls_it_leaves_queued():
+    async def main() -> list[object]:
+        stage = Stage(gated=True)
+        batcher = Batcher(stage.run, max_batch_size=1)
+        calls = [asyncio.create_task(batcher(i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        (worker,) = batcher._workers
+        worker.cancel()  # as when the replica's loop shuts down
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+
+    assert all(isinstance(r, asyncio.CancelledError) for r in asyncio.run(main()))
+
+
+def test_batches_do_not_run_in_the_first_callers_context():
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+    seen: list[str] = []
+
+    async def run(items: list[int]) -> list[int]:
+        seen.append(request_id.get())
+        return items
+
+    async def call(batcher: Batcher[int, int], rid: str, item: int) -> int:
+        request_id.set(rid)
+        return await batcher(item)
+
+    async def main() -> None:
+        batcher = Batcher(run, max_batch_size=4)
+        await asyncio.gather(call(batcher, "first", 1), call(batcher, "second", 2))
+
+    asyncio.run(main())
+    assert seen == ["none"]
+
+
 def test_one_batcher_serves_successive_event_loops():
     stage = Stage()
     batcher = Batcher(stage.run, max_batch_size=4)
@@ -150,7 +249,10 @@ def test_one_batcher_serves_successive_event_loops():
     assert (batcher.batches, batcher.items) == (2, 2)
 
 
-@pytest.mark.parametrize(("size", "wait"), [(0, 0.0), (1, -0.1)])
-def test_bad_settings_are_refused_by_name(size, wait):
-    with pytest.raises(ValueError, match="max_batch_size" if size < 1 else "wait_s"):
-        Batcher(Stage().run, max_batch_size=size, wait_s=wait)
+@pytest.mark.parametrize(
+    ("size", "wait", "lanes", "named"),
+    [(0, 0.0, 1, "max_batch_size"), (1, -0.1, 1, "wait_s"), (1, 0.0, 0, "lanes")],
+)
+def test_bad_settings_are_refused_by_name(size, wait, lanes, named):
+    with pytest.raises(ValueError, match=named):
+        Batcher(Stage().run, max_batch_size=size, wait_s=wait, lanes=lanes)
