@@ -8,8 +8,8 @@ batches are cut by the clock rather than by what piled up while the model was bu
 queue is drained by a worker (one per lane; see :class:`Batcher`): finding the stage idle, it
 takes the call at once (or, with ``wait_s``, waits that long for company unless the batch fills);
 busy, it leaves the arrivals in the queue and takes up to ``max_batch_size`` of them when it is
-done. One query at a time is then never
-delayed, and a loaded stage runs batches as large as the load, with no tuning of a window.
+done. One query at a time is then never delayed, and a loaded stage runs batches as large as the
+load, with no tuning of a window.
 
 Each caller gets its own result, or the exception its batch raised; a caller that is cancelled
 (its client went away) before its batch starts is left out of it.
