@@ -27,6 +27,7 @@ from schemas.settings import (
     TRAINED_IMAGE_MODEL,
     TRAINED_READER,
     TRAINED_RERANKER,
+    FinetuneConfig,
     ImageFinetuneConfig,
     ImagesConfig,
     TextFinetuneConfig,
@@ -160,29 +161,44 @@ TRAINED_TEXT_MODELS: dict[str, tuple[str, str]] = {
     TRAINED_EMBEDDER: ("embedder", "squad-v1.1-dev:tune"),
 }
 TEXT_RECIPES = {"reranker": 1, "reader": 3, "embedder": 1}
+"""Bumped when a training recipe changes what it makes, so older models are not found."""
 TRAINING_RECORD = "riverbed-training.json"
 """What a trained text model's directory holds besides its weights: how it was trained, and the
 reader's calibrated abstention threshold."""
-"""Bumped when a training recipe changes what it makes, so older models are not found."""
 
 
-def trained_text_model_dir(cache_dir: Path, name: str, finetune: TextFinetuneConfig) -> Path:
+def trained_text_model_dir(
+    cache_dir: Path, name: str, finetune: FinetuneConfig, _within: tuple[str, ...] = ()
+) -> Path:
     """Where the trained text model ``name`` (one of :data:`TRAINED_TEXT_MODELS`) is, or will be
-    once trained with ``finetune``: named by a hash of the recipe, the training settings (not the
-    resources it runs on) and the data."""
+    once trained with ``finetune``'s settings of its kind: named by a hash of the recipe, the
+    training settings (not the resources it runs on) and the data. A model that starts from another
+    model Riverbed trains (``base_model`` naming one) has that model's directory name in its key
+    too: another reader makes another reranker."""
     kind, data = TRAINED_TEXT_MODELS[name]
-    made_of = {
+    config: TextFinetuneConfig = getattr(finetune, kind)
+    made_of: dict[str, object] = {
         "recipe": f"{kind}-{TEXT_RECIPES[kind]}",
-        "finetune": finetune.key_fields(),
+        "finetune": config.key_fields(),
         "data": data,
     }
+    if config.base_model in TRAINED_TEXT_MODELS:
+        if config.base_model in (*_within, name):
+            chain = " -> ".join((*_within, name, config.base_model))
+            raise ConfigError(
+                f"finetune.{kind}.base_model: the trained models start from each other ({chain})"
+            )
+        made_of["base"] = trained_text_model_dir(
+            cache_dir, config.base_model, finetune, (*_within, name)
+        ).name
     key = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
     return trained_model_dir(cache_dir, name.rsplit("/", 1)[-1], key)
 
 
-def resolve_text_model(name: str, finetune: TextFinetuneConfig, cache_dir: Path) -> ResolvedModel:
+def resolve_text_model(name: str, finetune: FinetuneConfig, cache_dir: Path) -> ResolvedModel:
     """:func:`resolve_model`, where the name of a model Riverbed trains resolves to its directory in
-    the cache. ConfigError, saying the command that trains it, when it is not there yet."""
+    the cache (for ``finetune``'s settings). ConfigError, saying the command that trains it, when it
+    is not there yet."""
     if name not in TRAINED_TEXT_MODELS:
         return resolve_model(name)
     where = trained_text_model_dir(cache_dir, name, finetune)

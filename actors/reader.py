@@ -233,7 +233,7 @@ def make_reader(
     the one it was calibrated with, else 0. ``passages``: how many it will read per question
     (``serve.rag.k``); a calibrated threshold set reading another number is logged as a warning
     (the best margin of more passages runs higher)."""
-    resolved = resolve_text_model(config.reader_model, finetune.reader, cache_dir)
+    resolved = resolve_text_model(config.reader_model, finetune, cache_dir)
     threshold = config.no_answer_threshold
     record = Path(resolved.location) / TRAINING_RECORD
     if threshold is None and record.is_file():

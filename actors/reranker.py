@@ -45,9 +45,7 @@ class Reranker:
         num_cpus: float | None = None,
     ) -> None:
         self._config = config
-        self._resolved = resolve_text_model(
-            config.rerank_model, (finetune or FinetuneConfig()).reranker, cache_dir
-        )
+        self._resolved = resolve_text_model(config.rerank_model, finetune or FinetuneConfig(), cache_dir)
         self._threads = cpu_threads(num_cpus)
         self._model: Any = None
         self._lock = threading.Lock()

@@ -3,6 +3,9 @@
 # DATA: the tune split only (even stable_hash of the question id); held-out questions are never
 #       read, and a tune question whose text is also a held-out question's (SQuAD v2.0 repeats v1.1's
 #       answerable questions) is left out too
+# BASE: ``finetune.*.base_model``, a hub id or path, or a model Riverbed trains, found in the cache
+#       (the reranker starts from the reader's encoder by default: train the reader first); the
+#       base's cache name joins the model's own cache key
 # MINE (reranker): the corpus in an index (the real pipeline into a fresh one, or ``--index``);
 #       per question Riverbed's own vector and keyword search, ``mine_depth`` hits each; the hits
 #       of other documents are its hard negatives, a hit of its gold document holding an answer
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.embedder import Embedder
-from actors.models import TRAINING_RECORD, resolve_model, trained_text_model_dir
+from actors.models import TRAINING_RECORD, resolve_text_model, trained_text_model_dir
 from actors.reader import ExtractiveReader, calibrate_threshold
 from cluster.eval.metrics import best_over, token_f1
 from cluster.ray_train import Progress, exclusive, fit_on_ray
@@ -174,12 +177,20 @@ def _target(settings: Settings, name: str, out: Path | None, default_data: bool)
             f"{name!r} names the model trained on the packaged SQuAD data: give --out DIR to train on "
             "another dataset (then name the model by that path)"
         )
-    finetune = {
-        TRAINED_RERANKER: settings.finetune.reranker,
-        TRAINED_READER: settings.finetune.reader,
-        TRAINED_EMBEDDER: settings.finetune.embedder,
-    }[name]
-    return trained_text_model_dir(settings.cache_dir, name, finetune)
+    return trained_text_model_dir(settings.cache_dir, name, settings.finetune)
+
+
+def _base(settings: Settings, kind: str) -> str:
+    """Where the weights ``finetune.<kind>.base_model`` names are: a hub id or path, or a model
+    Riverbed trains, which must be trained first (ConfigError saying how, or how to do without)."""
+    name = getattr(settings.finetune, kind).base_model
+    try:
+        return resolve_text_model(name, settings.finetune, settings.cache_dir).location
+    except ConfigError as exc:
+        raise ConfigError(
+            f"the {kind} starts from {name!r} (finetune.{kind}.base_model): {exc}; or start it from "
+            f"another model: --set finetune.{kind}.base_model=sentence-transformers/all-MiniLM-L6-v2"
+        ) from exc
 
 
 def finetune_reranker(
@@ -223,6 +234,7 @@ def _finetune_on_mined(
     with exclusive(target):
         if out is None and (target / RECORD_FILE).is_file():
             return TextFinetuneResult(target, True, json.loads((target / RECORD_FILE).read_text()))
+        base = _base(settings, kind)  # before the mining: a base not trained yet fails at once
         passages, gold, questions = read_beir(dataset)
         chosen = _sample(
             tune_questions(questions, gold, held_out_texts(questions)), finetune.questions, finetune.seed
@@ -235,7 +247,7 @@ def _finetune_on_mined(
         config = {
             "kind": kind,
             "finetune": finetune.model_dump(mode="json"),
-            "base": resolve_model(finetune.base_model).location,
+            "base": base,
             "groups": [asdict(g) for g in groups],
         }
         data = {
@@ -346,6 +358,7 @@ def finetune_reader(
     with exclusive(target):
         if out is None and (target / RECORD_FILE).is_file():
             return TextFinetuneResult(target, True, json.loads((target / RECORD_FILE).read_text()))
+        base = _base(settings, "reader")
         p1, g1, q1 = read_beir(dataset)
         qrels2 = "qrels_all.tsv" if (unanswerable / "qrels_all.tsv").is_file() else "qrels.tsv"
         p2, g2, q2 = read_beir(unanswerable, qrels2)
@@ -384,7 +397,7 @@ def finetune_reader(
         config = {
             "kind": "reader",
             "finetune": finetune.model_dump(mode="json"),
-            "base": resolve_model(finetune.base_model).location,
+            "base": base,
             "examples": [asdict(e) for e in examples],
         }
         data = {

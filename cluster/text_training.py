@@ -1,6 +1,7 @@
 """What each Ray Train worker does to train Riverbed's text models, and the pure parts.
 
-Both models start from an encoder (``finetune.*.base_model``) with a new head:
+Each model starts from an encoder (``finetune.*.base_model``) with a new head (a base trained
+with another head, such as the reader's span head under the reranker, loses that head):
 
 - **Reranker** (a cross-encoder, one logit): each step takes ``batch_size`` questions; each brings
   its gold passage and ``negatives`` passages drawn (seeded, a fresh draw every epoch) from those

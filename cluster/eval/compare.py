@@ -2,14 +2,16 @@
 bar chart of MRR@10 and recall@10 per method.
 
 A METHOD is one mode of one report: its label is the mode, `` + rerank`` when that run reranked,
-and the embedding model's last path part when it is not the first report's model and the mode
-embeds the question (not keyword), so "hybrid + rerank" and "vector (embedder-squad-...)" read as
-what they are. Reports are compared only when
-they scored the same questions: the same dataset, corpus, split and number of questions, and the
-same sample and seed where both reports record them; anything else is a ``ConfigError`` naming the
-field that differs. A method named twice (the same mode of two reports of the same model and
-reranking) is shown once when the scores agree (keyword search of two embedding models), else
-each is labelled with its report's file name too.
+and, when the report's embedding model is not the first report's and the mode embeds the question
+(not keyword), the report's VARIANT: what its file name adds to the name the reports' file names
+share (``retrieval-squad-heldout-lora.json`` beside ``retrieval-squad-heldout.json``: ``lora``), or
+the model's last path part when the names share nothing. So "hybrid + rerank" and "vector (lora)"
+read as what they are, not as a cached model's hash. Reports are compared only when they scored the
+same questions: the same dataset, corpus, split and number of questions, and the same sample and
+seed where both reports record them; anything else is a ``ConfigError`` naming the field that
+differs. A method named twice (the same mode of two reports of the same model and reranking) is
+shown once when the scores agree (keyword search of two embedding models), else the later one is
+labelled with its variant (or file name) too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ def read_reports(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return reports
 
 
+def variants(paths: Sequence[Path]) -> list[str]:
+    """Per report, what its file name adds to the dash-separated words all the names start with
+    (``""`` for the one that adds nothing, and for every report when the names share no word)."""
+    words = [path.stem.split("-") for path in paths]
+    shared = 0
+    while len(words) > 1 and all(len(w) > shared for w in words) and len({w[shared] for w in words}) == 1:
+        shared += 1
+    return ["-".join(w[shared:]) if shared else "" for w in words]
+
+
 def methods(reports: Sequence[dict[str, Any]], paths: Sequence[Path]) -> list[tuple[str, dict[str, float]]]:
     """``(label, scores)`` per method, in report then mode order (see the module docstring)."""
     first = reports[0]
@@ -64,16 +76,17 @@ def methods(reports: Sequence[dict[str, Any]], paths: Sequence[Path]) -> list[tu
                     f"{path}: {field} {report[field]!r} differs from {paths[0]}'s {first[field]!r}: "
                     "compare runs over the same questions"
                 )
+    tags = variants(paths)
     rows: dict[str, dict[str, float]] = {}
-    for report, path in zip(reports, paths, strict=True):
+    for report, path, tag in zip(reports, paths, tags, strict=True):
         model = str(report.get("model", ""))
         rerank = " + rerank" if report.get("rerank") else ""
-        other_model = f" ({Path(model).name or model})" if model != str(first.get("model", "")) else ""
+        other_model = f" ({tag or Path(model).name or model})" if model != str(first.get("model", "")) else ""
         for mode, scores in report["modes"].items():
             label = f"{mode}{rerank}{other_model if mode != 'keyword' else ''}"
             row = {c: float(scores[c]) for c in COLUMNS if c in scores}
             if label in rows and rows[label] != row:  # e.g. another reranker: told apart by its report
-                label = f"{label} [{path.stem}]"
+                label = f"{label} [{tag or path.stem}]"
             rows.setdefault(label, row)
     if not rows:
         raise ConfigError(f"{', '.join(str(p) for p in paths)}: the reports score no mode")

@@ -19,14 +19,32 @@ TINY = {"questions": 12, "batch_size": 4, "epochs": 3, "lr": 3e-4, "warmup_fract
 
 
 def test_tiny_reranker_learns_its_groups_and_reranks_the_evaluation(settings, ray_session, tmp_path):
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from actors.models import resolve_model
+
     small_dataset(tmp_path / "v1cut", 30)
+    # the reranker starts from the reader by default: a question-answering checkpoint (here MiniLM
+    # with an untrained span head), whose span head it drops for its own one-logit head
+    minilm = resolve_model("sentence-transformers/all-MiniLM-L6-v2").location
+    AutoModelForQuestionAnswering.from_pretrained(minilm).save_pretrained(tmp_path / "qa")
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(tmp_path / "qa")
     dump = settings.model_dump(mode="json")
-    dump["finetune"] = {"reranker": {**TINY, "max_tokens": 96, "negatives": 2, "mine_depth": 5}}
+    dump["finetune"] = {
+        "reranker": {
+            **TINY,
+            "max_tokens": 96,
+            "negatives": 2,
+            "mine_depth": 5,
+            "base_model": str(tmp_path / "qa"),
+        }
+    }
     tiny = load_settings(overrides=dump)
     events: list[dict] = []
     result = finetune_reranker(tiny, tmp_path / "v1cut", out=tmp_path / "rr", on_progress=events.append)
     record = json.loads((tmp_path / "rr" / "riverbed-training.json").read_text())
     assert not result.cached and record == result.record and record["kind"] == "reranker"
+    assert record["finetune"]["base_model"] == str(tmp_path / "qa")
     assert record["data"]["questions"] == 12 and record["data"]["negatives_per_question"] >= 2
     losses = [epoch["loss"] for epoch in record["history"]]
     assert len(losses) == 3 == len([e for e in events if e["kind"] == "epoch"])

@@ -64,6 +64,37 @@ def test_methods_are_labelled_by_mode_reranking_and_model(tmp_path):
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reports_named_as_variants_of_one_name_are_labelled_by_what_their_names_add(tmp_path):
+    from cluster.eval.compare import variants
+
+    base = _report(tmp_path, "retrieval-squad-heldout")
+    reranked = _report(
+        tmp_path,
+        "retrieval-squad-heldout-rerank",
+        rerank={"model": "a"},
+        modes={"hybrid": {**SCORES, "mrr@10": 0.9}},
+    )
+    older = _report(
+        tmp_path, "retrieval-squad-heldout-rerank-from-minilm", rerank={"model": "b"},
+        modes={"hybrid": {**SCORES, "mrr@10": 0.87}},
+    )  # fmt: skip
+    lora = _report(
+        tmp_path, "retrieval-squad-heldout-embedder-lora", model="/cache/models/embedder-squad-763ce0eb",
+        modes={"vector": {**SCORES, "recall@10": 0.955}},
+    )  # fmt: skip
+    result = compare_retrieval([base, reranked, older, lora], tmp_path / "out")
+    assert list(result["methods"]) == [
+        "vector", "keyword", "hybrid", "hybrid + rerank", "hybrid + rerank [rerank-from-minilm]",
+        "vector (embedder-lora)",
+    ]  # fmt: skip
+    assert result["methods"]["hybrid + rerank [rerank-from-minilm]"]["mrr@10"] == 0.87
+    assert result["methods"]["vector (embedder-lora)"]["recall@10"] == 0.955
+    # names sharing no word, and a single report, have no variant: the model or file name is used
+    assert variants([Path("a-b.json"), Path("c-b.json")]) == ["", ""]
+    assert variants([Path("x-y.json")]) == [""]
+    assert variants([Path("x-y.json"), Path("x-y-z.json"), Path("x.json")]) == ["y", "y-z", ""]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("split", "tune"), ("queries", 999), ("dataset", "data/squad-v2.0-dev"), ("seed", 1), ("sample", 500)],

@@ -27,6 +27,7 @@ from cluster.text_training import (
     pad_batch,
     reader_features,
 )
+from schemas.errors import ConfigError
 from schemas.ids import in_tune_split
 
 
@@ -134,8 +135,10 @@ def test_the_lora_fields_join_the_embedders_cache_key_only_when_lora_is_on(tmp_p
     from actors.models import trained_text_model_dir
     from schemas.settings import (
         TRAINED_EMBEDDER,
+        TRAINED_READER,
         TRAINED_RERANKER,
         EmbedderFinetuneConfig,
+        FinetuneConfig,
         RerankerFinetuneConfig,
     )
 
@@ -144,7 +147,7 @@ def test_the_lora_fields_join_the_embedders_cache_key_only_when_lora_is_on(tmp_p
     lora = EmbedderFinetuneConfig(lora_rank=8)
     assert lora.key_fields()["lora_rank"] == 8 and lora.key_fields()["lora_alpha"] == 32
     where = {
-        c: trained_text_model_dir(tmp_path, TRAINED_EMBEDDER, c)
+        c: trained_text_model_dir(tmp_path, TRAINED_EMBEDDER, FinetuneConfig(embedder=c))
         for c in (full, lora, EmbedderFinetuneConfig(lora_alpha=64), EmbedderFinetuneConfig(workers=4))
     }
     # alpha alone (LoRA off) and resources name the same model as the defaults; LoRA another
@@ -152,5 +155,52 @@ def test_the_lora_fields_join_the_embedders_cache_key_only_when_lora_is_on(tmp_p
     # the defaults' keys, as the models trained before the LoRA fields were cached: a change here
     # loses every trained model, so it must be a deliberate one (a recipe bump)
     assert where[full].name == "embedder-squad-f0b0220c3bb79023"
-    reranker = trained_text_model_dir(tmp_path, TRAINED_RERANKER, RerankerFinetuneConfig())
+    assert trained_text_model_dir(tmp_path, TRAINED_READER, FinetuneConfig()).name == (
+        "reader-squad-43b89ae073b94ca0"
+    )
+    # the reranker started from the packaged MiniLM keeps the key it was cached under; from the
+    # reader (the default since) it is another model
+    minilm = RerankerFinetuneConfig(base_model="sentence-transformers/all-MiniLM-L6-v2")
+    reranker = trained_text_model_dir(tmp_path, TRAINED_RERANKER, FinetuneConfig(reranker=minilm))
     assert reranker.name == "reranker-squad-95b7f5ac9b60cf47"
+    assert trained_text_model_dir(tmp_path, TRAINED_RERANKER, FinetuneConfig()).name == (
+        "reranker-squad-2550dd7556a53777"
+    )
+
+
+def test_a_model_started_from_a_trained_one_is_keyed_by_it_and_needs_it_trained(tmp_path):
+    from actors.models import resolve_text_model, trained_text_model_dir
+    from cluster.finetune_text import _base
+    from schemas.settings import TRAINED_READER, TRAINED_RERANKER, FinetuneConfig, load_settings
+
+    default = FinetuneConfig()
+    assert default.reranker.base_model == TRAINED_READER
+    other_reader = FinetuneConfig(reader={"epochs": 3})
+    # another reader (settings of the reader alone) names another reranker
+    assert trained_text_model_dir(tmp_path, TRAINED_RERANKER, default) != trained_text_model_dir(
+        tmp_path, TRAINED_RERANKER, other_reader
+    )
+    settings = load_settings(overrides={"home": str(tmp_path / "home"), "cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(
+        ConfigError, match=r"the reranker starts from 'riverbed/reader-squad'.*riverbed finetune reader"
+    ):
+        _base(settings, "reranker")
+    reader_dir = trained_text_model_dir(settings.cache_dir, TRAINED_READER, settings.finetune)
+    reader_dir.mkdir(parents=True)
+    (reader_dir / "config.json").write_text("{}")
+    assert _base(settings, "reranker") == str(reader_dir)
+    assert resolve_text_model(TRAINED_READER, settings.finetune, settings.cache_dir).location == str(
+        reader_dir
+    )
+    # a hub id or a path is resolved as any model name is
+    assert _base(settings, "reader") == resolve_model("sentence-transformers/all-MiniLM-L6-v2").location
+    # models that start from each other have no key: refused, naming the chain
+    cycle = FinetuneConfig(reader={"base_model": TRAINED_RERANKER})
+    with pytest.raises(
+        ConfigError,
+        match=r"each other \(riverbed/reranker-squad -> riverbed/reader-squad -> riverbed/reranker-squad\)",
+    ):
+        trained_text_model_dir(tmp_path, TRAINED_RERANKER, cycle)
+    itself = FinetuneConfig(reader={"base_model": TRAINED_READER})
+    with pytest.raises(ConfigError, match="start from each other"):
+        trained_text_model_dir(tmp_path, TRAINED_READER, itself)
