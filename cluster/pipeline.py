@@ -773,13 +773,25 @@ class Pipeline:
         self.graph_shards: list[Any] = []
         self._runs: list[Any] = []
         self._t0 = time.monotonic()
+        self.startup: dict[str, float] = {}
+        """Seconds each step of :meth:`start` took, in order (``topics``, ``graph_extractor``,
+        ``embedder``, ``shards``, ``image_side``): where a cold start goes. The sources are started
+        last and not waited for (they construct their consumers and join their groups in the
+        background; :meth:`progress` shows their assignments)."""
+
+    def _lap(self, step: str, since: float) -> float:
+        now = time.monotonic()
+        self.startup[step] = round(now - since, 2)
+        return now
 
     # START
     def start(self) -> None:
         s = self.settings
+        began = time.monotonic()
         connect(s)
         self.servers = bootstrap_servers(s)
         ensure_topics(self.servers, topic_specs(s.kafka.topics), max_message_bytes=s.kafka.max_record_bytes)
+        lap = self._lap("topics", began)
         source = running_source(s)
         if source is not None:
             raise ConfigError(
@@ -788,6 +800,8 @@ class Pipeline:
             )
         self.images = images_enabled(s)
         graph_model = self._graph_model() if s.graph.enabled else None  # before the text side starts
+        if graph_model is not None:
+            lap = self._lap("graph_extractor", lap)
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
         embedder_cls = ray.remote(EmbedderActor)
@@ -804,7 +818,9 @@ class Pipeline:
         ]
         info = _await_embedder(s, self.embedders[0], cpus)
         log.info("embedder: %s (dim %d) on %s", info["model"], info["dim"], info["device"])
+        lap = self._lap("embedder", lap)
         self.shards = shard_handles(s, info["model"], info["dim"])
+        lap = self._lap("shards", lap)
         downstream = RayDownstream(
             self.embedders, self.shards, functools.partial(shard_handles, s, info["model"], info["dim"])
         )
@@ -814,10 +830,16 @@ class Pipeline:
         ]
         if self.images:
             self._start_images()
+            lap = self._lap("image_side", lap)
         if graph_model is not None:
             self._start_graph(graph_model)
         self._runs = [src.run.remote() for src in self.sources]
         self._t0 = time.monotonic()
+        log.info(
+            "pipeline started in %.1f s (%s)",
+            self._t0 - began,
+            ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.startup.items()),
+        )
 
     def _start_images(self) -> None:
         """The image embedder, the image shards and one source of the images topic."""

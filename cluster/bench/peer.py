@@ -88,6 +88,7 @@ def index_riverbed(settings: Settings, corpus: Path) -> dict[str, Any]:
     t_read = time.perf_counter()
     pipeline = Pipeline(settings)
     pipeline.start()
+    t_started = time.perf_counter()
     try:
         device = str(ray.get(pipeline.embedders[0].describe.remote())["device"])
         _wait_assigned(pipeline)
@@ -110,6 +111,7 @@ def index_riverbed(settings: Settings, corpus: Path) -> dict[str, Any]:
         "chunks": sum(int(r.get("chunks", 0)) for r in results),
         "read_s": t_read - t0,
         "start_s": t_up - t_read,
+        "start_steps_s": {**pipeline.startup, "sources_assigned": round(t_up - t_started, 2)},
         "produce_s": t_produced - t_up,
         "process_s": t_done - t_produced,
         "index_s": t_done - t0,
@@ -352,6 +354,7 @@ def _table(result: dict[str, Any]) -> list[list[str]]:
 def write_peer_report(out_dir: Path, result: dict[str, Any]) -> None:
     """``peer.json``, ``peer.md`` (measure | Riverbed | txtai | ratio) and ``peer.png``."""
     rb, tx, local, k = result["riverbed"], result["txtai"], result["riverbed_in_process_shards"], result["k"]
+    steps = ", ".join(f"{step} {seconds:.1f}" for step, seconds in rb.get("start_steps_s", {}).items())
     preamble = (
         f"Riverbed vs txtai {result['versions']['txtai']}: {rb['documents']} passages of "
         f"{result['dataset']}, {result['queries']} held-out questions, k={k}, model {result['model']} "
@@ -360,7 +363,7 @@ def write_peer_report(out_dir: Path, result: dict[str, Any]) -> None:
         f"{result['txtai_truncated_passages']} truncated at the model's length. Both exact (flat) search. "
         "Ratio = Riverbed / txtai (times: lower is faster).\n\n"
         f"Riverbed index steps (s): read {rb['read_s']:.1f}, start actors, load model, join group "
-        f"{rb['start_s']:.1f}, produce {rb['produce_s']:.1f}, chunk + embed + write + commit "
+        f"{rb['start_s']:.1f} ({steps}), produce {rb['produce_s']:.1f}, chunk + embed + write + commit "
         f"{rb['process_s']:.1f}. "
         f"txtai (s): read {tx['read_s']:.1f}, import {tx['import_s']:.1f}, load model {tx['load_s']:.1f}, "
         f"index {tx['index_warm_s']:.1f}; save to disk (not counted) {tx['save_s']:.1f}."

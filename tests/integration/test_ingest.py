@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import numpy as np
@@ -28,7 +29,12 @@ from tests.integration.ingest_helpers import (
 
 def ingest_until_idle(settings, timeout_s: float = 600) -> list[dict]:
     pipeline = Pipeline(settings)
+    started = time.monotonic()
     pipeline.start()
+    took = time.monotonic() - started
+    # where the start went, step by step, adding up to no more than the whole
+    assert {"topics", "embedder", "shards"} <= set(pipeline.startup), pipeline.startup
+    assert 0 < sum(pipeline.startup.values()) <= took + 0.05, (pipeline.startup, took)
     try:
         pipeline.wait_idle(timeout_s=timeout_s, interval_s=0.5)
     finally:
