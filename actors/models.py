@@ -203,8 +203,24 @@ def resolve_text_model(name: str, finetune: FinetuneConfig, cache_dir: Path) -> 
         return resolve_model(name)
     where = trained_text_model_dir(cache_dir, name, finetune)
     if not (where / "config.json").is_file():
+        kind = TRAINED_TEXT_MODELS[name][0]
+        base = getattr(finetune, kind).base_model
+        hint = ""
+        if base in TRAINED_TEXT_MODELS:
+            if not (trained_text_model_dir(cache_dir, base, finetune) / "config.json").is_file():
+                first = TRAINED_TEXT_MODELS[base][0]
+                hint = f" (it starts from {base!r}, not trained either: `riverbed finetune {first}` first)"
+            encoder = TextFinetuneConfig.model_fields["base_model"].default
+            other = finetune.model_copy(
+                update={kind: getattr(finetune, kind).model_copy(update={"base_model": encoder})}
+            )
+            if (trained_text_model_dir(cache_dir, name, other) / "config.json").is_file():
+                hint += (
+                    f"; one trained from {encoder!r} is in the cache: "
+                    f"--set finetune.{kind}.base_model={encoder} uses it"
+                )
         raise ConfigError(
             f"{name!r} is not trained for these settings yet (looked in {where}): run "
-            f"`riverbed finetune {TRAINED_TEXT_MODELS[name][0]}`"
+            f"`riverbed finetune {kind}`{hint}"
         )
     return ResolvedModel(name, str(where))

@@ -252,6 +252,7 @@ def _finetune_on_mined(
         }
         data = {
             "dataset": str(dataset),
+            "base": base,  # where the weights it started from were: which reader, for a reranker
             "questions": len(groups),
             "mined_s": round(mined_s, 1),
             "negatives_per_question": round(sum(len(g.negatives) for g in groups) / max(1, len(groups)), 1),
@@ -402,6 +403,7 @@ def finetune_reader(
         }
         data = {
             "dataset": str(dataset),
+            "base": base,
             "unanswerable": str(unanswerable),
             "examples": len(examples),
             "unanswerable_examples": sum(e.answer_start < 0 for e in examples),

@@ -774,7 +774,8 @@ class Pipeline:
         self._runs: list[Any] = []
         self._t0 = time.monotonic()
         self.startup: dict[str, float] = {}
-        """Seconds each step of :meth:`start` took, in order (``topics``, ``graph_extractor``,
+        """Seconds each step of :meth:`start` took, in order (``ray``: connecting, or starting the
+        local head; ``topics``: the broker, local or not, and the topics; ``graph_extractor``,
         ``embedder``, ``shards``, ``image_side``): where a cold start goes. The sources are started
         last and not waited for (they construct their consumers and join their groups in the
         background; :meth:`progress` shows their assignments)."""
@@ -789,9 +790,10 @@ class Pipeline:
         s = self.settings
         began = time.monotonic()
         connect(s)
+        lap = self._lap("ray", began)
         self.servers = bootstrap_servers(s)
         ensure_topics(self.servers, topic_specs(s.kafka.topics), max_message_bytes=s.kafka.max_record_bytes)
-        lap = self._lap("topics", began)
+        lap = self._lap("topics", lap)
         source = running_source(s)
         if source is not None:
             raise ConfigError(

@@ -294,8 +294,9 @@ class RerankerFinetuneConfig(TextFinetuneConfig):
     base_model: str = Field(
         TRAINED_READER,
         description=f"the encoder the cross-encoder starts from: {TRAINED_READER!r} (Riverbed's own "
-        "reader, `riverbed finetune reader` first; its weights without its span head), or any "
-        "Hugging Face id or path (the packaged sentence-transformers/all-MiniLM-L6-v2 as before)",
+        "reader, `riverbed finetune reader` first; its weights without its span head; other reader "
+        "settings name another reader, so another reranker), or any Hugging Face id or path (the "
+        "packaged sentence-transformers/all-MiniLM-L6-v2 as before)",
     )
     # 2,500 of SQuAD v1.1's 5,285 tune questions: one epoch is about 22 minutes on 2 CPU cores.
     questions: PositiveInt | None = Field(

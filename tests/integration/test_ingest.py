@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 
 import numpy as np
@@ -29,13 +28,12 @@ from tests.integration.ingest_helpers import (
 
 def ingest_until_idle(settings, timeout_s: float = 600) -> list[dict]:
     pipeline = Pipeline(settings)
-    started = time.monotonic()
     pipeline.start()
-    took = time.monotonic() - started
-    # where the start went, step by step, adding up to no more than the whole
-    assert {"topics", "embedder", "shards"} <= set(pipeline.startup), pipeline.startup
-    assert 0 < sum(pipeline.startup.values()) <= took + 0.05, (pipeline.startup, took)
     try:
+        # where the start went, step by step: the embedder loads a model, so it takes time
+        core = ["ray", "topics", "embedder", "shards"]
+        assert [step for step in pipeline.startup if step in core] == core, pipeline.startup
+        assert pipeline.startup["embedder"] > 0, pipeline.startup
         pipeline.wait_idle(timeout_s=timeout_s, interval_s=0.5)
     finally:
         results = pipeline.stop()

@@ -194,6 +194,24 @@ def test_a_model_started_from_a_trained_one_is_keyed_by_it_and_needs_it_trained(
     )
     # a hub id or a path is resolved as any model name is
     assert _base(settings, "reader") == resolve_model("sentence-transformers/all-MiniLM-L6-v2").location
+    # the served reranker not trained yet: the error says what to train, in order, and points at
+    # a reranker trained from MiniLM (the default before) when the cache holds one
+    from schemas.settings import RerankerFinetuneConfig
+
+    with pytest.raises(ConfigError, match=r"run `riverbed finetune reranker`$"):
+        resolve_text_model(TRAINED_RERANKER, settings.finetune, settings.cache_dir)
+    reader_dir.joinpath("config.json").unlink()
+    with pytest.raises(ConfigError, match=r"not trained either: `riverbed finetune reader` first\)$"):
+        resolve_text_model(TRAINED_RERANKER, settings.finetune, settings.cache_dir)
+    minilm = FinetuneConfig(
+        reranker=RerankerFinetuneConfig(base_model="sentence-transformers/all-MiniLM-L6-v2")
+    )
+    older = trained_text_model_dir(settings.cache_dir, TRAINED_RERANKER, minilm)
+    older.mkdir(parents=True)
+    (older / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"base_model=sentence-transformers/all-MiniLM-L6-v2 uses it$"):
+        resolve_text_model(TRAINED_RERANKER, settings.finetune, settings.cache_dir)
+    assert resolve_text_model(TRAINED_RERANKER, minilm, settings.cache_dir).location == str(older)
     # models that start from each other have no key: refused, naming the chain
     cycle = FinetuneConfig(reader={"base_model": TRAINED_RERANKER})
     with pytest.raises(
