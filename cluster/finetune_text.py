@@ -49,7 +49,7 @@ from cluster.ray_train import Progress, exclusive, fit_on_ray
 from cluster.text_training import ReaderExample, RerankGroup, train_loop
 from schemas.errors import ConfigError
 from schemas.ids import in_tune_split
-from schemas.settings import TRAINED_EMBEDDER, TRAINED_READER, TRAINED_RERANKER, Settings
+from schemas.settings import TRAINED_EMBEDDER, TRAINED_READER, TRAINED_RERANKER, Settings, TextFinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,10 @@ def _base(settings: Settings, kind: str) -> str:
     try:
         return resolve_text_model(name, settings.finetune, settings.cache_dir).location
     except ConfigError as exc:
+        encoder = TextFinetuneConfig.model_fields["base_model"].default
         raise ConfigError(
             f"the {kind} starts from {name!r} (finetune.{kind}.base_model): {exc}; or start it from "
-            f"another model: --set finetune.{kind}.base_model=sentence-transformers/all-MiniLM-L6-v2"
+            f"another model: --set finetune.{kind}.base_model={encoder}"
         ) from exc
 
 
