@@ -400,19 +400,40 @@ class RayDownstream:
     Ray's transport failures (a dead, restarting or unreachable actor, a timeout, a lost object)
     become :class:`RetryableError`; an error the actor's own code raised arrives as Ray's task
     error, which is also an instance of its cause's class, and is classified by that cause.
+
+    The shard handles come from ``find_shards`` (which finds the shards by name, or creates any that
+    is gone, from its data on disk) on the first call that needs them, unless ``shards`` gives them:
+    a source can then be built while the embedder still loads the model that the shards are made
+    for. ``find_shards`` is asked again when a shard actor is dead for good (killed without a
+    restart), since its handle never works again.
     """
 
     def __init__(
         self,
         embedders: Sequence[Any],
-        shards: Sequence[Any],
-        revive_shards: Callable[[], Sequence[Any]] | None = None,
+        n_shards: int,
+        find_shards: Callable[[], Sequence[Any]],
+        shards: Sequence[Any] | None = None,
     ) -> None:
+        if shards is not None and len(shards) != n_shards:
+            raise ValueError(f"{len(shards)} shard handles for {n_shards} shards")
         self.embedders = list(embedders)
-        self.shards = list(shards)
-        self.n_shards = len(self.shards)
-        self.revive_shards = revive_shards
+        self.n_shards = n_shards
+        self.find_shards = find_shards
+        self._shards: list[Any] | None = None if shards is None else list(shards)
         self._next = 0
+
+    @property
+    def shards(self) -> list[Any]:
+        if self._shards is None:
+            try:
+                found = list(self.find_shards())
+            except Exception as exc:  # never the records' fault: the consumer retries, whatever it is
+                raise RetryableError(f"finding the shard actors failed: {exc!r}") from exc
+            if len(found) != self.n_shards:
+                raise RetryableError(f"found {len(found)} shard actors for {self.n_shards} shards")
+            self._shards = found
+        return self._shards
 
     def embed(self, inputs: list[Any]) -> Future[np.ndarray]:
         embedder = self.embedders[self._next % len(self.embedders)]
@@ -458,16 +479,10 @@ class RayDownstream:
             raise _transport_retryable(exc, what) from exc
 
     def _revive(self, cause: BaseException) -> None:
-        """A shard actor is dead for good (killed without a restart): its handle never works again,
-        while the retried call would use it forever. Takes fresh handles from ``revive_shards``,
-        which finds the shards by name and creates any that is gone, from its data on disk."""
-        if self.revive_shards is None:
-            return
+        """A shard actor is dead for good: the handles are found again (``find_shards``) by the
+        next call, which the consumer retries."""
         log.warning("a shard actor is dead (%s); finding or re-creating the index's shards", cause)
-        try:
-            self.shards = list(self.revive_shards())
-        except Exception as exc:  # the next retry tries again
-            log.warning("re-creating the shards failed (%s); the write is retried", exc)
+        self._shards = None
 
 
 def _transport_retryable(exc: BaseException, what: str) -> BaseException:
@@ -611,6 +626,23 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     ]
     ray.get([h.ping.remote() for h in handles])
     return handles
+
+
+def described_shards(side: Settings, embedder: Any, graph: bool = False) -> list[Any]:
+    """The shard actors of ``side`` for the model its ``embedder`` describes (for a knowledge
+    graph, ``graph``: its extractor's model): found by name, or created from their data on disk.
+    Waits for the embedder to load its model."""
+    info = ray.get(embedder.describe.remote(), timeout=SHARD_CALL_TIMEOUT_S)
+    if graph:
+        return graph_shard_handles(side, str(info["model"]))
+    return shard_handles(side, str(info["model"]), int(info["dim"]))
+
+
+def _downstream(side: Settings, embedders: Sequence[Any], graph: bool = False) -> RayDownstream:
+    """A source's downstream: ``embedders``, and ``side``'s shards found on first use."""
+    return RayDownstream(
+        embedders, side.index.n_shards, functools.partial(described_shards, side, embedders[0], graph)
+    )
 
 
 def running_source(settings: Settings) -> str | None:
@@ -776,9 +808,10 @@ class Pipeline:
         self.startup: dict[str, float] = {}
         """Seconds each step of :meth:`start` took, in order (``ray``: connecting, or starting the
         local head; ``topics``: the broker, local or not, and the topics; ``graph_extractor``,
-        ``embedder``, ``shards``, ``image_side``): where a cold start goes. The sources are started
-        last and not waited for (they construct their consumers and join their groups in the
-        background; :meth:`progress` shows their assignments)."""
+        ``embedder`` (loading the model; the sources are built meanwhile), ``shards``,
+        ``image_side``): where a cold start goes. The sources are not waited for (they finish
+        building and join their groups in the background; :meth:`progress` shows their
+        assignments)."""
 
     def _lap(self, step: str, since: float) -> float:
         now = time.monotonic()
@@ -787,6 +820,12 @@ class Pipeline:
 
     # START
     def start(self) -> None:
+        """Starts the run's actors, each side's (text, images, knowledge graph) at once where it
+        can: the sources are built (the processor loaded, the dead-letter producer open) while the
+        embedders load their models, and find their shards on their first write; the shards are
+        created here as soon as the embedder says which model and dimension they hold. No source
+        reads a record before every shard is up. When a step fails, the actors this run started
+        are stopped (the shards, shared with serving, stay) and the error is raised."""
         s = self.settings
         began = time.monotonic()
         connect(s)
@@ -801,6 +840,21 @@ class Pipeline:
                 "stop it first"
             )
         self.images = images_enabled(s)
+        try:
+            self._start_actors(lap)
+        except BaseException:
+            self._abandon()
+            raise
+        self._runs = [src.run.remote() for src in self.sources]
+        self._t0 = time.monotonic()
+        log.info(
+            "pipeline started in %.1f s (%s)",
+            self._t0 - began,
+            ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.startup.items()),
+        )
+
+    def _start_actors(self, lap: float) -> None:
+        s = self.settings
         graph_model = self._graph_model() if s.graph.enabled else None  # before the text side starts
         if graph_model is not None:
             lap = self._lap("graph_extractor", lap)
@@ -818,33 +872,41 @@ class Pipeline:
             ).remote(embed_config)
             for i in range(s.embed.workers)
         ]
+        self.sources = [
+            self._source(actor_name(s.index.name, "source", i), _downstream(s, self.embedders), "document")
+            for i in range(s.ingest.sources)
+        ]
+        if self.images:
+            self._launch_images()
+        if graph_model is not None:
+            side = s.graph_side()
+            downstream = _downstream(side, self.extractors, graph=True)
+            self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "graph"))
         info = _await_embedder(s, self.embedders[0], cpus)
         log.info("embedder: %s (dim %d) on %s", info["model"], info["dim"], info["device"])
         lap = self._lap("embedder", lap)
         self.shards = shard_handles(s, info["model"], info["dim"])
         lap = self._lap("shards", lap)
-        downstream = RayDownstream(
-            self.embedders, self.shards, functools.partial(shard_handles, s, info["model"], info["dim"])
-        )
-        self.sources = [
-            self._source(actor_name(s.index.name, "source", i), downstream, "document")
-            for i in range(s.ingest.sources)
-        ]
         if self.images:
-            self._start_images()
+            side = s.image_side()
+            info = _await_embedder(side, self.image_embedders[0], IMAGE_EMBED_CPUS)
+            log.info("image embedder: %s (dim %d)", info["model"], info["dim"])
+            self.image_shards = shard_handles(side, info["model"], info["dim"])
             lap = self._lap("image_side", lap)
         if graph_model is not None:
-            self._start_graph(graph_model)
-        self._runs = [src.run.remote() for src in self.sources]
-        self._t0 = time.monotonic()
-        log.info(
-            "pipeline started in %.1f s (%s)",
-            self._t0 - began,
-            ", ".join(f"{step} {seconds:.1f} s" for step, seconds in self.startup.items()),
-        )
+            self.graph_shards = graph_shard_handles(s.graph_side(), graph_model)
 
-    def _start_images(self) -> None:
-        """The image embedder, the image shards and one source of the images topic."""
+    def _abandon(self) -> None:
+        """Stops the actors a failed :meth:`start` started (not the shards: serving shares them)."""
+        for actor in self.sources + self.embedders + self.image_embedders + self.extractors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # already gone
+                log.debug("stopping %s: %s", actor, exc)
+        self.sources, self.embedders, self.image_embedders, self.extractors = [], [], [], []
+
+    def _launch_images(self) -> None:
+        """The image embedder and one source of the images topic (its shards: :meth:`start`)."""
         s, side = self.settings, self.settings.image_side()
         self.image_embedders = [
             ray.remote(ImageEmbedderActor)
@@ -858,14 +920,7 @@ class Pipeline:
             )
             .remote(s.images, s.embed.model, s.cache_dir)
         ]
-        info = _await_embedder(side, self.image_embedders[0], IMAGE_EMBED_CPUS)
-        log.info("image embedder: %s (dim %d)", info["model"], info["dim"])
-        self.image_shards = shard_handles(side, info["model"], info["dim"])
-        downstream = RayDownstream(
-            self.image_embedders,
-            self.image_shards,
-            functools.partial(shard_handles, side, info["model"], info["dim"]),
-        )
+        downstream = _downstream(side, self.image_embedders)
         self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "image"))
 
     def _graph_model(self) -> str:
@@ -895,16 +950,6 @@ class Pipeline:
                     "reset --yes`, then ingest again, rebuilds it from the topic)"
                 )
         return model
-
-    def _start_graph(self, model: str) -> None:
-        """The graph shards (``model``: :meth:`_graph_model`'s) and one source of the documents
-        topic in the graph's own consumer group."""
-        side = self.settings.graph_side()
-        self.graph_shards = graph_shard_handles(side, model)
-        downstream = RayDownstream(
-            self.extractors, self.graph_shards, functools.partial(graph_shard_handles, side, model)
-        )
-        self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "graph"))
 
     def _source(self, name: str, downstream: RayDownstream, kind: str) -> Any:
         return (

@@ -101,3 +101,24 @@ def test_serve_moves_to_the_asked_address_when_no_app_runs_there(ray_session):
         assert client is not None and client.http_config.port == second
     finally:
         serve.shutdown()
+
+
+def test_an_ingest_refused_for_its_embedders_cpus_stops_the_sources_it_started(pipeline_settings):
+    """The sources are built while the embedder waits for its CPUs and loads its model; when the
+    embedder is refused, the start must stop them as well: a live source makes the index look
+    ingested ("an ingest is already running") to every later start."""
+    from cluster.pipeline import Pipeline, running_source
+
+    s = pipeline_settings
+    too_many = ray.cluster_resources().get("CPU", 0.0) + 1
+    dump = s.model_dump(mode="json")
+    dump["embed"]["num_cpus"] = too_many
+    settings = load_settings(overrides=dump)
+    pipeline = Pipeline(settings)
+    with pytest.raises(ConfigError, match=r"needs .* logical CPUs"):
+        pipeline.start()
+    deadline = time.monotonic() + 20  # a killed actor is DEAD a moment later
+    while running_source(settings) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running_source(settings) is None, "the refused start left its sources running"
+    assert pipeline.sources == [] and pipeline.embedders == []

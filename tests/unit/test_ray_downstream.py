@@ -1,0 +1,67 @@
+"""How a source's downstream finds its shard actors without Ray: on the first call that needs
+them (the source is built while the embedder still loads the model the shards are made for), once,
+and again after one died for good; a failure to find them is never the records' fault."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.pipeline import RayDownstream
+from schemas.errors import RetryableError
+
+
+class Finder:
+    """Stands for the lookup by name: hands out numbered handle lists, or fails while told to."""
+
+    def __init__(self, n_shards: int) -> None:
+        self.n_shards = n_shards
+        self.calls = 0
+        self.failure: Exception | None = None
+
+    def __call__(self) -> list[str]:
+        self.calls += 1
+        if self.failure is not None:
+            raise self.failure
+        return [f"handle-{self.calls}-{i}" for i in range(self.n_shards)]
+
+
+def test_the_shards_are_found_on_first_use_and_kept():
+    finder = Finder(3)
+    downstream = RayDownstream(["embedder"], 3, finder)
+    assert finder.calls == 0  # building the downstream (the source) asks nothing
+    assert downstream.n_shards == 3
+    assert downstream.shards == ["handle-1-0", "handle-1-1", "handle-1-2"]
+    assert downstream.shards == ["handle-1-0", "handle-1-1", "handle-1-2"]
+    assert finder.calls == 1
+
+
+def test_given_shards_are_used_without_a_lookup():
+    finder = Finder(2)
+    downstream = RayDownstream(["embedder"], 2, finder, shards=["a", "b"])
+    assert downstream.shards == ["a", "b"] and finder.calls == 0
+    with pytest.raises(ValueError, match="3 shard handles for 2 shards"):
+        RayDownstream(["embedder"], 2, finder, shards=["a", "b", "c"])
+
+
+def test_a_failed_lookup_is_retryable_whatever_raised_it_and_is_tried_again():
+    finder = Finder(2)
+    finder.failure = ValueError("Failed to look up actor with name 't/shard/0'")
+    downstream = RayDownstream(["embedder"], 2, finder)
+    with pytest.raises(RetryableError, match=r"finding the shard actors failed.*t/shard/0"):
+        _ = downstream.shards
+    finder.failure = None
+    assert downstream.shards == ["handle-2-0", "handle-2-1"]
+
+
+def test_a_lookup_that_finds_too_few_shards_is_retryable():
+    downstream = RayDownstream(["embedder"], 4, Finder(3))
+    with pytest.raises(RetryableError, match="found 3 shard actors for 4 shards"):
+        _ = downstream.shards
+
+
+def test_a_shard_dead_for_good_makes_the_next_call_look_the_shards_up_again():
+    finder = Finder(2)
+    downstream = RayDownstream(["embedder"], 2, finder)
+    first = downstream.shards
+    downstream._revive(RuntimeError("the actor died"))
+    assert downstream.shards != first and finder.calls == 2
