@@ -855,9 +855,8 @@ class Pipeline:
 
     def _start_actors(self, lap: float) -> None:
         s = self.settings
-        graph_model = self._graph_model() if s.graph.enabled else None  # before the text side starts
-        if graph_model is not None:
-            lap = self._lap("graph_extractor", lap)
+        if s.graph.enabled:
+            self._launch_extractors()
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
         embedder_cls = ray.remote(EmbedderActor)
@@ -878,10 +877,13 @@ class Pipeline:
         ]
         if self.images:
             self._launch_images()
-        if graph_model is not None:
+        graph_model = None
+        if s.graph.enabled:
             side = s.graph_side()
             downstream = _downstream(side, self.extractors, graph=True)
             self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "graph"))
+            graph_model = self._graph_model()
+            lap = self._lap("graph_extractor", lap)
         info = _await_embedder(s, self.embedders[0], cpus)
         log.info("embedder: %s (dim %d) on %s", info["model"], info["dim"], info["device"])
         lap = self._lap("embedder", lap)
@@ -923,9 +925,8 @@ class Pipeline:
         downstream = _downstream(side, self.image_embedders)
         self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "image"))
 
-    def _graph_model(self) -> str:
-        """Starts the graph's extractors; the extraction model they run (its description).
-        :class:`GraphModelChangedError` when the graph's stores were built by another one."""
+    def _launch_extractors(self) -> None:
+        """The knowledge graph's extractors (:meth:`_graph_model` waits for them)."""
         s, side = self.settings, self.settings.graph_side()
         self.extractors = [
             ray.remote(ExtractorActor)
@@ -939,6 +940,12 @@ class Pipeline:
             .remote(s.graph)
             for i in range(s.graph.extractors)
         ]
+
+    def _graph_model(self) -> str:
+        """The extraction model the graph's extractors run (its description), once they are up.
+        :class:`GraphModelChangedError` when the graph's stores were built by another one: before
+        any source reads a record."""
+        s, side = self.settings, self.settings.graph_side()
         model = str(_await_embedder(side, self.extractors[0], GRAPH_EXTRACT_CPUS)["model"])
         log.info("graph extractor: %s", model)
         for shard in range(side.index.n_shards):

@@ -151,3 +151,29 @@ def test_a_graph_shard_that_lost_its_store_refuses_to_answer_until_the_graph_is_
     assert mentions == expected_mentions and relations == expected_relations
     assert reset_graph(s)["group"] == "deleted"
     assert reset_graph(s) == {"index": s.index.name, "group": "absent", "actors_stopped": 0, "removed": None}
+
+
+def test_a_graph_built_by_another_model_refuses_the_start_and_leaves_no_ingest_running(pipeline_settings):
+    """The text side's embedder and sources start beside the graph's extractor; when the extractor
+    then says that the graph's stores were built by another model, the start is refused with the
+    way out, and every actor it started (text, graph) is stopped: none reads a record, and a later
+    start is not told that an ingest is running."""
+    import time
+
+    from actors.graph_store import GraphStore
+    from cluster.pipeline import GraphModelChangedError, live_ingest_actors, running_source
+
+    s = with_graph(pipeline_settings)
+    side = s.graph_side()
+    directory = shard_directory(side.data_dir, 0)
+    directory.mkdir(parents=True)
+    GraphStore(directory, "spacy/another_pipeline 0.0 (extraction 1)").close()
+    produce(s, squad_documents(5, prefix="m-"))
+    pipeline = Pipeline(s)
+    with pytest.raises(GraphModelChangedError, match=r"was built by 'spacy/another_pipeline.*graph reset"):
+        pipeline.start()
+    deadline = time.monotonic() + 20  # a killed actor is DEAD a moment later
+    while live_ingest_actors(s) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert live_ingest_actors(s) == [] and running_source(s) is None
+    assert committed_offsets(s.kafka.bootstrap_servers, s.consumer_group) == {}  # nothing was read
