@@ -301,10 +301,13 @@ def open_graph_shards(settings: Settings) -> list[Any]:
     return []
 
 
-def graph_shard_handles(side: Settings, model: str) -> list[Any]:
+def graph_shard_handles(
+    side: Settings, model: str, servers: str | None = None, timeout_s: float | None = None
+) -> list[Any]:
     """Gets or creates the detached shard actors of a knowledge graph (``side``: the index's
     :meth:`~schemas.settings.Settings.graph_side`), placed as :func:`shard_handles` places vector
-    shards (soft node affinity: a restart stays where the store is)."""
+    shards (soft node affinity: a restart stays where the store is); ``servers`` and
+    ``timeout_s`` as there."""
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     handles: list[Any] = [
         ray.remote(GraphShardActor)
@@ -318,10 +321,12 @@ def graph_shard_handles(side: Settings, model: str) -> list[Any]:
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
             **_RESTART,
         )
-        .remote(side.data_dir, i, model, side.index.name, bootstrap_servers(side), side.consumer_group)
+        .remote(
+            side.data_dir, i, model, side.index.name, servers or bootstrap_servers(side), side.consumer_group
+        )
         for i in range(side.index.n_shards)
     ]
-    ray.get([h.ping.remote() for h in handles])
+    ray.get([h.ping.remote() for h in handles], timeout=timeout_s)
     return handles
 
 
@@ -585,8 +590,12 @@ class Progress:
         return sum(sum(s.get("dead_letters", {}).values()) for s in self.sources)
 
 
-def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
-    """Gets or creates the detached shard actors of ``settings.index``.
+def shard_handles(
+    settings: Settings, model: str, dim: int, servers: str | None = None, timeout_s: float | None = None
+) -> list[Any]:
+    """Gets or creates the detached shard actors of ``settings.index`` (``servers``: the broker
+    they check their committed offsets with, by default the settings'), and waits until each
+    answers (at most ``timeout_s``, by default as long as it takes).
 
     A new shard is placed on a node (spread over the cluster's alive nodes, by shard number) with
     soft affinity: a crashed shard restarts on that node, where its store is; only when the node is
@@ -600,7 +609,7 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
     if faiss_config.omp_threads is None:
         faiss_config = faiss_config.model_copy(update={"omp_threads": 1})
     index_config = settings.index.model_copy(update={"faiss": faiss_config})
-    servers = bootstrap_servers(settings)
+    servers = servers or bootstrap_servers(settings)
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     handles: list[Any] = [
         cls.options(
@@ -624,24 +633,27 @@ def shard_handles(settings: Settings, model: str, dim: int) -> list[Any]:
         )
         for i in range(settings.index.n_shards)
     ]
-    ray.get([h.ping.remote() for h in handles])
+    ray.get([h.ping.remote() for h in handles], timeout=timeout_s)
     return handles
 
 
-def described_shards(side: Settings, embedder: Any, graph: bool = False) -> list[Any]:
+def described_shards(side: Settings, embedder: Any, servers: str, graph: bool = False) -> list[Any]:
     """The shard actors of ``side`` for the model its ``embedder`` describes (for a knowledge
-    graph, ``graph``: its extractor's model): found by name, or created from their data on disk.
-    Waits for the embedder to load its model."""
+    graph, ``graph``: its extractor's model): found by name, or created from their data on disk,
+    with the broker at ``servers`` (a source never starts one). Waits for the embedder to load its
+    model, and for each shard at most ``SHARD_CALL_TIMEOUT_S`` (then raises)."""
     info = ray.get(embedder.describe.remote(), timeout=SHARD_CALL_TIMEOUT_S)
     if graph:
-        return graph_shard_handles(side, str(info["model"]))
-    return shard_handles(side, str(info["model"]), int(info["dim"]))
+        return graph_shard_handles(side, str(info["model"]), servers, timeout_s=SHARD_CALL_TIMEOUT_S)
+    return shard_handles(side, str(info["model"]), int(info["dim"]), servers, timeout_s=SHARD_CALL_TIMEOUT_S)
 
 
-def _downstream(side: Settings, embedders: Sequence[Any], graph: bool = False) -> RayDownstream:
+def _downstream(side: Settings, embedders: Sequence[Any], servers: str, graph: bool = False) -> RayDownstream:
     """A source's downstream: ``embedders``, and ``side``'s shards found on first use."""
     return RayDownstream(
-        embedders, side.index.n_shards, functools.partial(described_shards, side, embedders[0], graph)
+        embedders,
+        side.index.n_shards,
+        functools.partial(described_shards, side, embedders[0], servers, graph),
     )
 
 
@@ -804,6 +816,8 @@ class Pipeline:
         self.extractors: list[Any] = []
         self.graph_shards: list[Any] = []
         self._runs: list[Any] = []
+        self._owned = False
+        """Whether :meth:`start` created the run's first source (see :meth:`_abandon`)."""
         self._t0 = time.monotonic()
         self.startup: dict[str, float] = {}
         """Seconds each step of :meth:`start` took, in order (``ray``: connecting, or starting the
@@ -822,7 +836,7 @@ class Pipeline:
     def start(self) -> None:
         """Starts the run's actors, each side's (text, images, knowledge graph) at once where it
         can: the sources are built (the processor loaded, the dead-letter producer open) while the
-        embedders load their models, and find their shards on their first write; the shards are
+        embedders load their models, and find their shards when they first need them; the shards are
         created here as soon as the embedder says which model and dimension they hold. No source
         reads a record before every shard is up. When a step fails, the actors this run started
         are stopped (the shards, shared with serving, stay) and the error is raised."""
@@ -860,27 +874,27 @@ class Pipeline:
         cpus = embed_cpus(s)
         embed_config = s.embed.model_copy(update={"num_cpus": cpus})
         embedder_cls = ray.remote(EmbedderActor)
-        self.embedders = [
-            embedder_cls.options(
-                name=actor_name(s.index.name, "embedder", i),
-                namespace=s.ray.namespace,
-                get_if_exists=True,
-                num_cpus=cpus,
-                num_gpus=s.embed.num_gpus,
-                **_RESTART,
-            ).remote(embed_config)
-            for i in range(s.embed.workers)
-        ]
-        self.sources = [
-            self._source(actor_name(s.index.name, "source", i), _downstream(s, self.embedders), "document")
-            for i in range(s.ingest.sources)
-        ]
+        for i in range(s.embed.workers):  # one at a time, so that a failure leaves the others listed
+            self.embedders.append(
+                embedder_cls.options(
+                    name=actor_name(s.index.name, "embedder", i),
+                    namespace=s.ray.namespace,
+                    get_if_exists=True,
+                    num_cpus=cpus,
+                    num_gpus=s.embed.num_gpus,
+                    **_RESTART,
+                ).remote(embed_config)
+            )
+        for i in range(s.ingest.sources):
+            downstream = _downstream(s, self.embedders, self.servers)
+            self.sources.append(self._source(actor_name(s.index.name, "source", i), downstream, "document"))
+            self._owned = True  # the name was free: no other run of the index shares these actors
         if self.images:
             self._launch_images()
         graph_model = None
         if s.graph.enabled:
             side = s.graph_side()
-            downstream = _downstream(side, self.extractors, graph=True)
+            downstream = _downstream(side, self.extractors, self.servers, graph=True)
             self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "graph"))
             graph_model = self._graph_model()
             lap = self._lap("graph_extractor", lap)
@@ -899,13 +913,18 @@ class Pipeline:
             self.graph_shards = graph_shard_handles(s.graph_side(), graph_model)
 
     def _abandon(self) -> None:
-        """Stops the actors a failed :meth:`start` started (not the shards: serving shares them)."""
-        for actor in self.sources + self.embedders + self.image_embedders + self.extractors:
+        """Stops the actors a failed :meth:`start` started (not the shards: serving shares them).
+        The embedders and extractors (found by name, or created) only when this start created its
+        first source: when that name was taken, another run of the index started at the same
+        moment, and they are its own."""
+        shared = self.embedders + self.image_embedders + self.extractors if self._owned else []
+        for actor in self.sources + shared:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception as exc:  # already gone
                 log.debug("stopping %s: %s", actor, exc)
         self.sources, self.embedders, self.image_embedders, self.extractors = [], [], [], []
+        self._owned = False
 
     def _launch_images(self) -> None:
         """The image embedder and one source of the images topic (its shards: :meth:`start`)."""
@@ -922,24 +941,24 @@ class Pipeline:
             )
             .remote(s.images, s.embed.model, s.cache_dir)
         ]
-        downstream = _downstream(side, self.image_embedders)
+        downstream = _downstream(side, self.image_embedders, self.servers)
         self.sources.append(self._source(actor_name(side.index.name, "source", 0), downstream, "image"))
 
     def _launch_extractors(self) -> None:
         """The knowledge graph's extractors (:meth:`_graph_model` waits for them)."""
         s, side = self.settings, self.settings.graph_side()
-        self.extractors = [
-            ray.remote(ExtractorActor)
-            .options(
-                name=actor_name(side.index.name, "embedder", i),
-                namespace=side.ray.namespace,
-                get_if_exists=True,
-                num_cpus=GRAPH_EXTRACT_CPUS,
-                **_RESTART,
+        for i in range(s.graph.extractors):
+            self.extractors.append(
+                ray.remote(ExtractorActor)
+                .options(
+                    name=actor_name(side.index.name, "embedder", i),
+                    namespace=side.ray.namespace,
+                    get_if_exists=True,
+                    num_cpus=GRAPH_EXTRACT_CPUS,
+                    **_RESTART,
+                )
+                .remote(s.graph)
             )
-            .remote(s.graph)
-            for i in range(s.graph.extractors)
-        ]
 
     def _graph_model(self) -> str:
         """The extraction model the graph's extractors run (its description), once they are up.

@@ -162,7 +162,9 @@ async def _http_level(
 ) -> dict[str, Any]:
     """One closed-loop level. The client is aiohttp's: on the same cores as the server, httpx's
     client took about 13 times its CPU a request (3.9 against 0.3 ms on 2 slow cores), so a
-    heavier client would measure itself. ``client_cpu_ms`` is this process's CPU a request."""
+    heavier client would measure itself. ``client_cpu_ms`` is this process's CPU a request (every
+    thread's, Ray's included: an upper bound of the client's). A request that times out or fails
+    to connect is an error, as a non-200 answer is."""
     import aiohttp
 
     latencies: list[float] = []
@@ -174,11 +176,14 @@ async def _http_level(
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, headers=headers) as client:
 
         async def search(q: str) -> int:
-            async with client.post("/v1/search", json={"query": q, "k": k, "mode": mode}) as r:
-                await r.read()  # the whole answer, as a client that uses it would
-                return r.status
+            try:
+                async with client.post("/v1/search", json={"query": q, "k": k, "mode": mode}) as r:
+                    await r.read()  # the whole answer, as a client that uses it would
+                    return r.status
+            except (TimeoutError, aiohttp.ClientError):
+                return 0
 
-        for q in queries[:4]:  # warm the connections and the replicas
+        for q in queries[:4]:  # warm a connection and the replicas
             await search(q)
 
         async def worker() -> None:

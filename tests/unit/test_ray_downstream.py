@@ -65,3 +65,46 @@ def test_a_shard_dead_for_good_makes_the_next_call_look_the_shards_up_again():
     first = downstream.shards
     downstream._revive(RuntimeError("the actor died"))
     assert downstream.shards != first and finder.calls == 2
+
+
+class Handle:
+    """Stands for a shard actor's handle: ``apply.remote`` gives a reference to ``ray.get``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.apply = self
+
+    def remote(self, write: object) -> tuple[str, object]:
+        return (self.name, write)
+
+
+def test_a_write_to_a_shard_dead_for_good_is_retryable_and_the_retry_uses_fresh_handles(monkeypatch):
+    """Through ``write``: Ray says the actor died (for good); the write fails retryably (the
+    consumer retries it, never dead-letters its records) and the next one goes to the handles found
+    again, not to the dead one."""
+    from ray.exceptions import ActorDiedError
+
+    import cluster.pipeline as pipeline
+    from actors.failures import classify
+
+    made: list[list[Handle]] = []
+
+    def find() -> list[Handle]:
+        made.append([Handle(f"shard-{i}@{len(made)}") for i in range(2)])
+        return made[-1]
+
+    downstream = RayDownstream(["embedder"], 2, find)
+    sent: list[tuple[str, object]] = []
+
+    def dead_then_alive(refs: list[tuple[str, object]], timeout: float) -> list[str]:
+        if len(made) == 1:
+            raise ActorDiedError()
+        sent.extend(refs)
+        return ["ok" for _ in refs]
+
+    monkeypatch.setattr(pipeline.ray, "get", dead_then_alive)
+    with pytest.raises(RetryableError, match="shard write failed") as failed:
+        downstream.write({1: "w1"})  # type: ignore[dict-item]
+    assert classify(failed.value) == "transient"
+    assert downstream.write({1: "w1"}) == {1: "ok"}  # type: ignore[dict-item]
+    assert sent == [("shard-1@1", "w1")] and len(made) == 2
