@@ -406,11 +406,11 @@ class RayDownstream:
     become :class:`RetryableError`; an error the actor's own code raised arrives as Ray's task
     error, which is also an instance of its cause's class, and is classified by that cause.
 
-    The shard handles come from ``find_shards`` (which finds the shards by name, or creates any that
-    is gone, from its data on disk) on the first call that needs them, unless ``shards`` gives them:
-    a source can then be built while the embedder still loads the model that the shards are made
-    for. ``find_shards`` is asked again when a shard actor is dead for good (killed without a
-    restart), since its handle never works again.
+    The shard handles come from ``find_shards`` (which finds the shards by name, or creates any
+    that is gone, from its data on disk) on the first call that needs them: a source can then be
+    built while the embedder still loads the model that the shards are made for. ``find_shards``
+    is asked again when a shard actor is dead for good (killed without a restart), since its
+    handle never works again.
     """
 
     def __init__(
@@ -418,14 +418,11 @@ class RayDownstream:
         embedders: Sequence[Any],
         n_shards: int,
         find_shards: Callable[[], Sequence[Any]],
-        shards: Sequence[Any] | None = None,
     ) -> None:
-        if shards is not None and len(shards) != n_shards:
-            raise ValueError(f"{len(shards)} shard handles for {n_shards} shards")
         self.embedders = list(embedders)
         self.n_shards = n_shards
         self.find_shards = find_shards
-        self._shards: list[Any] | None = None if shards is None else list(shards)
+        self._shards: list[Any] | None = None
         self._next = 0
 
     @property

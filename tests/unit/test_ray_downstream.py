@@ -35,14 +35,6 @@ def test_the_shards_are_found_on_first_use_and_kept():
     assert finder.calls == 1
 
 
-def test_given_shards_are_used_without_a_lookup():
-    finder = Finder(2)
-    downstream = RayDownstream(["embedder"], 2, finder, shards=["a", "b"])
-    assert downstream.shards == ["a", "b"] and finder.calls == 0
-    with pytest.raises(ValueError, match="3 shard handles for 2 shards"):
-        RayDownstream(["embedder"], 2, finder, shards=["a", "b", "c"])
-
-
 def test_a_failed_lookup_is_retryable_whatever_raised_it_and_is_tried_again():
     finder = Finder(2)
     finder.failure = ValueError("Failed to look up actor with name 't/shard/0'")
