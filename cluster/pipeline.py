@@ -702,20 +702,37 @@ def named_shards(settings: Settings) -> list[Any]:
     return handles
 
 
-def release_shards(settings: Settings) -> int:
+def release_shards(settings: Settings, timeout_s: float = 60.0) -> int:
     """Stops the index's shard actors; how many were running. They are detached (they outlive the
     command that started them, for `serve`); their data stays on disk and :func:`shard_handles`
-    starts them again. Never call it on an index another command is serving."""
-    stopped = 0
+    starts them again. Never call it on an index another command is serving.
+
+    Returns once every stopped actor's name is free: a kill takes effect a moment after it is
+    sent, and a :func:`shard_handles` in between would get the dying actor back by its name (whose
+    calls then fail), and its store may still be open while the caller removes or copies it."""
+    namespace = settings.ray.namespace
+    stopped = []
     for i in range(settings.index.n_shards):
+        name = actor_name(settings.index.name, "shard", i)
         try:
-            ray.kill(
-                ray.get_actor(actor_name(settings.index.name, "shard", i), namespace=settings.ray.namespace)
-            )
-            stopped += 1
+            ray.kill(ray.get_actor(name, namespace=namespace))
         except ValueError:  # not running
             continue
-    return stopped
+        stopped.append(name)
+    deadline = time.monotonic() + timeout_s
+    for name in stopped:
+        while True:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:  # gone
+                break
+            if time.monotonic() > deadline:
+                raise IndexUnavailableError(
+                    f"shard actor {name!r} still runs {timeout_s:.0f} s after it was killed; "
+                    "see `ray list actors` and try again"
+                )
+            time.sleep(0.1)
+    return len(stopped)
 
 
 def drop_index(settings: Settings, topics: Sequence[str]) -> None:

@@ -64,6 +64,18 @@ if [ ! -f "$venv/.complete" ]; then
   date -u +%FT%TZ > "$venv/.complete"
 fi
 
+# Bytecode for every cached package, written once here: a Python run with PYTHONDONTWRITEBYTECODE
+# set (CI's environment sets it) never writes it, and without it each process compiles what it
+# imports (torch, transformers, sentence-transformers, scikit-learn: about 20 s of CPU in every Ray
+# worker that loads a model, most of an integration test's time). Marked apart from .complete so a
+# venv built before this step gets it too. A few files under torch/testing hold Python 3.12 syntax
+# and are never imported: compileall's non-zero exit for them is expected.
+if [ ! -f "$venv/.bytecode" ]; then
+  echo "setup: compiling the package venv's bytecode (once per venv, about 2 minutes)" >&2
+  "$venv/bin/python" -m compileall -q -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
+  date -u +%FT%TZ > "$venv/.bytecode"
+fi
+
 if [ ! -f .venv/.riverbed-key ] || [ "$(cat .venv/.riverbed-key)" != "$venv" ] || [ ! -x .venv/bin/riverbed ]; then
   echo "setup: creating ./.venv on top of $venv" >&2
   rm -rf .venv

@@ -74,6 +74,20 @@ def results(http: httpx.Client) -> dict[tuple[str, str], list[str]]:
     return out
 
 
+def assert_still_found(
+    before: dict[tuple[str, str], list[str]], after: dict[tuple[str, str], list[str]]
+) -> None:
+    """Nothing indexed before a write is lost by it. A vector score does not depend on the rest of
+    the index: those answers stay exactly the same (the new document is about something else). A
+    keyword score does (BM25's document count, lengths and frequencies change with every document),
+    so two near-tied chunks may swap: there every chunk of the old top 5 must still be in the top 10."""
+    for (query, mode), ids in before.items():
+        if mode == "vector":
+            assert after[(query, mode)] == ids, (query, mode)
+        else:
+            assert set(ids[:5]) <= set(after[(query, mode)]), (query, mode, ids, after[(query, mode)])
+
+
 class Clients:
     """``CLIENTS`` threads posting the queries in turn until stopped or ``MAX_REQUESTS`` are sent;
     they record every status, the first bodies of unexpected ones, and when each request began."""
@@ -266,7 +280,7 @@ def test_a_shard_killed_for_good_during_ingest_is_created_again_by_the_next_writ
         assert r.status_code == 200 and r.json()["indexed"], r.text
         health = wait_healthy(http)
         assert health["chunks"] == chunks_before + r.json()["chunks"], health
-        assert results(http) == before
+        assert_still_found(before, results(http))
         hits = http.post("/v1/search", json={"query": "quokka numbat lighthouse", "mode": "keyword", "k": 1})
         assert hits.json()["hits"][0]["document_id"] == doc_id, hits.text
 
