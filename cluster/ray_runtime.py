@@ -367,6 +367,14 @@ def serve_environment(settings: Settings, *, local: bool = True) -> dict[str, st
     return env
 
 
+LOG_MONITOR_ENVIRONMENT = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "2"}
+"""For a head's log monitor (which sends the workers' output to the drivers): look for new log files
+every 2 s instead of 10 times a second. Ray globs the log directory on every pass while it holds
+under 1,000 files; a local head that has run a few hundred workers (each leaves its .out and .err)
+spent 8 % of a core on it, measured on 2 cores with 620 files. A new worker's first lines reach the
+driver up to 2 s later; nothing is lost."""
+
+
 def serve_signature(settings: Settings) -> str:
     """:func:`serve_environment` as one recorded string (a head started with another is restarted)."""
     return ",".join(f"{k}={v}" for k, v in sorted(serve_environment(settings).items()))
@@ -465,7 +473,7 @@ def _start_head(settings: Settings, env: Environment) -> str:
         f"--num-cpus={local_head_cpus(settings)}",
     ]
     log.info("starting a local Ray head on 127.0.0.1:%d", port)
-    environ = {**os.environ, **serve_environment(settings)}
+    environ = {**LOG_MONITOR_ENVIRONMENT, **os.environ, **serve_environment(settings)}
     if settings.serve.data_plane() == "haproxy":
         environ.update(haproxy_environment(settings))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=environ)

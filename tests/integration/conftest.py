@@ -126,9 +126,12 @@ def ray_session() -> Iterator[None]:
     import os
 
     import cluster  # noqa: F401  (sets the env var Ray reads at import)
-    from cluster.ray_runtime import PROXY_READY_S, local_head_cpus
+    from cluster.ray_runtime import LOG_MONITOR_ENVIRONMENT, PROXY_READY_S, local_head_cpus
 
-    # As `riverbed` runs its local head (serve.throughput_optimized); set before Ray starts.
+    # As `riverbed` runs its local head (serve.throughput_optimized, the log monitor's pace); set
+    # before Ray starts.
+    for name, value in LOG_MONITOR_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_S))
     import ray

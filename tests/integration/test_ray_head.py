@@ -55,7 +55,11 @@ def _alive(entries: list[dict]) -> list[int]:
     return alive
 
 
-def test_down_stops_only_the_head_of_its_home(ray_session: None, home: Settings, capsys):
+def test_down_stops_only_the_head_of_its_home(
+    ray_session: None, home: Settings, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    for name in rt.LOG_MONITOR_ENVIRONMENT:  # the session's Ray set them in this process's environment
+        monkeypatch.delenv(name, raising=False)
     address = rt.start_local_head(home)
     record = rt.read_head_record(home)
     assert record is not None and record["address"] == address
@@ -63,6 +67,11 @@ def test_down_stops_only_the_head_of_its_home(ray_session: None, home: Settings,
     assert record["environment"] == rt.head_environment(home).__dict__
     names = {e["name"] for e in record["processes"]}
     assert {"gcs_server", "raylet"} <= names
+    # the head's log monitor looks for new log files every 2 s, not 10 times a second
+    monitors = [p for p in rt.head_processes(record) if any("log_monitor" in a for a in p.cmdline())]
+    assert monitors, [p.cmdline() for p in rt.head_processes(record)]
+    for monitor in monitors:
+        assert rt.LOG_MONITOR_ENVIRONMENT.items() <= monitor.environ().items()
     assert rt.start_local_head(home) == address  # same environment: reused
 
     argv = ["down", "--home", str(home.home), "--json", "--bootstrap-servers", "127.0.0.1:1"]
