@@ -509,11 +509,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     elif args.which == "images":
         from cluster.bench.images import bench_images
 
-        result = bench_images(settings, args.images, args.split or "test", args.limit, out)
+        result = bench_images(settings, args.images, args.split or "test", args.limit, out, args.repeat or 3)
         training = result["training_s_per_epoch"]
         text = (
             f"images: raw forward {result['raw_images_per_s']} images/s; pipeline "
-            f"{result['pipeline_images_per_s']} images/s (ratio {result['ratio']}); "
+            f"{result['pipeline_images_per_s']} images/s (ratio {result['ratio']}, the median of "
+            f"{', '.join(str(r['ratio']) for r in result['runs'])}); "
             + (f"training {training} s per epoch; " if training is not None else "")
             + f"{result['images']} images; report in {out}/images.md"
         )
@@ -1103,7 +1104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat",
         type=int,
         default=None,
-        help="copies of the corpus under different ids (ingest 1, query 5, ann 1)",
+        help="copies of the corpus under different ids (ingest 1, query 5, ann 1); images: pipeline "
+        "runs, each between two raw forwards (3)",
     )
     bench.add_argument(
         "--queries",

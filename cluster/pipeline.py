@@ -135,10 +135,12 @@ class ImageEmbedderActor:
         self.config = config
         self.model = ImageTextModel(config, text_model=text_model, cache_dir=cache_dir)
         self.model.warm_up()
+        self._work = {"calls": 0, "images": 0, "seconds": 0.0, "cpu_seconds": 0.0}
 
     def embed(self, inputs: list[np.ndarray]) -> np.ndarray:
         from PIL import Image
 
+        began, cpu_began = time.perf_counter(), time.thread_time()
         batches = plan_pixel_batches(
             [int(a.shape[0]) * int(a.shape[1]) for a in inputs],
             self.config.max_batch_pixels,
@@ -147,7 +149,18 @@ class ImageEmbedderActor:
         out = np.zeros((len(inputs), self.model.dim), dtype=np.float32)
         for batch in batches:
             out[batch] = self.model.embed_images([Image.fromarray(inputs[i]) for i in batch])
+        self._work["calls"] += 1
+        self._work["images"] += len(inputs)
+        self._work["seconds"] += time.perf_counter() - began
+        self._work["cpu_seconds"] += time.thread_time() - cpu_began
         return out
+
+    def work(self) -> dict[str, float]:
+        """What :meth:`embed` did since the actor (re)started: ``calls``, ``images``, ``seconds``
+        inside it (wall clock) and ``cpu_seconds`` of the calling thread's CPU over them (with one
+        torch thread, the forward runs on it: wall above CPU is time the thread waited for a
+        core)."""
+        return dict(self._work)
 
     def describe(self) -> dict[str, Any]:
         """``model``: the identity the image shards record: a trained model's directory name (it

@@ -159,7 +159,10 @@ def write_bars(out_dir: Path, name: str, title: str, panels: dict[str, dict[str,
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.6), dpi=120, squeeze=False)
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    palette = [
+        f"tab:{c}"
+        for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")
+    ]
     labels_seen = list(dict.fromkeys(label for bars in panels.values() for label in bars))
     color = {label: palette[i % len(palette)] for i, label in enumerate(labels_seen)}
     for ax, (panel, bars) in zip(axes[0], panels.items(), strict=True):

@@ -53,9 +53,13 @@ def test_served_scores_match_the_model_scored_directly(settings, ray_session, im
 
 def test_bench_images_counts_every_image_through_the_pipeline(settings, ray_session, image_model, tmp_path):
     settings = with_model(settings, image_model)
-    result = bench_images(settings, "easy-vqa", "test", N_IMAGES, tmp_path)
+    result = bench_images(settings, "easy-vqa", "test", N_IMAGES, tmp_path, runs=1)
     assert result["images"] == N_IMAGES
     assert result["pipeline_images"] == N_IMAGES, "the pipeline's own count of embedded images"
+    (run,) = result["runs"]
+    assert run["embedder_images"] == N_IMAGES, "the image embedder's own count, over the timed run"
+    assert 0 < run["embedder_busy"] <= 1 and run["embedder_calls"] >= 1
+    assert run["raw_before_images_per_s"] > 0 and run["raw_after_images_per_s"] > 0
     assert result["raw_images_per_s"] > 0 and result["pipeline_images_per_s"] > 0
     assert result["training_epochs"] > 0 and result["training_s_per_epoch"] > 0, "the model's own record"
     for suffix in ("json", "md", "png"):

@@ -46,7 +46,12 @@ def test_the_image_embedder_batches_by_pixels_and_returns_the_model_s_vectors(
     pixels = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
     actor = ImageEmbedderActor(config, MINILM, tmp_path)
+    assert actor.work() == {"calls": 0, "images": 0, "seconds": 0.0, "cpu_seconds": 0.0}
     got = actor.embed(pixels)
+    actor.embed(pixels[:2])
+    work = actor.work()
+    assert (work["calls"], work["images"]) == (2, len(pixels) + 2)
+    assert work["cpu_seconds"] > 0 and work["seconds"] > 0
 
     from PIL import Image
 
