@@ -5,8 +5,11 @@ An image arrives inline (``image_b64``) or by ``uri``, which is one of:
 - a file: ``file:///abs/path.png`` or ``/abs/path.png``, readable only under one of the configured
   roots (``ImageLimits.roots``). The path is resolved (``..`` and symbolic links followed) before
   the check, so neither can step outside a root; a relative path is refused;
-- ``http://`` or ``https://`` (when ``ImageLimits.allow_http``): fetched with a timeout and a byte
-  cap, a few tries for a transient failure (timeout, connection, 5xx, 429).
+- ``http://`` or ``https://`` (when ``ImageLimits.allow_http``): fetched within
+  ``fetch_timeout_s`` in all, and a byte cap: each try's connect and reads may wait only for what
+  is left of that time, and a body still arriving past it (a server that trickles) is refused at
+  its next read; a few tries for a transient failure (timeout, connection, 5xx, 429) while time is
+  left.
 
 Decoding accepts PNG, JPEG, WebP and GIF (its first frame) and nothing else, applies the EXIF
 orientation, refuses more than ``max_pixels`` pixels before decoding them (a decompression bomb
@@ -134,16 +137,23 @@ def read_file(path: Path, limits: ImageLimits) -> bytes:
 
 
 def fetch(url: str, limits: ImageLimits) -> bytes:
-    """``url``'s body, at most ``limits.max_bytes``; tries again after a transient failure
-    (:data:`FETCH_TRIES` in all), then gives up with :class:`InvalidImageError`."""
+    """``url``'s body, at most ``limits.max_bytes``, within ``limits.fetch_timeout_s`` from the
+    call (every try and every read included); tries again after a transient failure
+    (:data:`FETCH_TRIES` in all) while time is left, then gives up with :class:`InvalidImageError`."""
     import httpx
 
-    last = ""
+    deadline = time.monotonic() + limits.fetch_timeout_s
+    last, tries = "", 0
     for attempt in range(FETCH_TRIES):
         if attempt:
-            time.sleep(0.5 * 2 ** (attempt - 1))
+            pause = 0.5 * 2 ** (attempt - 1)
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
+        tries = attempt + 1
         try:
-            with httpx.stream("GET", url, timeout=limits.fetch_timeout_s, follow_redirects=True) as response:
+            left = deadline - time.monotonic()
+            with httpx.stream("GET", url, timeout=left, follow_redirects=True) as response:
                 if response.status_code >= 500 or response.status_code == 429:
                     last = f"HTTP {response.status_code}"
                     continue
@@ -156,12 +166,22 @@ def fetch(url: str, limits: ImageLimits) -> bytes:
                 for chunk in response.iter_bytes():
                     body += chunk
                     _check_size(len(body), limits, f"uri {url!r}")
+                    if time.monotonic() > deadline:
+                        raise InvalidImageError(
+                            f"uri {url!r}: the body took longer than images.fetch_timeout_s "
+                            f"({limits.fetch_timeout_s:g} s; {len(body):,} bytes read)"
+                        )
                 return bytes(body)
         except httpx.TransportError as exc:  # timeouts, refused or reset connections
             last = f"{type(exc).__name__}: {exc}"
         except httpx.InvalidURL as exc:
             raise InvalidImageError(f"uri {url!r}: {exc}") from exc
-    raise InvalidImageError(f"uri {url!r}: not fetched after {FETCH_TRIES} tries ({last})")
+        if time.monotonic() >= deadline:
+            break
+    raise InvalidImageError(
+        f"uri {url!r}: not fetched after {tries} {'try' if tries == 1 else 'tries'} within "
+        f"images.fetch_timeout_s ({limits.fetch_timeout_s:g} s; {last})"
+    )
 
 
 def decode(data: bytes, limits: ImageLimits) -> DecodedImage:

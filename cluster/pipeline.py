@@ -16,7 +16,8 @@ Actors, named ``<index>/<role>/<i>`` in the settings' Ray namespace (:mod:`schem
 Images (when ``images.ingest`` says so, :func:`images_enabled`) take the same path beside the text:
 the index ``<index>-images`` (:meth:`~schemas.settings.Settings.image_side`) gets its own shards (the
 same :class:`ShardActor`), an image embedder (:class:`ImageEmbedderActor`, the image-text model)
-and one source, consuming the images topic in that index's consumer group with the
+(``images.num_gpus`` GPUs, apart from the text embedder's) and one source, consuming the images
+topic in that index's consumer group with the
 :class:`~actors.image_processor.ImageProcessor`. Its offsets, dead letters and restarts are its own:
 a stalled image model never holds back the text, nor the reverse.
 
@@ -122,6 +123,22 @@ def ingest_image_config(config: ImagesConfig) -> ImagesConfig:
     if config.num_cpus is not None:
         return config
     return config.model_copy(update={"num_cpus": float(max(1, cpu_threads(None) - 1))})
+
+
+def image_embedder_options(settings: Settings) -> dict[str, Any]:
+    """The Ray options of the ingest's image embedder: named in the image side's index, a light CPU
+    share (its torch threads are :func:`ingest_image_config`'s) and ``images.num_gpus`` GPUs, its
+    own reservation (the text embedder's is ``embed.num_gpus``: asking both for a whole GPU on a
+    one-GPU node would leave one of them waiting forever)."""
+    side = settings.image_side()
+    return {
+        "name": actor_name(side.index.name, "embedder", 0),
+        "namespace": side.ray.namespace,
+        "get_if_exists": True,
+        "num_cpus": IMAGE_EMBED_CPUS,
+        "num_gpus": settings.images.num_gpus,
+        **_RESTART,
+    }
 
 
 class ImageEmbedderActor:
@@ -958,14 +975,7 @@ class Pipeline:
         s, side = self.settings, self.settings.image_side()
         self.image_embedders = [
             ray.remote(ImageEmbedderActor)
-            .options(
-                name=actor_name(side.index.name, "embedder", 0),
-                namespace=side.ray.namespace,
-                get_if_exists=True,
-                num_cpus=IMAGE_EMBED_CPUS,
-                num_gpus=s.embed.num_gpus,
-                **_RESTART,
-            )
+            .options(**image_embedder_options(s))
             .remote(s.images, s.embed.model, s.cache_dir)
         ]
         downstream = _downstream(side, self.image_embedders, self.servers)

@@ -427,7 +427,14 @@ class ImagesConfig(_Section):
     max_pixels: PositiveInt = Field(
         40_000_000, description="width x height of an image, checked before decoding it"
     )
-    fetch_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    fetch_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0, description="an http(s) image's whole fetch, every try and read included; then invalid_image"
+    )
+    num_gpus: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description="GPUs Ray reserves for the ingest's image embedder (apart from embed.num_gpus: on one "
+        "GPU, e.g. 0.5 each); 0 reserves none (images.device auto still uses a GPU the process sees)",
+    )
     thumbnail_size: Annotated[int, Field(ge=16, le=512)] = Field(
         128, description="the longest side, in pixels, of the JPEG thumbnail stored with each image"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -196,7 +197,9 @@ def test_http_images_are_fetched_with_a_cap_and_retried_when_transient(server: s
     assert image_bytes(None, f"{server}/ok.png", LIMITS) == data
     assert image_bytes(None, f"{server}/flaky.png", LIMITS) == data
     assert _Handler.hits["/flaky.png"] == 2
-    with pytest.raises(InvalidImageError, match=f"not fetched after {FETCH_TRIES} tries \\(HTTP 500\\)"):
+    with pytest.raises(
+        InvalidImageError, match=f"not fetched after {FETCH_TRIES} tries within .*HTTP 500\\)"
+    ):
         image_bytes(None, f"{server}/down.png", LIMITS)
     assert _Handler.hits["/down.png"] == FETCH_TRIES
     with pytest.raises(InvalidImageError, match="more than 1,000 bytes"):
@@ -206,6 +209,34 @@ def test_http_images_are_fetched_with_a_cap_and_retried_when_transient(server: s
     assert _Handler.hits["/gone.png"] == 1  # a 4xx is not tried again
     with pytest.raises(InvalidImageError, match="not allowed here"):
         image_bytes(None, f"{server}/ok.png", ImageLimits(allow_http=False))
+
+
+class _Trickle(QuietHandler):
+    """Sends a PNG's headers at once, then its body one byte every 0.2 s."""
+
+    def do_GET(self) -> None:
+        body = encoded("PNG")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for byte in body:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            time.sleep(0.2)
+
+
+def test_a_server_that_trickles_its_body_is_cut_off_at_the_fetch_timeout() -> None:
+    with serving(_Trickle) as url:
+        began = time.monotonic()
+        with pytest.raises(
+            InvalidImageError, match=r"the body took longer than images\.fetch_timeout_s \(1 s"
+        ):
+            image_bytes(None, f"{url}/slow.png", ImageLimits(fetch_timeout_s=1))
+        took = time.monotonic() - began
+    assert took < 1.5, f"one timeout in all, not one per read or per try: {took:.1f} s"
 
 
 def test_a_server_that_is_not_there_is_an_invalid_image_after_the_tries() -> None:

@@ -12,9 +12,10 @@ import pytest
 from actors.image_model import ImageTextModel
 from actors.models import resolve_model
 from actors.testing.tiny_clip import save_tiny_clip
-from cluster.pipeline import ImageEmbedderActor, images_enabled, ingest_image_config
+from cluster.pipeline import ImageEmbedderActor, image_embedder_options, images_enabled, ingest_image_config
 from schemas.errors import ConfigError
-from schemas.settings import ImagesConfig, load_settings
+from schemas.settings import ImagesConfig, Settings, load_settings
+from schemas.topology import actor_name
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -70,3 +71,12 @@ def test_the_ingest_image_embedder_leaves_a_core_to_the_stream_unless_told(monke
         assert ingest_image_config(config).batch_size == 8  # only the threads are filled in
     assert ingest_image_config(ImagesConfig(num_cpus=16)).num_cpus == 16
     assert config.num_cpus is None  # the setting itself is left as it was
+
+
+def test_the_image_embedder_reserves_its_own_gpus_not_the_text_embedder_s():
+    base = Settings.model_validate({"index": {"name": "news"}, "embed": {"num_gpus": 1}})
+    options = image_embedder_options(base)
+    assert options["num_gpus"] == 0.0, "one GPU for the text embedder must not be asked twice"
+    assert options["name"] == actor_name("news-images", "embedder", 0)
+    shared = base.model_copy(update={"images": base.images.model_copy(update={"num_gpus": 0.5})})
+    assert image_embedder_options(shared)["num_gpus"] == 0.5
