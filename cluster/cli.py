@@ -560,6 +560,20 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
         result = bench_fuzz(settings, Path(args.dataset), args.examples, args.seed, out)
         text = result["summary"]
+    elif args.which == "edge":
+        from cluster.bench.edge import bench_edge
+
+        result = bench_edge(settings, 10.0 if args.seconds is None else args.seconds, args.grpc_port, out)
+        text = "edge ({}): {}; report in {}/edge-{}.md".format(
+            result["edge"],
+            "; ".join(
+                f"{p} {lv['clients']} clients p50 {lv['p50_ms']} ms {lv['qps']} req/s"
+                for p, levels in result["levels"].items()
+                for lv in levels
+            ),
+            out,
+            result["edge"],
+        )
     elif args.which == "ann":
         from cluster.bench.ann import bench_ann
         from cluster.bench.report import parse_backends
@@ -1090,6 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
             "images",
             "graph",
             "rerank",
+            "edge",
         ],
     )
     bench.add_argument(
@@ -1141,8 +1156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds",
         type=float,
         default=None,
-        help="freshness: how long to produce (60); load: how long each concurrency level runs (30)",
+        help="freshness: how long to produce (60); load: how long each concurrency level runs (30); "
+        "edge: each protocol and client count (10)",
     )
+    bench.add_argument("--grpc-port", type=int, default=9000, help="edge: the port Serve's gRPC answers on")
     bench.add_argument("--requests", type=int, default=3000, help="load: most requests per concurrency level")
     bench.add_argument(
         "--examples", type=int, default=200, help="fuzz: most examples per route in each schemathesis phase"
