@@ -5,11 +5,10 @@ An image arrives inline (``image_b64``) or by ``uri``, which is one of:
 - a file: ``file:///abs/path.png`` or ``/abs/path.png``, readable only under one of the configured
   roots (``ImageLimits.roots``). The path is resolved (``..`` and symbolic links followed) before
   the check, so neither can step outside a root; a relative path is refused;
-- ``http://`` or ``https://`` (when ``ImageLimits.allow_http``): fetched within
-  ``fetch_timeout_s`` in all, and a byte cap: each try's connect and reads may wait only for what
-  is left of that time, and a body still arriving past it (a server that trickles) is refused at
-  its next read; a few tries for a transient failure (timeout, connection, 5xx, 429) while time is
-  left.
+- ``http://`` or ``https://`` (when ``ImageLimits.allow_http``): fetched with a byte cap, a few
+  tries for a transient failure (timeout, connection, 5xx, 429) while time is left, and an answer
+  (the bytes, or a refusal) within ``fetch_timeout_s`` in all, however slowly the server answers
+  (:func:`fetch`).
 
 Decoding accepts PNG, JPEG, WebP and GIF (its first frame) and nothing else, applies the EXIF
 orientation, refuses more than ``max_pixels`` pixels before decoding them (a decompression bomb
@@ -26,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import io
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -136,23 +136,56 @@ def read_file(path: Path, limits: ImageLimits) -> bytes:
     return data
 
 
+MIN_TRY_S = 0.1
+"""Another try starts only with at least this much of ``fetch_timeout_s`` left."""
+FETCH_GRACE_S = 0.5
+"""How long past ``fetch_timeout_s`` :func:`fetch` waits for a try to notice its deadline."""
+
+
 def fetch(url: str, limits: ImageLimits) -> bytes:
-    """``url``'s body, at most ``limits.max_bytes``, within ``limits.fetch_timeout_s`` from the
-    call (every try and every read included); tries again after a transient failure
-    (:data:`FETCH_TRIES` in all) while time is left, then gives up with :class:`InvalidImageError`."""
+    """``url``'s body, at most ``limits.max_bytes``; tries again after a transient failure
+    (:data:`FETCH_TRIES` in all) while time is left; :class:`InvalidImageError` otherwise.
+
+    Returns or raises within ``limits.fetch_timeout_s`` (plus :data:`FETCH_GRACE_S`) of the call,
+    whatever the server does: the fetch runs in a daemon thread that is left behind at the
+    deadline. That thread ends by itself at its next read (each waits at most what was left when
+    its try began, and a body still arriving past the deadline is refused at its next chunk); only
+    a server that trickles its headers can hold it longer, never the caller."""
+    outcome: list[bytes | BaseException] = []
+    deadline = time.monotonic() + limits.fetch_timeout_s
+
+    def run() -> None:
+        try:
+            outcome.append(_fetch(url, limits, deadline))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, name="image-fetch", daemon=True)
+    worker.start()
+    worker.join(limits.fetch_timeout_s + FETCH_GRACE_S)
+    if not outcome:
+        raise InvalidImageError(
+            f"uri {url!r}: not fetched within images.fetch_timeout_s ({limits.fetch_timeout_s:g} s; the "
+            "server has not finished answering)"
+        )
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _fetch(url: str, limits: ImageLimits, deadline: float) -> bytes:
     import httpx
 
-    deadline = time.monotonic() + limits.fetch_timeout_s
     last, tries = "", 0
     for attempt in range(FETCH_TRIES):
         if attempt:
             pause = 0.5 * 2 ** (attempt - 1)
-            if time.monotonic() + pause >= deadline:
+            if deadline - time.monotonic() - pause < MIN_TRY_S:
                 break
             time.sleep(pause)
         tries = attempt + 1
         try:
-            left = deadline - time.monotonic()
+            left = max(MIN_TRY_S, deadline - time.monotonic())
             with httpx.stream("GET", url, timeout=left, follow_redirects=True) as response:
                 if response.status_code >= 500 or response.status_code == 429:
                     last = f"HTTP {response.status_code}"
@@ -176,8 +209,6 @@ def fetch(url: str, limits: ImageLimits) -> bytes:
             last = f"{type(exc).__name__}: {exc}"
         except httpx.InvalidURL as exc:
             raise InvalidImageError(f"uri {url!r}: {exc}") from exc
-        if time.monotonic() >= deadline:
-            break
     raise InvalidImageError(
         f"uri {url!r}: not fetched after {tries} {'try' if tries == 1 else 'tries'} within "
         f"images.fetch_timeout_s ({limits.fetch_timeout_s:g} s; {last})"

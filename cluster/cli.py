@@ -509,7 +509,14 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     elif args.which == "images":
         from cluster.bench.images import bench_images
 
-        result = bench_images(settings, args.images, args.split or "test", args.limit, out, args.repeat or 3)
+        result = bench_images(
+            settings,
+            args.images,
+            args.split or "test",
+            args.limit,
+            out,
+            3 if args.repeat is None else args.repeat,
+        )
         training = result["training_s_per_epoch"]
         text = (
             f"images: raw forward {result['raw_images_per_s']} images/s; pipeline "

@@ -8,7 +8,8 @@
 #   no application (the head of a home that serves nothing; ``riverbed down`` first otherwise), and
 #   is shut down afterwards (the next ``riverbed serve`` starts it again, without gRPC)
 # LOAD: 1 and 16 closed-loop clients per protocol for ``--seconds`` each, from this process: aiohttp
-#   for HTTP, grpc.aio for gRPC; each client's CPU a request (this process's) is reported
+#   for HTTP, grpc.aio for gRPC; this process's CPU a request is reported (every thread's, Ray's
+#   driver threads included: an upper bound of the client's)
 # PAYLOAD: 1 KB each way, about a search request and a short answer
 """
 
@@ -184,6 +185,14 @@ async def _grpc(target: str, clients: int, seconds: float) -> dict[str, Any]:
 
 
 def bench_edge(settings: Settings, seconds: float, grpc_port: int, out_dir: Path) -> dict[str, Any]:
+    """Each protocol at each of :data:`CLIENTS` for ``seconds`` through the head's edge
+    (``serve.edge``), gRPC on ``grpc_port``. Refuses a Serve that holds an application (its gRPC
+    port cannot be added); Serve is shut down afterwards, also when a step fails."""
+    if seconds <= 0:
+        raise ConfigError(f"bench edge: --seconds must be positive, not {seconds:g}")
+    if grpc_port == settings.serve.port:
+        raise ConfigError(f"bench edge: --grpc-port {grpc_port} is serve.port, which HTTP takes")
+
     from cluster.ray_runtime import connect
 
     connect(settings)
@@ -197,15 +206,9 @@ def bench_edge(settings: Settings, seconds: float, grpc_port: int, out_dir: Path
         serve.shutdown()
     host, port = settings.serve.host, settings.serve.port
     edge = settings.serve.data_plane()
-    serve.start(
-        http_options={"host": host, "port": port},
-        grpc_options={
-            "port": grpc_port,
-            "grpc_servicer_functions": [f"{__name__}.add_EdgeServicer_to_server"],
-        },
-    )
     levels: dict[str, list[dict[str, Any]]] = {"http": [], "grpc": []}
     try:
+        _start(host, port, grpc_port)
         probe: Any = EdgeProbe  # a Deployment (serve.deployment); mypy still sees the class
         serve.run(probe.bind(), name=APP, route_prefix="/")
         for protocol in ("http", "grpc"):
@@ -250,6 +253,27 @@ def bench_edge(settings: Settings, seconds: float, grpc_port: int, out_dir: Path
         },
     )
     return result
+
+
+def _start(host: str, port: int, grpc_port: int, attempts: int = 3) -> None:
+    """``serve.start`` with the probe's gRPC servicer; again when its first proxy died starting
+    (as :func:`cluster.serving.start_serve` does, for the same reason: a slow first proxy)."""
+    from ray.exceptions import ActorDiedError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            serve.start(
+                http_options={"host": host, "port": port},
+                grpc_options={
+                    "port": grpc_port,
+                    "grpc_servicer_functions": [f"{__name__}.add_EdgeServicer_to_server"],
+                },
+            )
+            return
+        except (ActorDiedError, TimeoutError):
+            if attempt == attempts:
+                raise
+            _say("Serve's proxy did not start; Serve starts another")
 
 
 def _serve_running() -> bool:

@@ -43,7 +43,8 @@ def bench_images(
 ) -> dict[str, Any]:
     """``runs`` pipeline runs, each between two raw forwards (``runs + 1`` of them): a run's ratio
     is its pipeline rate over the mean of the raw rates just before and just after it, so a shared
-    machine's drift over minutes moves both sides; the headline is the median run."""
+    machine's drift over minutes moves both sides; the headline is the median run (the lower of the
+    two middle ones when ``runs`` is even)."""
     from PIL import Image
 
     if runs < 1:
@@ -158,7 +159,7 @@ def _run_row(n: int, run: dict[str, Any], raw_before: float, raw_after: float) -
         "pipeline_images": run["images"],
         "pipeline_s": round(run["seconds"], 2),
         "pipeline_images_per_s": round(pipe_rate, 1),
-        "ratio": round(pipe_rate / raw, 3),
+        "ratio": round(pipe_rate / raw, 3) if raw else 0.0,
         "embedder_images": int(work["images"]),
         "embedder_calls": int(work["calls"]),
         "embedder_busy": round(work["seconds"] / run["seconds"], 3),
@@ -179,8 +180,8 @@ def _pipeline_run(base: Settings, envelopes: list[ImageEnvelope]) -> dict[str, A
     pipeline = Pipeline(settings)
     try:
         pipeline.start()
+        before = ray.get(pipeline.image_embedders[0].work.remote())  # before any source joins its group
         pipeline.wait_consuming(poll_s=0.05)  # the sources' start (imports, group join) is not ingest
-        before = ray.get(pipeline.image_embedders[0].work.remote())
         t0 = time.perf_counter()
         pipeline.wait_idle(interval_s=0.5)
         seconds = time.perf_counter() - t0

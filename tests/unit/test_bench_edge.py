@@ -5,8 +5,19 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 
-from cluster.bench.edge import PAYLOAD, SERVICE, Echo, EdgeProbe, _level, add_EdgeServicer_to_server
+from cluster.bench.edge import (
+    PAYLOAD,
+    SERVICE,
+    Echo,
+    EdgeProbe,
+    _level,
+    add_EdgeServicer_to_server,
+    bench_edge,
+)
+from schemas.errors import ConfigError
+from schemas.settings import Settings
 
 
 def test_the_servicer_function_serves_ping_with_the_request_as_bytes():
@@ -55,3 +66,11 @@ def test_a_level_counts_every_answer_and_every_wrong_one():
     assert level["requests"] == timed > 0
     assert level["errors"] == sum(1 for n in range(9, calls + 1) if n % 3 == 0)
     assert level["clients"] == 4 and level["qps"] > 0 and level["p99_ms"] >= level["p50_ms"]
+
+
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
+    settings = Settings.model_validate({"serve": {"port": 8123}})
+    with pytest.raises(ConfigError, match="--seconds must be positive, not 0"):
+        bench_edge(settings, 0, 9000, tmp_path)
+    with pytest.raises(ConfigError, match=r"--grpc-port 8123 is serve\.port"):
+        bench_edge(settings, 1, 8123, tmp_path)

@@ -24,14 +24,15 @@ def test_a_run_is_measured_against_the_mean_of_the_raw_forwards_around_it():
     assert (row["embedder_images"], row["embedder_calls"]) == (300, 3)
 
 
-def test_an_idle_embedder_reports_no_rate_rather_than_dividing_by_zero():
+def test_a_run_without_images_reports_no_rates_rather_than_dividing_by_zero():
     run = {
         "images": 0,
         "seconds": 1.0,
         "embedder": {"calls": 0.0, "images": 0.0, "seconds": 0.0, "cpu_seconds": 0.0},
     }
-    row = _run_row(1, run, raw_before=100.0, raw_after=100.0)
+    row = _run_row(1, run, raw_before=0.0, raw_after=0.0)  # no images: no raw rate either
     assert (row["embedder_busy"], row["embedder_images_per_s"], row["embedder_cpu_share"]) == (0.0, 0.0, 0.0)
+    assert row["ratio"] == 0.0
 
 
 def test_no_runs_is_refused_before_anything_starts(tmp_path):
