@@ -574,7 +574,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         text = "edge ({}): {}; report in {}/edge-{}.md".format(
             result["edge"],
             "; ".join(
-                f"{p} {lv['clients']} clients p50 {lv['p50_ms']} ms {lv['qps']} req/s"
+                f"{p} {lv['clients']} clients p50 {lv['p50_ms']:.2f} ms {lv['qps']:.0f} req/s"
                 for p, levels in result["levels"].items()
                 for lv in levels
             ),

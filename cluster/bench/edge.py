@@ -26,7 +26,7 @@ from fastapi.responses import Response
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from ray import serve
 
-from cluster.bench.query import percentile
+from cluster.bench.query import level_summary
 from cluster.bench.report import machine, write_bars, write_report
 from schemas.errors import ConfigError
 from schemas.settings import Settings
@@ -124,15 +124,7 @@ async def _level(call: Any, clients: int, seconds: float) -> dict[str, Any]:
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "errors": errors,
-        "p50_ms": round(percentile(latencies, 50) * 1000, 2),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 2),
-        "qps": round(len(latencies) / elapsed, 1),
-        "client_cpu_ms": round(cpu / max(1, len(latencies)) * 1000, 3),
-    }
+    return level_summary(clients, latencies, errors, elapsed, cpu)
 
 
 async def _http(url: str, clients: int, seconds: float) -> dict[str, Any]:

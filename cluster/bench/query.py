@@ -200,14 +200,22 @@ async def _http_level(
         cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return level_summary(clients, latencies, errors, elapsed, cpu)
+
+
+def level_summary(
+    clients: int, latencies: list[float], errors: int, elapsed_s: float, cpu_s: float
+) -> dict[str, Any]:
+    """One closed-loop level's figures: requests, errors, p50/p99 (ms), requests per second over
+    ``elapsed_s``, and ``cpu_s`` (the client process's) per request in ms."""
     return {
         "clients": clients,
         "requests": len(latencies),
         "errors": errors,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
-        "qps": len(latencies) / elapsed,
-        "client_cpu_ms": cpu / max(1, len(latencies)) * 1000,
+        "qps": len(latencies) / elapsed_s,
+        "client_cpu_ms": cpu_s / max(1, len(latencies)) * 1000,
     }
 
 
